@@ -1,0 +1,295 @@
+"""The CPU LLM engine: in-flight batching over `lm.LanguageModel`, with the `tensorrt_llm` contract.
+
+One background thread runs steps. Every step advances all running sequences by one token and
+gives new requests (up to `max_num_tokens` prompt tokens per step, chunked when longer) a place
+in the same forward pass, so a request that arrives while others decode joins the running
+batch. Tokens go back through each request's callback as soon as they are chosen.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import mrope
+from .checkpoint import ModelSpec
+from .errors import InputError
+from .lm import LanguageModel, StepSeq
+from .sampling import SamplingParams, make_generator, sample
+from .table import stride_of
+
+# on_tokens(new_token_ids, finish_reason, error): finish_reason is None while the sequence runs,
+# then one of "stop" (end token), "length" (max tokens or context), "cancelled", "error".
+Callback = Callable[[list[int], "str | None", "str | None"], None]
+
+
+@dataclass
+class Request:
+    """One generation, in the units of the `tensorrt_llm` contract."""
+
+    input_ids: np.ndarray  # (L,) prompt; ids >= vocab_size read the prompt table
+    max_new_tokens: int  # request_output_len
+    end_id: int | None = None
+    table: torch.Tensor | None = None  # prompt_embedding_table (rows, H)
+    mrope_cos_sin: np.ndarray | None = None  # mrope_rotary_cos_sin, flat
+    mrope_delta: int = 0  # mrope_position_deltas
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    on_tokens: Callback | None = None
+    request_id: str = ""
+
+
+@dataclass
+class _Seq:
+    req: Request
+    slot: int
+    tokens: list[int]
+    prompt_len: int
+    cos: torch.Tensor  # (prompt_len, d/2) prompt rotary angles
+    sin: torch.Tensor
+    gen: torch.Generator | None
+    cached: int = 0  # tokens in the KV cache
+    generated: int = 0
+    cancelled: bool = False
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    batched_steps: int = 0  # steps that advanced more than one sequence
+    max_batch: int = 0
+    tokens_in: int = 0  # prompt tokens prefilled
+    tokens_out: int = 0  # tokens generated
+    requests: int = 0
+    step_seconds: float = 0.0
+    batch_histogram: dict = field(default_factory=lambda: collections.Counter())
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", max_batch: int = 16,
+                 max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None):
+        self.spec = spec
+        self.max_seq_len = min(max_seq_len or 4096, spec.max_position_embeddings)
+        self.max_output_len = max_output_len or self.max_seq_len
+        self.max_num_tokens = max_num_tokens
+        self.lm = LanguageModel(spec, dtype=dtype, slots=max_batch, max_len=self.max_seq_len)
+        self.max_batch = max_batch
+        self.stats = EngineStats()
+        self._pending: collections.deque[Request] = collections.deque()
+        self._active: list[_Seq] = []
+        self._cancel: set[str] = set()
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------------------
+    def validate(self, req: Request) -> None:
+        """Raise InputError naming the contract input that is wrong."""
+        spec = self.spec
+        ids = np.asarray(req.input_ids).reshape(-1)
+        if ids.size == 0:
+            raise InputError("input_ids", "is empty")
+        if ids.size >= self.max_seq_len:
+            raise InputError("input_ids", f"{ids.size} tokens, the context limit is {self.max_seq_len}")
+        if not 1 <= req.max_new_tokens <= self.max_output_len:
+            raise InputError("request_output_len", f"must be in [1, {self.max_output_len}], got {req.max_new_tokens}")
+        if ids.min() < 0:
+            raise InputError("input_ids", f"negative token id {int(ids.min())}")
+        rows = 0 if req.table is None else req.table.shape[0]
+        if req.table is not None:
+            if req.table.ndim != 2 or req.table.shape[1] != spec.hidden_size:
+                raise InputError("prompt_embedding_table", f"must be [rows, {spec.hidden_size}], got {list(req.table.shape)}")
+            try:
+                stride = stride_of(rows, spec.deepstack_levels)
+            except ValueError as exc:
+                raise InputError("prompt_embedding_table", str(exc)) from None
+        else:
+            stride = 0
+        if int(ids.max()) >= spec.vocab_size + stride:
+            raise InputError(
+                "input_ids",
+                f"id {int(ids.max())} is neither a vocabulary id (< {spec.vocab_size}) nor one of the "
+                f"{stride} image rows of the prompt table",
+            )
+        if req.mrope_cos_sin is not None:
+            flat = np.asarray(req.mrope_cos_sin).reshape(-1)
+            if flat.size % spec.rotary_dim or flat.size // spec.rotary_dim < ids.size:
+                raise InputError(
+                    "mrope_rotary_cos_sin",
+                    f"must hold at least {ids.size} positions of {spec.rotary_dim} values, got {flat.size} values",
+                )
+        if req.end_id is not None and not 0 <= req.end_id < spec.vocab_size:
+            raise InputError("end_id", f"must be a vocabulary id, got {req.end_id}")
+
+    def submit(self, req: Request) -> str:
+        """Queue a request (validated) and return its id; tokens arrive through `req.on_tokens`."""
+        self.validate(req)
+        if not req.request_id:
+            req.request_id = f"r{next(self._ids)}"
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("engine is stopped")
+            self._pending.append(req)
+            self._cv.notify()
+        return req.request_id
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            self._cancel.add(request_id)
+            self._cv.notify()
+
+    def generate(self, req: Request, timeout: float | None = None) -> tuple[list[int], str]:
+        """Blocking helper: all generated ids and the finish reason."""
+        out: list[int] = []
+        done = threading.Event()
+        result: dict = {}
+
+        def on_tokens(tokens, finish, error):
+            out.extend(tokens)
+            if finish is not None:
+                result["finish"], result["error"] = finish, error
+                done.set()
+
+        req.on_tokens = on_tokens
+        self.submit(req)
+        if not done.wait(timeout):
+            self.cancel(req.request_id)
+            raise TimeoutError("generation did not finish in time")
+        if result["finish"] == "error":
+            raise RuntimeError(result["error"])
+        return out, result["finish"]
+
+    def load(self) -> int:
+        """Sequences running or waiting."""
+        with self._cv:
+            return len(self._active) + len(self._pending)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # -- scheduling ----------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self._pending and len(self._active) < self.max_batch:
+            req = self._pending.popleft()
+            if req.request_id in self._cancel:
+                self._cancel.discard(req.request_id)
+                self._emit(req, [], "cancelled")
+                continue
+            used = {s.slot for s in self._active}
+            slot = next(i for i in range(self.max_batch) if i not in used)
+            ids = [int(x) for x in np.asarray(req.input_ids).reshape(-1)]
+            if req.mrope_cos_sin is not None:
+                cos, sin = mrope.unpack_cos_sin(req.mrope_cos_sin, self.spec, len(ids))
+            else:  # text positions 0..L-1
+                cos, sin = mrope.text_cos_sin(torch.arange(len(ids)), self.spec)
+            self._active.append(_Seq(req, slot, ids, len(ids), cos, sin, make_generator(req.sampling)))
+            self.stats.requests += 1
+
+    def _compact(self) -> None:
+        """Keep occupied slots dense from 0 so decode attention reads a view of the cache."""
+        by_slot = sorted(self._active, key=lambda s: s.slot)
+        for target, seq in enumerate(by_slot):
+            if seq.slot != target:
+                self.lm.cache.move(seq.slot, target, seq.cached)
+                seq.slot = target
+
+    def _plan(self) -> list[tuple[_Seq, int]]:
+        """(sequence, new tokens) for this step: every decode, then prompt chunks within budget."""
+        plan, budget = [], self.max_num_tokens
+        for seq in self._active:
+            if seq.cached >= seq.prompt_len:
+                plan.append((seq, 1))
+                budget -= 1
+        for seq in self._active:
+            if seq.cached < seq.prompt_len and budget > 0:
+                n = min(seq.prompt_len - seq.cached, budget)
+                plan.append((seq, n))
+                budget -= n
+        return plan
+
+    def _step_seq(self, seq: _Seq, n: int) -> StepSeq:
+        start = seq.cached
+        ids = torch.tensor(seq.tokens[start:start + n], dtype=torch.int64)
+        if start < seq.prompt_len:  # prompt chunk: angles from the M-RoPE table
+            cos, sin = seq.cos[start:start + n], seq.sin[start:start + n]
+        else:  # decoded token: all three rows equal position + delta
+            cos, sin = mrope.text_cos_sin(torch.tensor([start + seq.req.mrope_delta]), self.spec)
+        return StepSeq(seq.slot, ids, start, cos, sin, seq.req.table)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._pending and not self._active:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                for seq in self._active:
+                    if seq.req.request_id in self._cancel:
+                        seq.cancelled = True
+                self._cancel -= {s.req.request_id for s in self._active}
+                self._admit()
+            for seq in [s for s in self._active if s.cancelled]:
+                self._finish(seq, "cancelled")
+            if not self._active:
+                continue
+            self._compact()
+            plan = self._plan()
+            t0 = time.perf_counter()
+            try:
+                logits = self.lm.forward([self._step_seq(seq, n) for seq, n in plan])
+            except Exception as exc:  # never let one bad step kill the engine
+                for seq, _ in plan:
+                    self._finish(seq, "error", f"engine step failed: {type(exc).__name__}: {exc}")
+                continue
+            st = self.stats
+            st.steps += 1
+            st.step_seconds += time.perf_counter() - t0
+            st.max_batch = max(st.max_batch, len(plan))
+            st.batched_steps += len(plan) > 1
+            st.batch_histogram[len(plan)] += 1
+            for (seq, n), row in zip(plan, logits):
+                seq.cached += n
+                if seq.cached < seq.prompt_len:
+                    st.tokens_in += n
+                    continue  # more prompt to prefill
+                if seq.cached - n < seq.prompt_len:
+                    st.tokens_in += n
+                self._advance(seq, row[-1])
+
+    def _advance(self, seq: _Seq, logits: torch.Tensor) -> None:
+        token = sample(logits, seq.req.sampling, seq.gen)
+        seq.generated += 1
+        if seq.req.end_id is not None and token == seq.req.end_id:
+            self._finish(seq, "stop")
+            return
+        self.stats.tokens_out += 1
+        seq.tokens.append(token)
+        if seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
+            self._finish(seq, "length", tokens=[token])
+        else:
+            self._emit(seq.req, [token], None)
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None, tokens: list[int] | None = None) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+        self._emit(seq.req, tokens or [], reason, error)
+
+    @staticmethod
+    def _emit(req: Request, tokens: list[int], finish: str | None, error: str | None = None) -> None:
+        if req.on_tokens is None:
+            return
+        try:
+            req.on_tokens(tokens, finish, error)
+        except Exception:  # a broken consumer must not stop the engine
+            pass

@@ -1,0 +1,280 @@
+"""The Qwen3-VL-MoE language model for the CPU engine: weights, KV cache and one packed step.
+
+A step advances many sequences at once: each contributes its new tokens (a prompt chunk or one
+decoded token), all tokens are packed into one `[T, H]` batch for the projections, the MoE and
+the norms, and only attention looks at sequences one by one (decode tokens of many sequences
+share one batched attention call over the cache).
+
+Inputs follow the TensorRT-LLM contract (DESIGN §3): ids `>= vocab_size` read rows of the
+request's row-stacked prompt table, DeepStack level k is added after decoder layer k at those
+tokens (`table.deepstack_row`), rotary angles of prompt tokens come from
+`mrope_rotary_cos_sin`, decode tokens use `position + mrope_position_deltas`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import ModelSpec, iter_tensors, torch_dtype
+from .table import deepstack_row, stride_of
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention. x `[T, heads, d]`, cos/sin `[T, d/2]`."""
+    cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(x.dtype)
+    sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q: torch.Tensor  # (heads * d, H)
+    k: torch.Tensor  # (kv_heads * d, H)
+    v: torch.Tensor
+    o: torch.Tensor  # (H, heads * d)
+    q_norm: torch.Tensor  # (d,)
+    k_norm: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    router: torch.Tensor | None = None  # (E, H)
+    gate_up: torch.Tensor | None = None  # (E, 2I, H)
+    down: torch.Tensor | None = None  # (E, H, I)
+    mlp_gate: torch.Tensor | None = None  # dense layers: (I, H)
+    mlp_up: torch.Tensor | None = None
+    mlp_down: torch.Tensor | None = None  # (H, I)
+
+
+class Weights:
+    """The language model's tensors, read from `model.language_model.*` and `lm_head.weight`."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+        raw: dict[str, torch.Tensor] = {}
+        for name, t in iter_tensors(spec.path, ""):
+            if name.startswith("model.language_model.") or name == "lm_head.weight":
+                raw[name.removeprefix("model.language_model.")] = t
+        if "embed_tokens.weight" not in raw:
+            raise ValueError(f"{spec.path}: no model.language_model.embed_tokens.weight")
+
+        def take(name: str, required: bool = True) -> torch.Tensor | None:
+            t = raw.pop(name, None)
+            if t is None:
+                if required:
+                    raise ValueError(f"{spec.path}: tensor {name} is missing")
+                return None
+            return t.to(dtype).contiguous()
+
+        self.embed = take("embed_tokens.weight")
+        self.norm = take("norm.weight")
+        head = raw.pop("lm_head.weight", None)
+        self.lm_head = self.embed if (head is None and spec.tie_word_embeddings) else head.to(dtype).contiguous()
+        self.layers: list[Layer] = []
+        h, inter = spec.hidden_size, spec.moe_intermediate_size
+        for i in range(spec.num_layers):
+            p = f"layers.{i}."
+            layer = Layer(
+                input_norm=take(p + "input_layernorm.weight"),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                q=take(p + "self_attn.q_proj.weight"), k=take(p + "self_attn.k_proj.weight"),
+                v=take(p + "self_attn.v_proj.weight"), o=take(p + "self_attn.o_proj.weight"),
+                q_norm=take(p + "self_attn.q_norm.weight"), k_norm=take(p + "self_attn.k_norm.weight"),
+                q_bias=take(p + "self_attn.q_proj.bias", False), k_bias=take(p + "self_attn.k_proj.bias", False),
+                v_bias=take(p + "self_attn.v_proj.bias", False), o_bias=take(p + "self_attn.o_proj.bias", False),
+            )
+            if spec.is_moe_layer(i):
+                layer.router = take(p + "mlp.gate.weight")
+                gate_up, down = take(p + "mlp.experts.gate_up_proj"), take(p + "mlp.experts.down_proj")
+                # The hub stores fused experts as [E, in, out]; keep [E, out, in] for F.linear.
+                if gate_up.shape[1:] == (h, 2 * inter):
+                    gate_up = gate_up.transpose(1, 2).contiguous()
+                if down.shape[1:] == (inter, h):
+                    down = down.transpose(1, 2).contiguous()
+                if gate_up.shape[1:] != (2 * inter, h) or down.shape[1:] != (h, inter):
+                    raise ValueError(f"{spec.path}: unexpected expert shapes in layer {i}")
+                layer.gate_up, layer.down = gate_up, down
+            else:
+                layer.mlp_gate = take(p + "mlp.gate_proj.weight")
+                layer.mlp_up = take(p + "mlp.up_proj.weight")
+                layer.mlp_down = take(p + "mlp.down_proj.weight")
+            self.layers.append(layer)
+
+
+class KVCache:
+    """Per-layer K and V `[slots, kv_heads, max_len, d]`; a sequence owns one slot."""
+
+    def __init__(self, spec: ModelSpec, slots: int, max_len: int, dtype: torch.dtype):
+        shape = (slots, spec.num_kv_heads, max_len, spec.head_dim)
+        # torch.empty: pages are committed only when written, so unused capacity costs no RAM
+        self.k = [torch.empty(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.slots = slots
+        self.max_len = max_len
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for kv in (self.k, self.v):
+            for layer in kv:
+                layer[dst, :, :length] = layer[src, :, :length]
+
+
+@dataclass
+class StepSeq:
+    """One sequence's share of a step."""
+
+    slot: int
+    ids: torch.Tensor  # (n,) int64 new tokens
+    past: int  # tokens of this sequence already in the cache
+    cos: torch.Tensor  # (n, d/2) rotary angles of the new tokens
+    sin: torch.Tensor
+    table: torch.Tensor | None = None  # (rows, H) prompt table
+    all_logits: bool = False  # logits for every new token, not just the last
+    ds_index: torch.Tensor | None = field(default=None, repr=False)
+
+
+class LanguageModel:
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", slots: int = 8, max_len: int = 4096):
+        self.spec = spec
+        self.dtype = torch_dtype(dtype)
+        self.w = Weights(spec, self.dtype)
+        self.cache = KVCache(spec, slots, max_len, self.dtype)
+        self.levels = spec.deepstack_levels
+
+    # -- embedding and DeepStack gather ------------------------------------------------------
+    def _embed(self, batch: list[StepSeq]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Packed input embeddings `[T, H]` and the DeepStack (token index, rows `[levels, m, H]`)."""
+        vocab = self.spec.vocab_size
+        ids = torch.cat([s.ids for s in batch])
+        hidden = torch.empty((ids.numel(), self.spec.hidden_size), dtype=self.dtype)
+        text = ids < vocab
+        hidden[text] = self.w.embed[ids[text]]
+        ds_index, ds_rows, offset = [], [], 0
+        for s in batch:
+            fake = s.ids >= vocab
+            if bool(fake.any()):
+                stride = stride_of(s.table.shape[0], self.levels)
+                at = torch.nonzero(fake).reshape(-1)
+                hidden[offset + at] = s.table[s.ids[at] - vocab].to(self.dtype)
+                ds_index.append(offset + at)
+                rows = torch.stack([deepstack_row(s.ids[at], vocab, stride, k) for k in range(self.levels)])
+                ds_rows.append(s.table[rows].to(self.dtype))  # (levels, m, H)
+            offset += s.ids.numel()
+        if not ds_index:
+            return hidden, None, None
+        return hidden, torch.cat(ds_index), torch.cat(ds_rows, dim=1)
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def _attention(self, i: int, x: torch.Tensor, batch: list[StepSeq], cos: torch.Tensor,
+                   sin: torch.Tensor) -> torch.Tensor:
+        spec, layer = self.spec, self.w.layers[i]
+        t = x.shape[0]
+        d = spec.head_dim
+        q = F.linear(x, layer.q, layer.q_bias).view(t, spec.num_heads, d)
+        k = F.linear(x, layer.k, layer.k_bias).view(t, spec.num_kv_heads, d)
+        v = F.linear(x, layer.v, layer.v_bias).view(t, spec.num_kv_heads, d)
+        q = rotate(rms_norm(q, layer.q_norm, spec.rms_norm_eps), cos, sin)
+        k = rotate(rms_norm(k, layer.k_norm, spec.rms_norm_eps), cos, sin)
+        kc, vc = self.cache.k[i], self.cache.v[i]
+        out = torch.empty((t, spec.num_heads, d), dtype=self.dtype)
+        decode, offset = [], 0
+        for s in batch:
+            n = s.ids.numel()
+            kc[s.slot, :, s.past:s.past + n] = k[offset:offset + n].transpose(0, 1)
+            vc[s.slot, :, s.past:s.past + n] = v[offset:offset + n].transpose(0, 1)
+            if n == 1:
+                decode.append((offset, s))
+            else:
+                qs = q[offset:offset + n].transpose(0, 1)[None]  # (1, heads, n, d)
+                ks = kc[s.slot, :, :s.past + n][None]  # (1, kv_heads, past + n, d)
+                vs = vc[s.slot, :, :s.past + n][None]
+                if s.past == 0:
+                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+                else:
+                    mask = torch.arange(s.past + n)[None, :] <= (s.past + torch.arange(n))[:, None]
+                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+                out[offset:offset + n] = o[0].transpose(0, 1)
+            offset += n
+        if decode:
+            self._decode_attention(decode, q, kc, vc, out)
+        return F.linear(out.view(t, -1), layer.o, layer.o_bias)
+
+    def _decode_attention(self, decode, q, kc, vc, out) -> None:
+        """One attention call for all single-token sequences, over their slots of the cache."""
+        slots = [s.slot for _, s in decode]
+        lengths = torch.tensor([s.past + 1 for _, s in decode])
+        longest = int(lengths.max())
+        rows = torch.tensor([o for o, _ in decode])
+        if slots == list(range(slots[0], slots[0] + len(slots))):  # contiguous: a view, no copy
+            ks = kc[slots[0]:slots[0] + len(slots), :, :longest]
+            vs = vc[slots[0]:slots[0] + len(slots), :, :longest]
+        else:
+            index = torch.tensor(slots)
+            ks = kc[index, :, :longest]
+            vs = vc[index, :, :longest]
+        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        o = F.scaled_dot_product_attention(q[rows][:, :, None, :], ks, vs, attn_mask=mask, enable_gqa=True)
+        out[rows] = o[:, :, 0, :]
+
+    def _moe(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        top_k = self.spec.experts_per_token
+        probs = torch.softmax(F.linear(x, layer.router), dim=-1, dtype=torch.float)  # (T, E)
+        weights, experts = torch.topk(probs, top_k, dim=-1)  # (T, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype).reshape(-1)
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=layer.router.shape[0]).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, c in enumerate(counts):
+            if not c:
+                continue
+            picks = order[start:start + c]  # positions in the flattened (T, k) choices
+            start += c
+            tokens = picks // top_k
+            gate, up = F.linear(x[tokens], layer.gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, layer.down[e]) * weights[picks, None]
+            out.index_add_(0, tokens, y)
+        return out
+
+    @staticmethod
+    def _dense(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, layer.mlp_gate)) * F.linear(x, layer.mlp_up), layer.mlp_down)
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: list[StepSeq]) -> list[torch.Tensor]:
+        """Run one packed step; return per sequence the logits `[n or 1, vocab]` (float32)."""
+        spec = self.spec
+        for s in batch:
+            if s.past + s.ids.numel() > self.cache.max_len:
+                raise ValueError(f"sequence in slot {s.slot} exceeds the cache length {self.cache.max_len}")
+        h, ds_index, ds_rows = self._embed(batch)
+        cos = torch.cat([s.cos for s in batch])
+        sin = torch.cat([s.sin for s in batch])
+        for i, layer in enumerate(self.w.layers):
+            h = h + self._attention(i, rms_norm(h, layer.input_norm, spec.rms_norm_eps), batch, cos, sin)
+            x = rms_norm(h, layer.post_norm, spec.rms_norm_eps)
+            h = h + (self._moe(layer, x) if layer.router is not None else self._dense(layer, x))
+            if ds_index is not None and i < self.levels:
+                h[ds_index] += ds_rows[i]
+        picks, offset = [], 0
+        for s in batch:
+            n = s.ids.numel()
+            picks.append(torch.arange(offset, offset + n) if s.all_logits else torch.tensor([offset + n - 1]))
+            offset += n
+        sel = torch.cat(picks)
+        logits = F.linear(rms_norm(h[sel], self.w.norm, spec.rms_norm_eps), self.w.lm_head).float()
+        return list(logits.split([p.numel() for p in picks]))

@@ -1,0 +1,91 @@
+"""The vision encoder: pixel values -> row-stacked prompt table + M-RoPE inputs.
+
+The tower itself is transformers' `Qwen3VLMoeVisionModel` with the checkpoint's
+`model.visual.*` weights; this module batches the images of many requests into one forward
+(the tower attends within each image only), splits the result per request, and packs each
+request's table and rotary inputs (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import mrope
+from .checkpoint import ModelSpec, load_state, torch_dtype
+from .table import pack_table
+
+
+@dataclass
+class EncodeRequest:
+    input_ids: np.ndarray  # (L,) with prompt-table ids for the image tokens
+    pixel_values: np.ndarray  # (patches, patch_dim)
+    image_grid_thw: np.ndarray  # (images, 3)
+
+
+@dataclass
+class EncodeResult:
+    prompt_embedding_table: torch.Tensor  # ((levels + 1) S, H)
+    prompt_vocab_size: int  # rows of the table
+    mrope_rotary_cos_sin: np.ndarray  # (P * rotary_dim,) float32
+    mrope_position_deltas: int
+
+
+class VisionEncoder:
+    def __init__(self, spec: ModelSpec, device: str = "cpu", dtype: str = "float32",
+                 mrope_positions: int | None = None):
+        """`mrope_positions`: rows of `mrope_rotary_cos_sin` (None: the prompt length, as the CPU
+        engine wants; the TensorRT-LLM engine wants its max_position_embeddings)."""
+        from transformers import AutoConfig
+        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(dtype)
+        self.mrope_positions = mrope_positions
+        config = AutoConfig.from_pretrained(str(spec.path)).vision_config
+        self.model = Qwen3VLMoeVisionModel._from_config(config, dtype=self.dtype)
+        state = load_state(spec.path, "model.visual.")
+        self.model.load_state_dict(state, strict=True)
+        self.model.to(self.device).eval()
+        self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def features(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """E `[n, H]` and the stacked DeepStack levels `[levels, n, H]` of a set of images."""
+        pv = torch.from_numpy(np.ascontiguousarray(pixel_values)).to(self.device, self.dtype)
+        grid = torch.from_numpy(np.ascontiguousarray(grid_thw, dtype=np.int64)).to(self.device)
+        with self._lock:
+            out = self.model(pv, grid_thw=grid, return_dict=True)
+        return out.pooler_output, torch.stack(list(out.deepstack_features))
+
+    def encode(self, requests: list[EncodeRequest]) -> list[EncodeResult]:
+        """Encode the images of all `requests` in one forward and pack each request's outputs."""
+        with_images = [r for r in requests if len(r.image_grid_thw)]
+        if with_images:
+            embeds, deepstack = self.features(
+                np.concatenate([r.pixel_values for r in with_images]),
+                np.concatenate([r.image_grid_thw for r in with_images]),
+            )
+        merge = self.spec.spatial_merge_size ** 2
+        results, row = [], 0
+        for r in requests:
+            n = int(sum(int(np.prod(g)) for g in r.image_grid_thw)) // merge
+            if n:
+                table = pack_table(embeds[row:row + n], deepstack[:, row:row + n])
+            else:
+                zeros = torch.zeros((0, self.spec.hidden_size), dtype=self.dtype, device=self.device)
+                table = pack_table(zeros, [zeros] * self.spec.deepstack_levels)
+            row += n
+            pos, delta = mrope.position_ids(r.input_ids, r.image_grid_thw, self.spec)
+            results.append(EncodeResult(
+                prompt_embedding_table=table,
+                prompt_vocab_size=table.shape[0],
+                mrope_rotary_cos_sin=mrope.rotary_cos_sin(pos, self.spec, self.mrope_positions),
+                mrope_position_deltas=delta,
+            ))
+        return results
+
