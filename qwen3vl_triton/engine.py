@@ -30,7 +30,7 @@ from .table import stride_of
 Callback = Callable[[list[int], "str | None", "str | None"], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """One generation, in the units of the `tensorrt_llm` contract."""
 
@@ -45,7 +45,7 @@ class Request:
     request_id: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Seq:
     req: Request
     slot: int
@@ -64,6 +64,7 @@ class EngineStats:
     steps: int = 0
     batched_steps: int = 0  # steps that advanced more than one sequence
     max_batch: int = 0
+    mixed_steps: int = 0  # steps where a prompt chunk shared the forward with decoding sequences
     tokens_in: int = 0  # prompt tokens prefilled
     tokens_out: int = 0  # tokens generated
     requests: int = 0
@@ -95,6 +96,8 @@ class Engine:
         """Raise InputError naming the contract input that is wrong."""
         spec = self.spec
         ids = np.asarray(req.input_ids).reshape(-1)
+        if ids.dtype.kind not in "iu":
+            raise InputError("input_ids", f"must be integer token ids, got {ids.dtype}")
         if ids.size == 0:
             raise InputError("input_ids", "is empty")
         if ids.size >= self.max_seq_len:
@@ -105,6 +108,8 @@ class Engine:
             raise InputError("input_ids", f"negative token id {int(ids.min())}")
         rows = 0 if req.table is None else req.table.shape[0]
         if req.table is not None:
+            if not req.table.is_floating_point():
+                raise InputError("prompt_embedding_table", f"must be a floating-point tensor, got {req.table.dtype}")
             if req.table.ndim != 2 or req.table.shape[1] != spec.hidden_size:
                 raise InputError("prompt_embedding_table", f"must be [rows, {spec.hidden_size}], got {list(req.table.shape)}")
             try:
@@ -228,54 +233,64 @@ class Engine:
         return StepSeq(seq.slot, ids, start, cos, sin, seq.req.table)
 
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stop and not self._pending and not self._active:
-                    self._cv.wait()
-                if self._stop:
-                    break
-                for seq in self._active:
-                    if seq.req.request_id in self._cancel:
-                        seq.cancelled = True
-                self._cancel -= {s.req.request_id for s in self._active}
-                self._admit()
-            for seq in [s for s in self._active if s.cancelled]:
-                self._finish(seq, "cancelled")
-            if not self._active:
-                continue
-            self._compact()
-            plan = self._plan()
-            t0 = time.perf_counter()
+        while not self._stop:
             try:
-                logits = self.lm.forward([self._step_seq(seq, n) for seq, n in plan])
-            except Exception as exc:  # never let one bad step kill the engine
-                for seq, _ in plan:
-                    self._finish(seq, "error", f"engine step failed: {type(exc).__name__}: {exc}")
-                continue
-            st = self.stats
-            st.steps += 1
-            st.step_seconds += time.perf_counter() - t0
-            st.max_batch = max(st.max_batch, len(plan))
-            st.batched_steps += len(plan) > 1
-            st.batch_histogram[len(plan)] += 1
-            for (seq, n), row in zip(plan, logits):
-                seq.cached += n
-                if seq.cached < seq.prompt_len:
-                    st.tokens_in += n
-                    continue  # more prompt to prefill
-                if seq.cached - n < seq.prompt_len:
-                    st.tokens_in += n
-                self._advance(seq, row[-1])
+                self._iterate()
+            except Exception as exc:  # a scheduler bug must fail requests, never hang them
+                for seq in list(self._active):
+                    self._finish(seq, "error", f"engine failure: {type(exc).__name__}: {exc}")
+
+    def _iterate(self) -> None:
+        """One scheduling round: take new requests and cancellations, run one step."""
+        with self._cv:
+            while not self._stop and not self._pending and not self._active:
+                self._cv.wait()
+            if self._stop:
+                return
+            for seq in self._active:
+                if seq.req.request_id in self._cancel:
+                    seq.cancelled = True
+            self._cancel -= {s.req.request_id for s in self._active}
+            self._admit()
+        for seq in [s for s in self._active if s.cancelled]:
+            self._finish(seq, "cancelled")
+        if not self._active:
+            return
+        self._compact()
+        plan = self._plan()
+        t0 = time.perf_counter()
+        try:
+            logits = self.lm.forward([self._step_seq(seq, n) for seq, n in plan])
+        except Exception as exc:  # never let one bad step kill the engine
+            for seq, _ in plan:
+                self._finish(seq, "error", f"engine step failed: {type(exc).__name__}: {exc}")
+            return
+        st = self.stats
+        st.steps += 1
+        st.step_seconds += time.perf_counter() - t0
+        st.max_batch = max(st.max_batch, len(plan))
+        st.batched_steps += len(plan) > 1
+        kinds = {seq.cached < seq.prompt_len for seq, _ in plan}
+        st.mixed_steps += len(kinds) > 1
+        st.batch_histogram[len(plan)] += 1
+        for (seq, n), row in zip(plan, logits):
+            seq.cached += n
+            if seq.cached < seq.prompt_len:
+                st.tokens_in += n
+                continue  # more prompt to prefill
+            if seq.cached - n < seq.prompt_len:
+                st.tokens_in += n
+            self._advance(seq, row[-1])
 
     def _advance(self, seq: _Seq, logits: torch.Tensor) -> None:
         token = sample(logits, seq.req.sampling, seq.gen)
         seq.generated += 1
-        if seq.req.end_id is not None and token == seq.req.end_id:
-            self._finish(seq, "stop")
-            return
         self.stats.tokens_out += 1
         seq.tokens.append(token)
-        if seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
+        # Like TensorRT-LLM, the end token is part of the output: consumers see where it stopped.
+        if seq.req.end_id is not None and token == seq.req.end_id:
+            self._finish(seq, "stop", tokens=[token])
+        elif seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
             self._finish(seq, "length", tokens=[token])
         else:
             self._emit(seq.req, [token], None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -53,6 +54,8 @@ def decode_image(data: bytes | str, name: str, max_pixels: int = DEFAULT_MAX_IMA
             decoded = None
         image = _open(decoded) if decoded else None
     if image is None:
+        if _png_zero_size(raw):
+            raise InputError(name, "has zero size")
         raise InputError(name, "cannot be decoded: not an image file (PNG, JPEG, WebP, ...) nor base64 of one")
     width, height = image.size
     if width < 1 or height < 1:
@@ -72,6 +75,14 @@ def _b64(payload: bytes, name: str) -> bytes:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise InputError(name, "is not valid base64") from None
+
+
+def _png_zero_size(raw: bytes) -> bool:
+    """A PNG whose header declares a zero width or height (Pillow refuses to identify it)."""
+    if raw[:8] != b"\x89PNG\r\n\x1a\n" or len(raw) < 24:
+        return False
+    width, height = struct.unpack(">II", raw[16:24])
+    return width == 0 or height == 0
 
 
 def _open(raw: bytes) -> Image.Image | None:

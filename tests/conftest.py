@@ -1,0 +1,70 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `client` and `tests.oracle` import from the checkout
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny checkpoint, built once per test session from the default seed."""
+    from qwen3vl_triton.tiny import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", profile="tiny", seed=0, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def spec(tiny_checkpoint):
+    from qwen3vl_triton.checkpoint import ModelSpec
+
+    return ModelSpec.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny_checkpoint):
+    from tests.oracle import Oracle
+
+    return Oracle(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def preprocessor(spec):
+    from qwen3vl_triton.preprocess import Preprocessor
+
+    return Preprocessor(spec, max_images=4, max_input_len=2048)
+
+
+@pytest.fixture(scope="session")
+def encoder(spec):
+    from qwen3vl_triton.vision import VisionEncoder
+
+    return VisionEncoder(spec)
+
+
+@pytest.fixture(scope="session")
+def engine(spec):
+    from qwen3vl_triton.engine import Engine
+
+    eng = Engine(spec, max_batch=8, max_seq_len=2048, max_output_len=256)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pipeline(preprocessor, encoder, spec):
+    """prompt + images -> engine Request, through the package's preprocessing and encoder."""
+    from qwen3vl_triton.engine import Request
+    from qwen3vl_triton.vision import EncodeRequest
+
+    def make(prompt, images, max_new_tokens=24, **kw):
+        p = preprocessor(prompt, images)
+        r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+        return Request(p.input_ids, max_new_tokens, end_id=spec.end_id, table=r.prompt_embedding_table,
+                       mrope_cos_sin=r.mrope_rotary_cos_sin, mrope_delta=r.mrope_position_deltas, **kw)
+
+    return make

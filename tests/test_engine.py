@@ -1,0 +1,199 @@
+"""The CPU engine against the oracle: greedy equality, logits, batching, sampling, streaming, errors."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from qwen3vl_triton.detok import IncrementalDetokenizer
+from qwen3vl_triton.engine import Request
+from qwen3vl_triton.errors import InputError
+from qwen3vl_triton.lm import LanguageModel, StepSeq
+from qwen3vl_triton import mrope
+from qwen3vl_triton.sampling import SamplingParams
+from tests.oracle import image_bytes
+
+CASES = [
+    ("one image", "Describe this image in short.", [image_bytes(100, 150, 1)]),
+    ("two images of different sizes", "Compare the two images.", [image_bytes(200, 64, 2), image_bytes(64, 96, 3)]),
+    ("text only", "Tell me about the ocean.", []),
+    ("portrait and very wide", "Which is brighter?", [image_bytes(48, 256, 4), image_bytes(640, 40, 5)]),
+]
+
+
+@pytest.mark.parametrize("name, prompt, images", CASES, ids=[c[0] for c in CASES])
+def test_greedy_equals_transformers_generate(name, prompt, images, engine, pipeline, oracle):
+    ids, finish = engine.generate(pipeline(prompt, images, max_new_tokens=24), timeout=120)
+    expected = oracle.generate(prompt, images, 24)
+    assert ids == expected
+    assert finish == ("stop" if expected[-1] == oracle.end_id else "length")
+
+
+def test_generation_stops_at_the_end_of_turn_token(engine, pipeline, oracle):
+    stopped = 0
+    for i in range(12):
+        prompt = f"Prompt {i} about things"
+        expected = oracle.generate(prompt, [], 60)
+        ids, finish = engine.generate(pipeline(prompt, [], max_new_tokens=60), timeout=60)
+        assert ids == expected
+        if expected[-1] == oracle.end_id:
+            assert finish == "stop" and len(ids) < 60
+            stopped += 1
+    assert 0 < stopped < 12  # both ways of ending occur
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_oracle(engine, pipeline, oracle):
+    jobs = [(f"Request number {i}: what do you see?", [image_bytes(64 + 32 * i, 96, 10 + i)] * (i % 3), 8 + 4 * i)
+            for i in range(6)]
+    before = engine.stats.batched_steps
+    results = [None] * len(jobs)
+
+    def run(i, prompt, images, n):
+        results[i] = engine.generate(pipeline(prompt, images, max_new_tokens=n), timeout=180)[0]
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (prompt, images, n), got in zip(jobs, results):
+        assert got == oracle.generate(prompt, images, n)
+    assert engine.stats.batched_steps > before
+
+
+def test_a_new_request_joins_a_running_batch(engine, pipeline, oracle):
+    first_token = threading.Event()
+    long_ids, done = [], threading.Event()
+
+    def on_tokens(tokens, finish, error):
+        long_ids.extend(tokens)
+        first_token.set()
+        if finish:
+            done.set()
+
+    long_req = pipeline("Write a long story.", [], max_new_tokens=120)
+    long_req.on_tokens = on_tokens
+    mixed_before = engine.stats.mixed_steps
+    engine.submit(long_req)
+    assert first_token.wait(60)
+    short, _ = engine.generate(pipeline("Short one.", [image_bytes(64, 64, 7)], max_new_tokens=5), timeout=60)
+    assert not done.is_set() or len(long_ids) == 120  # the long one was still running
+    assert done.wait(120)
+    assert engine.stats.mixed_steps > mixed_before  # the short prompt was prefilled beside decoding
+    assert short == oracle.generate("Short one.", [image_bytes(64, 64, 7)], 5)
+    assert long_ids == oracle.generate("Write a long story.", [], 120)
+
+
+def test_prefill_logits_match_transformers(spec, preprocessor, encoder, oracle):
+    from qwen3vl_triton.vision import EncodeRequest
+
+    lm = LanguageModel(spec, slots=1, max_len=512)
+    for prompt, images in [("Two pictures.", [image_bytes(120, 80, 8), image_bytes(64, 200, 9)]), ("Text.", [])]:
+        p = preprocessor(prompt, images)
+        r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+        cos, sin = mrope.unpack_cos_sin(r.mrope_rotary_cos_sin, spec, p.input_ids.size)
+        ours = lm.forward([StepSeq(0, torch.from_numpy(p.input_ids.astype(np.int64)), 0, cos, sin,
+                                   r.prompt_embedding_table, all_logits=True)])[0]
+        ref = oracle.prefill_logits(prompt, images)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_chunked_prefill_equals_one_shot(spec, pipeline, oracle):
+    from qwen3vl_triton.engine import Engine
+
+    small_steps = Engine(spec, max_batch=2, max_seq_len=1024, max_num_tokens=7)
+    try:
+        prompt, images = CASES[1][1], CASES[1][2]
+        ids, _ = small_steps.generate(pipeline(prompt, images, max_new_tokens=12), timeout=120)
+        assert ids == oracle.generate(prompt, images, 12)
+    finally:
+        small_steps.shutdown()
+
+
+def test_seeded_sampling_is_reproducible(engine, pipeline):
+    def run(seed, **kw):
+        params = SamplingParams(temperature=1.0, seed=seed, **kw)
+        return engine.generate(pipeline("Tell me a story.", [], max_new_tokens=20, sampling=params), timeout=60)[0]
+
+    assert run(7) == run(7)
+    assert run(7, top_k=5, top_p=0.9) == run(7, top_k=5, top_p=0.9)
+    assert len({tuple(run(s)) for s in (1, 2, 3)}) > 1
+
+
+def test_top_k_one_is_greedy(engine, pipeline, oracle):
+    params = SamplingParams(temperature=0.7, top_k=1, seed=3)
+    ids, _ = engine.generate(pipeline("Hello.", [], max_new_tokens=10, sampling=params), timeout=60)
+    assert ids == oracle.generate("Hello.", [], 10)
+
+
+def test_streamed_text_concatenates_to_the_one_shot_decode(engine, pipeline, preprocessor):
+    detok = IncrementalDetokenizer(preprocessor.tokenizer)
+    pieces, ids, done = [], [], threading.Event()
+
+    def on_tokens(tokens, finish, error):
+        ids.extend(tokens)
+        pieces.append(detok.add(tokens))
+        if finish:
+            pieces.append(detok.flush())
+            done.set()
+
+    req = pipeline("Say something.", [image_bytes(80, 80, 11)], max_new_tokens=40,
+                   sampling=SamplingParams(temperature=1.5, seed=5))
+    req.end_id = None  # run all 40 tokens
+    req.on_tokens = on_tokens
+    engine.submit(req)
+    assert done.wait(60)
+    assert "".join(pieces) == preprocessor.tokenizer.decode(ids, skip_special_tokens=True)
+    assert len([p for p in pieces if p]) > 1  # it really streamed
+
+
+def test_cancel_frees_the_place(engine, pipeline):
+    finished = {}
+    done = threading.Event()
+
+    def on_tokens(tokens, finish, error):
+        if finish:
+            finished["reason"] = finish
+            done.set()
+
+    req = pipeline("Go on forever.", [], max_new_tokens=200)
+    req.on_tokens = on_tokens
+    rid = engine.submit(req)
+    engine.cancel(rid)
+    assert done.wait(30) and finished["reason"] == "cancelled"
+    assert engine.load() == 0
+
+
+@pytest.mark.parametrize("change, name, message", [
+    (dict(input_ids=np.array([], np.int32)), "input_ids", "is empty"),
+    (dict(input_ids=np.array([1.5, 2.0])), "input_ids", "must be integer token ids"),
+    (dict(max_new_tokens=0), "request_output_len", "must be in [1, 256]"),
+    (dict(max_new_tokens=10_000), "request_output_len", "must be in [1, 256]"),
+    (dict(table=torch.zeros(4, 7)), "prompt_embedding_table", "must be [rows, 64]"),
+    (dict(table=torch.zeros(5, 64)), "prompt_embedding_table", "not 4 stacked blocks"),
+    (dict(table=torch.zeros(4, 64, dtype=torch.int32)), "prompt_embedding_table", "must be a floating-point"),
+    (dict(input_ids=np.array([1, 2, 10_000], np.int32)), "input_ids", "neither a vocabulary id"),
+    (dict(mrope_cos_sin=np.zeros(5, np.float32)), "mrope_rotary_cos_sin", "must hold at least"),
+    (dict(end_id=-1), "end_id", "must be a vocabulary id"),
+    (dict(input_ids=np.arange(3000) % 100), "input_ids", "the context limit is 2048"),
+])
+def test_bad_contract_inputs_name_the_input(change, name, message, engine, pipeline):
+    req = pipeline("Hi.", [], max_new_tokens=4)
+    for key, value in change.items():
+        setattr(req, key, value)
+    with pytest.raises(InputError) as err:
+        engine.submit(req)
+    assert err.value.input == name and message in str(err.value)
+    assert engine.generate(pipeline("Still serving?", [], max_new_tokens=3), timeout=30)[1] in ("stop", "length")
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(seed=-1), "seed"),
+])
+def test_bad_sampling_parameters(kw, name):
+    with pytest.raises(InputError) as err:
+        SamplingParams(**kw)
+    assert err.value.input == name
