@@ -63,9 +63,12 @@ class Layer:
 class Weights:
     """The language model's tensors, read from `model.language_model.*` and `lm_head.weight`."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, tensors: dict[str, torch.Tensor] | None = None):
+        """`tensors`: the checkpoint's tensors by their Hugging Face names (default: read from
+        `spec.path`); a converted checkpoint can be mapped back to these names and checked here."""
         raw: dict[str, torch.Tensor] = {}
-        for name, t in iter_tensors(spec.path, ""):
+        source = tensors.items() if tensors is not None else iter_tensors(spec.path, "")
+        for name, t in source:
             if name.startswith("model.language_model.") or name == "lm_head.weight":
                 raw[name.removeprefix("model.language_model.")] = t
         if "embed_tokens.weight" not in raw:
@@ -146,10 +149,11 @@ class StepSeq:
 
 
 class LanguageModel:
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", slots: int = 8, max_len: int = 4096):
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", slots: int = 8, max_len: int = 4096,
+                 tensors: dict[str, torch.Tensor] | None = None):
         self.spec = spec
         self.dtype = torch_dtype(dtype)
-        self.w = Weights(spec, self.dtype)
+        self.w = Weights(spec, self.dtype, tensors)
         self.cache = KVCache(spec, slots, max_len, self.dtype)
         self.levels = spec.deepstack_levels
 
