@@ -36,7 +36,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         return json.load(f)
 
 

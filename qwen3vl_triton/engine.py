@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import mrope
+from .backend import scalar, single_sequence
 from .checkpoint import ModelSpec
 from .errors import InputError
 from .lm import LanguageModel, StepSeq
@@ -60,6 +61,17 @@ class _Seq:
 
 
 @dataclass
+class StepReport:
+    sequences: int  # sequences advanced by the step
+    prompt_tokens: int  # prompt tokens prefilled
+    decode_tokens: int  # sequences that decoded one token
+    generated: int  # tokens chosen by the step (decodes and prompts that completed)
+    seconds: float
+    running: int  # sequences running after the step
+    waiting: int  # requests queued for a place
+
+
+@dataclass
 class EngineStats:
     steps: int = 0
     batched_steps: int = 0  # steps that advanced more than one sequence
@@ -74,8 +86,11 @@ class EngineStats:
 
 class Engine:
     def __init__(self, spec: ModelSpec, dtype: str = "float32", max_batch: int = 16,
-                 max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None):
+                 max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
+                 on_step: Callable[["StepReport"], None] | None = None):
+        """`on_step` is called after every step (from the engine thread), e.g. to export metrics."""
         self.spec = spec
+        self.on_step = on_step
         self.max_seq_len = min(max_seq_len or 4096, spec.max_position_embeddings)
         self.max_output_len = max_output_len or self.max_seq_len
         self.max_num_tokens = max_num_tokens
@@ -265,14 +280,16 @@ class Engine:
             for seq, _ in plan:
                 self._finish(seq, "error", f"engine step failed: {type(exc).__name__}: {exc}")
             return
+        seconds = time.perf_counter() - t0
         st = self.stats
         st.steps += 1
-        st.step_seconds += time.perf_counter() - t0
+        st.step_seconds += seconds
         st.max_batch = max(st.max_batch, len(plan))
         st.batched_steps += len(plan) > 1
-        kinds = {seq.cached < seq.prompt_len for seq, _ in plan}
-        st.mixed_steps += len(kinds) > 1
+        decode = sum(1 for seq, _ in plan if seq.cached >= seq.prompt_len)
+        st.mixed_steps += 0 < decode < len(plan)
         st.batch_histogram[len(plan)] += 1
+        generated = 0
         for (seq, n), row in zip(plan, logits):
             seq.cached += n
             if seq.cached < seq.prompt_len:
@@ -280,7 +297,14 @@ class Engine:
                 continue  # more prompt to prefill
             if seq.cached - n < seq.prompt_len:
                 st.tokens_in += n
+            generated += 1
             self._advance(seq, row[-1])
+        if self.on_step is not None:
+            try:
+                self.on_step(StepReport(len(plan), sum(n for _, n in plan) - decode, decode, generated, seconds,
+                                        len(self._active), len(self._pending)))
+            except Exception:  # metrics must never stop generation
+                pass
 
     def _advance(self, seq: _Seq, logits: torch.Tensor) -> None:
         token = sample(logits, seq.req.sampling, seq.gen)
@@ -308,3 +332,46 @@ class Engine:
             req.on_tokens(tokens, finish, error)
         except Exception:  # a broken consumer must not stop the engine
             pass
+
+
+# The `tensorrt_llm` inputs (DESIGN §3), as the tensorrtllm backend names them.
+CONTRACT_INPUTS = (
+    "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "streaming",
+    "temperature", "runtime_top_k", "runtime_top_p", "random_seed",
+    "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
+)
+
+
+def request_from_contract(arrays: dict, spec: ModelSpec) -> tuple[Request, bool]:
+    """An engine Request (and the `streaming` flag) from `tensorrt_llm` input tensors.
+
+    Each tensor carries the batch dimension (one sequence per request)."""
+    ids = single_sequence(arrays, "input_ids").reshape(-1)
+    length = scalar(arrays, "input_lengths", int, default=ids.size)
+    if not 0 < length <= ids.size:
+        raise InputError("input_lengths", f"must be in [1, {ids.size}] (the input_ids length), got {length}")
+    table = None
+    if arrays.get("prompt_embedding_table") is not None:
+        table = torch.from_numpy(np.ascontiguousarray(single_sequence(arrays, "prompt_embedding_table")))
+        rows = scalar(arrays, "prompt_vocab_size", int, default=table.shape[0])
+        if rows != table.shape[0]:
+            raise InputError("prompt_vocab_size", f"is {rows} but prompt_embedding_table has {table.shape[0]} rows")
+    cos_sin = arrays.get("mrope_rotary_cos_sin")
+    if cos_sin is not None:
+        cos_sin = single_sequence(arrays, "mrope_rotary_cos_sin")
+    sampling = SamplingParams(
+        temperature=scalar(arrays, "temperature", float, default=0.0),
+        top_k=scalar(arrays, "runtime_top_k", int, default=0),
+        top_p=scalar(arrays, "runtime_top_p", float, default=1.0),
+        seed=scalar(arrays, "random_seed", int),
+    )
+    req = Request(
+        input_ids=ids[:length],
+        max_new_tokens=scalar(arrays, "request_output_len", int, required=True),
+        end_id=scalar(arrays, "end_id", int, default=spec.end_id),
+        table=table,
+        mrope_cos_sin=cos_sin,
+        mrope_delta=scalar(arrays, "mrope_position_deltas", int, default=0),
+        sampling=sampling,
+    )
+    return req, scalar(arrays, "streaming", bool, default=False)

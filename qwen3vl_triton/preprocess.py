@@ -160,3 +160,25 @@ class Preprocessor:
                 f"the prompt is {input_ids.size} tokens (images included), the context limit is {self.max_input_len}",
             )
         return Prompt(input_ids, pixel_values, grid_thw, row)
+
+
+def parse_generate_inputs(arrays: dict, max_output_len: int) -> tuple[str, list[bytes], int]:
+    """(prompt, encoded images, max_tokens) from the `qwen3vl` inputs of one request."""
+    from .backend import scalar
+
+    text = arrays.get("text_input")
+    if text is None:
+        raise InputError("text_input", "is required")
+    if text.size != 1:
+        raise InputError("text_input", f"expected one string, got shape {list(text.shape)}")
+    raw = text.reshape(-1)[0]
+    try:
+        prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        raise InputError("text_input", "is not valid UTF-8") from None
+    images = arrays.get("image")
+    images = [] if images is None else [bytes(x) if not isinstance(x, str) else x.encode() for x in images.reshape(-1)]
+    max_tokens = scalar(arrays, "max_tokens", int, required=True)
+    if not 1 <= max_tokens <= max_output_len:
+        raise InputError("max_tokens", f"must be in [1, {max_output_len}], got {max_tokens}")
+    return prompt, images, max_tokens

@@ -89,3 +89,25 @@ class VisionEncoder:
             ))
         return results
 
+
+
+def encode_request_from_arrays(arrays: dict, spec: ModelSpec) -> EncodeRequest:
+    """Validate one request's `vision_encoder` inputs (batch dimension removed)."""
+    from .errors import InputError
+
+    ids = np.asarray(arrays["input_ids"]).reshape(-1)
+    pixels = np.asarray(arrays["pixel_values"], dtype=np.float32)
+    grid = np.asarray(arrays["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+    patch_dim = 3 * spec.temporal_patch_size * spec.patch_size ** 2
+    if pixels.ndim != 2 or pixels.shape[1] != patch_dim:
+        raise InputError("pixel_values", f"must be [patches, {patch_dim}], got {list(pixels.shape)}")
+    if (grid < 1).any() or (grid[:, 1:] % spec.spatial_merge_size).any():
+        raise InputError("image_grid_thw", f"grids must be positive and multiples of {spec.spatial_merge_size}")
+    patches = int(grid.prod(axis=1).sum())
+    if patches != pixels.shape[0]:
+        raise InputError("pixel_values", f"has {pixels.shape[0]} patches, image_grid_thw describes {patches}")
+    tokens = patches // spec.spatial_merge_size ** 2
+    fake = ids >= spec.vocab_size
+    if int(fake.sum()) != tokens or (tokens and sorted(ids[fake] - spec.vocab_size) != list(range(tokens))):
+        raise InputError("input_ids", f"must hold the {tokens} image-token ids vocab_size + 0..{tokens - 1} once each")
+    return EncodeRequest(ids, pixels, grid)

@@ -68,3 +68,29 @@ def pipeline(preprocessor, encoder, spec):
                        mrope_cos_sin=r.mrope_rotary_cos_sin, mrope_delta=r.mrope_position_deltas, **kw)
 
     return make
+
+
+# -- servers -----------------------------------------------------------------------------------
+SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=4, max_image_pixels=1_000_000,
+                       engine_max_batch=8, max_batch_size=16)
+
+
+def start_server(checkpoint, tmp_path_factory, topology, name, **overrides):
+    from qwen3vl_triton.repository import Settings, render
+    from qwen3vl_triton.server import Ports, TritonServer, free_ports
+
+    base = tmp_path_factory.mktemp(name)
+    settings = Settings(**{**SERVER_SETTINGS, **overrides})
+    repo = render(checkpoint, base / "repository", topology=topology, settings=settings)
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo, Ports(http, grpc, metrics), build_dir=base, log_file=base / "tritonserver.log")
+    server.start(timeout=300, log=lambda *_: None)
+    return server
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory):
+    """One real tritonserver with the single-server repository, for the whole test session."""
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "all", "server")
+    yield srv
+    srv.stop()

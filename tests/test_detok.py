@@ -37,3 +37,34 @@ def test_special_tokens_are_skipped(preprocessor, spec):
     ids = tok("Hi", add_special_tokens=False)["input_ids"] + [spec.end_id, spec.pad_id]
     pieces, rest = _stream(tok, ids)
     assert "".join(pieces) + rest == "Hi"
+
+
+def test_stream_detokenizers_hold_split_characters_per_key(preprocessor, spec):
+    from qwen3vl_triton.detok import StreamDetokenizers
+
+    tok = preprocessor.tokenizer
+    streams = StreamDetokenizers(tok, end_id=spec.end_id)
+    a = tok("\U0001f600 smile", add_special_tokens=False)["input_ids"] + [spec.end_id]
+    b = tok("\u4f60\u597d ok", add_special_tokens=False)["input_ids"] + [spec.end_id]
+    out = {"a": "", "b": ""}
+    for i in range(max(len(a), len(b))):  # interleaved, one token per chunk
+        for key, ids in (("a", a), ("b", b)):
+            if i < len(ids):
+                out[key] += streams.add(key, ids[i:i + 1])
+    assert out == {"a": "\U0001f600 smile", "b": "\u4f60\u597d ok"}
+    assert len(streams) == 0  # ended streams hold nothing
+
+
+def test_stream_state_expires_and_keyless_chunks_decode_alone(preprocessor, spec):
+    from qwen3vl_triton.detok import StreamDetokenizers
+
+    tok = preprocessor.tokenizer
+    now = [0.0]
+    streams = StreamDetokenizers(tok, end_id=spec.end_id, idle_seconds=10, clock=lambda: now[0])
+    ids = tok("\U0001f600", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1
+    assert streams.add("cut", ids[:1]) == "" and len(streams) == 1  # a split character is held
+    now[0] = 11.0
+    assert streams.add("other", tok("hi", add_special_tokens=False)["input_ids"]) == "hi"
+    assert len(streams) == 0  # the idle one expired; complete text leaves no state
+    assert streams.add(None, ids[:1]) == tok.decode(ids[:1])

@@ -1,0 +1,42 @@
+"""preprocessing: prompt + encoded images -> input ids with prompt-table ids, pixel values."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from qwen3vl_triton.backend import error_response, model_params, read_inputs
+from qwen3vl_triton.checkpoint import ModelSpec
+from qwen3vl_triton.preprocess import Preprocessor, parse_generate_inputs
+
+INPUTS = ("text_input", "image", "max_tokens")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_params(args)
+        self.spec = ModelSpec.load(params["checkpoint"])
+        self.max_output_len = int(params["max_output_len"])
+        self.pre = Preprocessor(self.spec, max_images=int(params["max_images"]),
+                                max_input_len=int(params["max_input_len"]),
+                                max_image_pixels=int(params["max_image_pixels"]))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                prompt, images, max_tokens = parse_generate_inputs(read_inputs(pb_utils, request, INPUTS),
+                                                                   self.max_output_len)
+                p = self.pre(prompt, images)
+                tensors = {
+                    "input_ids": p.input_ids[None],
+                    "input_lengths": np.array([[p.input_ids.size]], np.int32),
+                    "request_output_len": np.array([[max_tokens]], np.int32),
+                    "pixel_values": p.pixel_values[None],
+                    "image_grid_thw": p.image_grid_thw[None],
+                    "end_id": np.array([[self.spec.end_id]], np.int32),
+                    "pad_id": np.array([[self.spec.pad_id]], np.int32),
+                }
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()]))
+            except Exception as exc:
+                responses.append(error_response(pb_utils, exc, pb_utils.Logger))
+        return responses

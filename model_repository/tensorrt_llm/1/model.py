@@ -1,0 +1,69 @@
+"""tensorrt_llm on CPU: the package's in-flight batching engine behind the tensorrtllm contract.
+
+`execute` only validates and queues; the engine thread streams tokens back through each
+request's response sender, so requests that arrive while others decode join the running batch.
+Engine counters are exported on the server's /metrics endpoint.
+"""
+
+import triton_python_backend_utils as pb_utils
+
+from qwen3vl_triton.backend import TokenStream, error, model_params, read_inputs
+from qwen3vl_triton.checkpoint import ModelSpec
+from qwen3vl_triton.engine import CONTRACT_INPUTS, Engine, request_from_contract
+
+COUNTERS = {
+    "steps": "engine steps (forward passes)",
+    "batched_steps": "engine steps that advanced more than one sequence",
+    "prompt_tokens": "prompt tokens prefilled",
+    "generated_tokens": "tokens generated",
+}
+GAUGES = {
+    "running_sequences": "sequences in the running batch",
+    "waiting_requests": "requests waiting for a place in the batch",
+    "last_step_sequences": "sequences advanced by the last step",
+}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_params(args)
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.metrics = {}
+        for name, help_text in COUNTERS.items():
+            family = pb_utils.MetricFamily(f"qwen3vl_engine_{name}_total", help_text, pb_utils.MetricFamily.COUNTER)
+            self.metrics[name] = (family, family.Metric(labels=labels))
+        for name, help_text in GAUGES.items():
+            family = pb_utils.MetricFamily(f"qwen3vl_engine_{name}", help_text, pb_utils.MetricFamily.GAUGE)
+            self.metrics[name] = (family, family.Metric(labels=labels))
+        spec = ModelSpec.load(params["checkpoint"])
+        self.engine = Engine(spec, dtype=params["dtype"], max_batch=int(params["max_batch"]),
+                             max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
+                             max_num_tokens=int(params["max_num_tokens"]), on_step=self._on_step)
+
+    def _on_step(self, report):
+        m = {name: metric for name, (_, metric) in self.metrics.items()}
+        m["steps"].increment(1)
+        if report.sequences > 1:
+            m["batched_steps"].increment(1)
+        m["prompt_tokens"].increment(report.prompt_tokens)
+        m["generated_tokens"].increment(report.generated)
+        m["running_sequences"].set(report.running)
+        m["waiting_requests"].set(report.waiting)
+        m["last_step_sequences"].set(report.sequences)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                req, streaming = request_from_contract(read_inputs(pb_utils, request, CONTRACT_INPUTS),
+                                                       self.engine.spec)
+                stream = TokenStream(pb_utils, sender, self.engine, streaming, pb_utils.Logger)
+                req.on_tokens = stream.on_tokens
+                stream.request_id = self.engine.submit(req)
+            except Exception as exc:
+                sender.send(pb_utils.InferenceResponse(error=error(pb_utils, exc, pb_utils.Logger)),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self):
+        self.engine.shutdown()

@@ -1,0 +1,128 @@
+"""Glue between Triton's Python backend and the package, shared by every model.py.
+
+`pb` is the `triton_python_backend_utils` module, passed in because it exists only inside the
+backend's stub process.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+
+import numpy as np
+
+from .errors import InputError
+
+
+def model_params(args: dict) -> dict[str, str]:
+    """The `parameters { key: ... value: { string_value: ... } }` of a model's config."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def read_inputs(pb, request, names) -> dict[str, np.ndarray | None]:
+    """Every named input as numpy (None when an optional input is absent). Read inside `execute`."""
+    out = {}
+    for name in names:
+        tensor = pb.get_input_tensor_by_name(request, name)
+        out[name] = None if tensor is None else tensor.as_numpy()
+    return out
+
+
+def scalar(arrays: dict, name: str, kind, default=None, required: bool = False):
+    """The single value of a `[1]`-shaped input (batch dimension included), converted by `kind`."""
+    value = arrays.get(name)
+    if value is None:
+        if required:
+            raise InputError(name, "is required")
+        return default
+    if value.size != 1:
+        raise InputError(name, f"expected one value, got shape {list(value.shape)}")
+    return kind(value.reshape(-1)[0])
+
+
+def single_sequence(arrays: dict, name: str) -> np.ndarray:
+    """A per-request tensor with the batch dimension removed; a batch of more than one is refused."""
+    value = arrays.get(name)
+    if value is None:
+        raise InputError(name, "is required")
+    if value.ndim == 0 or value.shape[0] != 1:
+        raise InputError(name, f"send one sequence per request (batch size 1), got shape {list(value.shape)}")
+    return value[0]
+
+
+def error(pb, exc: BaseException, logger=None):
+    """A TritonError for `exc`: INVALID_ARG with the message for bad input, INTERNAL otherwise."""
+    if isinstance(exc, InputError):
+        return pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
+    if logger is not None:
+        logger.log_error(f"internal error: {''.join(traceback.format_exception(exc))}")
+    return pb.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL)
+
+
+def error_response(pb, exc: BaseException, logger=None):
+    return pb.InferenceResponse(error=error(pb, exc, logger))
+
+
+def output_tensor(pb, name: str, value):
+    """A pb.Tensor from numpy, or from a torch tensor without a host copy when it lives on a GPU."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.is_cuda:
+            from torch.utils.dlpack import to_dlpack
+
+            return pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+        value = value.numpy()
+    return pb.Tensor(name, np.ascontiguousarray(value))
+
+
+class TokenStream:
+    """Sends one request's engine tokens as `tensorrt_llm` responses (output_ids, sequence_length).
+
+    Streaming: one response per new token, the last one carrying the FINAL flag; otherwise one
+    response with all tokens. A cancelled request stops its generation and is closed with FINAL.
+    """
+
+    def __init__(self, pb, sender, engine, streaming: bool, logger=None):
+        self.pb, self.sender, self.engine = pb, sender, engine
+        self.streaming = streaming
+        self.logger = logger
+        self.tokens: list[int] = []
+        self.request_id = ""
+        self.cancelled = False
+
+    def _response(self, tokens: list[int]):
+        ids = np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1)
+        return self.pb.InferenceResponse(output_tensors=[
+            self.pb.Tensor("output_ids", ids),
+            self.pb.Tensor("sequence_length", np.asarray([[len(tokens)]], dtype=np.int32)),
+        ])
+
+    def on_tokens(self, tokens: list[int], finish: str | None, err: str | None) -> None:
+        final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if not self.cancelled and self.sender.is_cancelled():
+            self.cancelled = True
+            self.engine.cancel(self.request_id)
+        if self.cancelled:
+            if finish is not None:
+                self.sender.send(flags=final)
+            return
+        if finish == "error":
+            self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(err or "generation failed")),
+                             flags=final)
+            return
+        if finish == "cancelled":
+            self.sender.send(flags=final)
+            return
+        if self.streaming:
+            if tokens:
+                self.sender.send(self._response(tokens), flags=final if finish else 0)
+            elif finish:
+                self.sender.send(flags=final)
+            return
+        self.tokens.extend(tokens)
+        if finish:
+            self.sender.send(self._response(self.tokens), flags=final)

@@ -1,0 +1,95 @@
+"""qwen3vl-serve: render the model repository for a checkpoint and run tritonserver in the foreground.
+
+Prints one line starting with `ready:` once every model is ready; SIGINT or SIGTERM stops the
+server and every stub process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from dataclasses import fields
+from pathlib import Path
+
+from .repository import TOPOLOGIES, Settings, render
+from .server import Ports, ServerError, TritonServer
+from .tiny import ensure_checkpoint
+
+DEFAULT_PLUGIN = "/opt/qwen3vl/lib/libqwen3vl_deepstack_plugin.so"
+
+
+def settings_from(pairs: list[str]) -> Settings:
+    settings = Settings()
+    known = {f.name: f.type for f in fields(Settings)}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        current = getattr(settings, key)
+        setattr(settings, key, type(current)(value))
+    return settings
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="qwen3vl-serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="Hugging Face Qwen3-VL-MoE checkpoint directory "
+                                         "(default: build the tiny test checkpoint into checkpoints/tiny)")
+    ap.add_argument("--topology", choices=sorted(TOPOLOGIES), default="all")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 inside a container)")
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--build-dir", default="build", help="where the rendered repository and logs go")
+    ap.add_argument("--log-file", help="tritonserver log (default: <build-dir>/tritonserver-<topology>.log)")
+    ap.add_argument("--plugin", default=os.environ.get("QWEN3VL_DEEPSTACK_PLUGIN", DEFAULT_PLUGIN),
+                    help="DeepStack plugin library preloaded for the tensorrtllm backend (GPU only)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a serving setting (repeatable): " + ", ".join(f.name for f in fields(Settings)))
+    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every model to be ready")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    build = Path(args.build_dir).resolve()
+    checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(Path("checkpoints/tiny"))
+    repo = render(checkpoint, build / "repository" / args.topology, device=args.device, topology=args.topology,
+                  settings=settings_from(args.set))
+    preload = []
+    if args.device == "gpu":
+        if not Path(args.plugin).is_file():
+            raise SystemExit(f"DeepStack plugin {args.plugin} not found: build it (builders/plugin) or pass --plugin")
+        preload.append(args.plugin)
+    log_file = Path(args.log_file) if args.log_file else build / f"tritonserver-{args.topology}.log"
+    server = TritonServer(repo, Ports(args.http_port, args.grpc_port, args.metrics_port), build_dir=build,
+                          address=args.address, log_file=log_file, preload=preload)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting tritonserver: repository {repo}, log {log_file}", flush=True)
+    try:
+        server.start(timeout=args.timeout)
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    models = ",".join(sorted(p.name for p in repo.iterdir() if p.is_dir()))
+    print(f"ready: http={server.http_url} grpc={server.grpc_url} metrics={args.address}:{args.metrics_port} "
+          f"models={models}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                print(f"error: tritonserver exited with code {server.process.returncode}; see {log_file}",
+                      file=sys.stderr)
+                return 1
+    finally:
+        server.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Render `model_repository/` templates into a servable Triton model repository.
+
+Each model folder holds `config.pbtxt` (or `config.<device>.pbtxt`, which wins on that device)
+with `${name}` placeholders and a `1/` folder copied as is. Values come from the checkpoint
+(sizes, dtypes), the device and the serving settings. Rendering is strict: a placeholder
+without a value, an inconsistent setting, or a config that does not parse as a Triton
+`ModelConfig` is an error here, not a model that fails to load later.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .checkpoint import ModelSpec
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
+
+TOPOLOGIES = {
+    # one server with every model
+    "all": ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"),
+    "single": ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"),
+    "encoder": ("encode", "preprocessing", "vision_encoder"),
+    "language": ("language", "tensorrt_llm", "postprocessing"),
+}
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class RenderError(ValueError):
+    pass
+
+
+@dataclass
+class Settings:
+    """Serving settings; every field can be set from the launcher's command line."""
+
+    max_batch_size: int = 16  # Triton max_batch_size of the models (requests per batch)
+    engine_max_batch: int = 16  # sequences the LLM engine runs at once (in-flight)
+    max_seq_len: int = 4096  # prompt + generated tokens per sequence
+    max_output_len: int = 1024  # largest max_tokens accepted
+    max_num_tokens: int = 1024  # prompt tokens prefilled per engine step (longer prompts are chunked)
+    max_images: int = 8  # images per request
+    max_image_pixels: int = 4096 * 4096  # larger encoded images are refused before decoding
+    engine_dtype: str = "float32"
+    vision_queue_delay_us: int = 2000
+    preprocessing_instances: int = 1
+    stream_idle_seconds: int = 300  # postprocessing drops a stream state idle this long
+    # disaggregated language server
+    language_state_bytes: int = 2 * 2**30  # bound on the tables held by `language` sequences
+    sequence_idle_us: int = 60_000_000  # sequence batcher max_sequence_idle_microseconds
+    language_max_sequences: int = 256  # concurrent `language` sequences (sequence-batcher slots)
+
+    def check(self, spec: ModelSpec, device: str) -> None:
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                problems.append(f"{f.name} must be >= 0, got {value}")
+        for name in ("max_batch_size", "engine_max_batch", "max_output_len", "max_num_tokens", "max_images",
+                     "preprocessing_instances", "language_max_sequences"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len > spec.max_position_embeddings:
+            problems.append(f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "
+                            f"{spec.max_position_embeddings}")
+        if self.max_output_len >= self.max_seq_len:
+            problems.append(f"max_output_len {self.max_output_len} leaves no room for a prompt in "
+                            f"max_seq_len {self.max_seq_len}")
+        if self.engine_dtype not in ("float32", "float16", "bfloat16"):
+            problems.append(f"engine_dtype {self.engine_dtype!r} is not float32, float16 or bfloat16")
+        if device == "cpu" and self.engine_dtype != "float32":
+            problems.append("the CPU engine runs float32 (its tables cross the ensemble as TYPE_FP32)")
+        if problems:
+            raise RenderError("inconsistent settings: " + "; ".join(problems))
+
+
+def _python_env_block() -> str:
+    """The EXECUTION_ENV_PATH parameter when serving from a virtual environment."""
+    if sys.prefix == sys.base_prefix:  # system Python, e.g. the Triton image: the stub finds packages itself
+        return ""
+    return 'parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "%s" } }' % sys.prefix
+
+
+def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None = None) -> dict[str, str]:
+    table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[settings.engine_dtype]
+    v = {k: str(x) for k, x in asdict(settings).items()}
+    v.update(
+        checkpoint=str(spec.path.resolve()),
+        device="cuda" if device == "gpu" else "cpu",
+        instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU",
+        hidden_size=str(spec.hidden_size),
+        patch_dim=str(3 * spec.temporal_patch_size * spec.patch_size ** 2),
+        table_dtype=table_dtype,
+        max_input_len=str(settings.max_seq_len - 1),
+        # CPU: the prompt's own length; the TensorRT-LLM engine wants max_position_embeddings rows
+        mrope_positions="0" if device == "cpu" else str(spec.max_position_embeddings),
+        python_env=_python_env_block(),
+    )
+    v.update({k: str(x) for k, x in (extra or {}).items()})
+    return v
+
+
+def fill(template: str, vals: dict[str, str], where: str) -> str:
+    missing = sorted({m for m in _PLACEHOLDER.findall(template) if m not in vals})
+    if missing:
+        raise RenderError(f"{where}: no value for placeholder(s) {', '.join(missing)}")
+    out = _PLACEHOLDER.sub(lambda m: vals[m.group(1)], template)
+    if "${" in out:
+        raise RenderError(f"{where}: malformed placeholder left after rendering")
+    return out
+
+
+def parse_config(text: str, where: str):
+    """Parse as Triton's ModelConfig protobuf (the schema tritonserver reads)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise RenderError(f"{where}: not a valid Triton model config: {exc}") from None
+
+
+def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topology: str = "all",
+           settings: Settings | None = None, extra: dict | None = None, templates: Path = TEMPLATES) -> Path:
+    """Write the repository for `topology` to `out` (replaced) and return it."""
+    if device not in ("cpu", "gpu"):
+        raise RenderError(f"device must be cpu or gpu, got {device!r}")
+    if topology not in TOPOLOGIES:
+        raise RenderError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
+    spec = ModelSpec.load(checkpoint)
+    settings = settings or Settings()
+    settings.check(spec, device)
+    vals = values(spec, device, settings, extra)
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for model in TOPOLOGIES[topology]:
+        src = templates / model
+        if not src.is_dir():
+            raise RenderError(f"model template {src} is missing")
+        template = src / f"config.{device}.pbtxt"
+        if not template.is_file():
+            template = src / "config.pbtxt"
+        text = fill(template.read_text(encoding="utf-8"), vals, str(template))
+        config = parse_config(text, str(template))
+        if config.name != model:
+            raise RenderError(f"{template}: name {config.name!r} does not match its folder {model!r}")
+        (out / model).mkdir()
+        (out / model / "config.pbtxt").write_text(text, encoding="utf-8")
+        for version in (p for p in src.iterdir() if p.is_dir() and p.name.isdigit()):
+            shutil.copytree(version, out / model / version.name, ignore=shutil.ignore_patterns("__pycache__"))
+    return out

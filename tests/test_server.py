@@ -1,0 +1,125 @@
+"""The single-server ensemble `qwen3vl` through the real tritonserver, against the oracle."""
+
+import base64
+import json
+import queue
+import re
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from client import Client, ClientError
+from tests.oracle import image_bytes
+
+pytestmark = pytest.mark.server
+
+
+def metrics(server) -> str:
+    with urllib.request.urlopen(f"http://{server.address}:{server.ports.metrics}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric(server, name, model) -> float:
+    pattern = re.compile(rf'^{name}\{{[^}}]*model="{model}"[^}}]*\}} ([0-9.e+-]+)$', re.M)
+    values = [float(v) for v in pattern.findall(metrics(server))]
+    return sum(values)
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+CASES = [
+    ("one image", "Describe this image in short.", [image_bytes(100, 150, 1)], 24),
+    ("two images", "Compare the two images.", [image_bytes(200, 64, 2), image_bytes(64, 96, 3, fmt="JPEG")], 30),
+    ("text only", "Tell me about the ocean.", [], 40),
+]
+
+
+@pytest.mark.parametrize("name, prompt, images, n", CASES, ids=[c[0] for c in CASES])
+def test_grpc_streaming_equals_the_oracle(name, prompt, images, n, server, oracle):
+    with Client(server.grpc_url, "grpc") as c:
+        pieces = list(c.generate(prompt, images, max_tokens=n))
+    assert "".join(pieces) == oracle.text(oracle.generate(prompt, images, n))
+
+
+@pytest.mark.parametrize("name, prompt, images, n", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_http_generate_stream_with_a_json_body_equals_the_oracle(name, prompt, images, n, server, oracle):
+    body = {"id": f"http-{name}", "text_input": prompt, "max_tokens": n, "stream": True,
+            "image": [base64.b64encode(i).decode() for i in images]}
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/qwen3vl/generate_stream",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        events = [json.loads(line[5:]) for line in resp.read().splitlines() if line.startswith(b"data:")]
+    assert events and all("error" not in e for e in events)
+    assert "".join(e["text_output"] for e in events) == oracle.text(oracle.generate(prompt, images, n))
+
+
+def test_data_url_image_and_non_streaming(server, oracle):
+    img = image_bytes(90, 70, 21, fmt="WEBP")
+    with Client(server.http_url, "http") as c:
+        pieces = list(c.generate("What is it?", ["data:image/webp;base64," + base64.b64encode(img).decode()],
+                                 max_tokens=20, stream=False))
+    assert len(pieces) == 1
+    assert pieces[0] == oracle.text(oracle.generate("What is it?", [img], 20))
+
+
+def test_eight_concurrent_requests_each_equal_their_oracle_and_are_batched(server, oracle):
+    jobs = [(f"Picture {i}: what do you see?", [image_bytes(64 + 24 * i, 80 + 8 * i, 30 + i)] * (1 + i % 2), 10 + 3 * i)
+            for i in range(8)]
+    steps_before = metric(server, "qwen3vl_engine_batched_steps_total", "tensorrt_llm")
+    results = [None] * len(jobs)
+
+    def run(i, prompt, images, n):
+        with Client(server.grpc_url, "grpc") as c:
+            results[i] = c.generate_text(prompt, images, max_tokens=n)
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for (prompt, images, n), got in zip(jobs, results):
+        assert got == oracle.text(oracle.generate(prompt, images, n))
+    assert metric(server, "qwen3vl_engine_batched_steps_total", "tensorrt_llm") > steps_before
+
+
+def test_a_cancelled_stream_frees_its_place(server):
+    running = lambda: metric(server, "qwen3vl_engine_running_sequences", "tensorrt_llm")  # noqa: E731
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    got = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    prompt = np.array([[b"Write a very long story."]], dtype=np.object_)
+    inputs = [grpcclient.InferInput("text_input", [1, 1], "BYTES"), grpcclient.InferInput("max_tokens", [1, 1], "INT32"),
+              grpcclient.InferInput("stream", [1, 1], "BOOL")]
+    inputs[0].set_data_from_numpy(prompt)
+    inputs[1].set_data_from_numpy(np.array([[250]], np.int32))
+    inputs[2].set_data_from_numpy(np.array([[True]]))
+    client.async_stream_infer("qwen3vl", inputs, request_id="to-cancel")
+    got.get(timeout=60)  # the first token arrived: it is running
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert wait_for(lambda: running() == 0, timeout=60), "the cancelled sequence still holds its place"
+    with Client(server.grpc_url, "grpc") as c:
+        assert c.generate_text("Next one.", max_tokens=4) is not None
+
+
+def test_metrics_count_successes_and_failures(server):
+    ok = metric(server, "nv_inference_request_success", "qwen3vl")
+    bad = metric(server, "nv_inference_request_failure", "qwen3vl")
+    with Client(server.grpc_url, "grpc") as c:
+        c.generate_text("Count me.", max_tokens=3)
+        with pytest.raises(ClientError):
+            c.generate_text("Count me too.", max_tokens=0)
+    assert wait_for(lambda: metric(server, "nv_inference_request_success", "qwen3vl") >= ok + 1)
+    assert wait_for(lambda: metric(server, "nv_inference_request_failure", "qwen3vl") >= bad + 1)
