@@ -28,7 +28,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/python -m qwen3vl_triton.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
+	$(BIN)/python -m client.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests

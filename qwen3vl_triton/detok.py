@@ -1,65 +1,90 @@
 """Incremental detokenization for streaming.
 
 Each call returns the text that became final since the last call. A byte-level token can end
-in the middle of a UTF-8 character; such a tail decodes to U+FFFD and is held back until the
-next token completes it. Only a short window of recent tokens is decoded per call (the
-prefix/read-offset scheme of text-generation-inference and vLLM), so a long stream costs
-O(tokens), not O(tokens^2). The concatenation of all pieces equals
+in the middle of a UTF-8 character; the tokenizer renders such an unfinished tail as U+FFFD,
+and that one character is held back until the next token completes it (or shows it can never
+be completed). Bytes that are invalid UTF-8 stay U+FFFD and are sent at once. Byte-level text
+is concatenative at character boundaries, so decoding restarts from the first token not yet
+fully sent: a long stream costs O(tokens), not O(tokens^2).
+
+The concatenation of all pieces plus `flush()` equals
 `tokenizer.decode(all_ids, skip_special_tokens=True)`.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import time
 
 _REPLACEMENT = "\ufffd"
 
 
+def _byte_decoder() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # the GPT-2 byte-level alphabet
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 class IncrementalDetokenizer:
+    _bytes_of_char: dict[str, int] | None = None
+
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.prefix_offset = 0  # start of the decode window
-        self.read_offset = 0  # tokens whose text has been returned
-        self.sent_chars = 0
+        self.start = 0  # first token whose text is not completely sent
+        self.sent = 0  # characters of decode(ids[start:]) already sent
+        if IncrementalDetokenizer._bytes_of_char is None:
+            IncrementalDetokenizer._bytes_of_char = _byte_decoder()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
 
-    def add(self, new_ids) -> str:
-        """Append tokens; return the newly final text (maybe empty)."""
-        self.ids.extend(int(i) for i in new_ids)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
-        if len(text) <= len(prefix) or text.endswith(_REPLACEMENT):
-            return ""  # nothing new, or an unfinished UTF-8 character: wait for more bytes
-        piece = text[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        self.sent_chars += len(piece)
-        return piece
+    def _unfinished_character(self, ids: list[int]) -> bool:
+        """Do these tokens end inside a UTF-8 character that more bytes could still complete?"""
+        table = self._bytes_of_char
+        raw = bytearray()
+        for token in self.tokenizer.convert_ids_to_tokens(ids[-8:]):  # a character spans <= 4 bytes
+            if token is None:
+                continue
+            if any(ch not in table for ch in token):  # not a byte-level token: assume it may complete
+                return True
+            raw.extend(table[ch] for ch in token)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(bytes(raw), final=False)
+        return bool(decoder.getstate()[0])
 
     @property
     def pending(self) -> bool:
-        """Tokens whose text has not been returned yet (a split character)."""
-        return self.read_offset < len(self.ids)
+        """Tokens whose text has not been completely sent (an unfinished character)."""
+        return self.start < len(self.ids)
+
+    def add(self, new_ids) -> str:
+        """Append tokens; return the newly final text (maybe empty)."""
+        self.ids.extend(int(i) for i in new_ids)
+        window = self.ids[self.start:]
+        new = self._decode(window)[self.sent:]
+        if new.endswith(_REPLACEMENT) and self._unfinished_character(window):
+            new = new[:-1]
+            self.sent += len(new)
+        else:
+            self.start, self.sent = len(self.ids), 0
+        return new
 
     def flush(self) -> str:
-        """End of stream: whatever is left, an unfinished character included."""
-        piece = self._decode(self.ids)[self.sent_chars:]
-        self.sent_chars += len(piece)
-        self.prefix_offset = self.read_offset = len(self.ids)
+        """End of stream: whatever is left, an unfinished character included (as U+FFFD)."""
+        piece = self._decode(self.ids[self.start:])[self.sent:]
+        self.start, self.sent = len(self.ids), 0
         return piece
 
 
 class StreamDetokenizers:
     """Detokenizers of many concurrent streams whose token chunks arrive one by one, by key.
 
-    Byte-level text is concatenative at character boundaries, so a stream needs state only
-    while the bytes of a split character are pending: that state is kept under the stream's key
-    until the character completes, the end token arrives (the tail is flushed), or it idles for
-    `idle_seconds` (a stream cut by max_tokens or cancelled mid-character); at most
+    A stream needs state only while a character is unfinished: that state is kept under the
+    stream's key until the character completes, the end token arrives (the tail is flushed), or
+    it idles for `idle_seconds` (a stream cut by max_tokens or cancelled mid-character); at most
     `max_streams` are kept, least recently used dropped first. A chunk without a key is decoded
     on its own.
     """

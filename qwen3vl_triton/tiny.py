@@ -279,7 +279,7 @@ def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtyp
                 log(f"[checkpoint] weights {done / total:6.1%} ({i + 1}/{len(shapes)} tensors)")
         # A stronger end-of-turn row: random models then end their turns after a few dozen
         # tokens, so both ways a generation stops (end token, max_tokens) occur in tests.
-        tensors["lm_head.weight"][ids["<|im_end|>"]] *= 2.0
+        tensors["lm_head.weight"][ids["<|im_end|>"]] *= 1.5
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for f in tmp.iterdir():
             f.chmod(0o644)

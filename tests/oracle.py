@@ -68,6 +68,18 @@ class Oracle:
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def assert_served(self, served: str, ids: list[int]) -> None:
+        """Text served by the ensemble for generated `ids` equals their decode.
+
+        One difference is allowed: the ensemble's postprocessing cannot see that a stream was cut
+        by max_tokens, so an unfinished character at the very end of such a stream (which
+        decode renders as U+FFFD) is not sent."""
+        expected = self.text(ids)
+        if served == expected:
+            return
+        cut_by_length = not ids or ids[-1] != self.end_id
+        assert cut_by_length and served + "\ufffd" == expected, (served, expected)
+
     @torch.inference_mode()
     def prefill_logits(self, prompt: str, images: list[bytes]) -> torch.Tensor:
         inp = self.inputs(prompt, images)

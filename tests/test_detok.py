@@ -68,3 +68,22 @@ def test_stream_state_expires_and_keyless_chunks_decode_alone(preprocessor, spec
     assert streams.add("other", tok("hi", add_special_tokens=False)["input_ids"]) == "hi"
     assert len(streams) == 0  # the idle one expired; complete text leaves no state
     assert streams.add(None, ids[:1]) == tok.decode(ids[:1])
+
+
+def test_invalid_bytes_are_sent_at_once_and_unfinished_ones_held(preprocessor, spec):
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from qwen3vl_triton.detok import StreamDetokenizers
+
+    tok = preprocessor.tokenizer
+    byte_token = {b: tok.convert_tokens_to_ids(c) for b, c in bytes_to_unicode().items()}
+    streams = StreamDetokenizers(tok, end_id=spec.end_id)
+    # a lone continuation byte can never become a character: U+FFFD now, no state kept
+    assert streams.add("k", [byte_token[0x85]]) == "\ufffd" and len(streams) == 0
+    # a lead byte may still complete: held
+    assert streams.add("k", [byte_token[0xE4]]) == "" and len(streams) == 1
+    # ...and completes: the two continuation bytes of U+4F60
+    assert streams.add("k", [byte_token[0xBD], byte_token[0xA0]]) == "\u4f60" and len(streams) == 0
+    # a lead byte followed by ASCII shows it was invalid: both come out
+    assert streams.add("k", [byte_token[0xE4], tok.convert_tokens_to_ids("a")]) == tok.decode(
+        [byte_token[0xE4], tok.convert_tokens_to_ids("a")])

@@ -50,7 +50,7 @@ CASES = [
 def test_grpc_streaming_equals_the_oracle(name, prompt, images, n, server, oracle):
     with Client(server.grpc_url, "grpc") as c:
         pieces = list(c.generate(prompt, images, max_tokens=n))
-    assert "".join(pieces) == oracle.text(oracle.generate(prompt, images, n))
+    oracle.assert_served("".join(pieces), oracle.generate(prompt, images, n))
 
 
 @pytest.mark.parametrize("name, prompt, images, n", CASES[:2], ids=[c[0] for c in CASES[:2]])
@@ -62,7 +62,7 @@ def test_http_generate_stream_with_a_json_body_equals_the_oracle(name, prompt, i
     with urllib.request.urlopen(req, timeout=120) as resp:
         events = [json.loads(line[5:]) for line in resp.read().splitlines() if line.startswith(b"data:")]
     assert events and all("error" not in e for e in events)
-    assert "".join(e["text_output"] for e in events) == oracle.text(oracle.generate(prompt, images, n))
+    oracle.assert_served("".join(e["text_output"] for e in events), oracle.generate(prompt, images, n))
 
 
 def test_data_url_image_and_non_streaming(server, oracle):
@@ -71,7 +71,7 @@ def test_data_url_image_and_non_streaming(server, oracle):
         pieces = list(c.generate("What is it?", ["data:image/webp;base64," + base64.b64encode(img).decode()],
                                  max_tokens=20, stream=False))
     assert len(pieces) == 1
-    assert pieces[0] == oracle.text(oracle.generate("What is it?", [img], 20))
+    oracle.assert_served(pieces[0], oracle.generate("What is it?", [img], 20))
 
 
 def test_eight_concurrent_requests_each_equal_their_oracle_and_are_batched(server, oracle):
@@ -90,7 +90,7 @@ def test_eight_concurrent_requests_each_equal_their_oracle_and_are_batched(serve
     for t in threads:
         t.join(300)
     for (prompt, images, n), got in zip(jobs, results):
-        assert got == oracle.text(oracle.generate(prompt, images, n))
+        oracle.assert_served(got, oracle.generate(prompt, images, n))
     assert metric(server, "qwen3vl_engine_batched_steps_total", "tensorrt_llm") > steps_before
 
 

@@ -83,7 +83,7 @@ def test_bad_input_gets_one_invalid_arg_error_naming_it(case, server, oracle):
     assert message in errors[0].message()
 
     with Client(server.grpc_url, "grpc") as c:  # the server keeps serving
-        assert c.generate_text("After an error.", max_tokens=6) == oracle.text(oracle.generate("After an error.", [], 6))
+        oracle.assert_served(c.generate_text("After an error.", max_tokens=6), oracle.generate("After an error.", [], 6))
 
 
 HTTP_BAD = {
@@ -161,4 +161,4 @@ def test_a_bad_llm_request_does_not_disturb_running_ones(server, oracle):
         t.join(120)
     assert len(errors) == 1 and "input_ids: id 99999 is neither a vocabulary id" in errors[0].message()
     for i in range(3):
-        assert texts[i] == oracle.text(oracle.generate(f"Running {i}.", [], 30))
+        oracle.assert_served(texts[i], oracle.generate(f"Running {i}.", [], 30))
