@@ -141,6 +141,8 @@ class _Source:
             handle = self._handles[shard] = safe_open(str(shard), framework="pt")
         if self.meta:
             view = handle.get_slice(name)
+            if view.get_dtype() not in _FROM_SAFETENSORS:
+                raise CheckpointError(f"{name} is {view.get_dtype()}; only unquantized F32/F16/BF16 weights convert")
             return torch.empty(view.get_shape(), dtype=_FROM_SAFETENSORS[view.get_dtype()], device="meta")
         return handle.get_tensor(name)
 
