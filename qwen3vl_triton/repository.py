@@ -20,8 +20,8 @@ from .checkpoint import ModelSpec
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
 
 TOPOLOGIES = {
-    # one server with every model
-    "all": ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"),
+    # one server with every model: the qwen3vl ensemble and both disaggregated entry points
+    "all": ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing", "encode", "language"),
     "single": ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"),
     "encoder": ("encode", "preprocessing", "vision_encoder"),
     "language": ("language", "tensorrt_llm", "postprocessing"),

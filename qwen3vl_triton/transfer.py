@@ -1,0 +1,382 @@
+"""Disaggregated serving, client side: encode on the encoder server, move the table to the
+language server in resumable chunks, then stream the generation (DESIGN §5).
+
+The same classes serve the CLI (`python -m client disagg`), library users, and a BLS model on
+the encoder host. Transports:
+
+- `grpc`: chunks travel as binary tensor payloads (remote servers);
+- `shm`: co-located servers; one system shared-memory region is registered with both servers
+  once and reused: the encoder writes `prompt_embedding_table` straight into it and the
+  language server reads each chunk from it, so no table byte passes through this process;
+- `cuda_shm`: the same with a CUDA shared-memory region, on a GPU host.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+_RECEIVED = re.compile(r"received_rows=(\d+)")
+_BROKEN = ("StatusCode.CANCELLED", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+_NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int32): "INT32",
+                 np.dtype(np.int64): "INT64", np.dtype(np.uint64): "UINT64", np.dtype(np.bool_): "BOOL",
+                 np.dtype(np.object_): "BYTES"}
+
+
+class TransferError(RuntimeError):
+    """A request of the disaggregated path failed; `received_rows` is set when the server said it."""
+
+    def __init__(self, message: str, received_rows: int | None = None):
+        super().__init__(message)
+        self.received_rows = received_rows
+
+
+class StreamBroken(TransferError):
+    """The response stream ended before its final response (network, client cancel, timeout)."""
+
+
+def _tensor(name: str, array: np.ndarray):
+    import tritonclient.grpc as grpcclient
+
+    array = np.ascontiguousarray(array)
+    t = grpcclient.InferInput(name, list(array.shape), _NP_TO_TRITON[array.dtype])
+    t.set_data_from_numpy(array)
+    return t
+
+
+@dataclass
+class Encoded:
+    """The encoder server's output for one request."""
+
+    input_ids: np.ndarray  # (L,) int32, image tokens as prompt-table ids
+    rows: int  # prompt_vocab_size: rows of the table
+    hidden: int
+    mrope_cos_sin: np.ndarray
+    mrope_delta: int
+    table: np.ndarray | None = None  # (rows, H) when it came back in the response (grpc transport)
+    dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+
+    @property
+    def table_bytes(self) -> int:
+        return self.rows * self.hidden * self.dtype.itemsize
+
+
+class _Stream:
+    """One gRPC bidirectional stream to a server; responses are routed by request id."""
+
+    def __init__(self, url: str, timeout: float):
+        import tritonclient.grpc as grpcclient
+
+        self.client = grpcclient.InferenceServerClient(url)
+        self.timeout = timeout
+        self.queues: dict[str, queue.Queue] = {}
+        self.client.start_stream(callback=self._callback, stream_timeout=None)
+
+    def _callback(self, result=None, error=None):
+        rid = result.get_response().id if result is not None else getattr(error, "request_id", None)
+        q = self.queues.get(rid) if rid is not None else None
+        if q is None:  # an error without a request id: tell every waiter
+            for q in list(self.queues.values()):
+                q.put((result, error))
+            return
+        q.put((result, error))
+
+    def request(self, model: str, inputs, **kw) -> Iterator:
+        """Yield the results of one request until its final response; raise on an error response."""
+        rid = uuid.uuid4().hex
+        q: queue.Queue = queue.Queue()
+        self.queues[rid] = q
+        try:
+            self.client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=True, **kw)
+            while True:
+                try:
+                    result, error = q.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise StreamBroken(f"no response from {model} within {self.timeout:.0f}s") from None
+                if error is not None:
+                    msg = error.message() if hasattr(error, "message") else str(error)
+                    if getattr(error, "status", lambda: None)() in _BROKEN:
+                        raise StreamBroken(msg)
+                    m = _RECEIVED.search(msg)
+                    raise TransferError(msg, int(m.group(1)) if m else None)
+                yield result
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            self.queues.pop(rid, None)
+
+    def close(self, cancel: bool = False) -> None:
+        try:
+            self.client.stop_stream(cancel_requests=cancel)
+        finally:
+            self.client.close()
+
+
+class LanguageClient:
+    """The `language` model's ops over one gRPC stream (one sequence at a time per client)."""
+
+    def __init__(self, url: str, model: str = "language", timeout: float = 120.0):
+        self.url, self.model, self.timeout = url, model, timeout
+        self.stream = _Stream(url, timeout)
+
+    def close(self, cancel: bool = False) -> None:
+        self.stream.close(cancel)
+
+    def _rows(self, corrid: int, inputs, start=False, end=False) -> int:
+        results = list(self.stream.request(self.model, inputs, sequence_id=corrid, sequence_start=start,
+                                           sequence_end=end))
+        for r in results:
+            out = r.as_numpy("received_rows")
+            if out is not None:
+                return int(out.reshape(-1)[0])
+        raise TransferError(f"{self.model} answered without received_rows")
+
+    @staticmethod
+    def _op(name: str):
+        return _tensor("op", np.array([[name.encode()]], dtype=np.object_))
+
+    def start(self, corrid: int, enc: Encoded, max_tokens: int, temperature=None, top_k=None, top_p=None,
+              seed=None) -> int:
+        inputs = [self._op("start"),
+                  _tensor("input_ids", enc.input_ids.astype(np.int32)[None]),
+                  _tensor("table_rows", np.array([[enc.rows]], np.int32)),
+                  _tensor("prompt_vocab_size", np.array([[enc.rows]], np.int32)),
+                  _tensor("mrope_rotary_cos_sin", enc.mrope_cos_sin.astype(np.float32)[None]),
+                  _tensor("mrope_position_deltas", np.array([[enc.mrope_delta]], np.int64)),
+                  _tensor("max_tokens", np.array([[max_tokens]], np.int32))]
+        for name, value, dtype in (("temperature", temperature, np.float32), ("top_k", top_k, np.int32),
+                                   ("top_p", top_p, np.float32), ("seed", seed, np.uint64)):
+            if value is not None:
+                inputs.append(_tensor(name, np.array([[value]], dtype)))
+        return self._rows(corrid, inputs, start=True)
+
+    def chunk(self, corrid: int, offset: int, chunk_input) -> int:
+        return self._rows(corrid, [self._op("chunk"), chunk_input,
+                                   _tensor("chunk_offset", np.array([[offset]], np.int32))])
+
+    def status(self, corrid: int, end: bool = False) -> int:
+        return self._rows(corrid, [self._op("status")], end=end)
+
+    def end(self, corrid: int) -> None:
+        """Free the sequence's state on the language server."""
+        try:
+            self.status(corrid, end=True)
+        except TransferError:
+            pass  # already gone (expired or failed): nothing is held
+
+    def generate(self, corrid: int, from_token: int = 0) -> Iterator[tuple[str, list[int]]]:
+        """Yield (text, token ids) per response; StreamBroken if the stream ends early."""
+        inputs = [self._op("generate"), _tensor("from_token", np.array([[from_token]], np.int32))]
+        for r in self.stream.request(self.model, inputs, sequence_id=corrid):
+            if not r.get_response().outputs:
+                continue
+            text = r.as_numpy("text_output")
+            ids = r.as_numpy("output_ids")
+            yield ("".join(t.decode("utf-8") for t in text.reshape(-1)) if text is not None else "",
+                   [] if ids is None else ids.reshape(-1).tolist())
+
+
+class ChunkSource:
+    """Where chunk rows come from: the table in memory (grpc) or a shared-memory region."""
+
+    def __init__(self, enc: Encoded, region: str | None = None, region_offset: int = 0):
+        self.enc, self.region, self.region_offset = enc, region, region_offset
+
+    def rows(self, start: int, count: int):
+        import tritonclient.grpc as grpcclient
+
+        if self.region is None:
+            return _tensor("chunk", self.enc.table[start:start + count][None])
+        row_bytes = self.enc.hidden * self.enc.dtype.itemsize
+        t = grpcclient.InferInput("chunk", [1, count, self.enc.hidden], _NP_TO_TRITON[self.enc.dtype])
+        t.set_shared_memory(self.region, count * row_bytes, offset=self.region_offset + start * row_bytes)
+        return t
+
+
+@dataclass
+class TransferStats:
+    chunks: int = 0
+    rows: int = 0
+    payload_bytes: int = 0  # table bytes moved into the language server
+    resumes: int = 0  # times the sender resynchronised from received_rows
+    seconds: float = 0.0
+
+
+def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_rows: int, received: int = 0,
+               stats: TransferStats | None = None, max_resumes: int = 8, plan=None) -> int:
+    """Send rows [received, rows) in chunks; resync from the server's received_rows on refusal.
+
+    `plan(start, count) -> list of (start, count)` may reorder, drop or duplicate chunks (tests
+    inject faults with it); the loop still ends with every row held, or raises."""
+    enc = source.enc
+    stats = stats or TransferStats()
+    t0 = time.perf_counter()
+    resumes = 0
+    while received < enc.rows:
+        count = min(chunk_rows, enc.rows - received)
+        for start, n in (plan(received, count) if plan else [(received, count)]):
+            try:
+                held = lang.chunk(corrid, start, source.rows(start, n))
+                stats.chunks += 1
+                stats.rows += n
+                stats.payload_bytes += n * enc.hidden * enc.dtype.itemsize
+            except TransferError as exc:
+                if exc.received_rows is None or resumes >= max_resumes:
+                    raise
+                resumes += 1
+                stats.resumes += 1
+                held = exc.received_rows
+            received = held  # the server's word: the contiguous prefix it holds
+    stats.seconds += time.perf_counter() - t0
+    return received
+
+
+class Disaggregated:
+    """Encode on one server, generate on another; resumable at every stage.
+
+    transport: "grpc" (payloads), "shm" (system shared memory, co-located servers) or
+    "cuda_shm" (CUDA shared memory on a GPU host)."""
+
+    def __init__(self, encoder_url: str, language_url: str, transport: str = "grpc", chunk_rows: int = 64,
+                 region_bytes: int = 64 * 2**20, timeout: float = 120.0, cuda_device: int = 0):
+        import tritonclient.grpc as grpcclient
+
+        if transport not in ("grpc", "shm", "cuda_shm"):
+            raise ValueError(f"transport must be grpc, shm or cuda_shm, got {transport!r}")
+        self.transport, self.chunk_rows, self.timeout = transport, chunk_rows, timeout
+        self.encoder = grpcclient.InferenceServerClient(encoder_url)
+        self.language_url = language_url
+        self.lang = LanguageClient(language_url, timeout=timeout)
+        self.stats = TransferStats()
+        self.region = None
+        self._shm = None
+        # where the shared region is registered: each server once (they may be the same server)
+        self._servers = [self.encoder] + ([grpcclient.InferenceServerClient(language_url)]
+                                          if language_url != encoder_url else [])
+        if transport != "grpc":
+            self._register(region_bytes, cuda_device)
+
+    # -- shared memory (registered once, reused by every request) -------------------------------
+    def _register(self, nbytes: int, device: int) -> None:
+        self.region = f"qwen3vl_table_{secrets.token_hex(6)}"
+        self.region_bytes = nbytes
+        if self.transport == "shm":
+            import tritonclient.utils.shared_memory as shm
+
+            key = f"/{self.region}"
+            self._shm = shm.create_shared_memory_region(self.region, key, nbytes)
+            for server in self._servers:
+                server.register_system_shared_memory(self.region, key, nbytes)
+        else:
+            import tritonclient.utils.cuda_shared_memory as cudashm
+
+            self._shm = cudashm.create_shared_memory_region(self.region, nbytes, device)
+            handle = cudashm.get_raw_handle(self._shm)
+            for server in self._servers:
+                server.register_cuda_shared_memory(self.region, handle, device, nbytes)
+
+    def close(self) -> None:
+        try:
+            if self.region is not None:
+                for server in self._servers:
+                    try:
+                        if self.transport == "shm":
+                            server.unregister_system_shared_memory(self.region)
+                        else:
+                            server.unregister_cuda_shared_memory(self.region)
+                    except Exception:  # noqa: BLE001 -- the server may already be gone
+                        pass
+                if self.transport == "shm":
+                    import tritonclient.utils.shared_memory as shm
+
+                    shm.destroy_shared_memory_region(self._shm)
+                else:
+                    import tritonclient.utils.cuda_shared_memory as cudashm
+
+                    cudashm.destroy_shared_memory_region(self._shm)
+                self.region = None
+        finally:
+            self.lang.close()
+            for server in self._servers:
+                server.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def encode(self, prompt: str, images=(), max_tokens: int = 128) -> Encoded:
+        import tritonclient.grpc as grpcclient
+
+        inputs = [_tensor("text_input", np.array([[prompt.encode("utf-8")]], dtype=np.object_)),
+                  _tensor("max_tokens", np.array([[max_tokens]], np.int32))]
+        if images:
+            raw = [i.encode() if isinstance(i, str) else i for i in images]
+            inputs.append(_tensor("image", np.array([raw], dtype=np.object_)))
+        names = ["input_ids", "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin",
+                 "mrope_position_deltas"]
+        outputs = [grpcclient.InferRequestedOutput(n) for n in names]
+        if self.region is not None:  # the encoder writes the table straight into the shared region
+            outputs[1].set_shared_memory(self.region, self.region_bytes)
+        try:
+            result = self.encoder.infer("encode", inputs, outputs=outputs, client_timeout=self.timeout)
+        except Exception as exc:
+            raise TransferError(getattr(exc, "message", lambda: str(exc))()) from None
+        table_meta = result.get_output("prompt_embedding_table")
+        rows, hidden = int(table_meta.shape[1]), int(table_meta.shape[2])
+        dtype = np.dtype({"FP32": np.float32, "FP16": np.float16}[table_meta.datatype])
+        return Encoded(
+            input_ids=result.as_numpy("input_ids").reshape(-1),
+            rows=int(result.as_numpy("prompt_vocab_size").reshape(-1)[0]),
+            hidden=hidden,
+            mrope_cos_sin=result.as_numpy("mrope_rotary_cos_sin").reshape(-1),
+            mrope_delta=int(result.as_numpy("mrope_position_deltas").reshape(-1)[0]),
+            table=None if self.region is not None else result.as_numpy("prompt_embedding_table")[0],
+            dtype=dtype,
+        )
+
+    def source(self, enc: Encoded) -> ChunkSource:
+        return ChunkSource(enc, self.region)
+
+    def transfer(self, corrid: int, enc: Encoded, max_tokens: int, resume: bool = False, plan=None,
+                 **sampling) -> int:
+        """Start the sequence (or, with `resume`, ask its status) and send the missing rows."""
+        received = self.lang.status(corrid) if resume else self.lang.start(corrid, enc, max_tokens, **sampling)
+        return send_table(self.lang, corrid, self.source(enc), self.chunk_rows, received, self.stats, plan=plan)
+
+    def stream(self, corrid: int, from_token: int = 0, retries: int = 3) -> Iterator[tuple[str, list[int]]]:
+        """Generated (text, ids) from `from_token`; a broken stream is resumed where it stopped."""
+        received = from_token
+        for attempt in range(retries + 1):
+            try:
+                for text, ids in self.lang.generate(corrid, received):
+                    received += len(ids)
+                    yield text, ids
+                return
+            except StreamBroken:
+                if attempt == retries:
+                    raise
+                self.lang.close(cancel=True)
+                self.lang = LanguageClient(self.language_url, timeout=self.timeout)
+
+    def generate(self, prompt: str, images=(), max_tokens: int = 128, sequence_id: int | None = None,
+                 **sampling) -> Iterator[str]:
+        """Text pieces of the whole disaggregated request; the sequence is ended afterwards."""
+        corrid = sequence_id or secrets.randbits(63) or 1
+        enc = self.encode(prompt, images, max_tokens)
+        try:
+            self.transfer(corrid, enc, max_tokens, **sampling)
+            for text, _ in self.stream(corrid):
+                yield text
+        finally:
+            self.lang.end(corrid)
