@@ -19,6 +19,7 @@ import numpy as np
 from .detok import IncrementalDetokenizer
 from .errors import InputError
 from .sampling import SamplingParams
+from .table import stride_of
 
 OPS = ("start", "chunk", "status", "generate")
 
@@ -59,8 +60,11 @@ class Sequence:
 class SequenceStore:
     """Sequences by correlation id, bounded in bytes, expiring after `idle_seconds`."""
 
-    def __init__(self, hidden_size: int, table_dtype, max_bytes: int, idle_seconds: float, clock=time.monotonic):
+    def __init__(self, hidden_size: int, table_dtype, max_bytes: int, idle_seconds: float, vocab_size: int,
+                 levels: int, clock=time.monotonic):
         self.hidden_size = hidden_size
+        self.vocab_size = vocab_size  # prompt-table ids start here
+        self.levels = levels  # DeepStack levels stacked under the embeddings
         self.table_dtype = np.dtype(table_dtype)
         self.max_bytes = max_bytes
         self.idle_seconds = idle_seconds
@@ -113,6 +117,13 @@ class SequenceStore:
         ids = np.ascontiguousarray(input_ids, dtype=np.int32).reshape(-1)
         if ids.size == 0:
             raise InputError("input_ids", "is empty")
+        try:
+            stride = stride_of(table_rows, self.levels)
+        except ValueError as exc:
+            raise InputError("table_rows", str(exc)) from None
+        if ids.min() < 0 or ids.max() >= self.vocab_size + stride:
+            raise InputError("input_ids", f"ids must be vocabulary ids (< {self.vocab_size}) or one of the {stride} "
+                                          f"image rows of the table (< {self.vocab_size + stride})")
         need = table_rows * self.hidden_size * self.table_dtype.itemsize + ids.nbytes
         need += 0 if mrope_cos_sin is None else mrope_cos_sin.nbytes
         with self._lock:

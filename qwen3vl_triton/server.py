@@ -140,7 +140,8 @@ class TritonServer:
                 raise ServerError(f"{name} port {port} on {self.address} is already in use")
         out = open(self.log_file, "wb") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command(), env=server_env(self.preload), stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_stop_with_parent)
         if self.log_file:
             out.close()
         try:
@@ -215,6 +216,18 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _stop_with_parent() -> None:
+    """In the child: get SIGINT when the process that started the server dies, so a killed test
+    run or launcher never leaves a server (and its stubs) behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+    except (OSError, AttributeError):  # not Linux: stop() is still called on every normal exit
+        pass
 
 
 def port_free(address: str, port: int) -> bool:

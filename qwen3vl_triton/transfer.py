@@ -222,7 +222,10 @@ def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_row
     resumes = 0
     while received < enc.rows:
         count = min(chunk_rows, enc.rows - received)
-        for start, n in (plan(received, count) if plan else [(received, count)]):
+        chunks = plan(received, count) if plan else [(received, count)]
+        if not chunks:
+            raise TransferError(f"the chunk plan sends nothing from row {received}", received)
+        for start, n in chunks:
             try:
                 held = lang.chunk(corrid, start, source.rows(start, n))
                 stats.chunks += 1

@@ -94,3 +94,19 @@ def server(tiny_checkpoint, tmp_path_factory):
     srv = start_server(tiny_checkpoint, tmp_path_factory, "all", "server")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def encoder_server(tiny_checkpoint, tmp_path_factory):
+    """The disaggregated encoder server (`encode` = preprocessing -> vision_encoder)."""
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "encoder", "encoder")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def language_server(tiny_checkpoint, tmp_path_factory):
+    """The disaggregated language server (`language` -> tensorrt_llm), in its own process."""
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "language", "language")
+    yield srv
+    srv.stop()

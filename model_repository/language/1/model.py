@@ -37,7 +37,8 @@ class TritonPythonModel:
         self.max_output_len = int(params["max_output_len"])
         self.store = SequenceStore(self.spec.hidden_size, np.dtype(params["table_dtype"]),
                                    max_bytes=int(params["state_bytes"]),
-                                   idle_seconds=int(params["sequence_idle_us"]) / 1e6)
+                                   idle_seconds=int(params["sequence_idle_us"]) / 1e6,
+                                   vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.gauges = {}
         for name, text in (("sequences", "sequences holding state"), ("state_bytes", "bytes of sequence state")):
