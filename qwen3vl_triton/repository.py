@@ -23,7 +23,7 @@ TOPOLOGIES = {
     # one server with every model: the qwen3vl ensemble and both disaggregated entry points
     "all": ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing", "encode", "language"),
     "single": ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"),
-    "encoder": ("encode", "preprocessing", "vision_encoder"),
+    "encoder": ("encode", "preprocessing", "vision_encoder", "qwen3vl_disagg"),
     "language": ("language", "tensorrt_llm", "postprocessing"),
 }
 
@@ -53,6 +53,9 @@ class Settings:
     language_state_bytes: int = 2 * 2**30  # bound on the tables held by `language` sequences
     sequence_idle_us: int = 60_000_000  # sequence batcher max_sequence_idle_microseconds
     language_max_sequences: int = 256  # concurrent `language` sequences (sequence-batcher slots)
+    # encoder server: where qwen3vl_disagg sends tables (HOST:PORT, gRPC); empty: no qwen3vl_disagg
+    language_url: str = ""
+    chunk_rows: int = 256  # table rows per chunk sent by qwen3vl_disagg
 
     def check(self, spec: ModelSpec, device: str) -> None:
         problems = []
@@ -61,7 +64,7 @@ class Settings:
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 problems.append(f"{f.name} must be >= 0, got {value}")
         for name in ("max_batch_size", "engine_max_batch", "max_output_len", "max_num_tokens", "max_images",
-                     "preprocessing_instances", "language_max_sequences"):
+                     "preprocessing_instances", "language_max_sequences", "chunk_rows"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len > spec.max_position_embeddings:
@@ -141,6 +144,8 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for model in TOPOLOGIES[topology]:
+        if model == "qwen3vl_disagg" and not settings.language_url:
+            continue  # it needs a language server to send to
         src = templates / model
         if not src.is_dir():
             raise RenderError(f"model template {src} is missing")

@@ -248,22 +248,25 @@ class Disaggregated:
     transport: "grpc" (payloads), "shm" (system shared memory, co-located servers) or
     "cuda_shm" (CUDA shared memory on a GPU host)."""
 
-    def __init__(self, encoder_url: str, language_url: str, transport: str = "grpc", chunk_rows: int = 64,
+    def __init__(self, encoder_url: str | None, language_url: str, transport: str = "grpc", chunk_rows: int = 64,
                  region_bytes: int = 64 * 2**20, timeout: float = 120.0, cuda_device: int = 0):
+        """`encoder_url` None: the caller encodes (e.g. a BLS model on the encoder host) and calls `run`."""
         import tritonclient.grpc as grpcclient
 
         if transport not in ("grpc", "shm", "cuda_shm"):
             raise ValueError(f"transport must be grpc, shm or cuda_shm, got {transport!r}")
+        if encoder_url is None and transport != "grpc":
+            raise ValueError("shared-memory transports need the encoder server's url to register the region")
         self.transport, self.chunk_rows, self.timeout = transport, chunk_rows, timeout
-        self.encoder = grpcclient.InferenceServerClient(encoder_url)
+        self.encoder = grpcclient.InferenceServerClient(encoder_url) if encoder_url else None
         self.language_url = language_url
         self.lang = LanguageClient(language_url, timeout=timeout)
         self.stats = TransferStats()
         self.region = None
         self._shm = None
         # where the shared region is registered: each server once (they may be the same server)
-        self._servers = [self.encoder] + ([grpcclient.InferenceServerClient(language_url)]
-                                          if language_url != encoder_url else [])
+        self._servers = [c for c in [self.encoder] if c] + ([grpcclient.InferenceServerClient(language_url)]
+                                                            if language_url != encoder_url else [])
         if transport != "grpc":
             self._register(region_bytes, cuda_device)
 
@@ -372,14 +375,17 @@ class Disaggregated:
                 self.lang.close(cancel=True)
                 self.lang = LanguageClient(self.language_url, timeout=self.timeout)
 
-    def generate(self, prompt: str, images=(), max_tokens: int = 128, sequence_id: int | None = None,
-                 **sampling) -> Iterator[str]:
-        """Text pieces of the whole disaggregated request; the sequence is ended afterwards."""
+    def run(self, enc: Encoded, max_tokens: int, sequence_id: int | None = None, **sampling) -> Iterator[str]:
+        """Transfer an encoded request and stream its text; the sequence is ended afterwards."""
         corrid = sequence_id or secrets.randbits(63) or 1
-        enc = self.encode(prompt, images, max_tokens)
         try:
             self.transfer(corrid, enc, max_tokens, **sampling)
             for text, _ in self.stream(corrid):
                 yield text
         finally:
             self.lang.end(corrid)
+
+    def generate(self, prompt: str, images=(), max_tokens: int = 128, sequence_id: int | None = None,
+                 **sampling) -> Iterator[str]:
+        """Text pieces of the whole disaggregated request."""
+        yield from self.run(self.encode(prompt, images, max_tokens), max_tokens, sequence_id, **sampling)

@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from client import Client
+from client import Client, ClientError
 from qwen3vl_triton.transfer import Disaggregated, LanguageClient, StreamBroken, TransferError
 from tests.conftest import ROOT, start_server
 from tests.oracle import image_bytes
@@ -257,3 +257,28 @@ def test_after_500_sequences_no_state_is_held_and_memory_is_back(encoder_server,
     assert metric(srv, "qwen3vl_language_state_bytes", "language") == 0
     after = _stub_rss(srv, "language")
     assert after <= warm + 16 * 2**20, f"language stub grew from {warm >> 20} MiB to {after >> 20} MiB"
+
+
+@pytest.fixture(scope="module")
+def relay_encoder_server(tiny_checkpoint, tmp_path_factory, language_server):
+    """An encoder server whose qwen3vl_disagg model sends tables to the language server itself."""
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "encoder", "relay", language_url=language_server.grpc_url,
+                       chunk_rows=16)
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_encoder_host_drives_the_transfer_through_bls(stream, relay_encoder_server, oracle):
+    prompt, images, n = CASES[1][1:]
+    with Client(relay_encoder_server.grpc_url, "grpc", model="qwen3vl_disagg") as c:
+        pieces = list(c.generate(prompt, images, max_tokens=n, stream=stream))
+    assert "".join(pieces) == oracle.text(oracle.generate(prompt, images, n))
+    assert len(pieces) > 1 if stream else len(pieces) == 1
+
+
+def test_the_encoder_host_reports_bad_input_by_name(relay_encoder_server):
+    with Client(relay_encoder_server.grpc_url, "grpc", model="qwen3vl_disagg") as c:
+        with pytest.raises(ClientError, match=r"image\[0\]: cannot be decoded"):
+            c.generate_text("x", [b"garbage"], max_tokens=4)
+        assert c.generate_text("Fine again.", max_tokens=3) is not None

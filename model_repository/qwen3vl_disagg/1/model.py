@@ -1,0 +1,69 @@
+"""qwen3vl_disagg: the disaggregated request driven from the encoder host (BLS + the package's sender)."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from qwen3vl_triton.backend import error_response, model_params, read_inputs, scalar
+from qwen3vl_triton.transfer import Disaggregated, Encoded
+
+INPUTS = ("text_input", "image", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream")
+ENCODE_OUTPUTS = ["input_ids", "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin",
+                  "mrope_position_deltas"]
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _text_response(text):
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))])
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_params(args)
+        self.language_url = params["language_url"]
+        self.chunk_rows = int(params["chunk_rows"])
+        self.pool = ThreadPoolExecutor(max_workers=int(params["workers"]), thread_name_prefix="disagg")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                x = read_inputs(pb_utils, request, INPUTS)  # tensors are read here, not in the worker
+                sampling = {"temperature": scalar(x, "temperature", float), "top_k": scalar(x, "top_k", int),
+                            "top_p": scalar(x, "top_p", float), "seed": scalar(x, "seed", int)}
+                self.pool.submit(self._run, sender, x, {k: v for k, v in sampling.items() if v is not None},
+                                 scalar(x, "stream", bool, default=False))
+            except Exception as exc:
+                sender.send(error_response(pb_utils, exc, pb_utils.Logger), flags=FINAL)
+        return None
+
+    def _encode(self, x) -> Encoded:
+        inputs = [pb_utils.Tensor(k, x[k]) for k in ("text_input", "image", "max_tokens") if x[k] is not None]
+        response = pb_utils.InferenceRequest(model_name="encode", inputs=inputs,
+                                             requested_output_names=ENCODE_OUTPUTS).exec()
+        if response.has_error():
+            raise ValueError(response.error().message())
+        out = {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in ENCODE_OUTPUTS}
+        table = out["prompt_embedding_table"][0]
+        return Encoded(input_ids=out["input_ids"].reshape(-1), rows=table.shape[0], hidden=table.shape[1],
+                       mrope_cos_sin=out["mrope_rotary_cos_sin"].reshape(-1),
+                       mrope_delta=int(out["mrope_position_deltas"].reshape(-1)[0]), table=table, dtype=table.dtype)
+
+    def _run(self, sender, x, sampling, stream):
+        try:
+            enc = self._encode(x)
+            max_tokens = int(x["max_tokens"].reshape(-1)[0])
+            with Disaggregated(None, self.language_url, chunk_rows=self.chunk_rows) as d:
+                pieces = []
+                for text in d.run(enc, max_tokens, **sampling):
+                    if stream and not sender.is_cancelled():
+                        sender.send(_text_response(text))
+                    pieces.append(text)
+            sender.send(None if stream else _text_response("".join(pieces)), flags=FINAL)
+        except Exception as exc:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
