@@ -337,9 +337,17 @@ class Engine:
 # The `tensorrt_llm` inputs (DESIGN §3), as the tensorrtllm backend names them.
 CONTRACT_INPUTS = (
     "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "streaming",
-    "temperature", "runtime_top_k", "runtime_top_p", "random_seed",
+    "temperature", "runtime_top_k", "runtime_top_p", "seed", "random_seed",
     "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
 )
+
+
+def _seed(arrays: dict) -> int | None:
+    """TensorRT-LLM 1.2's backend names the sampling seed `seed`; older backends `random_seed`."""
+    seed, legacy = scalar(arrays, "seed", int), scalar(arrays, "random_seed", int)
+    if seed is not None and legacy is not None and seed != legacy:
+        raise InputError("seed", f"seed {seed} and random_seed {legacy} disagree; send one of them")
+    return seed if seed is not None else legacy
 
 
 def request_from_contract(arrays: dict, spec: ModelSpec) -> tuple[Request, bool]:
@@ -363,7 +371,7 @@ def request_from_contract(arrays: dict, spec: ModelSpec) -> tuple[Request, bool]
         temperature=scalar(arrays, "temperature", float, default=0.0),
         top_k=scalar(arrays, "runtime_top_k", int, default=0),
         top_p=scalar(arrays, "runtime_top_p", float, default=1.0),
-        seed=scalar(arrays, "random_seed", int),
+        seed=_seed(arrays),
     )
     req = Request(
         input_ids=ids[:length],

@@ -14,7 +14,8 @@ import threading
 from dataclasses import fields
 from pathlib import Path
 
-from .repository import TOPOLOGIES, Settings, render
+from .checkpoint import CheckpointError
+from .repository import TOPOLOGIES, RenderError, Settings, render
 from .server import Ports, ServerError, TritonServer
 from .tiny import ensure_checkpoint
 
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--build-dir", default="build", help="where the rendered repository and logs go")
     ap.add_argument("--log-file", help="tritonserver log (default: <build-dir>/tritonserver-<topology>.log)")
+    ap.add_argument("--engine-dir", help="the TensorRT-LLM engine built for the checkpoint (device gpu)")
     ap.add_argument("--plugin", default=os.environ.get("QWEN3VL_DEEPSTACK_PLUGIN", DEFAULT_PLUGIN),
                     help="DeepStack plugin library preloaded for the tensorrtllm backend (GPU only)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -57,8 +59,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     build = Path(args.build_dir).resolve()
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(Path("checkpoints/tiny"))
-    repo = render(checkpoint, build / "repository" / args.topology, device=args.device, topology=args.topology,
-                  settings=settings_from(args.set))
+    try:
+        repo = render(checkpoint, build / "repository" / args.topology, device=args.device, topology=args.topology,
+                      settings=settings_from(args.set), engine_dir=args.engine_dir)
+    except (RenderError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     preload = []
     if args.device == "gpu":
         if not Path(args.plugin).is_file():

@@ -88,6 +88,27 @@ def _python_env_block() -> str:
     return 'parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "%s" } }' % sys.prefix
 
 
+def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -> dict[str, str]:
+    """GPU: what the built TensorRT-LLM engine fixes (batch, dtype, table stride, M-RoPE rows)."""
+    from .trtllm.build import EngineFacts
+
+    engine_dir = Path(engine_dir).resolve()
+    if not (engine_dir / "config.json").is_file():
+        raise RenderError(f"engine directory {engine_dir} has no config.json: build it with builders/trtllm/build_engine.py")
+    facts = EngineFacts.load(engine_dir)
+    problems = [f"{name}: engine {got}, checkpoint {want}" for name, got, want in (
+        ("hidden_size", facts.hidden_size, spec.hidden_size), ("vocab_size", facts.vocab_size, spec.vocab_size),
+        ("deepstack_levels", facts.deepstack_levels, spec.deepstack_levels)) if got != want]
+    if problems:
+        raise RenderError(f"engine {engine_dir} was not built from this checkpoint: {'; '.join(problems)}")
+    if settings.max_seq_len > facts.mrope_positions:
+        raise RenderError(f"max_seq_len {settings.max_seq_len} exceeds the engine's {facts.mrope_positions} positions")
+    vals = facts.config_values(engine_dir)
+    vals.update(engine_dtype=facts.dtype, table_stride=str(facts.table_stride),
+                mrope_positions=str(facts.mrope_positions))
+    return vals
+
+
 def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None = None) -> dict[str, str]:
     table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[settings.engine_dtype]
     v = {k: str(x) for k, x in asdict(settings).items()}
@@ -99,8 +120,9 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
         patch_dim=str(3 * spec.temporal_patch_size * spec.patch_size ** 2),
         table_dtype=table_dtype,
         max_input_len=str(settings.max_seq_len - 1),
-        # CPU: the prompt's own length; the TensorRT-LLM engine wants max_position_embeddings rows
-        mrope_positions="0" if device == "cpu" else str(spec.max_position_embeddings),
+        # CPU: each table and rotary table sized to its request (GPU: engine_values fixes both)
+        mrope_positions="0",
+        table_stride="0",
         python_env=_python_env_block(),
     )
     v.update({k: str(x) for k, x in (extra or {}).items()})
@@ -129,8 +151,11 @@ def parse_config(text: str, where: str):
 
 
 def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topology: str = "all",
-           settings: Settings | None = None, extra: dict | None = None, templates: Path = TEMPLATES) -> Path:
-    """Write the repository for `topology` to `out` (replaced) and return it."""
+           settings: Settings | None = None, extra: dict | None = None, templates: Path = TEMPLATES,
+           engine_dir: str | Path | None = None) -> Path:
+    """Write the repository for `topology` to `out` (replaced) and return it.
+
+    device "gpu" serves `tensorrt_llm` with the tensorrtllm backend and needs the built engine."""
     if device not in ("cpu", "gpu"):
         raise RenderError(f"device must be cpu or gpu, got {device!r}")
     if topology not in TOPOLOGIES:
@@ -138,7 +163,16 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
     spec = ModelSpec.load(checkpoint)
     settings = settings or Settings()
     settings.check(spec, device)
-    vals = values(spec, device, settings, extra)
+    engine = {}
+    if device == "gpu":
+        if engine_dir is None:
+            raise RenderError("device gpu needs engine_dir, the TensorRT-LLM engine built for this checkpoint")
+        engine = engine_values(spec, settings, engine_dir)
+        if engine["engine_dtype"] == "bfloat16" and "language" in TOPOLOGIES[topology]:
+            raise RenderError("the disaggregated `language` model holds tables as numpy arrays, which have no "
+                              "bfloat16: build the engine in float16 for topologies with `language` "
+                              "(single and encoder serve bfloat16 engines)")
+    vals = values(spec, device, settings, {**engine, **(extra or {})})
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)

@@ -36,9 +36,11 @@ class EncodeResult:
 
 class VisionEncoder:
     def __init__(self, spec: ModelSpec, device: str = "cpu", dtype: str = "float32",
-                 mrope_positions: int | None = None):
+                 mrope_positions: int | None = None, table_stride: int | None = None):
         """`mrope_positions`: rows of `mrope_rotary_cos_sin` (None: the prompt length, as the CPU
-        engine wants; the TensorRT-LLM engine wants its max_position_embeddings)."""
+        engine wants; a TensorRT-LLM engine wants its max_position_embeddings).
+        `table_stride`: S of every table (None: the request's own image-token count, as the CPU
+        engine allows; a TensorRT-LLM engine addresses every request's table with one S)."""
         from transformers import AutoConfig
         from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
@@ -46,6 +48,7 @@ class VisionEncoder:
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
         self.mrope_positions = mrope_positions
+        self.table_stride = table_stride
         config = AutoConfig.from_pretrained(str(spec.path)).vision_config
         self.model = Qwen3VLMoeVisionModel._from_config(config, dtype=self.dtype)
         state = load_state(spec.path, "model.visual.")
@@ -75,10 +78,10 @@ class VisionEncoder:
         for r in requests:
             n = int(sum(int(np.prod(g)) for g in r.image_grid_thw)) // merge
             if n:
-                table = pack_table(embeds[row:row + n], deepstack[:, row:row + n])
+                table = pack_table(embeds[row:row + n], deepstack[:, row:row + n], self.table_stride)
             else:
                 zeros = torch.zeros((0, self.spec.hidden_size), dtype=self.dtype, device=self.device)
-                table = pack_table(zeros, [zeros] * self.spec.deepstack_levels)
+                table = pack_table(zeros, [zeros] * self.spec.deepstack_levels, self.table_stride)
             row += n
             pos, delta = mrope.position_ids(r.input_ids, r.image_grid_thw, self.spec)
             results.append(EncodeResult(
@@ -91,7 +94,7 @@ class VisionEncoder:
 
 
 
-def encode_request_from_arrays(arrays: dict, spec: ModelSpec) -> EncodeRequest:
+def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int | None = None) -> EncodeRequest:
     """Validate one request's `vision_encoder` inputs (batch dimension removed)."""
     from .errors import InputError
 
@@ -107,6 +110,9 @@ def encode_request_from_arrays(arrays: dict, spec: ModelSpec) -> EncodeRequest:
     if patches != pixels.shape[0]:
         raise InputError("pixel_values", f"has {pixels.shape[0]} patches, image_grid_thw describes {patches}")
     tokens = patches // spec.spatial_merge_size ** 2
+    if table_stride and tokens > table_stride:
+        raise InputError("image", f"the images make {tokens} image tokens; the engine's prompt table holds "
+                                  f"{table_stride} per request (fewer or smaller images)")
     fake = ids >= spec.vocab_size
     if int(fake.sum()) != tokens or (tokens and sorted(ids[fake] - spec.vocab_size) != list(range(tokens))):
         raise InputError("input_ids", f"must hold the {tokens} image-token ids vocab_size + 0..{tokens - 1} once each")

@@ -110,3 +110,22 @@ def language_server(tiny_checkpoint, tmp_path_factory):
     srv = start_server(tiny_checkpoint, tmp_path_factory, "language", "language")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def engine_dir(spec, tmp_path_factory):
+    """A TensorRT-LLM engine directory's config.json as Engine.save writes it (no engine file):
+    enough to render and check the GPU repository without a GPU."""
+    import json
+
+    from qwen3vl_triton.trtllm.build import EngineSettings, build_config_fields
+    from qwen3vl_triton.trtllm.convert import trtllm_config
+
+    settings = EngineSettings(max_batch_size=4, max_image_tokens=96, max_input_len=512, max_seq_len=1024,
+                              max_num_tokens=1024)
+    pretrained = trtllm_config(spec, "bfloat16") | {"deepstack_impl": "plugin", "deepstack_stride": 96}
+    path = tmp_path_factory.mktemp("engine")
+    (path / "config.json").write_text(json.dumps({
+        "version": "1.2.1", "pretrained_config": pretrained,
+        "build_config": build_config_fields(settings, pretrained)}))
+    return path

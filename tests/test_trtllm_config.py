@@ -61,19 +61,6 @@ UPSTREAM_OUTPUTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine_dir(spec, tmp_path_factory):
-    """An engine directory's config.json as TensorRT-LLM's Engine.save writes it (no engine file)."""
-    settings = EngineSettings(max_batch_size=4, max_image_tokens=96, max_input_len=512, max_seq_len=1024,
-                              max_num_tokens=1024)
-    pretrained = trtllm_config(spec, "bfloat16") | {"deepstack_impl": "plugin", "deepstack_stride": 96}
-    path = tmp_path_factory.mktemp("engine")
-    (path / "config.json").write_text(json.dumps({
-        "version": "1.2.1", "pretrained_config": pretrained,
-        "build_config": build_config_fields(settings, pretrained)}))
-    return path
-
-
 def _render(values: dict) -> str:
     template = string.Template(TEMPLATE.read_text())
     return template.substitute(values)  # KeyError on any placeholder left unfilled

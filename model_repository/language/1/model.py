@@ -158,7 +158,7 @@ class TritonPythonModel:
             "mrope_position_deltas": np.array([[seq.mrope_delta]], np.int64),
         }
         if s.seed is not None:
-            tensors["random_seed"] = np.array([[s.seed]], np.uint64)
+            tensors["seed"] = np.array([[s.seed]], np.uint64)
         if seq.mrope_cos_sin is not None:
             tensors["mrope_rotary_cos_sin"] = seq.mrope_cos_sin[None]
         request = pb_utils.InferenceRequest(

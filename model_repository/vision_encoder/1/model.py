@@ -14,9 +14,10 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_params(args)
         self.spec = ModelSpec.load(params["checkpoint"])
-        positions = int(params["mrope_positions"])
+        positions, stride = int(params["mrope_positions"]), int(params["table_stride"])
+        self.table_stride = stride or None  # 0: each table sized to its request
         self.encoder = VisionEncoder(self.spec, device=params["device"], dtype=params["dtype"],
-                                     mrope_positions=positions or None)
+                                     mrope_positions=positions or None, table_stride=self.table_stride)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -25,7 +26,7 @@ class TritonPythonModel:
             try:
                 arrays = read_inputs(pb_utils, request, INPUTS)
                 batch.append(encode_request_from_arrays(
-                    {k: single_sequence(arrays, k) for k in INPUTS}, self.spec))
+                    {k: single_sequence(arrays, k) for k in INPUTS}, self.spec, self.table_stride))
                 where.append(i)
             except Exception as exc:
                 responses[i] = error_response(pb_utils, exc, pb_utils.Logger)

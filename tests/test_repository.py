@@ -1,0 +1,113 @@
+"""Rendering the model repository: strict templates, consistent settings, CPU and GPU variants."""
+
+import json
+import shutil
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from qwen3vl_triton.repository import TEMPLATES, TOPOLOGIES, RenderError, Settings, render
+
+
+def load(repo, model):
+    return text_format.Parse((repo / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def params(config):
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+def test_every_topology_renders_configs_triton_can_parse(topology, tiny_checkpoint, tmp_path):
+    repo = render(tiny_checkpoint, tmp_path / "repo", topology=topology)
+    expected = {m for m in TOPOLOGIES[topology] if m != "qwen3vl_disagg"}  # that one needs language_url
+    assert {p.name for p in repo.iterdir()} == expected
+    for model in expected:
+        config = load(repo, model)
+        assert config.name == model
+        assert "${" not in (repo / model / "config.pbtxt").read_text()
+        if config.backend == "python":
+            assert (repo / model / "1" / "model.py").is_file()
+            assert params(config)["EXECUTION_ENV_PATH"]  # the stub finds the virtual environment
+
+
+def test_settings_and_checkpoint_facts_reach_the_configs(tiny_checkpoint, tmp_path, spec):
+    repo = render(tiny_checkpoint, tmp_path / "repo", settings=Settings(max_output_len=100, max_images=3,
+                                                                          language_url="10.0.0.1:8001"))
+    assert params(load(repo, "preprocessing"))["max_images"] == "3"
+    assert params(load(repo, "tensorrt_llm"))["max_output_len"] == "100"
+    table = [o for o in load(repo, "vision_encoder").output if o.name == "prompt_embedding_table"][0]
+    assert list(table.dims) == [-1, spec.hidden_size]
+    assert not (repo / "qwen3vl_disagg").exists()  # not in the `all` topology
+    enc = render(tiny_checkpoint, tmp_path / "enc", topology="encoder", settings=Settings(language_url="h:1"))
+    assert params(load(enc, "qwen3vl_disagg"))["language_url"] == "h:1"
+
+
+def test_an_unfilled_placeholder_fails_at_render_time(tiny_checkpoint, tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    cfg = templates / "postprocessing" / "config.pbtxt"
+    cfg.write_text(cfg.read_text() + '\nparameters { key: "x" value: { string_value: "${no_such_value}" } }\n')
+    with pytest.raises(RenderError, match=r"postprocessing/config.pbtxt: no value for placeholder\(s\) no_such_value"):
+        render(tiny_checkpoint, tmp_path / "repo", templates=templates)
+
+
+def test_a_config_triton_cannot_parse_fails_at_render_time(tiny_checkpoint, tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    cfg = templates / "preprocessing" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace("max_batch_size:", "max_batch_sise:"))
+    with pytest.raises(RenderError, match="preprocessing/config.pbtxt: not a valid Triton model config"):
+        render(tiny_checkpoint, tmp_path / "repo", templates=templates)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (Settings(max_output_len=4096, max_seq_len=4096), "leaves no room for a prompt"),
+    (Settings(max_seq_len=100_000), "exceeds the model's max_position_embeddings"),
+    (Settings(engine_dtype="bfloat16"), "the CPU engine runs float32"),
+    (Settings(max_batch_size=0), "max_batch_size must be >= 1"),
+    (Settings(engine_dtype="float64"), "engine_dtype 'float64'"),
+])
+def test_inconsistent_settings_are_refused(settings, message, tiny_checkpoint, tmp_path):
+    with pytest.raises(RenderError, match=message):
+        render(tiny_checkpoint, tmp_path / "repo", settings=settings)
+
+
+def test_gpu_repository_takes_the_engine_facts(tiny_checkpoint, tmp_path, engine_dir):
+    from qwen3vl_triton.trtllm.build import EngineFacts
+
+    facts = EngineFacts.load(engine_dir)
+    repo = render(tiny_checkpoint, tmp_path / "repo", device="gpu", engine_dir=engine_dir, topology="single",
+                  settings=Settings(max_seq_len=1024, max_output_len=256))
+    llm = load(repo, "tensorrt_llm")
+    assert llm.backend == "tensorrtllm" and params(llm)["gpt_model_path"] == str(engine_dir.resolve())
+    for model in ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"):
+        assert load(repo, model).max_batch_size == facts.max_batch_size
+    vision = load(repo, "vision_encoder")
+    p = params(vision)
+    assert (p["device"], p["table_stride"], p["mrope_positions"]) == ("cuda", str(facts.table_stride),
+                                                                       str(facts.mrope_positions))
+    assert vision.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    table = [o for o in vision.output if o.name == "prompt_embedding_table"][0]
+    assert mc.DataType.Name(table.data_type) == "TYPE_BF16"
+    steps = {s.model_name: s for s in load(repo, "qwen3vl").ensemble_scheduling.step}
+    assert steps["tensorrt_llm"].input_map["seed"] == "seed"  # TensorRT-LLM 1.2's name
+    llm_inputs = {i.name for i in llm.input}
+    assert set(steps["tensorrt_llm"].input_map) <= llm_inputs  # every ensemble input exists on the engine
+
+
+def test_gpu_repository_refuses_an_engine_of_another_checkpoint(tiny_checkpoint, tmp_path, engine_dir):
+    other = tmp_path / "other"
+    shutil.copytree(engine_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["pretrained_config"]["hidden_size"] += 8
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RenderError, match="was not built from this checkpoint: hidden_size"):
+        render(tiny_checkpoint, tmp_path / "repo", device="gpu", engine_dir=other,
+               settings=Settings(max_seq_len=1024, max_output_len=256))
+    with pytest.raises(RenderError, match="needs engine_dir"):
+        render(tiny_checkpoint, tmp_path / "repo", device="gpu")
+    with pytest.raises(RenderError, match="build the engine in float16 for topologies with `language`"):
+        render(tiny_checkpoint, tmp_path / "repo", device="gpu", engine_dir=engine_dir, topology="all",
+               settings=Settings(max_seq_len=1024, max_output_len=256))
