@@ -123,3 +123,13 @@ def test_metrics_count_successes_and_failures(server):
             c.generate_text("Count me too.", max_tokens=0)
     assert wait_for(lambda: metric(server, "nv_inference_request_success", "qwen3vl") >= ok + 1)
     assert wait_for(lambda: metric(server, "nv_inference_request_failure", "qwen3vl") >= bad + 1)
+
+
+def test_seeded_sampling_through_the_ensemble_is_reproducible(server):
+    with Client(server.grpc_url, "grpc") as c:
+        def run(seed):
+            return c.generate_text("Tell me a story.", max_tokens=24, temperature=1.0, top_p=0.95, seed=seed)
+
+        first = run(11)
+        assert run(11) == first
+        assert len({first, run(12), run(13)}) > 1
