@@ -1,0 +1,65 @@
+"""qwen3vl-serve: renders, waits for readiness, prints `ready:`, and stops everything on a signal."""
+
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from qwen3vl_triton.server import free_ports
+
+pytestmark = pytest.mark.server
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_prints_ready_and_stops_the_server_and_its_stubs(sig, tiny_checkpoint, tmp_path):
+    http, grpc, metrics = free_ports(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint), "--topology", "language",
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+         "--build-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(("ready:", "error:")):
+                break
+        assert lines and lines[-1].startswith(f"ready: http=127.0.0.1:{http} grpc=127.0.0.1:{grpc}"), "".join(lines)
+        assert "models=language,postprocessing,tensorrt_llm" in lines[-1]
+        server = [p for p in psutil.Process(proc.pid).children() if "tritonserver" in p.name()]
+        assert len(server) == 1
+        stubs = server[0].children(recursive=True)
+        assert len(stubs) == 3  # one Python-backend stub per model
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0
+        gone, alive = psutil.wait_procs([server[0], *stubs], timeout=10)
+        assert not alive, f"left running: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_reports_a_bad_setting_clearly(tiny_checkpoint, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint),
+                          "--build-dir", str(tmp_path), "--set", "max_output_len=99999"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "error: inconsistent settings: max_output_len 99999 leaves no room" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_port_in_use(tiny_checkpoint, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        http, metrics = free_ports(2)
+        out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint),
+                              "--build-dir", str(tmp_path), "--http-port", str(http), "--grpc-port", str(busy),
+                              "--metrics-port", str(metrics)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"error: grpc port {busy} on 127.0.0.1 is already in use" in out.stderr
