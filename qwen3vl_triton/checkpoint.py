@@ -110,8 +110,6 @@ class ModelSpec:
         text, vision = cfg["text_config"], cfg["vision_config"]
         tok_cfg = _read_json(path / "tokenizer_config.json")
         pre_cfg = _read_json(path / "preprocessor_config.json")
-        gen_path = path / "generation_config.json"
-        gen_cfg = _read_json(gen_path) if gen_path.is_file() else {}
         vocab = _read_json(path / "tokenizer.json")
         token_ids = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
 

@@ -337,9 +337,9 @@ class Disaggregated:
         try:
             result = self.encoder.infer("encode", inputs, outputs=outputs, client_timeout=self.timeout)
         except Exception as exc:
-            raise TransferError(getattr(exc, "message", lambda: str(exc))()) from None
+            raise TransferError(exc.message() if hasattr(exc, "message") else str(exc)) from None
         table_meta = result.get_output("prompt_embedding_table")
-        rows, hidden = int(table_meta.shape[1]), int(table_meta.shape[2])
+        hidden = int(table_meta.shape[2])
         dtype = np.dtype({"FP32": np.float32, "FP16": np.float16}[table_meta.datatype])
         return Encoded(
             input_ids=result.as_numpy("input_ids").reshape(-1),

@@ -70,6 +70,33 @@ def pipeline(preprocessor, encoder, spec):
     return make
 
 
+@pytest.fixture(scope="session")
+def assert_prefill_matches(spec, preprocessor, encoder, oracle):
+    """Check a LanguageModel's prefill logits against transformers' (max |diff| <= tol), with
+    images of two sizes and text only, through the package's preprocessing and vision encoder."""
+    import numpy as np
+    import torch
+
+    from qwen3vl_triton import mrope
+    from qwen3vl_triton.lm import StepSeq
+    from qwen3vl_triton.vision import EncodeRequest
+    from tests.oracle import image_bytes
+
+    def check(lm, tol=1e-4):
+        for prompt, images in [("Two pictures.", [image_bytes(120, 80, 8), image_bytes(64, 200, 9)]), ("Text.", [])]:
+            p = preprocessor(prompt, images)
+            r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+            cos, sin = mrope.unpack_cos_sin(r.mrope_rotary_cos_sin, spec, p.input_ids.size)
+            ours = lm.forward([StepSeq(0, torch.from_numpy(p.input_ids.astype(np.int64)), 0, cos, sin,
+                                       r.prompt_embedding_table, all_logits=True)])[0]
+            ref = oracle.prefill_logits(prompt, images)
+            assert ours.shape == ref.shape
+            diff = (ours - ref).abs().max().item()
+            assert diff <= tol, f"{prompt!r}: max |logit diff| {diff:.2e} > {tol:.0e}"
+
+    return check
+
+
 # -- servers -----------------------------------------------------------------------------------
 SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=4, max_image_pixels=1_000_000,
                        engine_max_batch=8, max_batch_size=16)

@@ -8,12 +8,11 @@ import textwrap
 import threading
 import time
 
-import numpy as np
 import psutil
 import pytest
 
 from client import Client, ClientError
-from qwen3vl_triton.transfer import Disaggregated, LanguageClient, StreamBroken, TransferError
+from qwen3vl_triton.transfer import Disaggregated, LanguageClient, TransferError
 from tests.conftest import ROOT, start_server
 from tests.oracle import image_bytes
 from tests.test_server import metric, wait_for

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from qwen3vl_triton.detok import IncrementalDetokenizer
-from qwen3vl_triton.engine import Request
 from qwen3vl_triton.errors import InputError
-from qwen3vl_triton.lm import LanguageModel, StepSeq
-from qwen3vl_triton import mrope
+from qwen3vl_triton.lm import LanguageModel
 from qwen3vl_triton.sampling import SamplingParams
 from tests.oracle import image_bytes
 
@@ -85,19 +83,8 @@ def test_a_new_request_joins_a_running_batch(engine, pipeline, oracle):
     assert long_ids == oracle.generate("Write a long story.", [], 120)
 
 
-def test_prefill_logits_match_transformers(spec, preprocessor, encoder, oracle):
-    from qwen3vl_triton.vision import EncodeRequest
-
-    lm = LanguageModel(spec, slots=1, max_len=512)
-    for prompt, images in [("Two pictures.", [image_bytes(120, 80, 8), image_bytes(64, 200, 9)]), ("Text.", [])]:
-        p = preprocessor(prompt, images)
-        r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
-        cos, sin = mrope.unpack_cos_sin(r.mrope_rotary_cos_sin, spec, p.input_ids.size)
-        ours = lm.forward([StepSeq(0, torch.from_numpy(p.input_ids.astype(np.int64)), 0, cos, sin,
-                                   r.prompt_embedding_table, all_logits=True)])[0]
-        ref = oracle.prefill_logits(prompt, images)
-        assert ours.shape == ref.shape
-        assert (ours - ref).abs().max().item() <= 1e-4
+def test_prefill_logits_match_transformers(spec, assert_prefill_matches):
+    assert_prefill_matches(LanguageModel(spec, slots=1, max_len=512))
 
 
 def test_chunked_prefill_equals_one_shot(spec, pipeline, oracle):

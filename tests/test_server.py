@@ -11,7 +11,6 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from client import Client, ClientError
 from tests.oracle import image_bytes

@@ -3,7 +3,6 @@ the template renders strictly and parses as a Triton ModelConfig with the tensor
 tensor names/types/dims, the build sizes the prompt table for 4S rows per request, and the
 package's GPU modules import without TensorRT-LLM."""
 
-import json
 import re
 import string
 import subprocess

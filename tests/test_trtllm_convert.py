@@ -12,8 +12,6 @@ from qwen3vl_triton import mrope
 from qwen3vl_triton.checkpoint import iter_tensors
 from qwen3vl_triton.lm import LanguageModel, StepSeq
 from qwen3vl_triton.trtllm.convert import convert_checkpoint, hf_tensors, load_hf_tensors
-from qwen3vl_triton.vision import EncodeRequest
-from tests.oracle import image_bytes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -117,18 +115,8 @@ def test_progress_is_reported_per_layer(tiny_checkpoint, tmp_path, spec):
     assert not (tmp_path / "out" / "rank0.safetensors.partial").exists()
 
 
-def test_cpu_engine_from_the_converted_checkpoint_matches_transformers(converted, spec, preprocessor, encoder, oracle):
-    lm = LanguageModel(spec, slots=1, max_len=512, tensors=load_hf_tensors(converted["float32"]))
-    cases = [("Two pictures.", [image_bytes(120, 80, 8), image_bytes(64, 200, 9)]), ("Text only.", [])]
-    for prompt, images in cases:
-        p = preprocessor(prompt, images)
-        r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
-        cos, sin = mrope.unpack_cos_sin(r.mrope_rotary_cos_sin, spec, p.input_ids.size)
-        ours = lm.forward([StepSeq(0, torch.from_numpy(p.input_ids.astype(np.int64)), 0, cos, sin,
-                                   r.prompt_embedding_table, all_logits=True)])[0]
-        ref = oracle.prefill_logits(prompt, images)
-        assert ours.shape == ref.shape
-        assert (ours - ref).abs().max().item() <= 1e-4
+def test_cpu_engine_from_the_converted_checkpoint_matches_transformers(converted, spec, assert_prefill_matches):
+    assert_prefill_matches(LanguageModel(spec, slots=1, max_len=512, tensors=load_hf_tensors(converted["float32"])))
 
 
 def test_hf_tensors_is_the_inverse_of_the_layout(converted):
