@@ -111,3 +111,20 @@ def test_gpu_repository_refuses_an_engine_of_another_checkpoint(tiny_checkpoint,
     with pytest.raises(RenderError, match="build the engine in float16 for topologies with `language`"):
         render(tiny_checkpoint, tmp_path / "repo", device="gpu", engine_dir=engine_dir, topology="all",
                settings=Settings(max_seq_len=1024, max_output_len=256))
+
+
+def test_the_render_builder_is_the_same_renderer(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    ok = subprocess.run([sys.executable, str(ROOT / "builders" / "render_repository.py"), "--checkpoint",
+                         str(tiny_checkpoint), "--out", str(tmp_path / "r"), "--topology", "language"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "language", "postprocessing", "tensorrt_llm"]
+    bad = subprocess.run([sys.executable, str(ROOT / "builders" / "render_repository.py"), "--checkpoint",
+                          str(tiny_checkpoint), "--out", str(tmp_path / "g"), "--device", "gpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: device gpu needs engine_dir")
