@@ -11,9 +11,13 @@ HTTP_PORT   ?= 8000
 GRPC_PORT   ?= 8001
 METRICS_PORT ?= 8002
 TOPOLOGY    ?= all
+ARGS        ?=
 PYTEST_ARGS ?=
+USERS       ?= 4
+DURATION    ?= 30
+URL         ?=
 
-.PHONY: venv demo test serve checkpoint clean
+.PHONY: venv demo test serve checkpoint clean load-test tools
 
 venv: $(BIN)/.installed
 
@@ -30,15 +34,30 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 demo: venv
 	$(BIN)/python -m client.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
-test: venv
+test: venv tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+# System tools the tests use: docker-compose (1.29, Debian's package) validates docker-compose.yml
+# offline. Installed when missing, as root with apt-get; otherwise the compose test says why it skips.
+tools:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+	      || echo "warning: could not install docker-compose; the compose validation test will not pass"; \
+	  else echo "note: docker-compose missing (install it as root with apt-get install docker-compose)"; fi; }
+
+# Locust, headless and bounded: make load-test USERS=8 DURATION=60 [URL=host:8000] (gRPC on the next port;
+# set QWEN3VL_GRPC_URL otherwise). Without URL it starts and stops a local server on the tiny checkpoint.
+# Reports: load_tests/reports/.
+load-test: venv
+	$(BIN)/python -m load_tests.run --users $(USERS) --duration $(DURATION) $(if $(URL),--url $(URL),)
 
 checkpoint: venv
 	$(BIN)/python -m qwen3vl_triton.tiny --profile $(PROFILE) --out checkpoints/$(PROFILE)
 
 serve: venv
 	$(BIN)/qwen3vl-serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) --topology $(TOPOLOGY) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(ARGS)
 
 clean:
 	rm -rf build checkpoints load_tests/reports .pytest_cache

@@ -148,6 +148,7 @@ class Client:
         client = self._grpc
         client.start_stream(callback=lambda result, error: results.put((result, error)),
                             stream_timeout=self.timeout)
+        complete = False
         try:
             client.async_stream_infer(self.model, self._grpc_inputs(prompt, images, max_tokens, stream, sampling),
                                       request_id=request_id, enable_empty_final_response=True)
@@ -164,9 +165,13 @@ class Client:
                     yield "".join(t.decode("utf-8") for t in text.reshape(-1))
                 final = response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    complete = True
                     return
         finally:
-            client.stop_stream(cancel_requests=True)
+            # Cancel only a request still running (an error, or the caller stopped reading). Cancelling
+            # one that already sent its final response is not a no-op on Triton 2.51: under concurrent
+            # streams it can leave the decoupled qwen3vl ensemble unable to unload at shutdown.
+            client.stop_stream(cancel_requests=not complete)
 
     def _http_body(self, prompt, images, max_tokens, stream, sampling, request_id) -> dict:
         body = {"id": request_id, "text_input": prompt, "max_tokens": max_tokens, "stream": stream}

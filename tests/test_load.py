@@ -1,0 +1,110 @@
+"""Load tests: the seeded workload, the bounded runner, and a ~20 s Locust smoke run (HTTP and gRPC users)
+against the real server that must end in time with zero failures."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from load_tests.run import read_stats, run_bounded, summary_table
+from load_tests.workload import Workload, image_sizes, pixel_limits
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SMOKE_USERS = 4  # two HTTP, two gRPC
+SMOKE_SECONDS = 20
+SMOKE_STOP_TIMEOUT = 10
+SMOKE_GRACE = 40  # Locust start-up (imports, workload images) and reports
+
+
+# -- the workload ------------------------------------------------------------------------------------
+def test_pixel_limit_comes_from_the_checkpoint(tiny_checkpoint):
+    pre = json.loads((Path(tiny_checkpoint) / "preprocessor_config.json").read_text())
+    assert pixel_limits(tiny_checkpoint) == (pre["size"]["shortest_edge"], pre["size"]["longest_edge"])
+
+
+@pytest.mark.parametrize("count, max_pixels, min_pixels", [(4, 65536, 4096), (5, 16777216, 65536), (1, 100, None),
+                                                           (3, 5000, 4096)])
+def test_image_sizes_run_from_small_to_the_pixel_limit(count, max_pixels, min_pixels):
+    sizes = image_sizes(count, max_pixels, min_pixels)
+    pixels = [w * h for w, h in sizes]
+    assert len(sizes) == count
+    assert all(p <= max_pixels for p in pixels)
+    assert pixels == sorted(pixels)
+    assert pixels[-1] >= 0.95 * max_pixels  # the largest is at the limit, within rounding
+    if count > 1:
+        assert pixels[0] <= 1.1 * min_pixels
+
+
+def test_workload_mixes_text_one_and_two_images_and_is_seeded(tiny_checkpoint):
+    lo, hi = pixel_limits(tiny_checkpoint)
+    a, b, c = (Workload.build(hi, lo, seed=s, max_tokens=16) for s in (7, 7, 8))
+    assert {case.kind for case in a.cases} == {"text", "1 image", "2 images"}
+    assert [case.images for case in a.cases] == [case.images for case in b.cases]  # same seed, same bytes
+    assert [case.images for case in a.cases] != [case.images for case in c.cases]
+    assert all(w * h <= hi for case in a.cases for w, h in case.sizes)
+    assert max(w * h for case in a.cases for w, h in case.sizes) >= 0.95 * hi
+    # each kind is a third of the requests
+    import random
+
+    rng = random.Random(0)
+    picks = [a.pick(rng).kind for _ in range(3000)]
+    for kind in ("text", "1 image", "2 images"):
+        assert 0.28 < picks.count(kind) / len(picks) < 0.39
+
+
+# -- the bound ---------------------------------------------------------------------------------------
+def test_run_bounded_stops_a_process_that_overruns():
+    t0 = time.monotonic()
+    done = run_bounded([sys.executable, "-c", "import time; time.sleep(60)"], timeout=1, term_grace=2)
+    assert done.timed_out and done.returncode == -signal.SIGTERM
+    assert time.monotonic() - t0 < 10
+
+
+def test_run_bounded_kills_a_process_that_ignores_sigterm():
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    t0 = time.monotonic()
+    done = run_bounded([sys.executable, "-c", code], timeout=1.5, term_grace=1)
+    assert done.timed_out and done.returncode == -signal.SIGKILL
+    assert time.monotonic() - t0 < 10
+
+
+def test_make_load_test_passes_users_duration_and_url():
+    out = subprocess.run(["make", "-n", "load-test", "USERS=3", "DURATION=7", "URL=example:8000"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "-m load_tests.run --users 3 --duration 7 --url example:8000" in out.stdout
+
+
+# -- the smoke run -----------------------------------------------------------------------------------
+@pytest.mark.server
+def test_locust_smoke_run_http_and_grpc_zero_failures(server, tiny_checkpoint, tmp_path):
+    cmd = [sys.executable, "-m", "load_tests.run", "--users", str(SMOKE_USERS), "--duration", str(SMOKE_SECONDS),
+           "--stop-timeout", str(SMOKE_STOP_TIMEOUT), "--grace", str(SMOKE_GRACE),
+           "--url", server.http_url, "--grpc-url", server.grpc_url, "--checkpoint", str(tiny_checkpoint),
+           "--max-tokens", "16", "--reports", str(tmp_path), "--prefix", "smoke"]
+    bound = SMOKE_SECONDS + SMOKE_STOP_TIMEOUT + SMOKE_GRACE
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=bound + 30)
+    wall = time.monotonic() - t0
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert wall < bound, f"the run took {wall:.0f}s"
+
+    stats = read_stats(tmp_path / "smoke_stats.csv")
+    total = stats[("", "Aggregated")]
+    assert int(total["Failure Count"]) == 0
+    for kind in ("HTTP", "gRPC"):
+        for name in ("generate", "ttft", "itl"):
+            assert int(stats[(kind, name)]["Request Count"]) > 0, f"no {kind} {name} entries"
+        gen = stats[(kind, "generate")]
+        assert int(gen["Failure Count"]) == 0
+        assert 1 <= float(gen["Average Content Size"]) <= 16  # streamed responses per request, <= max_tokens
+    assert (tmp_path / "smoke.html").is_file()
+    table = summary_table(stats)
+    assert table.splitlines()[2].startswith("HTTP") and table.splitlines()[3].startswith("gRPC")
+    assert "Traceback" not in proc.stderr
