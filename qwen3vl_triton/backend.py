@@ -101,21 +101,23 @@ class TokenStream:
             self.pb.Tensor("sequence_length", np.asarray([[len(tokens)]], dtype=np.int32)),
         ])
 
+    def _send_cancelled(self) -> None:
+        pb = self.pb
+        self.sender.send(pb.InferenceResponse(error=pb.TritonError("request cancelled", pb.TritonError.CANCELLED)),
+                         flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
     def on_tokens(self, tokens: list[int], finish: str | None, err: str | None) -> None:
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not self.cancelled and self.sender.is_cancelled():
             self.cancelled = True
             self.engine.cancel(self.request_id)
-        if self.cancelled:
+        if self.cancelled or finish == "cancelled":
             if finish is not None:
-                self.sender.send(flags=final)
+                self._send_cancelled()
             return
         if finish == "error":
             self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(err or "generation failed")),
                              flags=final)
-            return
-        if finish == "cancelled":
-            self.sender.send(flags=final)
             return
         if self.streaming:
             if tokens:

@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a serving setting (repeatable): " + ", ".join(f.name for f in fields(Settings)))
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every model to be ready")
+    ap.add_argument("--exit-timeout", type=int, default=30,
+                    help="seconds a stop waits for in-flight requests (tritonserver --exit-timeout-secs)")
     return ap.parse_args(argv)
 
 
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
         preload.append(args.plugin)
     log_file = Path(args.log_file) if args.log_file else build / f"tritonserver-{args.topology}.log"
     server = TritonServer(repo, Ports(args.http_port, args.grpc_port, args.metrics_port), build_dir=build,
-                          address=args.address, log_file=log_file, preload=preload)
+                          address=args.address, log_file=log_file, preload=preload,
+                          extra_args=[f"--exit-timeout-secs={args.exit_timeout}"])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -110,7 +110,10 @@ def start_server(checkpoint, tmp_path_factory, topology, name, **overrides):
     settings = Settings(**{**SERVER_SETTINGS, **overrides})
     repo = render(checkpoint, base / "repository", topology=topology, settings=settings)
     http, grpc, metrics = free_ports(3)
-    server = TritonServer(repo, Ports(http, grpc, metrics), build_dir=base, log_file=base / "tritonserver.log")
+    # Triton 2.51's ensemble keeps one in-flight count for each stream a client cancels mid-way,
+    # so a graceful stop would wait the full exit timeout (30 s by default) for nothing.
+    server = TritonServer(repo, Ports(http, grpc, metrics), build_dir=base, log_file=base / "tritonserver.log",
+                          extra_args=["--exit-timeout-secs=5"])
     server.start(timeout=300, log=lambda *_: None)
     return server
 
