@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-import queue
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
+
+from qwen3vl_triton.grpc_stream import message_of
 
 MODEL = "qwen3vl"
 
@@ -93,7 +94,7 @@ class Client:
                 ready = live and requests.get(f"http://{self.url}/v2/models/{self.model}/ready",
                                               timeout=5).status_code == 200
         except Exception as exc:
-            raise ClientError(f"cannot reach the server at {self.url} ({self.protocol}): {_short(exc)}") from None
+            raise ClientError(f"cannot reach the server at {self.url} ({self.protocol}): {message_of(exc)}") from None
         if not live:
             raise ClientError(f"the server at {self.url} is not live")
         if not ready:
@@ -144,34 +145,18 @@ class Client:
         return inputs
 
     def _grpc_generate(self, prompt, images, max_tokens, stream, sampling, request_id) -> Iterator[str]:
-        results: queue.Queue = queue.Queue()
-        client = self._grpc
-        client.start_stream(callback=lambda result, error: results.put((result, error)),
-                            stream_timeout=self.timeout)
-        complete = False
+        from qwen3vl_triton.grpc_stream import GrpcStream, StreamError
+
+        channel = GrpcStream(self._grpc, self.timeout, stream_timeout=self.timeout)
         try:
-            client.async_stream_infer(self.model, self._grpc_inputs(prompt, images, max_tokens, stream, sampling),
-                                      request_id=request_id, enable_empty_final_response=True)
-            while True:
-                try:
-                    result, error = results.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise ClientError(f"no response within {self.timeout:.0f}s") from None
-                if error is not None:
-                    raise ClientError(_short(error))
-                response = result.get_response()
-                if response.outputs:
-                    text = result.as_numpy("text_output")
-                    yield "".join(t.decode("utf-8") for t in text.reshape(-1))
-                final = response.parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    complete = True
-                    return
+            for result in channel.request(self.model, self._grpc_inputs(prompt, images, max_tokens, stream, sampling),
+                                          request_id=request_id):
+                if result.get_response().outputs:
+                    yield "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
+        except StreamError as exc:
+            raise ClientError(str(exc)) from None
         finally:
-            # Cancel only a request still running (an error, or the caller stopped reading). Cancelling
-            # one that already sent its final response is not a no-op on Triton 2.51: under concurrent
-            # streams it can leave the decoupled qwen3vl ensemble unable to unload at shutdown.
-            client.stop_stream(cancel_requests=not complete)
+            channel.close()  # cancels the request only if it is unfinished
 
     def _http_body(self, prompt, images, max_tokens, stream, sampling, request_id) -> dict:
         body = {"id": request_id, "text_input": prompt, "max_tokens": max_tokens, "stream": stream}
@@ -188,7 +173,7 @@ class Client:
             resp = requests.post(f"http://{self.url}/v2/models/{self.model}/generate_stream", json=body,
                                  stream=True, timeout=self.timeout)
         except requests.RequestException as exc:
-            raise ClientError(f"cannot reach the server at {self.url} (http): {_short(exc)}") from None
+            raise ClientError(f"cannot reach the server at {self.url} (http): {message_of(exc)}") from None
         with resp:
             if resp.status_code != 200:
                 raise ClientError(_http_error(resp.text))
@@ -200,12 +185,6 @@ class Client:
                     raise ClientError(event["error"])
                 text = event.get("text_output", "")
                 yield "".join(text) if isinstance(text, list) else text
-
-
-def _short(exc) -> str:
-    msg = getattr(exc, "message", None)
-    msg = msg() if callable(msg) else (msg or str(exc))
-    return msg.strip() if msg else type(exc).__name__
 
 
 def _http_error(text: str) -> str:

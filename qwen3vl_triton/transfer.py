@@ -13,18 +13,17 @@ the encoder host. Transports:
 
 from __future__ import annotations
 
-import queue
 import re
 import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
+from .grpc_stream import GrpcStream, StreamError
+
 _RECEIVED = re.compile(r"received_rows=(\d+)")
-_BROKEN = ("StatusCode.CANCELLED", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 _NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int32): "INT32",
                  np.dtype(np.int64): "INT64", np.dtype(np.uint64): "UINT64", np.dtype(np.bool_): "BOOL",
                  np.dtype(np.object_): "BYTES"}
@@ -68,71 +67,27 @@ class Encoded:
         return self.rows * self.hidden * self.dtype.itemsize
 
 
-class _Stream:
-    """One gRPC bidirectional stream to a server; responses are routed by request id."""
-
-    def __init__(self, url: str, timeout: float):
-        import tritonclient.grpc as grpcclient
-
-        self.client = grpcclient.InferenceServerClient(url)
-        self.timeout = timeout
-        self.queues: dict[str, queue.Queue] = {}
-        self.client.start_stream(callback=self._callback, stream_timeout=None)
-
-    def _callback(self, result=None, error=None):
-        rid = result.get_response().id if result is not None else getattr(error, "request_id", None)
-        q = self.queues.get(rid) if rid is not None else None
-        if q is None:  # an error without a request id: tell every waiter
-            for q in list(self.queues.values()):
-                q.put((result, error))
-            return
-        q.put((result, error))
-
-    def request(self, model: str, inputs, **kw) -> Iterator:
-        """Yield the results of one request until its final response; raise on an error response."""
-        rid = uuid.uuid4().hex
-        q: queue.Queue = queue.Queue()
-        self.queues[rid] = q
-        try:
-            self.client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=True, **kw)
-            while True:
-                try:
-                    result, error = q.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise StreamBroken(f"no response from {model} within {self.timeout:.0f}s") from None
-                if error is not None:
-                    msg = error.message() if hasattr(error, "message") else str(error)
-                    if getattr(error, "status", lambda: None)() in _BROKEN:
-                        raise StreamBroken(msg)
-                    m = _RECEIVED.search(msg)
-                    raise TransferError(msg, int(m.group(1)) if m else None)
-                yield result
-                final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    return
-        finally:
-            self.queues.pop(rid, None)
-
-    def close(self, cancel: bool = False) -> None:
-        try:
-            self.client.stop_stream(cancel_requests=cancel)
-        finally:
-            self.client.close()
-
-
 class LanguageClient:
     """The `language` model's ops over one gRPC stream (one sequence at a time per client)."""
 
     def __init__(self, url: str, model: str = "language", timeout: float = 120.0):
         self.url, self.model, self.timeout = url, model, timeout
-        self.stream = _Stream(url, timeout)
+        self.stream = GrpcStream(url, timeout)
 
     def close(self, cancel: bool = False) -> None:
         self.stream.close(cancel)
 
+    def _request(self, inputs, **kw) -> Iterator:
+        try:
+            yield from self.stream.request(self.model, inputs, **kw)
+        except StreamError as exc:
+            if exc.broken:
+                raise StreamBroken(str(exc)) from None
+            m = _RECEIVED.search(str(exc))
+            raise TransferError(str(exc), int(m.group(1)) if m else None) from None
+
     def _rows(self, corrid: int, inputs, start=False, end=False) -> int:
-        results = list(self.stream.request(self.model, inputs, sequence_id=corrid, sequence_start=start,
-                                           sequence_end=end))
+        results = list(self._request(inputs, sequence_id=corrid, sequence_start=start, sequence_end=end))
         for r in results:
             out = r.as_numpy("received_rows")
             if out is not None:
@@ -175,7 +130,7 @@ class LanguageClient:
     def generate(self, corrid: int, from_token: int = 0) -> Iterator[tuple[str, list[int]]]:
         """Yield (text, token ids) per response; StreamBroken if the stream ends early."""
         inputs = [self._op("generate"), _tensor("from_token", np.array([[from_token]], np.int32))]
-        for r in self.stream.request(self.model, inputs, sequence_id=corrid):
+        for r in self._request(inputs, sequence_id=corrid):
             if not r.get_response().outputs:
                 continue
             text = r.as_numpy("text_output")

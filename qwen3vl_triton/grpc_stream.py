@@ -1,0 +1,77 @@
+"""One gRPC bidirectional stream to a Triton server, shared by many requests (tritonclient)."""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from typing import Iterator
+
+# gRPC statuses that mean the stream itself broke, not that the server refused the request
+BROKEN = ("StatusCode.CANCELLED", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+
+
+class StreamError(RuntimeError):
+    """An error response, or the stream broke (`broken`)."""
+
+    def __init__(self, message: str, broken: bool = False):
+        super().__init__(message)
+        self.broken = broken
+
+
+def message_of(error) -> str:
+    msg = getattr(error, "message", None)
+    msg = msg() if callable(msg) else (msg or str(error))
+    return msg.strip() if msg else type(error).__name__
+
+
+class GrpcStream:
+    """Requests over one stream; responses are routed to their request by id.
+
+    `client`: a tritonclient.grpc.InferenceServerClient (kept open on close) or a url."""
+
+    def __init__(self, client, timeout: float, stream_timeout: float | None = None):
+        import tritonclient.grpc as grpcclient
+
+        self.own = isinstance(client, str)
+        self.client = grpcclient.InferenceServerClient(client) if self.own else client
+        self.timeout = timeout
+        self.queues: dict[str, queue.Queue] = {}
+        self.client.start_stream(callback=self._callback, stream_timeout=stream_timeout)
+
+    def _callback(self, result=None, error=None):
+        rid = result.get_response().id if result is not None else getattr(error, "request_id", None)
+        q = self.queues.get(rid) if rid is not None else None
+        for target in ([q] if q is not None else list(self.queues.values())):  # no id: tell every waiter
+            target.put((result, error))
+
+    def request(self, model: str, inputs, request_id: str | None = None, **kw) -> Iterator:
+        """Yield the results of one request until its final response; StreamError on an error."""
+        rid = request_id or uuid.uuid4().hex
+        q: queue.Queue = queue.Queue()
+        self.queues[rid] = q
+        try:
+            self.client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=True, **kw)
+            while True:
+                try:
+                    result, error = q.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise StreamError(f"no response from {model} within {self.timeout:.0f}s", broken=True) from None
+                if error is not None:
+                    status = getattr(error, "status", lambda: None)()
+                    raise StreamError(message_of(error), broken=status in BROKEN)
+                yield result
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            self.queues.pop(rid, None)
+
+    def close(self, cancel: bool | None = None) -> None:
+        """Stop the stream. cancel None: cancel only if a request is unfinished -- cancelling one
+        that already sent its final response is not a no-op on Triton 2.51 (with concurrent
+        streams the decoupled qwen3vl ensemble can then not unload at shutdown)."""
+        try:
+            self.client.stop_stream(cancel_requests=bool(self.queues) if cancel is None else cancel)
+        finally:
+            if self.own:
+                self.client.close()
