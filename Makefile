@@ -61,3 +61,10 @@ serve: venv
 
 clean:
 	rm -rf build checkpoints load_tests/reports .pytest_cache
+
+# The served stack against transformers in the same run: table + JSON + PNG in load_tests/reports/
+# (bench-latest.json holds the target figures). QUICK=1: the CI size, under two minutes.
+QUICK ?=
+.PHONY: bench
+bench: venv
+	$(BIN)/python -m load_tests.bench $(if $(QUICK),--quick,)

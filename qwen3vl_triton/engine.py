@@ -87,10 +87,22 @@ class EngineStats:
 class Engine:
     def __init__(self, spec: ModelSpec, dtype: str = "float32", max_batch: int = 16,
                  max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
-                 on_step: Callable[["StepReport"], None] | None = None):
-        """`on_step` is called after every step (from the engine thread), e.g. to export metrics."""
+                 on_step: Callable[["StepReport"], None] | None = None, threads: int | None = None,
+                 shared_threads: int = 1, parallel_min_tokens: int = 64):
+        """`on_step` is called after every step (from the engine thread), e.g. to export metrics.
+
+        Threads: a step that prefills one prompt (at least `parallel_min_tokens` tokens) while
+        no other sequence runs uses `threads` (default: torch's setting) -- it is compute-bound
+        and its request waits for it. Every other step -- decoding, or prefilling while others
+        decode -- runs on `shared_threads`: a decode step reads the weights of the experts it
+        touches and gains only ~1.3x from a second thread, and under concurrency the other core
+        is busy with the vision encoder and the server; an OpenMP team that loses a core to them
+        stalls at every op (5-10x slower measured on 2 cores). load_tests/bench.py measures both."""
         self.spec = spec
         self.on_step = on_step
+        self.threads = threads or torch.get_num_threads()
+        self.shared_threads = min(shared_threads, self.threads)
+        self.parallel_min_tokens = parallel_min_tokens
         self.max_seq_len = min(max_seq_len or 4096, spec.max_position_embeddings)
         self.max_output_len = max_output_len or self.max_seq_len
         self.max_num_tokens = max_num_tokens
@@ -273,6 +285,10 @@ class Engine:
             return
         self._compact()
         plan = self._plan()
+        alone = len(plan) == 1 and plan[0][1] >= self.parallel_min_tokens
+        threads = self.threads if alone else self.shared_threads
+        if torch.get_num_threads() != threads:  # OpenMP and MKL keep this per thread: the engine's
+            torch.set_num_threads(threads)
         t0 = time.perf_counter()
         try:
             logits = self.lm.forward([self._step_seq(seq, n) for seq, n in plan])

@@ -29,28 +29,47 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[T, d/2]` -> `[T, 1, d]` for `rotate`; built once per step, shared by every layer."""
+    cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype)
+    sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(dtype)
+    return cos, sin
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half convention. x `[T, heads, d]`, cos/sin `[T, d/2]`."""
-    cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(x.dtype)
-    sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(x.dtype)
+    """Rotary embedding, rotate-half convention. x `[T, heads, d]`, cos/sin `[T, 1, d]` (rotary_tables)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+# Up to this many rows, `linear` computes `(w @ x^T)^T`: for a handful of rows MKL's sgemm is
+# slow on `x @ w^T` (about 11 GB/s of weights on the 2-core benchmark machine) and streams
+# `w @ x^T` about twice as fast (20-36 GB/s). Decode steps and most experts' shares of a step
+# are this small, and there the weights' bytes, not the FLOPs, set the time.
+FEW_ROWS = 8
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias), with the faster orientation for few rows."""
+    rows = x.shape[0]
+    if rows > FEW_ROWS:
+        return F.linear(x, w, bias)
+    if rows == 1:  # one row goes to MKL's gemv, half as fast as a two-column gemm: send it twice
+        x = x.repeat(2, 1)
+    y = torch.mm(w, x.t())[:, :rows].t()
+    return y if bias is None else y + bias
 
 
 @dataclass
 class Layer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    q: torch.Tensor  # (heads * d, H)
-    k: torch.Tensor  # (kv_heads * d, H)
-    v: torch.Tensor
+    qkv: torch.Tensor  # ((heads + 2 kv_heads) * d, H): q, k and v projections stacked, one matmul
     o: torch.Tensor  # (H, heads * d)
     q_norm: torch.Tensor  # (d,)
     k_norm: torch.Tensor
-    q_bias: torch.Tensor | None = None
-    k_bias: torch.Tensor | None = None
-    v_bias: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None
     router: torch.Tensor | None = None  # (E, H)
     gate_up: torch.Tensor | None = None  # (E, 2I, H)
@@ -90,14 +109,18 @@ class Weights:
         h, inter = spec.hidden_size, spec.moe_intermediate_size
         for i in range(spec.num_layers):
             p = f"layers.{i}."
+            a = p + "self_attn."
+            biases = [take(a + f"{n}_proj.bias", False) for n in "qkv"]
+            if any(b is not None for b in biases) and any(b is None for b in biases):
+                raise ValueError(f"{spec.path}: layer {i} has a bias on some of q, k, v but not all")
             layer = Layer(
                 input_norm=take(p + "input_layernorm.weight"),
                 post_norm=take(p + "post_attention_layernorm.weight"),
-                q=take(p + "self_attn.q_proj.weight"), k=take(p + "self_attn.k_proj.weight"),
-                v=take(p + "self_attn.v_proj.weight"), o=take(p + "self_attn.o_proj.weight"),
-                q_norm=take(p + "self_attn.q_norm.weight"), k_norm=take(p + "self_attn.k_norm.weight"),
-                q_bias=take(p + "self_attn.q_proj.bias", False), k_bias=take(p + "self_attn.k_proj.bias", False),
-                v_bias=take(p + "self_attn.v_proj.bias", False), o_bias=take(p + "self_attn.o_proj.bias", False),
+                qkv=torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"]),
+                o=take(a + "o_proj.weight"),
+                q_norm=take(a + "q_norm.weight"), k_norm=take(a + "k_norm.weight"),
+                qkv_bias=None if biases[0] is None else torch.cat(biases),
+                o_bias=take(a + "o_proj.bias", False),
             )
             if spec.is_moe_layer(i):
                 layer.router = take(p + "mlp.gate.weight")
@@ -186,21 +209,21 @@ class LanguageModel:
         spec, layer = self.spec, self.w.layers[i]
         t = x.shape[0]
         d = spec.head_dim
-        q = F.linear(x, layer.q, layer.q_bias).view(t, spec.num_heads, d)
-        k = F.linear(x, layer.k, layer.k_bias).view(t, spec.num_kv_heads, d)
-        v = F.linear(x, layer.v, layer.v_bias).view(t, spec.num_kv_heads, d)
-        q = rotate(rms_norm(q, layer.q_norm, spec.rms_norm_eps), cos, sin)
-        k = rotate(rms_norm(k, layer.k_norm, spec.rms_norm_eps), cos, sin)
+        qkv = linear(x, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d], dim=-1)
+        q = rotate(rms_norm(q.reshape(t, spec.num_heads, d), layer.q_norm, spec.rms_norm_eps), cos, sin)
+        k = rotate(rms_norm(k.reshape(t, spec.num_kv_heads, d), layer.k_norm, spec.rms_norm_eps), cos, sin)
+        v = v.reshape(t, spec.num_kv_heads, d)
         kc, vc = self.cache.k[i], self.cache.v[i]
         out = torch.empty((t, spec.num_heads, d), dtype=self.dtype)
         decode, offset = [], 0
         for s in batch:
             n = s.ids.numel()
-            kc[s.slot, :, s.past:s.past + n] = k[offset:offset + n].transpose(0, 1)
-            vc[s.slot, :, s.past:s.past + n] = v[offset:offset + n].transpose(0, 1)
             if n == 1:
                 decode.append((offset, s))
             else:
+                kc[s.slot, :, s.past:s.past + n] = k[offset:offset + n].transpose(0, 1)
+                vc[s.slot, :, s.past:s.past + n] = v[offset:offset + n].transpose(0, 1)
                 qs = q[offset:offset + n].transpose(0, 1)[None]  # (1, heads, n, d)
                 ks = kc[s.slot, :, :s.past + n][None]  # (1, kv_heads, past + n, d)
                 vs = vc[s.slot, :, :s.past + n][None]
@@ -212,50 +235,53 @@ class LanguageModel:
                 out[offset:offset + n] = o[0].transpose(0, 1)
             offset += n
         if decode:
-            self._decode_attention(decode, q, kc, vc, out)
-        return F.linear(out.view(t, -1), layer.o, layer.o_bias)
+            self._decode_attention(decode, q, k, v, kc, vc, out)
+        return linear(out.view(t, -1), layer.o, layer.o_bias)
 
-    def _decode_attention(self, decode, q, kc, vc, out) -> None:
-        """One attention call for all single-token sequences, over their slots of the cache."""
+    def _decode_attention(self, decode, q, k, v, kc, vc, out) -> None:
+        """All single-token sequences at once: one cache write and one attention call over their slots."""
+        spec = self.spec
         slots = [s.slot for _, s in decode]
-        lengths = torch.tensor([s.past + 1 for _, s in decode])
-        longest = int(lengths.max())
+        pos = torch.tensor([s.past for _, s in decode])
         rows = torch.tensor([o for o, _ in decode])
+        slot_index = torch.tensor(slots)[:, None]
+        heads = torch.arange(spec.num_kv_heads)[None, :]
+        kc[slot_index, heads, pos[:, None]] = k[rows]  # (B, kv_heads, d), each at its sequence's position
+        vc[slot_index, heads, pos[:, None]] = v[rows]
+        longest = int(pos.max()) + 1
         if slots == list(range(slots[0], slots[0] + len(slots))):  # contiguous: a view, no copy
             ks = kc[slots[0]:slots[0] + len(slots), :, :longest]
             vs = vc[slots[0]:slots[0] + len(slots), :, :longest]
         else:
-            index = torch.tensor(slots)
-            ks = kc[index, :, :longest]
-            vs = vc[index, :, :longest]
-        mask = (torch.arange(longest)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L)
+            ks, vs = kc[slot_index[:, 0], :, :longest], vc[slot_index[:, 0], :, :longest]
+        mask = (torch.arange(longest)[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
         o = F.scaled_dot_product_attention(q[rows][:, :, None, :], ks, vs, attn_mask=mask, enable_gqa=True)
         out[rows] = o[:, :, 0, :]
 
     def _moe(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         top_k = self.spec.experts_per_token
-        probs = torch.softmax(F.linear(x, layer.router), dim=-1, dtype=torch.float)  # (T, E)
+        probs = torch.softmax(linear(x, layer.router), dim=-1, dtype=torch.float)  # (T, E)
         weights, experts = torch.topk(probs, top_k, dim=-1)  # (T, k)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype).reshape(-1)
         flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)  # the (T, k) choices grouped by expert
         counts = torch.bincount(flat, minlength=layer.router.shape[0]).tolist()
-        out = torch.zeros_like(x)
-        start = 0
+        tokens = order // top_k
+        xs = x[tokens]  # (T * k, H): each token once per expert that chose it, grouped by expert
+        ys, start = [], 0
         for e, c in enumerate(counts):
             if not c:
                 continue
-            picks = order[start:start + c]  # positions in the flattened (T, k) choices
+            gate, up = linear(xs[start:start + c], layer.gate_up[e]).chunk(2, dim=-1)
+            ys.append(linear(F.silu(gate) * up, layer.down[e]))
             start += c
-            tokens = picks // top_k
-            gate, up = F.linear(x[tokens], layer.gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, layer.down[e]) * weights[picks, None]
-            out.index_add_(0, tokens, y)
-        return out
+        y = torch.cat(ys) * weights[order, None]
+        # one scatter-add in expert order: each token sums its experts in the same order as before
+        return torch.zeros_like(x).index_add_(0, tokens, y)
 
     @staticmethod
     def _dense(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, layer.mlp_gate)) * F.linear(x, layer.mlp_up), layer.mlp_down)
+        return linear(F.silu(linear(x, layer.mlp_gate)) * linear(x, layer.mlp_up), layer.mlp_down)
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -266,8 +292,7 @@ class LanguageModel:
             if s.past + s.ids.numel() > self.cache.max_len:
                 raise ValueError(f"sequence in slot {s.slot} exceeds the cache length {self.cache.max_len}")
         h, ds_index, ds_rows = self._embed(batch)
-        cos = torch.cat([s.cos for s in batch])
-        sin = torch.cat([s.sin for s in batch])
+        cos, sin = rotary_tables(torch.cat([s.cos for s in batch]), torch.cat([s.sin for s in batch]), self.dtype)
         for i, layer in enumerate(self.w.layers):
             h = h + self._attention(i, rms_norm(h, layer.input_norm, spec.rms_norm_eps), batch, cos, sin)
             x = rms_norm(h, layer.post_norm, spec.rms_norm_eps)
@@ -280,5 +305,5 @@ class LanguageModel:
             picks.append(torch.arange(offset, offset + n) if s.all_logits else torch.tensor([offset + n - 1]))
             offset += n
         sel = torch.cat(picks)
-        logits = F.linear(rms_norm(h[sel], self.w.norm, spec.rms_norm_eps), self.w.lm_head).float()
+        logits = linear(rms_norm(h[sel], self.w.norm, spec.rms_norm_eps), self.w.lm_head).float()
         return list(logits.split([p.numel() for p in picks]))

@@ -1,0 +1,445 @@
+"""`make bench`: the served stack against transformers, measured in the same run.
+
+    python -m load_tests.bench            # full run (a few minutes)
+    python -m load_tests.bench --quick    # CI: under two minutes, every target figure filled
+
+Rows (warm-up excluded, closed loop, 128 greedy output tokens per request):
+- transformers: `Qwen3VLMoeForConditionalGeneration.generate` in process, sequential, fp32,
+  greedy, image decode and preprocessing inside each request -- the baseline;
+- qwen3vl: the single-server ensemble over gRPC streaming at concurrency 1, 4, 8, 16;
+- disagg-shm / disagg-grpc: qwen3vl_triton.transfer.Disaggregated (encode on the encoder server,
+  table moved through system shared memory or gRPC payloads, generation on the language server)
+  at concurrency 1 and 8.
+Plus the micro-benchmarks behind the targets (bench_micro.py) and the roofline of the workload.
+Writes load_tests/reports/bench-<stamp>.json/.png and bench-latest.json/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `client` and `tests.oracle` import from the checkout
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from load_tests import bench_load as load  # noqa: E402
+from load_tests import bench_micro as micro  # noqa: E402
+from load_tests import bench_report as report  # noqa: E402
+from load_tests.bench_report import Run  # noqa: E402
+
+TARGET_SIZE = (448, 448)  # the image size the targets are stated for
+
+# Serving settings of every server the bench starts. vision_queue_delay_us=0: on a CPU the
+# vision tower's time grows with the patches it encodes, so holding a request back to batch it
+# with later ones saves nothing; requests that queue while the encoder is busy are still
+# batched. (The repository's default, 2000 us, adds 2 ms to every request's latency here.)
+SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=2, engine_max_batch=16, max_batch_size=16,
+                       vision_queue_delay_us=0)
+
+
+@dataclass
+class Config:
+    quick: bool
+    sizes: tuple[tuple[int, int], ...]
+    concurrency: tuple[int, ...]
+    disagg_concurrency: tuple[int, ...]
+    max_tokens: int = 128
+    warmup_tokens: int = 4
+    per_worker: int = 2  # measured requests per worker at concurrency > 1
+    single_requests: int = 4  # measured requests at concurrency 1 (and of the baseline, in turn with them)
+    chunk_rows: int = 1024  # rows per table chunk of the disaggregated transfer
+    split_servers: bool = True  # disaggregated rows on an encoder and a language server
+    decode_context: int = 284  # cache length of the decode-step comparison (prompt + 64 tokens)
+    overhead_requests: int = 30
+
+    @classmethod
+    def make(cls, quick: bool) -> "Config":
+        if quick:
+            return cls(True, (TARGET_SIZE,), (1, 8), (1, 8), per_worker=1, single_requests=3,
+                       split_servers=False, overhead_requests=20)
+        return cls(False, (TARGET_SIZE, (896, 448)), (1, 4, 8, 16), (1, 8))
+
+    def requests(self, concurrency: int, disagg: bool = False) -> int:
+        if concurrency == 1:
+            return 1 if disagg and self.quick else self.single_requests
+        return concurrency * self.per_worker
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def environment(server_version: str = "?") -> dict:
+    import numpy
+    import torch
+    import transformers
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tritonserver": server_version,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": round(os.getloadavg()[0], 2),
+    }
+
+
+# -- servers ------------------------------------------------------------------------------------------
+def start_server(checkpoint: Path, topology: str, name: str, **settings):
+    from qwen3vl_triton.repository import Settings, render
+    from qwen3vl_triton.server import Ports, TritonServer, free_ports
+
+    base = ROOT / "build" / "bench" / name
+    base.mkdir(parents=True, exist_ok=True)
+    values = dict(SERVER_SETTINGS)
+    values.update(settings)
+    repo = render(checkpoint, base / "repository", topology=topology, settings=Settings(**values))
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo, Ports(http, grpc, metrics), build_dir=base, log_file=base / "tritonserver.log")
+    t0 = time.perf_counter()
+    log(f"[bench] starting tritonserver ({name}: {topology}, {checkpoint.name}) ...")
+    server.start(timeout=600, log=log)
+    log(f"[bench] {name} ready in {time.perf_counter() - t0:.1f}s on {server.grpc_url}")
+    return server
+
+
+def server_version(url: str) -> str:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as c:
+        return c.get_server_metadata().version
+
+
+# -- the parts of a run ----------------------------------------------------------------------------------
+def paired_runs(cfg: Config, base, url: str, items: dict, prompt_lengths: dict) -> tuple[list, dict]:
+    """The baseline and qwen3vl at concurrency 1, request by request in turn (transformers, then the
+    server, on the same item), so that both see the same machine: other work on the host moves
+    both rows alike instead of one of them. Both are sequential, so each run's time is the sum
+    of its requests' times. Returns the runs and, per image size, whether the served greedy
+    text equals transformers' for the first request."""
+    runs, checks = [], {}
+    session = load.EnsembleSession(url, prompt_lengths)
+    try:
+        for size in cfg.sizes:
+            work = items[size][:cfg.single_requests]
+            base.request(work[0], cfg.warmup_tokens)
+            session.request(work[0], cfg.warmup_tokens)
+            pair = {"transformers": Run("transformers", 1, load.size_name(size), cfg.max_tokens, 0.0),
+                    "qwen3vl": Run("qwen3vl", 1, load.size_name(size), cfg.max_tokens, 0.0)}
+            texts = []
+            for item in work:
+                for mode, target in (("transformers", base), ("qwen3vl", session)):
+                    t0 = time.perf_counter()
+                    sample = target.request(item, cfg.max_tokens)
+                    pair[mode].seconds += time.perf_counter() - t0
+                    sample.input_tokens = prompt_lengths[item]
+                    pair[mode].samples.append(sample)
+                texts.append(session.texts[-1])
+            ids = base.ids(work[0], cfg.max_tokens)
+            checks[load.size_name(size)] = texts[0] == base.text(ids)  # greedy: token for token
+            for run in pair.values():
+                log(f"[bench] {run.mode:12s} c=1  {run.image}: {len(run.samples)} requests, "
+                    f"{run.tokens / run.seconds:.1f} output tokens/s, TTFT p50 "
+                    f"{1e3 * statistics.median(x.ttft for x in run.samples):.0f} ms")
+            runs += pair.values()
+    finally:
+        session.close()
+    return runs, checks
+
+
+def ensemble_runs(cfg: Config, url: str, items: dict, prompt_lengths: dict) -> list:
+    """qwen3vl at the concurrencies above 1 (closed loop)."""
+    runs = []
+    for size in cfg.sizes:
+        for c in cfg.concurrency:
+            if c == 1:
+                continue
+            work = items[size][:cfg.requests(c)]
+            runs.append(load.closed_loop(lambda: load.EnsembleSession(url, prompt_lengths), work, c, 1,
+                                         cfg.max_tokens, cfg.warmup_tokens, "qwen3vl", log))
+    return runs
+
+
+def disagg_runs(cfg: Config, encoder_url: str, language_url: str, items: dict, prompt_lengths: dict) -> list:
+    runs = []
+    for transport in ("shm", "grpc"):
+        for size in cfg.sizes:
+            for c in cfg.disagg_concurrency:
+                work = items[size][:cfg.requests(c, disagg=True)]
+                run = load.closed_loop(
+                    lambda: load.DisaggSession(encoder_url, language_url, transport, cfg.chunk_rows, prompt_lengths),
+                    work, c, 1, cfg.max_tokens, cfg.warmup_tokens, f"disagg-{transport}", log)
+                run.notes = f"chunk_rows={cfg.chunk_rows}"
+                runs.append(run)
+    return runs
+
+
+def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, repeats: int = 10,
+                 large_mib: int = 32) -> dict:
+    """bytes/s of sending a table from the shared-memory region into the language server (the
+    sequence is started first; `send_table` alone is timed), against np.copyto of the same bytes.
+
+    First the workload's own table (the encoder writes it into the region), at each chunk size;
+    then a synthetic `large_mib` table in one chunk, to show the per-byte cost without the
+    per-chunk round trip (and a memcpy that no longer fits the caches)."""
+    import numpy as np
+    import tritonclient.utils.shared_memory as shm
+
+    from qwen3vl_triton.transfer import Disaggregated, Encoded, TransferStats, send_table
+
+    def timed(d, enc, rows, first_corrid):
+        times = []
+        for i in range(repeats + 2):
+            corrid = first_corrid + i
+            d.lang.start(corrid, enc, 8)
+            stats = TransferStats()
+            send_table(d.lang, corrid, d.source(enc), rows, 0, stats)
+            d.lang.end(corrid)
+            if i >= 2:  # the first two warm up
+                times.append(stats.seconds)
+        return statistics.median(times)
+
+    out = {}
+    with Disaggregated(encoder_url, language_url, transport="shm", region_bytes=(large_mib + 8) * 2**20) as d:
+        enc = d.encode(item.prompt, [item.image], 8)
+        copy = micro.memcpy_seconds(enc.table_bytes)
+        out.update(table_bytes=enc.table_bytes, table_rows=enc.rows, memcpy_gbps=enc.table_bytes / copy / 1e9)
+        for rows in chunk_rows_options:
+            t = timed(d, enc, rows, 1_000_000 + 100 * rows)
+            out[f"chunk_rows_{rows}"] = {"seconds": t, "gbps": enc.table_bytes / t / 1e9, "ratio": copy / t}
+        # the same request with a big table: rows = 4 S; one image token is enough for `start`
+        rows = large_mib * 2**20 // (enc.hidden * 4)
+        table = np.random.default_rng(0).standard_normal((rows, enc.hidden), dtype=np.float32)
+        shm.set_shared_memory_region(d._shm, [table])
+        per_position = enc.mrope_cos_sin.size // enc.input_ids.size
+        big = Encoded(np.append(enc.input_ids[:4], enc.input_ids.max()), rows, enc.hidden,
+                      enc.mrope_cos_sin[:5 * per_position], 0)
+        t = timed(d, big, rows, 2_000_000)
+        copy = micro.memcpy_seconds(table.nbytes)
+        out["large_table"] = {"bytes": table.nbytes, "chunk_rows": rows, "seconds": t, "gbps": table.nbytes / t / 1e9,
+                              "memcpy_gbps": table.nbytes / copy / 1e9, "ratio": copy / t}
+    return out
+
+
+def overhead(checkpoint: Path, url: str, requests: int) -> dict:
+    """Server overhead per request, on the tiny profile (its compute is a few milliseconds, so
+    what the server adds shows): a 1-token request with one 64x64 image and a short prompt.
+
+    overhead_ms = p50 of the end-to-end latency at the client (send on an open gRPC stream to
+    the final response of `qwen3vl`) minus p50 of the same work in this process through the
+    same package code (preprocess, vision encode, engine prefill + first token through the
+    engine thread, detokenize). The two are measured alternately, so a busy machine weighs on
+    both. Not counted: opening a gRPC stream per request, which `client.Client.generate` does
+    (reported as client_generate_p50_ms). Triton's per-model statistics come along."""
+    import torch
+
+    from client import Client
+    from qwen3vl_triton.checkpoint import ModelSpec
+    from qwen3vl_triton.detok import IncrementalDetokenizer
+    from qwen3vl_triton.engine import Engine, Request
+    from qwen3vl_triton.preprocess import Preprocessor
+    from qwen3vl_triton.vision import EncodeRequest, VisionEncoder
+
+    prompt, image = "Describe this image in short.", load.seeded_image(64, 64, seed=0)
+    spec = ModelSpec.load(checkpoint)
+    pre, enc = Preprocessor(spec, max_images=2), VisionEncoder(spec)
+    # One thread in process, as the server runs this work: the tiny model's ops are too small for
+    # a second thread to pay (the server's stubs pick one thread for it too), and a team of two
+    # would make the reference, not the server, suffer when the host is busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = Engine(spec, max_batch=16, max_seq_len=2048, max_output_len=256, threads=1)
+    detok = IncrementalDetokenizer(pre.tokenizer)
+
+    def in_process():
+        p = pre(prompt, [image])
+        r = enc.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+        ids, _ = engine.generate(Request(p.input_ids, 1, end_id=spec.end_id, table=r.prompt_embedding_table,
+                                         mrope_cos_sin=r.mrope_rotary_cos_sin, mrope_delta=r.mrope_position_deltas))
+        detok.add(ids)
+
+    stream = load.OpenStream(url)
+    client = Client(url, protocol="grpc")
+    kinds = {"in_process": in_process, "served": lambda: stream.generate(prompt, [image], 1),
+             "client_generate": lambda: client.generate_text(prompt, [image], max_tokens=1)}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    try:
+        for i in range(requests + 5):
+            for name, fn in kinds.items():
+                t0 = time.perf_counter()
+                fn()
+                if i >= 5:  # warm-up
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        engine.shutdown()
+        stream.close()
+        client.close()
+        torch.set_num_threads(threads)
+    out = {f"{k}_p50_ms": 1e3 * statistics.median(v) for k, v in times.items()}
+    out.update({f"{k}_min_ms": 1e3 * min(v) for k, v in times.items()})
+    out["overhead_ms"] = out["served_p50_ms"] - out["in_process_p50_ms"]
+    out["triton_stats_ms"] = triton_stats(url)
+    return out
+
+
+def triton_stats(url: str) -> dict:
+    """Per model: average queue and compute milliseconds per request, from Triton's statistics."""
+    import tritonclient.grpc as grpcclient
+
+    out = {}
+    with grpcclient.InferenceServerClient(url) as c:
+        stats = c.get_inference_statistics(as_json=True)
+    for m in stats.get("model_stats", []):
+        s = m.get("inference_stats", {})
+        n = int(s.get("success", {}).get("count", 0)) or 1
+        out[m["name"]] = {k: int(s.get(k, {}).get("ns", 0)) / n / 1e6
+                          for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    return out
+
+
+def roofline(cfg: Config, checkpoint: Path, rates: dict, prompt_len: dict, decode: dict) -> dict:
+    """FLOPs of the workload's prefill (vision tower + language model) and bytes one decode step
+    reads, against the machine's measured matmul rate and read bandwidth."""
+    import torch
+
+    from qwen3vl_triton.checkpoint import ModelSpec
+    from qwen3vl_triton.engine import Request  # noqa: F401 -- engine import keeps lm's deps loaded
+    from qwen3vl_triton.lm import LanguageModel, StepSeq
+    from qwen3vl_triton import mrope
+    from qwen3vl_triton.preprocess import Preprocessor
+    from qwen3vl_triton.vision import EncodeRequest, VisionEncoder
+
+    spec = ModelSpec.load(checkpoint)
+    pre, enc = Preprocessor(spec, max_images=2), VisionEncoder(spec)
+    item = load.workload(TARGET_SIZE, 1)[0]
+    p = pre(item.prompt, [item.image])
+    vision_flops = micro.count_flops(lambda: enc.features(p.pixel_values, p.image_grid_thw))
+    r = enc.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+    lm = LanguageModel(spec, slots=1, max_len=p.input_ids.size + 8)
+    cos, sin = mrope.unpack_cos_sin(r.mrope_rotary_cos_sin, spec, p.input_ids.size)
+    seq = StepSeq(0, torch.from_numpy(p.input_ids.astype("int64")), 0, cos, sin, r.prompt_embedding_table)
+    lm_flops = micro.count_flops(lambda: lm.forward([seq]))
+    gflops, gbps = rates["matmul_gflops"], rates["read_gbps"]
+    ctx = decode["context"]
+    b1 = micro.decode_step_bytes(spec, 1, ctx)
+    b8 = micro.decode_step_bytes(spec, 8, ctx)
+    return {
+        "prompt_tokens": int(p.input_ids.size),
+        "vision_prefill_gflop": vision_flops / 1e9,
+        "lm_prefill_gflop": lm_flops / 1e9,
+        "matmul_gflops_measured": gflops,
+        "read_gbps_measured": gbps,
+        "prefill_floor_ms": 1e3 * (vision_flops + lm_flops) / (gflops * 1e9),
+        "decode_b1_mbytes": b1["total"] / 1e6,
+        "decode_b8_mbytes": b8["total"] / 1e6,
+        "decode_b8_experts_per_layer": b8["experts_per_layer"],
+        "decode_b1_floor_ms": 1e3 * b1["total"] / (gbps * 1e9),
+        "decode_b8_floor_ms": 1e3 * b8["total"] / (gbps * 1e9),
+        "decode_b1_engine_ms": decode["engine_b1_ms"],
+        "decode_b8_engine_ms": decode["engine_b8_ms"],
+        "decode_b8_transformers_ms": decode["transformers_b8_ms"],
+        # one request's compute at concurrency 8: its prefill plus an eighth of each b8 step
+        "c8_tokens_per_s_ceiling": cfg.max_tokens / ((vision_flops + lm_flops) / (gflops * 1e9)
+                                                     + cfg.max_tokens * b8["total"] / (gbps * 1e9) / 8),
+    }
+
+
+# -- main ----------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CI size: under two minutes, every target filled")
+    ap.add_argument("--out-dir", default=str(ROOT / "load_tests" / "reports"))
+    ap.add_argument("--checkpoint", help="the `small` profile checkpoint (default: build checkpoints/small)")
+    ap.add_argument("--tiny-checkpoint", help="the `tiny` checkpoint for the overhead figure")
+    args = ap.parse_args(argv)
+
+    from qwen3vl_triton.checkpoint import ModelSpec
+    from qwen3vl_triton.preprocess import Preprocessor
+    from qwen3vl_triton.tiny import ensure_checkpoint
+
+    cfg = Config.make(args.quick)
+    t_start = time.perf_counter()
+    small = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(ROOT / "checkpoints" / "small", "small",
+                                                                             log=log)
+    tiny = Path(args.tiny_checkpoint) if args.tiny_checkpoint else ensure_checkpoint(ROOT / "checkpoints" / "tiny",
+                                                                                     "tiny", log=log)
+    env = environment()
+    log(f"[bench] {'quick' if cfg.quick else 'full'} run; {env['cores']} cores, torch {env['torch']}, "
+        f"transformers {env['transformers']}, load average {env['loadavg_start']}")
+
+    spec = ModelSpec.load(small)
+    pre = Preprocessor(spec, max_images=2)
+    most = max(cfg.requests(c) for c in (*cfg.concurrency, *cfg.disagg_concurrency))
+    items = {size: load.workload(size, most) for size in cfg.sizes}
+    prompt_lengths = {it: load.input_tokens(pre, it) for size in cfg.sizes for it in items[size]}
+
+    rates = micro.machine_rates()
+    log(f"[bench] machine: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul, {rates['read_gbps']:.1f} GB/s read")
+    decode = micro.decode_step(small, cfg.decode_context, log=log)
+    roof = roofline(cfg, small, rates, prompt_lengths, decode)
+
+    micro_figs: dict = {"decode_step": decode, "machine": rates,
+                        "decode_step_b8_ratio": decode["decode_step_b8_ratio"]}
+
+    server = start_server(small, "all", "small-all")
+    try:
+        env["tritonserver"] = server_version(server.grpc_url)
+        base = load.TransformersBaseline(small)
+        runs, micro_figs["greedy_text_equal"] = paired_runs(cfg, base, server.grpc_url, items, prompt_lengths)
+        del base  # the server's rows run without transformers in memory
+        runs += ensemble_runs(cfg, server.grpc_url, items, prompt_lengths)
+        if not cfg.split_servers:
+            micro_figs["shm_transfer"] = shm_transfer(server.grpc_url, server.grpc_url, items[TARGET_SIZE][0],
+                                                      (64, cfg.chunk_rows))
+            runs += disagg_runs(cfg, server.grpc_url, server.grpc_url, items, prompt_lengths)
+    finally:
+        server.stop()
+    if cfg.split_servers:
+        encoder = start_server(small, "encoder", "small-encoder")
+        try:
+            language = start_server(small, "language", "small-language")
+            try:
+                micro_figs["shm_transfer"] = shm_transfer(encoder.grpc_url, language.grpc_url,
+                                                          items[TARGET_SIZE][0], (64, cfg.chunk_rows))
+                runs += disagg_runs(cfg, encoder.grpc_url, language.grpc_url, items, prompt_lengths)
+            finally:
+                language.stop()
+        finally:
+            encoder.stop()
+    micro_figs["shm_vs_memcpy_ratio"] = micro_figs["shm_transfer"][f"chunk_rows_{cfg.chunk_rows}"]["ratio"]
+
+    tiny_server = start_server(tiny, "single", "tiny-single")
+    try:
+        micro_figs["overhead"] = overhead(tiny, tiny_server.grpc_url, cfg.overhead_requests)
+    finally:
+        tiny_server.stop()
+    micro_figs["overhead_ms"] = micro_figs["overhead"]["overhead_ms"]
+
+    env["loadavg_end"] = round(os.getloadavg()[0], 2)
+    env["seconds"] = round(time.perf_counter() - t_start, 1)
+    config = {k: v for k, v in vars(cfg).items()}
+    config["server_settings"] = SERVER_SETTINGS
+    config["target_image"] = load.size_name(TARGET_SIZE)
+    data = report.report(runs, micro_figs, env, roof, load.size_name(TARGET_SIZE), config)
+    paths = report.write(data, Path(args.out_dir), time.strftime("%Y%m%d-%H%M%S"))
+    log("")
+    log(report.render_text(data))
+    log("")
+    log(f"[bench] wrote {paths['json']}, {paths['png']} and {paths['latest_json']} in {env['seconds']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

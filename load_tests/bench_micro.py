@@ -1,0 +1,134 @@
+"""In-process micro-benchmarks of the bench: the machine's roofline, the engine's batch-8 decode
+step against transformers' own, and np.copyto as the yardstick of the shared-memory transfer.
+
+Timings are medians over repeats after a warm-up; they are figures for the report, never asserted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def _seconds(fn, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    return statistics.median(_seconds(fn, repeats, warmup))
+
+
+# -- the machine ----------------------------------------------------------------------------------
+def machine_rates(repeats: int = 7) -> dict:
+    """Peak fp32 matmul rate (GFLOP/s), memory read and copy bandwidth (GB/s) with torch's
+    threads: the best of `repeats`, since the physical limit is what a quiet moment shows."""
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    mm = min(_seconds(lambda: torch.mm(a, b), repeats))
+    big = torch.ones(64 * 2**20)  # 256 MiB: far beyond the caches, like streaming the weights
+    dst = torch.empty_like(big)
+    read = min(_seconds(lambda: big.sum(), repeats))
+    copy = min(_seconds(lambda: dst.copy_(big), repeats))
+    nbytes = big.numel() * 4
+    return {
+        "matmul_gflops": 2 * n ** 3 / mm / 1e9,
+        "read_gbps": nbytes / read / 1e9,
+        "copy_gbps": 2 * nbytes / copy / 1e9,  # bytes read + bytes written
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def count_flops(fn) -> int:
+    """FLOPs of the matmuls and attention that `fn` runs (torch's own counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def decode_step_bytes(spec, batch: int, context: int, dtype_bytes: int = 4) -> dict:
+    """Bytes one decode step must read: weights touched (attention, router, the experts the batch
+    selects, norms, lm_head, its embedding rows) and the KV cache of the batch.
+
+    Experts: each token picks `k` of `E`; with uniform routing a batch of `b` touches on average
+    E * (1 - (1 - k/E)^b) distinct experts per layer."""
+    h, d = spec.hidden_size, spec.head_dim
+    attn = h * d * (2 * spec.num_heads + 2 * spec.num_kv_heads)
+    expert = 3 * h * spec.moe_intermediate_size
+    dense = 3 * h * spec.intermediate_size
+    e, k = spec.num_experts, spec.experts_per_token
+    distinct = e * (1 - (1 - k / e) ** batch) if e else 0.0
+    per_layer = [attn + (h * e + distinct * expert if spec.is_moe_layer(i) else dense) + 4 * h
+                 for i in range(spec.num_layers)]
+    weights = (sum(per_layer) + h * spec.vocab_size + batch * h + h) * dtype_bytes
+    kv = 2 * spec.num_layers * spec.num_kv_heads * d * context * batch * dtype_bytes
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv, "experts_per_layer": distinct}
+
+
+# -- engine vs transformers decode step ----------------------------------------------------------------
+def decode_step(checkpoint, context: int, batch: int = 8, repeats: int = 20, log=print) -> dict:
+    """Median seconds of one decode step at `context` tokens of cache, for the engine's
+    LanguageModel.forward (`batch` decode StepSeqs) and for transformers'
+    Qwen3VLMoeForConditionalGeneration forward (input `[batch, 1]`, a DynamicCache), same weights.
+    Both also at batch 1. The cache is cropped back after each transformers step, so every step
+    sees the same context length; the engine overwrites the same cache position."""
+    from transformers import DynamicCache, Qwen3VLMoeForConditionalGeneration
+
+    from qwen3vl_triton import mrope
+    from qwen3vl_triton.checkpoint import ModelSpec
+    from qwen3vl_triton.lm import LanguageModel, StepSeq
+
+    spec = ModelSpec.load(checkpoint)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.vocab_size, (batch, context), generator=gen)
+    nxt = torch.randint(0, spec.vocab_size, (batch, 1), generator=gen)
+    out = {"context": context, "batch": batch}
+
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    for b in (1, batch):
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(input_ids=ids[:b], past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+            def step():
+                model(input_ids=nxt[:b], past_key_values=cache, use_cache=True)
+                cache.crop(-1)
+
+            out[f"transformers_b{b}_ms"] = 1e3 * _median_seconds(step, repeats, warmup=3)
+        log(f"[bench] transformers decode step b{b}: {out[f'transformers_b{b}_ms']:.2f} ms")
+    del model
+
+    lm = LanguageModel(spec, slots=batch, max_len=context + 8)
+    cos, sin = mrope.text_cos_sin(torch.arange(context), spec)
+    lm.forward([StepSeq(s, ids[s], 0, cos, sin) for s in range(batch)])  # prefill every slot
+    dcos, dsin = mrope.text_cos_sin(torch.tensor([context]), spec)
+    for b in (1, batch):
+        seqs = [StepSeq(s, nxt[s], context, dcos, dsin) for s in range(b)]
+        out[f"engine_b{b}_ms"] = 1e3 * _median_seconds(lambda: lm.forward(seqs), repeats, warmup=3)
+        log(f"[bench] engine decode step b{b}: {out[f'engine_b{b}_ms']:.2f} ms")
+    out["decode_step_b8_ratio"] = out[f"engine_b{batch}_ms"] / out[f"transformers_b{batch}_ms"]
+    out["transformers_b8_over_b1"] = out[f"transformers_b{batch}_ms"] / out["transformers_b1_ms"]
+    out["engine_b8_over_b1"] = out[f"engine_b{batch}_ms"] / out["engine_b1_ms"]
+    return out
+
+
+# -- the yardstick of the shared-memory transfer -------------------------------------------------------
+def memcpy_seconds(nbytes: int, repeats: int = 20) -> float:
+    """Median seconds of np.copyto between two pre-touched float32 buffers of `nbytes`.
+
+    (np.copyto is a plain memcpy; OPENBLAS_* settings do not affect it.)"""
+    src = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    dst.fill(1.0)
+    return _median_seconds(lambda: np.copyto(dst, src), repeats)

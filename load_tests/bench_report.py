@@ -1,0 +1,273 @@
+"""The benchmark's numbers -> table rows, targets, printed table, JSON and a PNG plot.
+
+Pure functions over measured samples, so the test suite runs them on synthetic numbers
+(tests/test_bench.py). Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# name -> (comparison, limit, what the figure is). The keys are the report's contract.
+TARGETS: dict[str, tuple[str, float, str]] = {
+    "throughput_c8_ratio": (">=", 2.0, "output tokens/s of qwen3vl (gRPC streaming) at concurrency 8 / the "
+                                       "sequential transformers baseline's, 448x448 workload"),
+    "ttft_c1_ratio": ("<=", 1.25, "TTFT p50 of qwen3vl at concurrency 1 / the baseline's in-process time to the "
+                                  "first token (image decode and preprocessing included on both sides)"),
+    "shm_vs_memcpy_ratio": (">=", 0.25, "bytes/s of the shared-memory chunk transfer of a table into the language "
+                                        "server / bytes/s of np.copyto of the same bytes"),
+    "overhead_ms": ("<=", 3.0, "tiny profile, 1-token request: server end-to-end latency p50 at the client minus "
+                               "the in-process p50 of the same work (preprocess, encode, prefill, detokenize)"),
+    "decode_step_b8_ratio": ("<=", 1.0, "engine LanguageModel.forward, 8 decode sequences / transformers' forward "
+                                        "with a batch of 8 and a DynamicCache, same weights and context length"),
+}
+
+COLUMNS = [  # (key, header, format)
+    ("mode", "mode", "{}"),
+    ("concurrency", "conc", "{}"),
+    ("input_tokens", "in tok", "{}"),
+    ("image", "image", "{}"),
+    ("output_tokens", "out tok", "{}"),
+    ("requests", "reqs", "{}"),
+    ("ttft_p50_ms", "TTFT p50 ms", "{:.1f}"),
+    ("ttft_p90_ms", "TTFT p90 ms", "{:.1f}"),
+    ("itl_p50_ms", "ITL p50 ms", "{:.2f}"),
+    ("itl_p90_ms", "ITL p90 ms", "{:.2f}"),
+    ("tokens_per_s", "out tok/s", "{:.1f}"),
+    ("requests_per_s", "req/s", "{:.3f}"),
+    ("ratio", "x baseline", "{:.2f}"),
+]
+
+
+@dataclass
+class Sample:
+    """One measured request: seconds from its start to its first token and to each token."""
+
+    ttft: float
+    token_times: list[float]  # arrival of every generated token, seconds since the request started
+    input_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_times)
+
+    @property
+    def inter_token(self) -> list[float]:
+        return list(np.diff(self.token_times)) if len(self.token_times) > 1 else []
+
+
+@dataclass
+class Run:
+    """One row of the table: a mode at a concurrency on one image size, warm-up excluded."""
+
+    mode: str  # "transformers" (the baseline), "qwen3vl", "disagg-shm", "disagg-grpc"
+    concurrency: int
+    image: str  # "448x448"
+    max_tokens: int  # output tokens asked for per request
+    seconds: float  # wall time of the measured phase
+    samples: list[Sample] = field(default_factory=list)
+    notes: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.samples)
+
+
+def percentile(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
+
+
+def row(run: Run, baseline: Run | None) -> dict:
+    """The table row of `run`; `ratio` is its output tokens/s over the baseline's (same image)."""
+    ttft = [s.ttft for s in run.samples]
+    itl = [g for s in run.samples for g in s.inter_token]
+    tps = run.tokens / run.seconds if run.seconds > 0 else float("nan")
+    base_tps = baseline.tokens / baseline.seconds if baseline and baseline.seconds > 0 else float("nan")
+    short = sum(1 for s in run.samples if s.tokens < run.max_tokens)
+    return {
+        "mode": run.mode,
+        "concurrency": run.concurrency,
+        "input_tokens": int(np.median([s.input_tokens for s in run.samples])) if run.samples else 0,
+        "image": run.image,
+        "output_tokens": int(np.median([s.tokens for s in run.samples])) if run.samples else 0,
+        "max_tokens": run.max_tokens,
+        "short_requests": short,  # requests that stopped before max_tokens (the workload avoids them)
+        "requests": len(run.samples),
+        "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+        "ttft_p90_ms": 1e3 * percentile(ttft, 90),
+        "itl_p50_ms": 1e3 * percentile(itl, 50),
+        "itl_p90_ms": 1e3 * percentile(itl, 90),
+        "tokens_per_s": tps,
+        "requests_per_s": len(run.samples) / run.seconds if run.seconds > 0 else float("nan"),
+        "ratio": tps / base_tps,
+        "seconds": run.seconds,
+        "notes": run.notes,
+    }
+
+
+def rows(runs: list[Run]) -> list[dict]:
+    """Rows of every run, each compared with the transformers baseline on the same image size."""
+    baselines = {r.image: r for r in runs if r.mode == "transformers"}
+    return [row(r, baselines.get(r.image)) for r in runs]
+
+
+def find(table: list[dict], mode: str, concurrency: int, image: str) -> dict | None:
+    return next((r for r in table if r["mode"] == mode and r["concurrency"] == concurrency and r["image"] == image),
+                None)
+
+
+def target_figures(table: list[dict], image: str, micro: dict) -> dict[str, float]:
+    """The five target figures from the table (`image`: the target workload) and the micro-benchmarks."""
+    base = find(table, "transformers", 1, image)
+    c8 = find(table, "qwen3vl", 8, image)
+    c1 = find(table, "qwen3vl", 1, image)
+    nan = float("nan")
+    return {
+        "throughput_c8_ratio": c8["ratio"] if c8 else nan,
+        "ttft_c1_ratio": c1["ttft_p50_ms"] / base["ttft_p50_ms"] if c1 and base else nan,
+        "shm_vs_memcpy_ratio": float(micro.get("shm_vs_memcpy_ratio", nan)),
+        "overhead_ms": float(micro.get("overhead_ms", nan)),
+        "decode_step_b8_ratio": float(micro.get("decode_step_b8_ratio", nan)),
+    }
+
+
+def judge(figures: dict[str, float]) -> dict[str, bool]:
+    """met (True) or missed (False) per target; a figure that could not be measured is missed."""
+    out = {}
+    for name, (op, limit, _) in TARGETS.items():
+        value = figures.get(name, float("nan"))
+        ok = value >= limit if op == ">=" else value <= limit
+        out[name] = bool(ok) and bool(np.isfinite(value))
+    return out
+
+
+def format_table(table: list[dict]) -> str:
+    cells = [[h for _, h, _ in COLUMNS]]
+    for r in table:
+        line = []
+        for key, _, fmt in COLUMNS:
+            v = r.get(key)
+            line.append("-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else fmt.format(v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_targets(figures: dict[str, float], met: dict[str, bool]) -> str:
+    lines = []
+    for name, (op, limit, what) in TARGETS.items():
+        value = figures.get(name, float("nan"))
+        status = "met" if met.get(name) else "MISSED"
+        lines.append(f"{name:22s} {value:9.3f}  (target {op} {limit:g})  {status:6s}  {what}")
+    return "\n".join(lines)
+
+
+def format_roofline(roof: dict) -> str:
+    if not roof:
+        return "(no roofline)"
+    return "\n".join(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}" for k, v in roof.items())
+
+
+def report(runs: list[Run], micro: dict, environment: dict, roofline: dict, target_image: str,
+           config: dict) -> dict:
+    """Everything a run writes as JSON. `targets` holds exactly the five figures (numbers);
+    `targets_met` says met (true) or missed (false) for each; `targets_detail` the limits."""
+    table = rows(runs)
+    figures = target_figures(table, target_image, micro)
+    met = judge(figures)
+    return {
+        "environment": environment,
+        "config": config,
+        "table": table,
+        "targets": figures,
+        "targets_met": met,
+        "targets_detail": {name: {"value": figures[name], "op": op, "limit": limit, "met": met[name],
+                                  "status": "met" if met[name] else "missed", "definition": what}
+                           for name, (op, limit, what) in TARGETS.items()},
+        "micro": micro,
+        "roofline": roofline,
+        "runs": [{**asdict(r), "samples": [asdict(s) for s in r.samples]} for r in runs],
+    }
+
+
+def _clean(obj):
+    """JSON has no NaN: write null."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _clean(obj.item())
+    return obj
+
+
+def plot(data: dict, path: Path) -> None:
+    """Output tokens/s and TTFT p50 against concurrency, one line per mode and image size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in data["table"]:
+        series.setdefault((r["mode"], r["image"]), []).append(r)
+    for (mode, image), rs in sorted(series.items()):
+        rs = sorted(rs, key=lambda r: r["concurrency"])
+        x = [r["concurrency"] for r in rs]
+        style = "--" if mode == "transformers" else "-"
+        label = f"{mode} {image}"
+        if mode == "transformers":  # sequential: draw it as a level across the concurrency axis
+            x = [1, 16]
+            rs = rs[:1] * 2
+        ax1.plot(x, [r["tokens_per_s"] for r in rs], style, marker="o", label=label)
+        ax2.plot(x, [r["ttft_p50_ms"] for r in rs], style, marker="o", label=label)
+    ax1.set(xlabel="concurrency", ylabel="output tokens/s", title="throughput", xscale="log", xticks=[1, 4, 8, 16])
+    ax2.set(xlabel="concurrency", ylabel="TTFT p50 (ms)", title="time to first token", xscale="log",
+            xticks=[1, 4, 8, 16])
+    for ax in (ax1, ax2):
+        ax.set_xticklabels(["1", "4", "8", "16"])
+        ax.grid(True, alpha=0.3)
+    ax1.legend(fontsize=7)
+    env = data.get("environment", {})
+    fig.suptitle(f"qwen3vl-triton bench: {env.get('cores', '?')} cores, torch {env.get('torch', '?')}, "
+                 f"transformers {env.get('transformers', '?')}, tritonserver {env.get('tritonserver', '?')}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(data: dict, out_dir: Path, stamp: str) -> dict[str, Path]:
+    """bench-<stamp>.json / .png, and the same as bench-latest.json / .png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"bench-{stamp}.json", "png": out_dir / f"bench-{stamp}.png"}
+    paths["json"].write_text(json.dumps(_clean(data), indent=2) + "\n")
+    plot(data, paths["png"])
+    for kind in ("json", "png"):
+        latest = out_dir / f"bench-latest.{kind}"
+        shutil.copyfile(paths[kind], latest)
+        paths[f"latest_{kind}"] = latest
+    return paths
+
+
+def render_text(data: dict) -> str:
+    env = data["environment"]
+    head = ", ".join(f"{k} {v}" for k, v in env.items())
+    parts = [f"environment: {head}", "", format_table(data["table"]), "",
+             "targets:", format_targets(data["targets"], data["targets_met"]), "",
+             "roofline:", format_roofline(data.get("roofline", {}))]
+    micro = {k: v for k, v in data.get("micro", {}).items() if not isinstance(v, (dict, list))}
+    if micro:
+        parts += ["", "micro-benchmarks:", format_roofline(micro)]
+    return "\n".join(parts)
