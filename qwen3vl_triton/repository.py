@@ -194,4 +194,6 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
         (out / model / "config.pbtxt").write_text(text, encoding="utf-8")
         for version in (p for p in src.iterdir() if p.is_dir() and p.name.isdigit()):
             shutil.copytree(version, out / model / version.name, ignore=shutil.ignore_patterns("__pycache__"))
+        # Triton loads a model only with a version folder; an ensemble's stays empty (git keeps none)
+        (out / model / "1").mkdir(exist_ok=True)
     return out

@@ -27,6 +27,7 @@ def test_every_topology_renders_configs_triton_can_parse(topology, tiny_checkpoi
         config = load(repo, model)
         assert config.name == model
         assert "${" not in (repo / model / "config.pbtxt").read_text()
+        assert (repo / model / "1").is_dir()  # Triton serves only versioned models
         if config.backend == "python":
             assert (repo / model / "1" / "model.py").is_file()
             assert params(config)["EXECUTION_ENV_PATH"]  # the stub finds the virtual environment
