@@ -60,18 +60,21 @@ class Config:
     split_servers: bool = True  # disaggregated rows on an encoder and a language server
     decode_context: int = 284  # cache length of the decode-step comparison (prompt + 64 tokens)
     overhead_requests: int = 30
+    decode_repeats: int = 20
 
     @classmethod
     def make(cls, quick: bool) -> "Config":
         if quick:
-            return cls(True, (TARGET_SIZE,), (1, 8), (1, 8), per_worker=1, single_requests=3,
-                       split_servers=False, overhead_requests=20)
-        return cls(False, (TARGET_SIZE, (896, 448)), (1, 4, 8, 16), (1, 8))
+            return cls(True, (TARGET_SIZE,), (1, 8), (1, 8), per_worker=2, single_requests=3,
+                       split_servers=False, overhead_requests=15, decode_repeats=10)
+        return cls(False, (TARGET_SIZE, (896, 448)), (1, 4, 8, 16), (1, 8), per_worker=3)
 
     def requests(self, concurrency: int, disagg: bool = False) -> int:
+        """Measured requests of a run. Quick runs keep the disaggregated rows to one request per
+        worker: the target figures come from the qwen3vl rows."""
         if concurrency == 1:
             return 1 if disagg and self.quick else self.single_requests
-        return concurrency * self.per_worker
+        return concurrency * (1 if disagg and self.quick else self.per_worker)
 
 
 def log(msg: str) -> None:
@@ -387,7 +390,7 @@ def main(argv=None) -> int:
 
     rates = micro.machine_rates()
     log(f"[bench] machine: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul, {rates['read_gbps']:.1f} GB/s read")
-    decode = micro.decode_step(small, cfg.decode_context, log=log)
+    decode = micro.decode_step(small, cfg.decode_context, repeats=cfg.decode_repeats, log=log)
     roof = roofline(cfg, small, rates, prompt_lengths, decode)
 
     micro_figs: dict = {"decode_step": decode, "machine": rates,
