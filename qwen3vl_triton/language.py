@@ -10,6 +10,10 @@ its own on the same clock. Table memory is bounded; past the bound a new sequenc
 
 from __future__ import annotations
 
+import collections
+import mmap
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -246,3 +250,76 @@ def record(seq: Sequence, ids: list[int], final: bool, error: str | None = None)
                     listener.fail(error)
             else:
                 listener.push(ids, final)
+
+
+class SharedRegions:
+    """System shared-memory regions of co-located senders, mapped once, read in place.
+
+    A `chunk` request may name rows of a region instead of carrying them: the rows are copied
+    straight from the mapping into the sequence's table (one copy; none through Triton). Only
+    regions named like the package's senders name theirs are opened. A mapping keeps its pages
+    alive after the sender unlinks the region, so at most `max_regions` stay mapped (least
+    recently used unmapped first) and any idle for `idle_seconds` is unmapped.
+    """
+
+    KEY = re.compile(r"^/qwen3vl_table_[0-9a-f]{6,32}$")
+
+    def __init__(self, max_regions: int = 16, idle_seconds: float = 300.0, root: str = "/dev/shm",
+                 clock=time.monotonic):
+        self.max_regions, self.idle_seconds, self.root, self.clock = max_regions, idle_seconds, root, clock
+        self._maps: collections.OrderedDict[str, tuple[mmap.mmap, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def _map(self, key: str) -> mmap.mmap:
+        if not self.KEY.match(key):
+            raise InputError("chunk_region", f"{key!r} is not a region key of this project (/qwen3vl_table_<hex>)")
+        try:
+            fd = os.open(os.path.join(self.root, key[1:]), os.O_RDONLY)
+        except FileNotFoundError:
+            raise InputError("chunk_region", f"no shared-memory region {key} on the language server's host: "
+                                             "the shm transport needs co-located servers") from None
+        try:
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+
+    def rows(self, key: str, byte_offset: int, count: int, hidden: int, dtype) -> np.ndarray:
+        """A read-only view of `count` rows at `byte_offset`; copy it before the next call."""
+        dtype = np.dtype(dtype)
+        nbytes = count * hidden * dtype.itemsize
+        with self._lock:
+            entry = self._maps.pop(key, None)
+            region = entry[0] if entry else self._map(key)
+            self._maps[key] = (region, self.clock())
+            self._evict(keep=key)
+        if count < 0 or byte_offset < 0 or byte_offset + nbytes > len(region):
+            raise InputError("region_offset", f"rows [{byte_offset}, {byte_offset + nbytes}) fall outside region "
+                                              f"{key} of {len(region)} bytes")
+        return np.frombuffer(region, dtype, count * hidden, byte_offset).reshape(count, hidden)
+
+    def _evict(self, keep: str | None = None) -> None:
+        now = self.clock()
+        for key in list(self._maps):
+            region, used = self._maps[key]
+            if key != keep and (len(self._maps) > self.max_regions or now - used > self.idle_seconds):
+                try:
+                    region.close()
+                except BufferError:  # a view is still being copied: try again next time
+                    continue
+                del self._maps[key]
+
+    def expire(self) -> None:
+        with self._lock:
+            self._evict()
+
+    def close(self) -> None:
+        with self._lock:
+            for region, _ in self._maps.values():
+                try:
+                    region.close()
+                except BufferError:
+                    pass
+            self._maps.clear()

@@ -5,9 +5,11 @@ The same classes serve the CLI (`python -m client disagg`), library users, and a
 the encoder host. Transports:
 
 - `grpc`: chunks travel as binary tensor payloads (remote servers);
-- `shm`: co-located servers; one system shared-memory region is registered with both servers
-  once and reused: the encoder writes `prompt_embedding_table` straight into it and the
-  language server reads each chunk from it, so no table byte passes through this process;
+- `shm`: co-located servers; one system shared-memory region, created once and reused: the
+  encoder writes `prompt_embedding_table` straight into it (a Triton-registered output region)
+  and the language server copies each chunk's rows out of it into the sequence state (the chunk
+  request names the region and the rows; the language model maps the region itself), so no
+  table byte passes through this process or through Triton's request path;
 - `cuda_shm`: the same with a CUDA shared-memory region, on a GPU host.
 """
 
@@ -113,8 +115,8 @@ class LanguageClient:
                 inputs.append(_tensor(name, np.array([[value]], dtype)))
         return self._rows(corrid, inputs, start=True)
 
-    def chunk(self, corrid: int, offset: int, chunk_input) -> int:
-        return self._rows(corrid, [self._op("chunk"), chunk_input,
+    def chunk(self, corrid: int, offset: int, chunk_inputs: list) -> int:
+        return self._rows(corrid, [self._op("chunk"), *chunk_inputs,
                                    _tensor("chunk_offset", np.array([[offset]], np.int32))])
 
     def status(self, corrid: int, end: bool = False) -> int:
@@ -140,20 +142,26 @@ class LanguageClient:
 
 
 class ChunkSource:
-    """Where chunk rows come from: the table in memory (grpc) or a shared-memory region."""
+    """Where chunk rows come from: the table in memory (grpc), a system shared-memory region the
+    language server maps itself (`shm_key`), or a Triton-registered (CUDA) region (`region`)."""
 
-    def __init__(self, enc: Encoded, region: str | None = None, region_offset: int = 0):
-        self.enc, self.region, self.region_offset = enc, region, region_offset
+    def __init__(self, enc: Encoded, region: str | None = None, shm_key: str | None = None):
+        self.enc, self.region, self.shm_key = enc, region, shm_key
 
-    def rows(self, start: int, count: int):
+    def rows(self, start: int, count: int) -> list:
+        """The request inputs that carry rows [start, start + count) of the table."""
         import tritonclient.grpc as grpcclient
 
-        if self.region is None:
-            return _tensor("chunk", self.enc.table[start:start + count][None])
         row_bytes = self.enc.hidden * self.enc.dtype.itemsize
+        if self.shm_key is not None:
+            return [_tensor("chunk_region", np.array([[self.shm_key.encode()]], dtype=np.object_)),
+                    _tensor("region_offset", np.array([[start * row_bytes]], np.int64)),
+                    _tensor("chunk_rows", np.array([[count]], np.int32))]
+        if self.region is None:
+            return [_tensor("chunk", self.enc.table[start:start + count][None])]
         t = grpcclient.InferInput("chunk", [1, count, self.enc.hidden], _NP_TO_TRITON[self.enc.dtype])
-        t.set_shared_memory(self.region, count * row_bytes, offset=self.region_offset + start * row_bytes)
-        return t
+        t.set_shared_memory(self.region, count * row_bytes, offset=start * row_bytes)
+        return [t]
 
 
 @dataclass
@@ -218,6 +226,7 @@ class Disaggregated:
         self.lang = LanguageClient(language_url, timeout=timeout)
         self.stats = TransferStats()
         self.region = None
+        self.shm_key = None
         self._shm = None
         # where the shared region is registered: each server once (they may be the same server)
         self._servers = [c for c in [self.encoder] if c] + ([grpcclient.InferenceServerClient(language_url)]
@@ -232,10 +241,11 @@ class Disaggregated:
         if self.transport == "shm":
             import tritonclient.utils.shared_memory as shm
 
-            key = f"/{self.region}"
-            self._shm = shm.create_shared_memory_region(self.region, key, nbytes)
-            for server in self._servers:
-                server.register_system_shared_memory(self.region, key, nbytes)
+            self.shm_key = f"/{self.region}"
+            self._shm = shm.create_shared_memory_region(self.region, self.shm_key, nbytes)
+            # only the encoder writes through Triton; the language server maps the region itself
+            self._servers = [self.encoder]
+            self.encoder.register_system_shared_memory(self.region, self.shm_key, nbytes)
         else:
             import tritonclient.utils.cuda_shared_memory as cudashm
 
@@ -307,6 +317,8 @@ class Disaggregated:
         )
 
     def source(self, enc: Encoded) -> ChunkSource:
+        if self.transport == "shm":
+            return ChunkSource(enc, shm_key=self.shm_key)
         return ChunkSource(enc, self.region)
 
     def transfer(self, corrid: int, enc: Encoded, max_tokens: int, resume: bool = False, plan=None,

@@ -131,3 +131,38 @@ def test_a_resumed_stream_continues_the_text_exactly(preprocessor, spec):
     assert first + second == tok.decode(ids)
     assert [i for _, new, _ in got["second"] for i in new] == ids[cut:]
     assert got["first"][-1][2] is True and got["second"][-1][2] is True  # both streams were closed
+
+
+def test_shared_regions_read_rows_in_place_and_refuse_foreign_keys():
+    import secrets
+
+    import tritonclient.utils.shared_memory as shm
+
+    from qwen3vl_triton.language import SharedRegions
+
+    name = f"qwen3vl_table_{secrets.token_hex(6)}"
+    region = shm.create_shared_memory_region(name, f"/{name}", 64 * H * 4)
+    try:
+        table = np.arange(64 * H, dtype=np.float32).reshape(64, H)
+        shm.set_shared_memory_region(region, [table])
+        now = [0.0]
+        regions = SharedRegions(max_regions=1, idle_seconds=10, clock=lambda: now[0])
+        got = regions.rows(f"/{name}", 8 * H * 4, 4, H, np.float32)
+        np.testing.assert_array_equal(got, table[8:12])
+        st, _ = store()
+        seq = start(st)
+        st.chunk(7, 0, regions.rows(f"/{name}", 0, 12, H, np.float32))  # the store copies out of the region
+        np.testing.assert_array_equal(seq.table, table[:12])
+        del got
+        with pytest.raises(InputError, match=r"^region_offset: rows \[1000, 1256\) fall outside region"):
+            regions.rows(f"/{name}", 1000, 16, H, np.float32)
+        with pytest.raises(InputError, match=r"^chunk_region: '/etc/passwd' is not a region key of this project"):
+            regions.rows("/etc/passwd", 0, 1, H, np.float32)
+        with pytest.raises(InputError, match=r"^chunk_region: no shared-memory region /qwen3vl_table_0000aa"):
+            regions.rows("/qwen3vl_table_0000aa", 0, 1, H, np.float32)
+        assert len(regions) == 1
+        now[0] = 20.0
+        regions.expire()
+        assert len(regions) == 0  # idle mappings are let go
+    finally:
+        shm.destroy_shared_memory_region(region)

@@ -13,11 +13,12 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_triton.backend import error_response, model_params, read_inputs, scalar, single_sequence
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.errors import InputError
-from qwen3vl_triton.language import OPS, Listener, SequenceStore, attach, record
+from qwen3vl_triton.language import OPS, Listener, SequenceStore, SharedRegions, attach, record
 from qwen3vl_triton.sampling import SamplingParams
 
 INPUTS = ("op", "input_ids", "table_rows", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
-          "max_tokens", "temperature", "top_k", "top_p", "seed", "chunk", "chunk_offset", "from_token")
+          "max_tokens", "temperature", "top_k", "top_p", "seed", "chunk", "chunk_offset", "chunk_region",
+          "region_offset", "chunk_rows", "from_token")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 
@@ -39,6 +40,7 @@ class TritonPythonModel:
                                    max_bytes=int(params["state_bytes"]),
                                    idle_seconds=int(params["sequence_idle_us"]) / 1e6,
                                    vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels)
+        self.regions = SharedRegions(idle_seconds=self.store.idle_seconds)
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.gauges = {}
         for name, text in (("sequences", "sequences holding state"), ("state_bytes", "bytes of sequence state")):
@@ -58,6 +60,7 @@ class TritonPythonModel:
             self._expire()
 
     def _expire(self):
+        self.regions.expire()
         for seq in self.store.expire():
             with seq.cond:
                 seq.listener = None  # an abandoned stream: keep nothing, send nothing
@@ -115,8 +118,14 @@ class TritonPythonModel:
             )
             return seq.received
         if op == "chunk":
-            return self.store.chunk(corrid, scalar(x, "chunk_offset", int, required=True),
-                                    single_sequence(x, "chunk"))
+            if x.get("chunk_region") is not None:  # co-located sender: rows read in place
+                rows = self.regions.rows(scalar(x, "chunk_region", lambda b: b.decode(errors="replace")),
+                                         scalar(x, "region_offset", int, required=True),
+                                         scalar(x, "chunk_rows", int, required=True),
+                                         self.spec.hidden_size, self.store.table_dtype)
+            else:
+                rows = single_sequence(x, "chunk")
+            return self.store.chunk(corrid, scalar(x, "chunk_offset", int, required=True), rows)
         return self.store.status(corrid).received
 
     def _generate(self, sender, corrid, x, end):
@@ -180,3 +189,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self._stop.set()
+        self.regions.close()
