@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -396,39 +397,63 @@ def main(argv=None) -> int:
     micro_figs: dict = {"decode_step": decode, "machine": rates,
                         "decode_step_b8_ratio": decode["decode_step_b8_ratio"]}
 
-    server = start_server(small, "all", "small-all")
-    try:
-        env["tritonserver"] = server_version(server.grpc_url)
-        base = load.TransformersBaseline(small)
-        runs, micro_figs["greedy_text_equal"] = paired_runs(cfg, base, server.grpc_url, items, prompt_lengths)
-        del base  # the server's rows run without transformers in memory
-        runs += ensemble_runs(cfg, server.grpc_url, items, prompt_lengths)
-        if not cfg.split_servers:
-            micro_figs["shm_transfer"] = shm_transfer(server.grpc_url, server.grpc_url, items[TARGET_SIZE][0],
-                                                      (64, cfg.chunk_rows))
-            runs += disagg_runs(cfg, server.grpc_url, server.grpc_url, items, prompt_lengths)
-    finally:
-        server.stop()
-    if cfg.split_servers:
+    errors: dict[str, str] = {}  # a part that fails is reported, and its figures stay unmeasured
+
+    def part(name: str, fn):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 -- the other parts still run and the report is written
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            log(f"[bench] {name} FAILED: {traceback.format_exc()}")
+            return None
+
+    runs: list = []
+
+    def single_server():
+        server = start_server(small, "all", "small-all")
+        try:
+            env["tritonserver"] = server_version(server.grpc_url)
+            base = load.TransformersBaseline(small)
+            paired, micro_figs["greedy_text_equal"] = paired_runs(cfg, base, server.grpc_url, items, prompt_lengths)
+            runs.extend(paired)
+            del base  # the server's rows run without transformers in memory
+            runs.extend(ensemble_runs(cfg, server.grpc_url, items, prompt_lengths))
+            if not cfg.split_servers:
+                disaggregated(server.grpc_url, server.grpc_url)
+        finally:
+            server.stop()
+
+    def disaggregated(encoder_url: str, language_url: str):
+        micro_figs["shm_transfer"] = part("shm transfer", lambda: shm_transfer(
+            encoder_url, language_url, items[TARGET_SIZE][0], (64, cfg.chunk_rows)))
+        runs.extend(part("disaggregated runs", lambda: disagg_runs(
+            cfg, encoder_url, language_url, items, prompt_lengths)) or [])
+
+    def split_servers():
         encoder = start_server(small, "encoder", "small-encoder")
         try:
             language = start_server(small, "language", "small-language")
             try:
-                micro_figs["shm_transfer"] = shm_transfer(encoder.grpc_url, language.grpc_url,
-                                                          items[TARGET_SIZE][0], (64, cfg.chunk_rows))
-                runs += disagg_runs(cfg, encoder.grpc_url, language.grpc_url, items, prompt_lengths)
+                disaggregated(encoder.grpc_url, language.grpc_url)
             finally:
                 language.stop()
         finally:
             encoder.stop()
-    micro_figs["shm_vs_memcpy_ratio"] = micro_figs["shm_transfer"][f"chunk_rows_{cfg.chunk_rows}"]["ratio"]
 
-    tiny_server = start_server(tiny, "single", "tiny-single")
-    try:
-        micro_figs["overhead"] = overhead(tiny, tiny_server.grpc_url, cfg.overhead_requests)
-    finally:
-        tiny_server.stop()
-    micro_figs["overhead_ms"] = micro_figs["overhead"]["overhead_ms"]
+    def tiny_overhead():
+        tiny_server = start_server(tiny, "single", "tiny-single")
+        try:
+            return overhead(tiny, tiny_server.grpc_url, cfg.overhead_requests)
+        finally:
+            tiny_server.stop()
+
+    part("single server", single_server)
+    if cfg.split_servers:
+        part("disaggregated servers", split_servers)
+    shm = micro_figs.get("shm_transfer") or {}
+    micro_figs["shm_vs_memcpy_ratio"] = shm.get(f"chunk_rows_{cfg.chunk_rows}", {}).get("ratio", float("nan"))
+    micro_figs["overhead"] = part("overhead", tiny_overhead) or {}
+    micro_figs["overhead_ms"] = micro_figs["overhead"].get("overhead_ms", float("nan"))
 
     env["loadavg_end"] = round(os.getloadavg()[0], 2)
     env["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -436,12 +461,15 @@ def main(argv=None) -> int:
     config["server_settings"] = SERVER_SETTINGS
     config["target_image"] = load.size_name(TARGET_SIZE)
     data = report.report(runs, micro_figs, env, roof, load.size_name(TARGET_SIZE), config)
+    data["errors"] = errors
     paths = report.write(data, Path(args.out_dir), time.strftime("%Y%m%d-%H%M%S"))
     log("")
     log(report.render_text(data))
     log("")
     log(f"[bench] wrote {paths['json']}, {paths['png']} and {paths['latest_json']} in {env['seconds']}s")
-    return 0
+    for name, message in errors.items():
+        log(f"[bench] FAILED part: {name}: {message}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
