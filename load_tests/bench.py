@@ -176,17 +176,20 @@ def ensemble_runs(cfg: Config, url: str, items: dict, prompt_lengths: dict) -> l
     return runs
 
 
-def disagg_runs(cfg: Config, encoder_url: str, language_url: str, items: dict, prompt_lengths: dict) -> list:
+def disagg_runs(cfg: Config, encoder_url: str, language_url: str, items: dict, prompt_lengths: dict,
+                part) -> list:
+    """The disaggregated rows; each run is its own `part`, so one that fails leaves the others."""
     runs = []
     for transport in ("shm", "grpc"):
         for size in cfg.sizes:
             for c in cfg.disagg_concurrency:
                 work = items[size][:cfg.requests(c, disagg=True)]
-                run = load.closed_loop(
+                run = part(f"disagg-{transport} c={c} {load.size_name(size)}", lambda: load.closed_loop(
                     lambda: load.DisaggSession(encoder_url, language_url, transport, cfg.chunk_rows, prompt_lengths),
-                    work, c, 1, cfg.max_tokens, cfg.warmup_tokens, f"disagg-{transport}", log)
-                run.notes = f"chunk_rows={cfg.chunk_rows}"
-                runs.append(run)
+                    work, c, 1, cfg.max_tokens, cfg.warmup_tokens, f"disagg-{transport}", log))
+                if run is not None:
+                    run.notes = f"chunk_rows={cfg.chunk_rows}"
+                    runs.append(run)
     return runs
 
 
@@ -426,8 +429,7 @@ def main(argv=None) -> int:
     def disaggregated(encoder_url: str, language_url: str):
         micro_figs["shm_transfer"] = part("shm transfer", lambda: shm_transfer(
             encoder_url, language_url, items[TARGET_SIZE][0], (64, cfg.chunk_rows)))
-        runs.extend(part("disaggregated runs", lambda: disagg_runs(
-            cfg, encoder_url, language_url, items, prompt_lengths)) or [])
+        runs.extend(disagg_runs(cfg, encoder_url, language_url, items, prompt_lengths, part))
 
     def split_servers():
         encoder = start_server(small, "encoder", "small-encoder")

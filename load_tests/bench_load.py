@@ -251,7 +251,7 @@ class DisaggSession:
         t0 = time.perf_counter()
         enc = self.d.encode(item.prompt, [item.image], max_tokens)
         corrid = secrets.randbits(62) + 1
-        times = []
+        times, done = [], False
         try:
             before = self.d.stats.seconds
             self.d.transfer(corrid, enc, max_tokens)
@@ -260,8 +260,13 @@ class DisaggSession:
             for _, ids in self.d.stream(corrid):
                 now = time.perf_counter() - t0
                 times.extend([now] * len(ids))
+            done = True
         finally:
-            self.d.lang.end(corrid)
+            try:
+                self.d.lang.end(corrid)
+            except Exception:
+                if done:  # otherwise the error that broke the request is the one to report
+                    raise
         return Sample(times[0] if times else float("nan"), times, self.prompt_lengths.get(item, 0))
 
     def close(self):
