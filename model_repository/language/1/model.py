@@ -42,14 +42,13 @@ class TritonPythonModel:
                                    vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels)
         self.regions = SharedRegions(idle_seconds=self.store.idle_seconds)
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.gauges = {}
-        for name, text in (("sequences", "sequences holding state"), ("state_bytes", "bytes of sequence state")):
-            family = pb_utils.MetricFamily(f"qwen3vl_language_{name}", text, pb_utils.MetricFamily.GAUGE)
-            self.gauges[name] = (family, family.Metric(labels=labels))
-        self.prefills = pb_utils.MetricFamily("qwen3vl_language_prefills_total",
-                                              "generations started (each prefills its prompt once)",
-                                              pb_utils.MetricFamily.COUNTER)
-        self.prefill_counter = self.prefills.Metric(labels=labels)
+        self.families = {
+            name: pb_utils.MetricFamily(f"qwen3vl_language_{name}", text, kind) for name, text, kind in (
+                ("sequences", "sequences holding state", pb_utils.MetricFamily.GAUGE),
+                ("state_bytes", "bytes of sequence state", pb_utils.MetricFamily.GAUGE),
+                ("prefills_total", "generations started (each prefills its prompt once)",
+                 pb_utils.MetricFamily.COUNTER))}
+        self.metrics = {name: family.Metric(labels=labels) for name, family in self.families.items()}
         self._stop = threading.Event()
         self._janitor = threading.Thread(target=self._expire_loop, daemon=True)
         self._janitor.start()
@@ -64,8 +63,8 @@ class TritonPythonModel:
         for seq in self.store.expire():
             with seq.cond:
                 seq.listener = None  # an abandoned stream: keep nothing, send nothing
-        self.gauges["sequences"][1].set(len(self.store))
-        self.gauges["state_bytes"][1].set(self.store.bytes_held)
+        self.metrics["sequences"].set(len(self.store))
+        self.metrics["state_bytes"].set(self.store.bytes_held)
 
     # -- requests ------------------------------------------------------------------------------------
     def execute(self, requests):
@@ -93,8 +92,8 @@ class TritonPythonModel:
                 if not isinstance(exc, InputError):  # an internal failure frees the sequence
                     self.store.drop(corrid)
                 sender.send(error_response(pb_utils, exc, pb_utils.Logger), flags=FINAL)
-        self.gauges["sequences"][1].set(len(self.store))
-        self.gauges["state_bytes"][1].set(self.store.bytes_held)
+        self.metrics["sequences"].set(len(self.store))
+        self.metrics["state_bytes"].set(self.store.bytes_held)
         return None
 
     def _control(self, op, corrid, x):
@@ -144,7 +143,7 @@ class TritonPythonModel:
         listener = Listener(send, fail, sender.is_cancelled, self.tokenizer, seq.tokens[:from_token])
         seq.end_requested = seq.end_requested or end
         if attach(seq, listener, from_token):
-            self.prefill_counter.increment(1)
+            self.metrics["prefills_total"].increment(1)
             threading.Thread(target=self._run, args=(seq,), daemon=True).start()
         elif seq.done and seq.end_requested:
             self.store.drop(corrid)
@@ -189,4 +188,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self._stop.set()
+        self._janitor.join(timeout=5)
         self.regions.close()
+        self.metrics.clear()  # each Metric before its MetricFamily, or the stub crashes on exit
+        self.families.clear()

@@ -29,13 +29,12 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_params(args)
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.metrics = {}
-        for name, help_text in COUNTERS.items():
-            family = pb_utils.MetricFamily(f"qwen3vl_engine_{name}_total", help_text, pb_utils.MetricFamily.COUNTER)
-            self.metrics[name] = (family, family.Metric(labels=labels))
-        for name, help_text in GAUGES.items():
-            family = pb_utils.MetricFamily(f"qwen3vl_engine_{name}", help_text, pb_utils.MetricFamily.GAUGE)
-            self.metrics[name] = (family, family.Metric(labels=labels))
+        self.families, self.metrics = {}, {}
+        for kind, names, suffix in ((pb_utils.MetricFamily.COUNTER, COUNTERS, "_total"),
+                                    (pb_utils.MetricFamily.GAUGE, GAUGES, "")):
+            for name, help_text in names.items():
+                self.families[name] = pb_utils.MetricFamily(f"qwen3vl_engine_{name}{suffix}", help_text, kind)
+                self.metrics[name] = self.families[name].Metric(labels=labels)
         spec = ModelSpec.load(params["checkpoint"])
         # The engine thread does the model's work; this thread (the stub's main one) only parses
         # requests and must never start an OpenMP team of its own: with two teams alive OpenMP
@@ -48,7 +47,7 @@ class TritonPythonModel:
                              max_num_tokens=int(params["max_num_tokens"]), on_step=self._on_step, threads=threads)
 
     def _on_step(self, report):
-        m = {name: metric for name, (_, metric) in self.metrics.items()}
+        m = self.metrics
         m["steps"].increment(1)
         if report.sequences > 1:
             m["batched_steps"].increment(1)
@@ -74,3 +73,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
+        # A Metric must go before its MetricFamily: left to interpreter teardown, the order is
+        # arbitrary and the stub crashes on exit.
+        self.metrics.clear()
+        self.families.clear()
