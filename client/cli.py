@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--language-url", required=True, help="HOST:PORT (gRPC) of the language server")
     d.add_argument("--transport", choices=["grpc", "shm"], default="grpc",
                    help="grpc: table chunks as tensor payloads; shm: system shared memory (co-located servers)")
-    d.add_argument("--chunk-rows", type=_positive, default=64, help="table rows per chunk")
+    d.add_argument("--chunk-rows", type=_positive, default=1024, help="table rows per chunk")
     _common(d)
     d.set_defaults(func=cmd_disagg)
     return ap

@@ -46,7 +46,10 @@ class Settings:
     max_images: int = 8  # images per request
     max_image_pixels: int = 4096 * 4096  # larger encoded images are refused before decoding
     engine_dtype: str = "float32"
-    vision_queue_delay_us: int = 2000
+    # how long the vision encoder's dynamic batcher holds a request for others to join. 0: on a
+    # CPU a wait buys no compute (a batch of images costs what its images cost one by one), and
+    # requests that queue while the encoder is busy are still batched.
+    vision_queue_delay_us: int = 0
     preprocessing_instances: int = 1
     stream_idle_seconds: int = 300  # postprocessing drops a stream state idle this long
     # disaggregated language server

@@ -211,7 +211,7 @@ class Disaggregated:
     transport: "grpc" (payloads), "shm" (system shared memory, co-located servers) or
     "cuda_shm" (CUDA shared memory on a GPU host)."""
 
-    def __init__(self, encoder_url: str | None, language_url: str, transport: str = "grpc", chunk_rows: int = 64,
+    def __init__(self, encoder_url: str | None, language_url: str, transport: str = "grpc", chunk_rows: int = 1024,
                  region_bytes: int = 64 * 2**20, timeout: float = 120.0, cuda_device: int = 0):
         """`encoder_url` None: the caller encodes (e.g. a BLS model on the encoder host) and calls `run`."""
         import tritonclient.grpc as grpcclient
