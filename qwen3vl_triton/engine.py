@@ -277,7 +277,9 @@ class Engine:
             for seq in self._active:
                 if seq.req.request_id in self._cancel:
                     seq.cancelled = True
-            self._cancel -= {s.req.request_id for s in self._active}
+            # keep only cancellations of requests still waiting; one for a request that has
+            # already finished would otherwise stay here forever
+            self._cancel &= {r.request_id for r in self._pending}
             self._admit()
         for seq in [s for s in self._active if s.cancelled]:
             self._finish(seq, "cancelled")

@@ -1,6 +1,7 @@
 """The CPU engine against the oracle: greedy equality, logits, batching, sampling, streaming, errors."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -184,3 +185,14 @@ def test_bad_sampling_parameters(kw, name):
     with pytest.raises(InputError) as err:
         SamplingParams(**kw)
     assert err.value.input == name
+
+
+def test_cancelling_a_finished_request_leaves_nothing_behind(engine, pipeline):
+    rid = engine.submit(pipeline("Short.", [], max_new_tokens=2))
+    for _ in range(200):
+        if engine.load() == 0:
+            break
+        time.sleep(0.05)
+    engine.cancel(rid)  # too late: it already finished
+    engine.generate(pipeline("Next.", [], max_new_tokens=2), timeout=30)
+    assert rid not in engine._cancel
