@@ -7,6 +7,7 @@ backend's stub process.
 from __future__ import annotations
 
 import json
+import time
 import traceback
 
 import numpy as np
@@ -79,16 +80,105 @@ def output_tensor(pb, name: str, value):
     return pb.Tensor(name, np.ascontiguousarray(value))
 
 
+class CancelPoll:
+    """`is_cancelled()` asked at most once per `period` seconds; the answer is kept in between.
+
+    Each call of a response sender's `is_cancelled` is a round trip between the stub and the
+    server (~0.1 ms here); asked for every token, that was 5% of a batch-8 decode step. Like the
+    tensorrtllm backend's `cancellation_check_period_ms`, a cancellation is seen within one
+    period; the first check comes one period after the request arrived.
+    """
+
+    def __init__(self, is_cancelled, period: float, clock=time.monotonic):
+        self.is_cancelled, self.period, self.clock = is_cancelled, period, clock
+        self.last = clock()
+        self.cancelled = False
+
+    def __call__(self) -> bool:
+        if not self.cancelled:
+            now = self.clock()
+            if now - self.last >= self.period:
+                self.last = now
+                self.cancelled = bool(self.is_cancelled())
+        return self.cancelled
+
+
+class EngineMetrics:
+    """The engine's counters and gauges on Triton's /metrics endpoint, sent at most once per
+    `period` seconds and whenever the engine goes idle (each update is a round trip to the
+    server, ~27 us; seven per step cost ~1% of a batch-8 decode step and sat on its path).
+    Like the tensorrtllm backend's `stats_check_period_ms`."""
+
+    COUNTERS = {
+        "steps": "engine steps (forward passes)",
+        "batched_steps": "engine steps that advanced more than one sequence",
+        "prompt_tokens": "prompt tokens prefilled",
+        "generated_tokens": "tokens generated",
+    }
+    GAUGES = {
+        "running_sequences": "sequences in the running batch",
+        "waiting_requests": "requests waiting for a place in the batch",
+        "last_step_sequences": "sequences advanced by the last step",
+    }
+
+    def __init__(self, pb, labels: dict[str, str], period: float, clock=time.monotonic):
+        self.families, self.metrics = {}, {}
+        for kind, names, suffix in ((pb.MetricFamily.COUNTER, self.COUNTERS, "_total"),
+                                    (pb.MetricFamily.GAUGE, self.GAUGES, "")):
+            for name, help_text in names.items():
+                self.families[name] = pb.MetricFamily(f"qwen3vl_engine_{name}{suffix}", help_text, kind)
+                self.metrics[name] = self.families[name].Metric(labels=labels)
+        self.period, self.clock = period, clock
+        self.last = clock()
+        self.pending = dict.fromkeys(self.COUNTERS, 0)
+        self.gauges: dict[str, int] = {}
+        self.sent: dict[str, int] = {}
+
+    def on_step(self, report) -> None:
+        """Engine callback (engine thread). A report of no sequences: the engine went idle."""
+        p = self.pending
+        if report.sequences:
+            p["steps"] += 1
+            p["batched_steps"] += report.sequences > 1
+            self.gauges["last_step_sequences"] = report.sequences
+        p["prompt_tokens"] += report.prompt_tokens
+        p["generated_tokens"] += report.generated
+        self.gauges["running_sequences"] = report.running
+        self.gauges["waiting_requests"] = report.waiting
+        now = self.clock()
+        if now - self.last >= self.period or (report.running == 0 and report.waiting == 0):
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        self.last = self.clock() if now is None else now
+        for name in self.COUNTERS:
+            if self.pending[name]:
+                self.metrics[name].increment(self.pending[name])
+                self.pending[name] = 0
+        for name, value in self.gauges.items():
+            if self.sent.get(name) != value:
+                self.metrics[name].set(value)
+                self.sent[name] = value
+
+    def close(self) -> None:
+        # A Metric must go before its MetricFamily: left to interpreter teardown, the order is
+        # arbitrary and the stub crashes on exit.
+        self.metrics.clear()
+        self.families.clear()
+
+
 class TokenStream:
     """Sends one request's engine tokens as `tensorrt_llm` responses (output_ids, sequence_length).
 
     Streaming: one response per new token, the last one carrying the FINAL flag; otherwise one
-    response with all tokens. A cancelled request stops its generation and is closed with FINAL.
+    response with all tokens. A cancelled request (seen within `cancel_check_seconds`) stops
+    its generation and is closed with FINAL.
     """
 
-    def __init__(self, pb, sender, engine, streaming: bool, logger=None):
+    def __init__(self, pb, sender, engine, streaming: bool, logger=None, cancel_check_seconds: float = 0.1):
         self.pb, self.sender, self.engine = pb, sender, engine
         self.streaming = streaming
+        self.client_cancelled = CancelPoll(sender.is_cancelled, cancel_check_seconds)
         self.logger = logger
         self.tokens: list[int] = []
         self.request_id = ""
@@ -108,7 +198,7 @@ class TokenStream:
 
     def on_tokens(self, tokens: list[int], finish: str | None, err: str | None) -> None:
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if not self.cancelled and self.sender.is_cancelled():
+        if not self.cancelled and self.client_cancelled():
             self.cancelled = True
             self.engine.cancel(self.request_id)
         if self.cancelled or finish == "cancelled":

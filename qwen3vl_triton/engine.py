@@ -89,7 +89,8 @@ class Engine:
                  max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
                  on_step: Callable[["StepReport"], None] | None = None, threads: int | None = None,
                  shared_threads: int = 1, parallel_min_tokens: int = 64):
-        """`on_step` is called after every step (from the engine thread), e.g. to export metrics.
+        """`on_step` is called after every step (from the engine thread), e.g. to export metrics,
+        and with a report of zero sequences when cancellations empty the batch without a step.
 
         Threads: a step that prefills one prompt (at least `parallel_min_tokens` tokens) while
         no other sequence runs uses `threads` (default: torch's setting) -- it is compute-bound
@@ -281,9 +282,12 @@ class Engine:
             # already finished would otherwise stay here forever
             self._cancel &= {r.request_id for r in self._pending}
             self._admit()
-        for seq in [s for s in self._active if s.cancelled]:
+        cancelled = [s for s in self._active if s.cancelled]
+        for seq in cancelled:
             self._finish(seq, "cancelled")
         if not self._active:
+            if cancelled:  # no step follows: say that the batch emptied
+                self._report(StepReport(0, 0, 0, 0, 0.0, 0, len(self._pending)))
             return
         self._compact()
         plan = self._plan()
@@ -317,10 +321,13 @@ class Engine:
                 st.tokens_in += n
             generated += 1
             self._advance(seq, row[-1])
+        self._report(StepReport(len(plan), sum(n for _, n in plan) - decode, decode, generated, seconds,
+                                len(self._active), len(self._pending)))
+
+    def _report(self, report: StepReport) -> None:
         if self.on_step is not None:
             try:
-                self.on_step(StepReport(len(plan), sum(n for _, n in plan) - decode, decode, generated, seconds,
-                                        len(self._active), len(self._pending)))
+                self.on_step(report)
             except Exception:  # metrics must never stop generation
                 pass
 

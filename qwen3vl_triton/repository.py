@@ -52,6 +52,10 @@ class Settings:
     vision_queue_delay_us: int = 0
     preprocessing_instances: int = 1
     stream_idle_seconds: int = 300  # postprocessing drops a stream state idle this long
+    # as the tensorrtllm backend's parameters: how soon a cancelled request stops, and how often
+    # the engine's metrics are sent (each check or update is a round trip to the server)
+    cancellation_check_period_ms: int = 100
+    stats_check_period_ms: int = 100
     # disaggregated language server
     language_state_bytes: int = 2 * 2**30  # bound on the tables held by `language` sequences
     sequence_idle_us: int = 60_000_000  # sequence batcher max_sequence_idle_microseconds
@@ -67,7 +71,8 @@ class Settings:
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 problems.append(f"{f.name} must be >= 0, got {value}")
         for name in ("max_batch_size", "engine_max_batch", "max_output_len", "max_num_tokens", "max_images",
-                     "preprocessing_instances", "language_max_sequences", "chunk_rows"):
+                     "preprocessing_instances", "language_max_sequences", "chunk_rows",
+                     "cancellation_check_period_ms", "stats_check_period_ms"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len > spec.max_position_embeddings:

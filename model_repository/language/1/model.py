@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import error_response, model_params, read_inputs, scalar, single_sequence
+from qwen3vl_triton.backend import CancelPoll, error_response, model_params, read_inputs, scalar, single_sequence
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.language import OPS, Listener, SequenceStore, SharedRegions, attach, record
@@ -36,6 +36,7 @@ class TritonPythonModel:
         self.spec = ModelSpec.load(params["checkpoint"])
         self.tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
         self.max_output_len = int(params["max_output_len"])
+        self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
         self.store = SequenceStore(self.spec.hidden_size, np.dtype(params["table_dtype"]),
                                    max_bytes=int(params["state_bytes"]),
                                    idle_seconds=int(params["sequence_idle_us"]) / 1e6,
@@ -140,7 +141,8 @@ class TritonPythonModel:
         def fail(message):
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
-        listener = Listener(send, fail, sender.is_cancelled, self.tokenizer, seq.tokens[:from_token])
+        listener = Listener(send, fail, CancelPoll(sender.is_cancelled, self.cancel_check_seconds), self.tokenizer,
+                            seq.tokens[:from_token])
         seq.end_requested = seq.end_requested or end
         if attach(seq, listener, from_token):
             self.metrics["prefills_total"].increment(1)

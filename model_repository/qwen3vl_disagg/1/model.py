@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import error_response, model_params, read_inputs, scalar
+from qwen3vl_triton.backend import CancelPoll, error_response, model_params, read_inputs, scalar
 from qwen3vl_triton.transfer import Disaggregated, Encoded
 
 INPUTS = ("text_input", "image", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream")
@@ -24,6 +24,7 @@ class TritonPythonModel:
         params = model_params(args)
         self.language_url = params["language_url"]
         self.chunk_rows = int(params["chunk_rows"])
+        self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
         self.pool = ThreadPoolExecutor(max_workers=int(params["workers"]), thread_name_prefix="disagg")
 
     def execute(self, requests):
@@ -56,9 +57,9 @@ class TritonPythonModel:
             enc = self._encode(x)
             max_tokens = int(x["max_tokens"].reshape(-1)[0])
             with Disaggregated(None, self.language_url, chunk_rows=self.chunk_rows) as d:
-                pieces = []
+                pieces, cancelled = [], CancelPoll(sender.is_cancelled, self.cancel_check_seconds)
                 for text in d.run(enc, max_tokens, **sampling):
-                    if stream and not sender.is_cancelled():
+                    if stream and not cancelled():
                         sender.send(_text_response(text))
                     pieces.append(text)
             sender.send(None if stream else _text_response("".join(pieces)), flags=FINAL)

@@ -8,33 +8,17 @@ Engine counters are exported on the server's /metrics endpoint.
 import torch
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import TokenStream, error, model_params, read_inputs
+from qwen3vl_triton.backend import EngineMetrics, TokenStream, error, model_params, read_inputs
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.engine import CONTRACT_INPUTS, Engine, request_from_contract
-
-COUNTERS = {
-    "steps": "engine steps (forward passes)",
-    "batched_steps": "engine steps that advanced more than one sequence",
-    "prompt_tokens": "prompt tokens prefilled",
-    "generated_tokens": "tokens generated",
-}
-GAUGES = {
-    "running_sequences": "sequences in the running batch",
-    "waiting_requests": "requests waiting for a place in the batch",
-    "last_step_sequences": "sequences advanced by the last step",
-}
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = model_params(args)
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        self.families, self.metrics = {}, {}
-        for kind, names, suffix in ((pb_utils.MetricFamily.COUNTER, COUNTERS, "_total"),
-                                    (pb_utils.MetricFamily.GAUGE, GAUGES, "")):
-            for name, help_text in names.items():
-                self.families[name] = pb_utils.MetricFamily(f"qwen3vl_engine_{name}{suffix}", help_text, kind)
-                self.metrics[name] = self.families[name].Metric(labels=labels)
+        self.metrics = EngineMetrics(pb_utils, labels, period=int(params["stats_check_period_ms"]) / 1e3)
+        self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
         spec = ModelSpec.load(params["checkpoint"])
         # The engine thread does the model's work; this thread (the stub's main one) only parses
         # requests and must never start an OpenMP team of its own: with two teams alive OpenMP
@@ -44,18 +28,8 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         self.engine = Engine(spec, dtype=params["dtype"], max_batch=int(params["max_batch"]),
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
-                             max_num_tokens=int(params["max_num_tokens"]), on_step=self._on_step, threads=threads)
-
-    def _on_step(self, report):
-        m = self.metrics
-        m["steps"].increment(1)
-        if report.sequences > 1:
-            m["batched_steps"].increment(1)
-        m["prompt_tokens"].increment(report.prompt_tokens)
-        m["generated_tokens"].increment(report.generated)
-        m["running_sequences"].set(report.running)
-        m["waiting_requests"].set(report.waiting)
-        m["last_step_sequences"].set(report.sequences)
+                             max_num_tokens=int(params["max_num_tokens"]), on_step=self.metrics.on_step,
+                             threads=threads)
 
     def execute(self, requests):
         for request in requests:
@@ -63,7 +37,8 @@ class TritonPythonModel:
             try:
                 req, streaming = request_from_contract(read_inputs(pb_utils, request, CONTRACT_INPUTS),
                                                        self.engine.spec)
-                stream = TokenStream(pb_utils, sender, self.engine, streaming, pb_utils.Logger)
+                stream = TokenStream(pb_utils, sender, self.engine, streaming, pb_utils.Logger,
+                                     cancel_check_seconds=self.cancel_check_seconds)
                 req.on_tokens = stream.on_tokens
                 stream.request_id = self.engine.submit(req)
             except Exception as exc:
@@ -73,7 +48,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
-        # A Metric must go before its MetricFamily: left to interpreter teardown, the order is
-        # arbitrary and the stub crashes on exit.
-        self.metrics.clear()
-        self.families.clear()
+        self.metrics.close()

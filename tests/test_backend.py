@@ -1,0 +1,128 @@
+"""The Python-backend glue that runs on the engine thread: rate-limited cancellation checks and
+period-flushed engine metrics (both are round trips to the server in a stub)."""
+
+import threading
+
+from qwen3vl_triton.backend import CancelPoll, EngineMetrics
+from qwen3vl_triton.engine import Engine, StepReport
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Sink:
+    """Stands in for triton_python_backend_utils' metric classes: records every update sent."""
+
+    def __init__(self):
+        self.sent = []
+        sink = self
+
+        class MetricFamily:
+            COUNTER, GAUGE = "counter", "gauge"
+
+            def __init__(self, name, help_text, kind):
+                self.name = name
+
+            def Metric(self, labels):  # noqa: N802 -- the backend's spelling
+                family = self
+
+                class Metric:
+                    def increment(self, value):
+                        sink.sent.append((family.name, "+", value))
+
+                    def set(self, value):
+                        sink.sent.append((family.name, "=", value))
+
+                return Metric()
+
+        self.MetricFamily = MetricFamily
+
+
+def test_cancel_poll_asks_once_per_period_and_keeps_a_cancellation():
+    clock, asked, state = Clock(), [], {"cancelled": False}
+    poll = CancelPoll(lambda: asked.append(clock.now) or state["cancelled"], period=0.5, clock=clock)
+    for _ in range(50):  # a burst of tokens inside the first period: nobody is asked
+        assert not poll()
+    assert asked == []
+    clock.now += 0.5
+    assert not poll() and len(asked) == 1
+    state["cancelled"] = True
+    clock.now += 0.25
+    assert not poll() and len(asked) == 1  # seen one period after the last check, not before
+    clock.now += 0.25
+    assert poll() and len(asked) == 2
+    clock.now += 4.0
+    assert poll() and len(asked) == 2  # a cancellation is final: no more round trips
+
+
+def report(sequences, prompt=0, generated=0, running=1, waiting=0):
+    return StepReport(sequences, prompt, sequences - (prompt > 0), generated, 0.01, running, waiting)
+
+
+def totals(sent):
+    out = {}
+    for name, op, value in sent:
+        out[name] = out.get(name, 0) + value if op == "+" else value
+    return out
+
+
+def test_engine_metrics_are_sent_once_per_period_with_nothing_lost():
+    sink, clock = Sink(), Clock()
+    m = EngineMetrics(sink, {"model": "tensorrt_llm"}, period=0.5, clock=clock)
+    steps = [report(1, prompt=40, generated=1)] + [report(3, generated=3, running=3, waiting=2)] * 30
+    for r in steps:
+        clock.now += 0.0078125  # 2**-7 s: exact in binary, 31 steps stay inside one period
+        m.on_step(r)
+    flushes = sum(1 for name, *_ in sink.sent if name == "qwen3vl_engine_steps_total")
+    assert flushes == 0  # 0.24 s of steps: inside one period
+    clock.now += 0.5
+    m.on_step(report(3, generated=3, running=3, waiting=2))
+    got = totals(sink.sent)
+    assert got["qwen3vl_engine_steps_total"] == 32
+    assert got["qwen3vl_engine_batched_steps_total"] == 31
+    assert got["qwen3vl_engine_prompt_tokens_total"] == 40
+    assert got["qwen3vl_engine_generated_tokens_total"] == 1 + 3 * 31
+    assert got["qwen3vl_engine_running_sequences"] == 3 and got["qwen3vl_engine_waiting_requests"] == 2
+    sent = len(sink.sent)
+    clock.now += 1.0
+    m.on_step(report(3, generated=3, running=3, waiting=2))
+    gauges = [s for s in sink.sent[sent:] if s[1] == "="]
+    assert gauges == []  # unchanged gauges are not sent again
+
+
+def test_engine_metrics_are_exact_as_soon_as_the_engine_is_idle():
+    sink, clock = Sink(), Clock()
+    m = EngineMetrics(sink, {"model": "tensorrt_llm"}, period=10.0, clock=clock)
+    m.on_step(report(2, generated=2, running=2))
+    m.on_step(report(2, generated=2, running=0))  # both finished: idle, whatever the period
+    got = totals(sink.sent)
+    assert got["qwen3vl_engine_steps_total"] == 2 and got["qwen3vl_engine_generated_tokens_total"] == 4
+    assert got["qwen3vl_engine_running_sequences"] == 0
+    m.on_step(StepReport(0, 0, 0, 0, 0.0, 0, 0))  # the engine's report when cancellations emptied it
+    assert totals(sink.sent)["qwen3vl_engine_steps_total"] == 2  # not a step
+
+
+def test_the_engine_reports_a_batch_emptied_by_cancellation(spec, pipeline):
+    reports, cancelled = [], threading.Event()
+    engine = Engine(spec, max_batch=4, max_seq_len=2048, max_output_len=256, on_step=reports.append)
+    try:
+        req = pipeline("Go on forever.", [], max_new_tokens=200)
+        req.on_tokens = lambda tokens, finish, error: (
+            engine.cancel(req.request_id) if finish is None else cancelled.set())
+        engine.submit(req)
+        assert cancelled.wait(30)
+        deadline = threading.Event()
+        for _ in range(100):
+            if reports and reports[-1].sequences == 0:
+                break
+            deadline.wait(0.05)
+        last = reports[-1]
+        assert (last.sequences, last.running, last.waiting) == (0, 0, 0)
+        assert all(r.sequences > 0 for r in reports[:-1])
+    finally:
+        engine.shutdown()
