@@ -50,6 +50,7 @@ class TritonPythonModel:
                 ("prefills_total", "generations started (each prefills its prompt once)",
                  pb_utils.MetricFamily.COUNTER))}
         self.metrics = {name: family.Metric(labels=labels) for name, family in self.families.items()}
+        self._gauges_sent, self._gauge_lock = {}, threading.Lock()
         self._stop = threading.Event()
         self._janitor = threading.Thread(target=self._expire_loop, daemon=True)
         self._janitor.start()
@@ -64,8 +65,16 @@ class TritonPythonModel:
         for seq in self.store.expire():
             with seq.cond:
                 seq.listener = None  # an abandoned stream: keep nothing, send nothing
-        self.metrics["sequences"].set(len(self.store))
-        self.metrics["state_bytes"].set(self.store.bytes_held)
+        self._update_gauges()
+
+    def _update_gauges(self):
+        """Send the gauges that changed: each update is a round trip to the server, and a chunk
+        request changes neither."""
+        with self._gauge_lock:
+            for name, value in (("sequences", len(self.store)), ("state_bytes", self.store.bytes_held)):
+                if self._gauges_sent.get(name) != value:
+                    self.metrics[name].set(value)
+                    self._gauges_sent[name] = value
 
     # -- requests ------------------------------------------------------------------------------------
     def execute(self, requests):
@@ -93,8 +102,7 @@ class TritonPythonModel:
                 if not isinstance(exc, InputError):  # an internal failure frees the sequence
                     self.store.drop(corrid)
                 sender.send(error_response(pb_utils, exc, pb_utils.Logger), flags=FINAL)
-        self.metrics["sequences"].set(len(self.store))
-        self.metrics["state_bytes"].set(self.store.bytes_held)
+        self._update_gauges()
         return None
 
     def _control(self, op, corrid, x):
