@@ -97,7 +97,7 @@ def environment(server_version: str = "?") -> dict:
 
 
 # -- servers ------------------------------------------------------------------------------------------
-def start_server(checkpoint: Path, topology: str, name: str, **settings):
+def start_server(checkpoint: Path, topology: str, name: str, prepare=None, **settings):
     from qwen3vl_triton.repository import Settings, render
     from qwen3vl_triton.server import Ports, TritonServer, free_ports
 
@@ -106,6 +106,8 @@ def start_server(checkpoint: Path, topology: str, name: str, **settings):
     values = dict(SERVER_SETTINGS)
     values.update(settings)
     repo = render(checkpoint, base / "repository", topology=topology, settings=Settings(**values))
+    if prepare is not None:  # e.g. floor_repository
+        repo = prepare(repo)
     http, grpc, metrics = free_ports(3)
     server = TritonServer(repo, Ports(http, grpc, metrics), build_dir=base, log_file=base / "tritonserver.log")
     t0 = time.perf_counter()
@@ -242,6 +244,20 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
     return out
 
 
+def floor_repository(repo: Path) -> Path:
+    """Turn a rendered `single` repository into the overhead floor: the same ensemble, configs
+    and tensors, with models that do no work (load_tests/floor/)."""
+    import shutil
+
+    here = Path(__file__).resolve().parent / "floor"
+    for model in ("preprocessing", "vision_encoder", "postprocessing"):
+        version = repo / model / "1"
+        (version / "model.py").rename(version / "real_model.py")
+        shutil.copy(here / "cached_model.py", version / "model.py")
+    shutil.copy(here / "tensorrt_llm_model.py", repo / "tensorrt_llm" / "1" / "model.py")
+    return repo
+
+
 def overhead(checkpoint: Path, url: str, requests: int) -> dict:
     """Server overhead per request, on the tiny profile (its compute is a few milliseconds, so
     what the server adds shows): a 1-token request with one 64x64 image and a short prompt.
@@ -251,7 +267,11 @@ def overhead(checkpoint: Path, url: str, requests: int) -> dict:
     same package code (preprocess, vision encode, engine prefill + first token through the
     engine thread, detokenize). The two are measured alternately, so a busy machine weighs on
     both. Not counted: opening a gRPC stream per request, which `client.Client.generate` does
-    (reported as client_generate_p50_ms). Triton's per-model statistics come along."""
+    (reported as client_generate_p50_ms). Triton's per-model statistics come along.
+
+    Run against a server of the floor repository (floor_repository), served_p50_ms is the part
+    of the overhead that is Triton's own: the latency of the same ensemble, measured the same
+    way, when its models compute nothing."""
     import torch
 
     from client import Client
@@ -447,9 +467,15 @@ def main(argv=None) -> int:
     def tiny_overhead():
         tiny_server = start_server(tiny, "single", "tiny-single")
         try:
-            return overhead(tiny, tiny_server.grpc_url, cfg.overhead_requests)
+            out = overhead(tiny, tiny_server.grpc_url, cfg.overhead_requests)
         finally:
             tiny_server.stop()
+        floor_server = start_server(tiny, "single", "tiny-floor", prepare=floor_repository)
+        try:
+            out["floor"] = overhead(tiny, floor_server.grpc_url, cfg.overhead_requests)
+        finally:
+            floor_server.stop()
+        return out
 
     part("single server", single_server)
     if cfg.split_servers:
@@ -458,6 +484,9 @@ def main(argv=None) -> int:
     micro_figs["shm_vs_memcpy_ratio"] = shm.get("model_size_table", {}).get("ratio", float("nan"))
     micro_figs["overhead"] = part("overhead", tiny_overhead) or {}
     micro_figs["overhead_ms"] = micro_figs["overhead"].get("overhead_ms", float("nan"))
+    # Triton's own share: the same ensemble whose models compute nothing (load_tests/floor/)
+    micro_figs["overhead_floor_ms"] = micro_figs["overhead"].get("floor", {}).get("served_p50_ms", float("nan"))
+    micro_figs["overhead_above_floor_ms"] = micro_figs["overhead_ms"] - micro_figs["overhead_floor_ms"]
 
     env["loadavg_end"] = round(os.getloadavg()[0], 2)
     env["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -102,13 +102,15 @@ SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=4, max_i
                        engine_max_batch=8, max_batch_size=16)
 
 
-def start_server(checkpoint, tmp_path_factory, topology, name, **overrides):
+def start_server(checkpoint, tmp_path_factory, topology, name, prepare=None, **overrides):
     from qwen3vl_triton.repository import Settings, render
     from qwen3vl_triton.server import Ports, TritonServer, free_ports
 
     base = tmp_path_factory.mktemp(name)
     settings = Settings(**{**SERVER_SETTINGS, **overrides})
     repo = render(checkpoint, base / "repository", topology=topology, settings=settings)
+    if prepare is not None:
+        repo = prepare(repo)
     http, grpc, metrics = free_ports(3)
     # Triton 2.51's ensemble keeps one in-flight count for each stream a client cancels mid-way,
     # so a graceful stop would wait the full exit timeout (30 s by default) for nothing.

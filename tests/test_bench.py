@@ -99,3 +99,31 @@ def test_every_configuration_measures_what_the_targets_need():
         cfg = Config.make(quick)
         assert {1, 8} <= set(cfg.concurrency) and (448, 448) in cfg.sizes and cfg.max_tokens == 128
     assert workload((64, 32), 3) == workload((64, 32), 3)  # seeded: every run sends the same requests
+
+
+def test_the_overhead_floor_serves_the_ensemble_while_its_models_do_no_work(tiny_checkpoint, tmp_path_factory):
+    """The floor server behind overhead_floor_ms: same ensemble and tensors, no engine."""
+    import urllib.request
+
+    from load_tests.bench import floor_repository
+    from load_tests.bench_load import OpenStream
+    from tests.conftest import start_server
+    from tests.oracle import image_bytes
+
+    server = start_server(tiny_checkpoint, tmp_path_factory, "single", "floor", prepare=floor_repository)
+    try:
+        repo = server.repository
+        assert all((repo / m / "1" / "real_model.py").is_file()
+                   for m in ("preprocessing", "vision_encoder", "postprocessing"))
+        stream = OpenStream(server.grpc_url)
+        try:
+            counts = [stream.generate(f"Request {i}.", [image_bytes(64, 64, i)], 1) for i in range(3)]
+        finally:
+            stream.close()
+        assert counts == [1, 1, 1]  # one token response each, through all four steps
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert "nv_inference_request_success" in metrics
+        assert "qwen3vl_engine_steps_total" not in metrics  # no engine ran
+    finally:
+        server.stop()
