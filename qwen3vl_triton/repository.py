@@ -111,7 +111,8 @@ def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -
         raise RenderError(f"engine {engine_dir} was not built from this checkpoint: {'; '.join(problems)}")
     if settings.max_seq_len > facts.mrope_positions:
         raise RenderError(f"max_seq_len {settings.max_seq_len} exceeds the engine's {facts.mrope_positions} positions")
-    vals = facts.config_values(engine_dir)
+    vals = facts.config_values(engine_dir, cancellation_check_period_ms=settings.cancellation_check_period_ms,
+                               stats_check_period_ms=settings.stats_check_period_ms)
     vals.update(engine_dtype=facts.dtype, table_stride=str(facts.table_stride),
                 mrope_positions=str(facts.mrope_positions))
     return vals

@@ -80,9 +80,10 @@ def test_gpu_repository_takes_the_engine_facts(tiny_checkpoint, tmp_path, engine
 
     facts = EngineFacts.load(engine_dir)
     repo = render(tiny_checkpoint, tmp_path / "repo", device="gpu", engine_dir=engine_dir, topology="single",
-                  settings=Settings(max_seq_len=1024, max_output_len=256))
+                  settings=Settings(max_seq_len=1024, max_output_len=256, cancellation_check_period_ms=50))
     llm = load(repo, "tensorrt_llm")
     assert llm.backend == "tensorrtllm" and params(llm)["gpt_model_path"] == str(engine_dir.resolve())
+    assert (params(llm)["cancellation_check_period_ms"], params(llm)["stats_check_period_ms"]) == ("50", "100")
     for model in ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"):
         assert load(repo, model).max_batch_size == facts.max_batch_size
     vision = load(repo, "vision_encoder")

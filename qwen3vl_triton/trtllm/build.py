@@ -166,7 +166,8 @@ class EngineFacts:
             deepstack_impl=pretrained.get("deepstack_impl", "plugin"),
         )
 
-    def config_values(self, engine_dir: str | Path, kv_cache_free_gpu_mem_fraction: float = 0.9) -> dict[str, str]:
+    def config_values(self, engine_dir: str | Path, kv_cache_free_gpu_mem_fraction: float = 0.9,
+                      cancellation_check_period_ms: int = 100, stats_check_period_ms: int = 100) -> dict[str, str]:
         """Values for every placeholder of model_repository/tensorrt_llm/config.gpu.pbtxt."""
         return {
             "engine_dir": str(engine_dir),
@@ -174,4 +175,6 @@ class EngineFacts:
             "table_dtype": _TABLE_TYPES[self.dtype],
             "hidden_size": str(self.hidden_size),
             "kv_cache_free_gpu_mem_fraction": str(kv_cache_free_gpu_mem_fraction),
+            "cancellation_check_period_ms": str(cancellation_check_period_ms),
+            "stats_check_period_ms": str(stats_check_period_ms),
         }
