@@ -215,8 +215,11 @@ class Listener:
         """Another stream took over (a resume): end this one."""
         if not self.closed:
             self.closed = True
-            if not self.cancelled():
-                self.send("", [], True)
+            if not self.cancelled():  # may be a period stale: the old stream can be gone already
+                try:
+                    self.send("", [], True)
+                except Exception:  # nobody is left to tell; the new stream must still start
+                    pass
 
 
 def attach(seq: Sequence, listener: Listener, from_token: int) -> bool:

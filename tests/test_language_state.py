@@ -133,6 +133,27 @@ def test_a_resumed_stream_continues_the_text_exactly(preprocessor, spec):
     assert got["first"][-1][2] is True and got["second"][-1][2] is True  # both streams were closed
 
 
+def test_a_resume_is_not_stopped_by_a_broken_stream_that_cannot_be_told(preprocessor, spec):
+    """The cancellation check is rate-limited, so the broken stream may still look alive: ending it
+    fails, and the resume must go on regardless."""
+    tok = preprocessor.tokenizer
+    st = SequenceStore(spec.hidden_size, np.float32, 1 << 20, 10, spec.vocab_size, spec.deepstack_levels)
+    seq = st.start(1, np.array([1, 2], np.int32), 4, None, None, 0, 50, SamplingParams())
+    sent = []
+
+    def gone(text, new, final):
+        if final:
+            raise RuntimeError("the response sender of a cancelled request")
+        sent.append(("old", new))
+
+    assert attach(seq, Listener(gone, lambda m: None, lambda: False, tok, []), 0) is True
+    record(seq, [5], final=False)
+    resumed = Listener(lambda text, new, final: sent.append(("new", new)), lambda m: None, lambda: False, tok, [5])
+    assert attach(seq, resumed, 1) is False
+    record(seq, [6], final=False)
+    assert sent == [("old", [5]), ("new", [6])]
+
+
 def test_shared_regions_read_rows_in_place_and_refuse_foreign_keys():
     import secrets
 
