@@ -103,6 +103,20 @@ class CancelPoll:
         return self.cancelled
 
 
+class Gauges:
+    """Sets gauges of `metrics` (name -> pb Metric), skipping a value the gauge already shows:
+    each set is a round trip between the stub and the server."""
+
+    def __init__(self, metrics: dict):
+        self.metrics = metrics
+        self.sent: dict[str, float] = {}
+
+    def set(self, name: str, value) -> None:
+        if self.sent.get(name) != value:
+            self.metrics[name].set(value)
+            self.sent[name] = value
+
+
 class EngineMetrics:
     """The engine's counters and gauges on Triton's /metrics endpoint, sent at most once per
     `period` seconds and whenever the engine goes idle (each update is a round trip to the
@@ -131,8 +145,8 @@ class EngineMetrics:
         self.period, self.clock = period, clock
         self.last = clock()
         self.pending = dict.fromkeys(self.COUNTERS, 0)
-        self.gauges: dict[str, int] = {}
-        self.sent: dict[str, int] = {}
+        self.gauges: dict[str, int] = {}  # latest values, sent by flush
+        self.sender = Gauges(self.metrics)
 
     def on_step(self, report) -> None:
         """Engine callback (engine thread). A report of no sequences: the engine went idle."""
@@ -149,16 +163,14 @@ class EngineMetrics:
         if now - self.last >= self.period or (report.running == 0 and report.waiting == 0):
             self.flush(now)
 
-    def flush(self, now: float | None = None) -> None:
-        self.last = self.clock() if now is None else now
+    def flush(self, now: float) -> None:
+        self.last = now
         for name in self.COUNTERS:
             if self.pending[name]:
                 self.metrics[name].increment(self.pending[name])
                 self.pending[name] = 0
         for name, value in self.gauges.items():
-            if self.sent.get(name) != value:
-                self.metrics[name].set(value)
-                self.sent[name] = value
+            self.sender.set(name, value)
 
     def close(self) -> None:
         # A Metric must go before its MetricFamily: left to interpreter teardown, the order is
@@ -175,7 +187,7 @@ class TokenStream:
     its generation and is closed with FINAL.
     """
 
-    def __init__(self, pb, sender, engine, streaming: bool, logger=None, cancel_check_seconds: float = 0.1):
+    def __init__(self, pb, sender, engine, streaming: bool, logger, cancel_check_seconds: float):
         self.pb, self.sender, self.engine = pb, sender, engine
         self.streaming = streaming
         self.client_cancelled = CancelPoll(sender.is_cancelled, cancel_check_seconds)

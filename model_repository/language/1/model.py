@@ -10,7 +10,8 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import CancelPoll, error_response, model_params, read_inputs, scalar, single_sequence
+from qwen3vl_triton.backend import (CancelPoll, Gauges, error_response, model_params, read_inputs, scalar,
+                                    single_sequence)
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.language import OPS, Listener, SequenceStore, SharedRegions, attach, record
@@ -50,7 +51,7 @@ class TritonPythonModel:
                 ("prefills_total", "generations started (each prefills its prompt once)",
                  pb_utils.MetricFamily.COUNTER))}
         self.metrics = {name: family.Metric(labels=labels) for name, family in self.families.items()}
-        self._gauges_sent, self._gauge_lock = {}, threading.Lock()
+        self.gauges, self._gauge_lock = Gauges(self.metrics), threading.Lock()
         self._stop = threading.Event()
         self._janitor = threading.Thread(target=self._expire_loop, daemon=True)
         self._janitor.start()
@@ -70,11 +71,9 @@ class TritonPythonModel:
     def _update_gauges(self):
         """Send the gauges that changed: each update is a round trip to the server, and a chunk
         request changes neither."""
-        with self._gauge_lock:
-            for name, value in (("sequences", len(self.store)), ("state_bytes", self.store.bytes_held)):
-                if self._gauges_sent.get(name) != value:
-                    self.metrics[name].set(value)
-                    self._gauges_sent[name] = value
+        with self._gauge_lock:  # the janitor thread updates them too
+            self.gauges.set("sequences", len(self.store))
+            self.gauges.set("state_bytes", self.store.bytes_held)
 
     # -- requests ------------------------------------------------------------------------------------
     def execute(self, requests):
