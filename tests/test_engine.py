@@ -48,10 +48,12 @@ def test_concurrent_requests_are_batched_and_each_equals_its_oracle(engine, pipe
     before = engine.stats.batched_steps
     results = [None] * len(jobs)
 
-    def run(i, prompt, images, n):
-        results[i] = engine.generate(pipeline(prompt, images, max_new_tokens=n), timeout=180)[0]
+    requests = [pipeline(prompt, images, max_new_tokens=n) for prompt, images, n in jobs]  # all ready at once
 
-    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    def run(i):
+        results[i] = engine.generate(requests[i], timeout=180)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
@@ -62,26 +64,36 @@ def test_concurrent_requests_are_batched_and_each_equals_its_oracle(engine, pipe
 
 
 def test_a_new_request_joins_a_running_batch(engine, pipeline, oracle):
-    first_token = threading.Event()
-    long_ids, done = [], threading.Event()
+    # The short request is prepared first and submitted from the long one's first token, so
+    # it arrives while the long one decodes however fast this machine is.
+    short_image = image_bytes(64, 64, 7)
+    short_req = pipeline("Short one.", [short_image], max_new_tokens=5)
+    short_ids, short_done = [], threading.Event()
+    long_ids, long_done = [], threading.Event()
 
-    def on_tokens(tokens, finish, error):
-        long_ids.extend(tokens)
-        first_token.set()
+    def on_short(tokens, finish, error):
+        short_ids.extend(tokens)
         if finish:
-            done.set()
+            short_done.set()
 
+    def on_long(tokens, finish, error):
+        if not long_ids:
+            engine.submit(short_req)
+        long_ids.extend(tokens)
+        if finish:
+            long_done.set()
+
+    short_req.on_tokens = on_short
     long_req = pipeline("Write a long story.", [], max_new_tokens=120)
-    long_req.on_tokens = on_tokens
+    long_req.on_tokens = on_long
+    expected_long = oracle.generate("Write a long story.", [], 120)
+    assert len(expected_long) > 2  # the long one is still decoding when the short one arrives
     mixed_before = engine.stats.mixed_steps
     engine.submit(long_req)
-    assert first_token.wait(60)
-    short, _ = engine.generate(pipeline("Short one.", [image_bytes(64, 64, 7)], max_new_tokens=5), timeout=60)
-    assert not done.is_set() or len(long_ids) == 120  # the long one was still running
-    assert done.wait(120)
+    assert long_done.wait(120) and short_done.wait(60)
     assert engine.stats.mixed_steps > mixed_before  # the short prompt was prefilled beside decoding
-    assert short == oracle.generate("Short one.", [image_bytes(64, 64, 7)], 5)
-    assert long_ids == oracle.generate("Write a long story.", [], 120)
+    assert short_ids == oracle.generate("Short one.", [short_image], 5)
+    assert long_ids == expected_long
 
 
 def test_prefill_logits_match_transformers(spec, assert_prefill_matches):
