@@ -96,6 +96,56 @@ def environment(server_version: str = "?") -> dict:
     }
 
 
+class HostLoad:
+    """CPU that processes other than this one and its children used while the bench ran.
+
+    The figures are ratios measured in the same run, but the baseline and the server do not feel
+    a busy host alike (the server's stubs and the client share the same two cores), so a run on
+    a busy host does not compare with others. Other processes' share = (the host's busy CPU time
+    from /proc/stat - this process's and its reaped children's CPU time) / (wall time x cores);
+    time stolen by the hypervisor is reported apart. Servers must be stopped (reaped) before
+    `share()` for their CPU time to count as the bench's own."""
+
+    WARN_SHARE = 0.10
+
+    def __init__(self):
+        self.cores = os.cpu_count() or 1
+        self.t0, self.busy0, self.steal0, self.own0 = time.monotonic(), *self._host(), self._own()
+
+    @staticmethod
+    def _host() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        tick = os.sysconf("SC_CLK_TCK")
+        return (user + nice + system + irq + softirq) / tick, steal / tick
+
+    @staticmethod
+    def _own() -> float:
+        import resource
+
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def share(self) -> dict:
+        busy, steal = self._host()
+        capacity = max(time.monotonic() - self.t0, 1e-9) * self.cores
+        other = max(0.0, (busy - self.busy0) - (self._own() - self.own0))
+        return {"other_processes_cpu_share": round(other / capacity, 3),
+                "steal_cpu_share": round((steal - self.steal0) / capacity, 3)}
+
+    @classmethod
+    def warnings(cls, shares: dict) -> list[str]:
+        out = []
+        if shares.get("other_processes_cpu_share", 0) > cls.WARN_SHARE:
+            out.append(f"other processes used {100 * shares['other_processes_cpu_share']:.0f}% of this host's CPU "
+                       "during the run: its figures do not compare with a run on a quiet host")
+        if shares.get("steal_cpu_share", 0) > cls.WARN_SHARE:
+            out.append(f"the hypervisor took {100 * shares['steal_cpu_share']:.0f}% of the CPU time (steal): "
+                       "the figures do not compare with a run on a quiet host")
+        return out
+
+
 # -- servers ------------------------------------------------------------------------------------------
 def start_server(checkpoint: Path, topology: str, name: str, prepare=None, **settings):
     from qwen3vl_triton.repository import Settings, render
@@ -400,6 +450,7 @@ def main(argv=None) -> int:
 
     cfg = Config.make(args.quick)
     t_start = time.perf_counter()
+    host = HostLoad()
     small = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(ROOT / "checkpoints" / "small", "small",
                                                                              log=log)
     tiny = Path(args.tiny_checkpoint) if args.tiny_checkpoint else ensure_checkpoint(ROOT / "checkpoints" / "tiny",
@@ -489,17 +540,21 @@ def main(argv=None) -> int:
     micro_figs["overhead_above_floor_ms"] = micro_figs["overhead_ms"] - micro_figs["overhead_floor_ms"]
 
     env["loadavg_end"] = round(os.getloadavg()[0], 2)
+    env.update(host.share())  # every server has been stopped and reaped by now
     env["seconds"] = round(time.perf_counter() - t_start, 1)
     config = {k: v for k, v in vars(cfg).items()}
     config["server_settings"] = SERVER_SETTINGS
     config["target_image"] = load.size_name(TARGET_SIZE)
     data = report.report(runs, micro_figs, env, roof, load.size_name(TARGET_SIZE), config)
     data["errors"] = errors
+    data["warnings"] = HostLoad.warnings(env)
     paths = report.write(data, Path(args.out_dir), time.strftime("%Y%m%d-%H%M%S"))
     log("")
     log(report.render_text(data))
     log("")
     log(f"[bench] wrote {paths['json']}, {paths['png']} and {paths['latest_json']} in {env['seconds']}s")
+    for message in data["warnings"]:
+        log(f"[bench] WARNING: {message}")
     for name, message in errors.items():
         log(f"[bench] FAILED part: {name}: {message}")
     return 1 if errors else 0

@@ -127,3 +127,34 @@ def test_the_overhead_floor_serves_the_ensemble_while_its_models_do_no_work(tiny
         assert "qwen3vl_engine_steps_total" not in metrics  # no engine ran
     finally:
         server.stop()
+
+
+def test_host_load_tells_other_processes_cpu_from_the_benchs_own():
+    import subprocess
+    import sys
+    import time
+
+    from load_tests.bench import HostLoad
+
+    def burn(seconds):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            pass
+
+    own = HostLoad()
+    burn(1.0)  # this process: the bench's own work
+    subprocess.run([sys.executable, "-c", "sum(range(3_000_000))"], check=True)  # a reaped child: also its own
+    mine = own.share()["other_processes_cpu_share"]
+    one_core = 1.0 / (1.0 * own.cores)  # the share 1 s of one core would show as if it were foreign
+    assert mine < 0.5 * one_core
+
+    other = HostLoad()
+    # a process that is not the bench's child: forked by a child that exits at once (never reaped by us)
+    subprocess.run([sys.executable, "-c", "import os, time\nif os.fork() == 0:\n    t0 = time.monotonic()\n"
+                    "    while time.monotonic() - t0 < 1.5:\n        pass\n    os._exit(0)\n"], check=True)
+    time.sleep(1.8)
+    shares = other.share()
+    assert shares["other_processes_cpu_share"] > 0.5 * 1.5 / (1.8 * other.cores)
+    warned = HostLoad.warnings({"other_processes_cpu_share": 0.3, "steal_cpu_share": 0.0})
+    assert len(warned) == 1 and "other processes used 30%" in warned[0]
+    assert HostLoad.warnings({"other_processes_cpu_share": 0.01, "steal_cpu_share": 0.01}) == []
