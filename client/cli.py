@@ -111,7 +111,7 @@ def cmd_disagg(args, out=None, err=None) -> int:
             probe.check_ready()
     try:
         with Disaggregated(args.encoder_url, args.language_url, transport=args.transport,
-                           chunk_rows=args.chunk_rows, timeout=args.timeout) as dis:
+                           chunk_rows=args.chunk_rows, chunk_window=args.chunk_window, timeout=args.timeout) as dis:
             stats = GenerationStats() if args.stats else None
             tokens = _emit(dis.generate(args.prompt, images, args.max_tokens, **_sampling(args)), stats, out)
             moved = dis.stats
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--transport", choices=["grpc", "shm"], default="grpc",
                    help="grpc: table chunks as tensor payloads; shm: system shared memory (co-located servers)")
     d.add_argument("--chunk-rows", type=_positive, default=1024, help="table rows per chunk")
+    d.add_argument("--chunk-window", type=_positive, default=4, help="chunks in flight at once")
     _common(d)
     d.set_defaults(func=cmd_disagg)
     return ap

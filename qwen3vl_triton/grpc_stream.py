@@ -40,17 +40,30 @@ class GrpcStream:
 
     def _callback(self, result=None, error=None):
         rid = result.get_response().id if result is not None else getattr(error, "request_id", None)
-        q = self.queues.get(rid) if rid is not None else None
-        for target in ([q] if q is not None else list(self.queues.values())):  # no id: tell every waiter
-            target.put((result, error))
+        if rid is None:  # no id: the stream itself failed; tell every waiter
+            for target in list(self.queues.values()):
+                target.put((result, error))
+            return
+        q = self.queues.get(rid)
+        if q is not None:  # else: a response to a request its caller has given up on
+            q.put((result, error))
 
-    def request(self, model: str, inputs, request_id: str | None = None, **kw) -> Iterator:
-        """Yield the results of one request until its final response; StreamError on an error."""
+    def submit(self, model: str, inputs, request_id: str | None = None, **kw) -> str:
+        """Send one request without waiting; its results come from `results(id)`. Requests sent
+        on the stream reach the server in the order they were submitted."""
         rid = request_id or uuid.uuid4().hex
-        q: queue.Queue = queue.Queue()
-        self.queues[rid] = q
+        self.queues[rid] = queue.Queue()
         try:
             self.client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=True, **kw)
+        except BaseException:
+            self.queues.pop(rid, None)
+            raise
+        return rid
+
+    def results(self, rid: str, model: str = "the model") -> Iterator:
+        """Yield the results of a submitted request until its final response; StreamError on an error."""
+        q = self.queues[rid]
+        try:
             while True:
                 try:
                     result, error = q.get(timeout=self.timeout)
@@ -65,6 +78,14 @@ class GrpcStream:
                     return
         finally:
             self.queues.pop(rid, None)
+
+    def forget(self, rid: str) -> None:
+        """Drop a submitted request's answers, if any still come."""
+        self.queues.pop(rid, None)
+
+    def request(self, model: str, inputs, request_id: str | None = None, **kw) -> Iterator:
+        """Yield the results of one request until its final response; StreamError on an error."""
+        yield from self.results(self.submit(model, inputs, request_id, **kw), model)
 
     def close(self, cancel: bool | None = None) -> None:
         """Stop the stream. cancel None: cancel only if a request is unfinished -- cancelling one

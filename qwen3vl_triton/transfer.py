@@ -11,6 +11,9 @@ the encoder host. Transports:
   request names the region and the rows; the language model maps the region itself), so no
   table byte passes through this process or through Triton's request path;
 - `cuda_shm`: the same with a CUDA shared-memory region, on a GPU host.
+
+Chunks of one sequence go out on one gRPC stream, up to a window of them in flight; the language
+server applies them in the order sent (send_table).
 """
 
 from __future__ import annotations
@@ -79,22 +82,28 @@ class LanguageClient:
     def close(self, cancel: bool = False) -> None:
         self.stream.close(cancel)
 
-    def _request(self, inputs, **kw) -> Iterator:
+    def _results(self, rid: str) -> Iterator:
         try:
-            yield from self.stream.request(self.model, inputs, **kw)
+            yield from self.stream.results(rid, self.model)
         except StreamError as exc:
             if exc.broken:
                 raise StreamBroken(str(exc)) from None
             m = _RECEIVED.search(str(exc))
             raise TransferError(str(exc), int(m.group(1)) if m else None) from None
 
-    def _rows(self, corrid: int, inputs, start=False, end=False) -> int:
-        results = list(self._request(inputs, sequence_id=corrid, sequence_start=start, sequence_end=end))
-        for r in results:
+    def _request(self, inputs, **kw) -> Iterator:
+        yield from self._results(self.stream.submit(self.model, inputs, **kw))
+
+    def _received(self, rid: str) -> int:
+        for r in list(self._results(rid)):
             out = r.as_numpy("received_rows")
             if out is not None:
                 return int(out.reshape(-1)[0])
         raise TransferError(f"{self.model} answered without received_rows")
+
+    def _rows(self, corrid: int, inputs, start=False, end=False) -> int:
+        return self._received(self.stream.submit(self.model, inputs, sequence_id=corrid, sequence_start=start,
+                                                 sequence_end=end))
 
     @staticmethod
     def _op(name: str):
@@ -116,8 +125,17 @@ class LanguageClient:
         return self._rows(corrid, inputs, start=True)
 
     def chunk(self, corrid: int, offset: int, chunk_inputs: list) -> int:
-        return self._rows(corrid, [self._op("chunk"), *chunk_inputs,
-                                   _tensor("chunk_offset", np.array([[offset]], np.int32))])
+        return self.chunk_received(self.send_chunk(corrid, offset, chunk_inputs))
+
+    def send_chunk(self, corrid: int, offset: int, chunk_inputs: list) -> str:
+        """Send a chunk without waiting for its answer (see `chunk_received`)."""
+        return self.stream.submit(self.model, [self._op("chunk"), *chunk_inputs,
+                                               _tensor("chunk_offset", np.array([[offset]], np.int32))],
+                                  sequence_id=corrid)
+
+    def chunk_received(self, handle: str) -> int:
+        """The server's received_rows after a sent chunk; TransferError carries it on a refusal."""
+        return self._received(handle)
 
     def status(self, corrid: int, end: bool = False) -> int:
         return self._rows(corrid, [self._op("status")], end=end)
@@ -174,35 +192,69 @@ class TransferStats:
 
 
 def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_rows: int, received: int = 0,
-               stats: TransferStats | None = None, max_resumes: int = 8, plan=None) -> int:
+               stats: TransferStats | None = None, max_resumes: int = 8, plan=None, window: int = 4) -> int:
     """Send rows [received, rows) in chunks; resync from the server's received_rows on refusal.
+
+    Up to `window` chunks are in flight on the stream (the language server applies them in the
+    order they were sent), so a transfer costs about one round trip plus the server's work rather
+    than a round trip per chunk. After a refusal no new chunk is sent: the answers of those in
+    flight are read, and the sender resumes from the last received_rows the server reported.
 
     `plan(start, count) -> list of (start, count)` may reorder, drop or duplicate chunks (tests
     inject faults with it); the loop still ends with every row held, or raises."""
+    import collections
+
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     enc = source.enc
     stats = stats or TransferStats()
     t0 = time.perf_counter()
     resumes = 0
     while received < enc.rows:
-        count = min(chunk_rows, enc.rows - received)
-        chunks = plan(received, count) if plan else [(received, count)]
-        if not chunks:
-            raise TransferError(f"the chunk plan sends nothing from row {received}", received)
-        for start, n in chunks:
+        pending = collections.deque()  # (handle, rows) in the order sent
+        refused: TransferError | None = None
+        position = received  # the next row the plan covers
+        queued: collections.deque = collections.deque()  # planned chunks not sent yet
+        while True:
+            while refused is None and len(pending) < window:
+                if not queued:
+                    if position >= enc.rows:
+                        break
+                    count = min(chunk_rows, enc.rows - position)
+                    chunks = plan(position, count) if plan else [(position, count)]
+                    if not chunks:
+                        raise TransferError(f"the chunk plan sends nothing from row {position}", received)
+                    queued.extend(chunks)
+                    position += count
+                start, n = queued.popleft()
+                pending.append((lang.send_chunk(corrid, start, source.rows(start, n)), n))
+            if not pending:
+                break
+            handle, n = pending.popleft()
             try:
-                held = lang.chunk(corrid, start, source.rows(start, n))
+                received = lang.chunk_received(handle)  # the server's word: the contiguous prefix it holds
                 stats.chunks += 1
                 stats.rows += n
                 stats.payload_bytes += n * enc.hidden * enc.dtype.itemsize
             except TransferError as exc:
-                if exc.received_rows is None or resumes >= max_resumes:
+                if exc.received_rows is None:
+                    _abandon(lang, pending)
                     raise
-                resumes += 1
-                stats.resumes += 1
-                held = exc.received_rows
-            received = held  # the server's word: the contiguous prefix it holds
+                refused, received = exc, exc.received_rows
+        if refused is not None and received < enc.rows:
+            if resumes >= max_resumes:
+                raise refused
+            resumes += 1
+            stats.resumes += 1
     stats.seconds += time.perf_counter() - t0
     return received
+
+
+def _abandon(lang: LanguageClient, pending) -> None:
+    """Give up on the chunks still in flight: their answers, if any come, are dropped (the server
+    applies them in order before anything this sender sends next)."""
+    for handle, _ in pending:
+        lang.stream.forget(handle)
 
 
 class Disaggregated:
@@ -212,7 +264,7 @@ class Disaggregated:
     "cuda_shm" (CUDA shared memory on a GPU host)."""
 
     def __init__(self, encoder_url: str | None, language_url: str, transport: str = "grpc", chunk_rows: int = 1024,
-                 region_bytes: int = 64 * 2**20, timeout: float = 120.0, cuda_device: int = 0):
+                 region_bytes: int = 64 * 2**20, timeout: float = 120.0, cuda_device: int = 0, chunk_window: int = 4):
         """`encoder_url` None: the caller encodes (e.g. a BLS model on the encoder host) and calls `run`."""
         import tritonclient.grpc as grpcclient
 
@@ -220,7 +272,9 @@ class Disaggregated:
             raise ValueError(f"transport must be grpc, shm or cuda_shm, got {transport!r}")
         if encoder_url is None and transport != "grpc":
             raise ValueError("shared-memory transports need the encoder server's url to register the region")
-        self.transport, self.chunk_rows, self.timeout = transport, chunk_rows, timeout
+        if chunk_rows < 1 or chunk_window < 1:
+            raise ValueError(f"chunk_rows and chunk_window must be >= 1, got {chunk_rows} and {chunk_window}")
+        self.transport, self.chunk_rows, self.chunk_window, self.timeout = transport, chunk_rows, chunk_window, timeout
         self.encoder = grpcclient.InferenceServerClient(encoder_url) if encoder_url else None
         self.language_url = language_url
         self.lang = LanguageClient(language_url, timeout=timeout)
@@ -325,7 +379,8 @@ class Disaggregated:
                  **sampling) -> int:
         """Start the sequence (or, with `resume`, ask its status) and send the missing rows."""
         received = self.lang.status(corrid) if resume else self.lang.start(corrid, enc, max_tokens, **sampling)
-        return send_table(self.lang, corrid, self.source(enc), self.chunk_rows, received, self.stats, plan=plan)
+        return send_table(self.lang, corrid, self.source(enc), self.chunk_rows, received, self.stats, plan=plan,
+                          window=self.chunk_window)
 
     def stream(self, corrid: int, from_token: int = 0, retries: int = 3) -> Iterator[tuple[str, list[int]]]:
         """Generated (text, ids) from `from_token`; a broken stream is resumed where it stopped."""

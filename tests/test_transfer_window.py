@@ -1,0 +1,124 @@
+"""The sender's chunk window (transfer.send_table) against the language server's own chunk logic
+(SequenceStore), behind a stand-in for the gRPC stream that applies chunks in the order they
+were sent, as Triton's sequence batcher does. The real servers run in test_disagg.py; here the
+number of chunks in flight can be counted and faults placed exactly."""
+
+import collections
+import math
+
+import numpy as np
+import pytest
+
+from qwen3vl_triton.language import SequenceStore
+from qwen3vl_triton.sampling import SamplingParams
+from qwen3vl_triton.transfer import _RECEIVED, Encoded, TransferError, TransferStats, send_table
+
+H, VOCAB, LEVELS, CORRID = 8, 100, 3, 11
+
+
+class InOrderStream:
+    """Answers are computed when read, for every chunk sent before, in sending order."""
+
+    def __init__(self, store: SequenceStore):
+        self.store = store
+        self.unapplied: collections.deque = collections.deque()
+        self.answers: dict[int, object] = {}
+        self.outstanding = self.most_outstanding = 0
+        self.forgotten: list[int] = []
+        self.stream = self  # send_table forgets abandoned chunks through lang.stream
+        self._next = 0
+
+    def send_chunk(self, corrid, offset, rows):
+        handle, self._next = self._next, self._next + 1
+        self.unapplied.append((handle, corrid, offset, rows))
+        self.outstanding += 1
+        self.most_outstanding = max(self.most_outstanding, self.outstanding)
+        return handle
+
+    def chunk_received(self, handle):
+        while handle not in self.answers:
+            h, corrid, offset, rows = self.unapplied.popleft()
+            try:
+                self.answers[h] = self.store.chunk(corrid, offset, rows)
+            except Exception as exc:  # noqa: BLE001 -- the server's error response
+                self.answers[h] = exc
+        self.outstanding -= 1
+        answer = self.answers.pop(handle)
+        if isinstance(answer, Exception):
+            m = _RECEIVED.search(str(answer))
+            raise TransferError(str(answer), int(m.group(1)) if m else None)
+        return answer
+
+    def forget(self, handle):
+        self.forgotten.append(handle)
+        self.outstanding -= 1
+
+
+class Rows:
+    def __init__(self, table):
+        self.table = table
+        self.enc = Encoded(np.zeros(1, np.int32), table.shape[0], H, np.zeros(1, np.float32), 0)
+
+    def rows(self, start, count):
+        return self.table[start:start + count]
+
+
+def started(rows=4 * 25):
+    store = SequenceStore(H, np.float32, 1 << 24, 10.0, VOCAB, LEVELS)
+    ids = np.array([1] + [VOCAB + j for j in range(rows // 4)] + [2], np.int32)
+    seq = store.start(CORRID, ids, rows, rows, None, 0, 8, SamplingParams())
+    table = np.random.default_rng(0).standard_normal((rows, H), dtype=np.float32)
+    return store, seq, Rows(table)
+
+
+@pytest.mark.parametrize("window", [1, 3, 4])
+def test_chunks_are_in_flight_up_to_the_window_and_every_row_arrives(window):
+    store, seq, source = started()
+    lang, stats = InOrderStream(store), TransferStats()
+    assert send_table(lang, CORRID, source, 8, stats=stats, window=window) == source.enc.rows
+    np.testing.assert_array_equal(seq.table, source.table)
+    assert lang.most_outstanding == window
+    assert stats.chunks == math.ceil(source.enc.rows / 8) and stats.resumes == 0
+
+
+def test_a_dropped_chunk_stops_the_window_and_the_sender_resumes_from_received_rows():
+    store, seq, source = started()
+    lang, stats, dropped = InOrderStream(store), TransferStats(), []
+
+    def drop_at_16(start, count):
+        if start == 16 and not dropped:
+            dropped.append(start)
+            return [(start + count, count)]
+        return [(start, count)]
+
+    assert send_table(lang, CORRID, source, 8, stats=stats, plan=drop_at_16, window=4) == source.enc.rows
+    np.testing.assert_array_equal(seq.table, source.table)
+    assert stats.resumes == 1  # the refusals of the chunks in flight behind the gap make one resync
+    assert lang.outstanding == 0
+
+
+def test_chunks_sent_out_of_order_inside_the_window_still_fill_the_table():
+    store, seq, source = started()
+    lang, stats = InOrderStream(store), TransferStats()
+
+    def swap(start, count):
+        return [(start + count, count), (start, count)] if start % 32 == 0 and start + count < 100 else [(start, count)]
+
+    assert send_table(lang, CORRID, source, 8, stats=stats, plan=swap, window=4) == source.enc.rows
+    np.testing.assert_array_equal(seq.table, source.table)
+
+
+def test_a_failure_without_received_rows_raises_and_forgets_the_chunks_in_flight():
+    store, _, source = started()
+    lang = InOrderStream(store)
+    store.drop(CORRID)  # the sequence expired or failed on the server
+    with pytest.raises(TransferError, match="has no state") as err:
+        send_table(lang, CORRID, source, 8, window=4)
+    assert err.value.received_rows is None
+    assert len(lang.forgotten) == 3 and lang.outstanding == 0
+
+
+def test_window_below_one_is_refused():
+    store, _, source = started()
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        send_table(InOrderStream(store), CORRID, source, 8, window=0)
