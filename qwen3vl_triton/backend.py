@@ -149,7 +149,7 @@ class EngineMetrics:
         self.sender = Gauges(self.metrics)
 
     def on_step(self, report) -> None:
-        """Engine callback (delivery thread). A report of no sequences: the engine went idle."""
+        """Engine callback (engine thread). A report of no sequences: the engine went idle."""
         p = self.pending
         if report.sequences:
             p["steps"] += 1

@@ -1,5 +1,5 @@
-"""The Python-backend glue that runs on the engine's delivery thread: rate-limited cancellation
-checks and period-flushed engine metrics (both are round trips to the server in a stub)."""
+"""The Python-backend glue that runs on the engine thread: rate-limited cancellation checks and
+period-flushed engine metrics (both are round trips to the server in a stub)."""
 
 import threading
 
