@@ -351,9 +351,12 @@ class Engine:
 
     @staticmethod
     def _emit(req: Request, tokens: list[int], finish: str | None, error: str | None = None) -> None:
-        # On the engine thread. Sending from a separate delivery thread made batch-8 decode ~7%
-        # faster at concurrency 8 but crashed the tensorrt_llm stub (a segfault in libpython)
-        # under the disaggregated path's BLS requests, so it is not done (load_tests/bench.py).
+        # On the engine thread. A separate delivery thread took the inter-token latency at
+        # concurrency 8 from ~21.5 to ~18.9 ms, but it crashed the tensorrt_llm stub under the
+        # disaggregated path's load: faulthandler showed the engine thread segfaulting in
+        # ordinary torch ops while the delivery thread was inside the Python backend's `send`
+        # (which releases the GIL before it serializes the response). Not done until that is
+        # understood.
         if req.on_tokens is None:
             return
         try:
