@@ -18,6 +18,7 @@ server applies them in the order sent (send_table).
 
 from __future__ import annotations
 
+import collections
 import re
 import secrets
 import time
@@ -137,6 +138,11 @@ class LanguageClient:
         """The server's received_rows after a sent chunk; TransferError carries it on a refusal."""
         return self._received(handle)
 
+    def abandon(self, handle: str) -> None:
+        """Give up on a sent chunk: its answer, if one comes, is dropped (the server still applies
+        it, in order, before anything sent after it)."""
+        self.stream.forget(handle)
+
     def status(self, corrid: int, end: bool = False) -> int:
         return self._rows(corrid, [self._op("status")], end=end)
 
@@ -202,8 +208,6 @@ def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_row
 
     `plan(start, count) -> list of (start, count)` may reorder, drop or duplicate chunks (tests
     inject faults with it); the loop still ends with every row held, or raises."""
-    import collections
-
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     enc = source.enc
@@ -238,7 +242,8 @@ def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_row
                 stats.payload_bytes += n * enc.hidden * enc.dtype.itemsize
             except TransferError as exc:
                 if exc.received_rows is None:
-                    _abandon(lang, pending)
+                    for later, _ in pending:
+                        lang.abandon(later)
                     raise
                 refused, received = exc, exc.received_rows
         if refused is not None and received < enc.rows:
@@ -248,13 +253,6 @@ def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_row
             stats.resumes += 1
     stats.seconds += time.perf_counter() - t0
     return received
-
-
-def _abandon(lang: LanguageClient, pending) -> None:
-    """Give up on the chunks still in flight: their answers, if any come, are dropped (the server
-    applies them in order before anything this sender sends next)."""
-    for handle, _ in pending:
-        lang.stream.forget(handle)
 
 
 class Disaggregated:

@@ -25,7 +25,6 @@ class InOrderStream:
         self.answers: dict[int, object] = {}
         self.outstanding = self.most_outstanding = 0
         self.forgotten: list[int] = []
-        self.stream = self  # send_table forgets abandoned chunks through lang.stream
         self._next = 0
 
     def send_chunk(self, corrid, offset, rows):
@@ -49,7 +48,7 @@ class InOrderStream:
             raise TransferError(str(answer), int(m.group(1)) if m else None)
         return answer
 
-    def forget(self, handle):
+    def abandon(self, handle):
         self.forgotten.append(handle)
         self.outstanding -= 1
 
