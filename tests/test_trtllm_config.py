@@ -13,6 +13,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from qwen3vl_triton.repository import Settings
 from qwen3vl_triton.trtllm.build import EngineFacts, EngineSettings, build_config_fields
 from qwen3vl_triton.trtllm.convert import trtllm_config
 
@@ -60,19 +61,26 @@ UPSTREAM_OUTPUTS = [
 ]
 
 
+def _values(engine_dir) -> dict:
+    serving = Settings()
+    return EngineFacts.load(engine_dir).config_values(
+        engine_dir, cancellation_check_period_ms=serving.cancellation_check_period_ms,
+        stats_check_period_ms=serving.stats_check_period_ms)
+
+
 def _render(values: dict) -> str:
     template = string.Template(TEMPLATE.read_text())
     return template.substitute(values)  # KeyError on any placeholder left unfilled
 
 
 def test_template_placeholders_are_exactly_the_engine_facts(engine_dir):
-    values = EngineFacts.load(engine_dir).config_values(engine_dir)
+    values = _values(engine_dir)
     placeholders = {m.group(1) for m in re.finditer(r"\$\{(\w+)\}", TEMPLATE.read_text())}
     assert placeholders == set(values)
 
 
 def test_rendered_config_is_a_decoupled_inflight_tensorrtllm_model(engine_dir):
-    config = text_format.Parse(_render(EngineFacts.load(engine_dir).config_values(engine_dir)), mc.ModelConfig())
+    config = text_format.Parse(_render(_values(engine_dir)), mc.ModelConfig())
     assert config.name == "tensorrt_llm" and config.backend == "tensorrtllm"
     assert config.max_batch_size == 4
     assert config.model_transaction_policy.decoupled
@@ -86,7 +94,7 @@ def test_rendered_config_is_a_decoupled_inflight_tensorrtllm_model(engine_dir):
 
 
 def test_rendered_inputs_and_outputs_are_the_tensorrtllm_backends(engine_dir):
-    config = text_format.Parse(_render(EngineFacts.load(engine_dir).config_values(engine_dir)), mc.ModelConfig())
+    config = text_format.Parse(_render(_values(engine_dir)), mc.ModelConfig())
     inputs = [(i.name, mc.DataType.Name(i.data_type), list(i.dims),
                list(i.reshape.shape) if i.HasField("reshape") else None, i.optional, i.allow_ragged_batch)
               for i in config.input]
@@ -105,7 +113,7 @@ def test_engine_facts_give_the_stride_every_table_must_use(engine_dir, spec):
     assert facts.prompt_vocab_size == (spec.deepstack_levels + 1) * 96
     assert facts.mrope_positions == spec.max_position_embeddings
     assert facts.hidden_size == spec.hidden_size and facts.dtype == "bfloat16"
-    assert facts.config_values(engine_dir)["table_dtype"] == "TYPE_BF16"
+    assert _values(engine_dir)["table_dtype"] == "TYPE_BF16"
 
 
 def test_build_sizes_the_prompt_table_for_four_blocks_per_request(spec):

@@ -166,9 +166,10 @@ class EngineFacts:
             deepstack_impl=pretrained.get("deepstack_impl", "plugin"),
         )
 
-    def config_values(self, engine_dir: str | Path, kv_cache_free_gpu_mem_fraction: float = 0.9,
-                      cancellation_check_period_ms: int = 100, stats_check_period_ms: int = 100) -> dict[str, str]:
-        """Values for every placeholder of model_repository/tensorrt_llm/config.gpu.pbtxt."""
+    def config_values(self, engine_dir: str | Path, *, cancellation_check_period_ms: int, stats_check_period_ms: int,
+                      kv_cache_free_gpu_mem_fraction: float = 0.9) -> dict[str, str]:
+        """Values for every placeholder of model_repository/tensorrt_llm/config.gpu.pbtxt; the two
+        periods are the serving settings' (repository.Settings)."""
         return {
             "engine_dir": str(engine_dir),
             "max_batch_size": str(self.max_batch_size),
