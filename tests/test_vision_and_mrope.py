@@ -51,9 +51,12 @@ def test_table_rows_match_transformers_embeddings_and_deepstack(case, preprocess
     table = r.prompt_embedding_table
     s = stride_of(r.prompt_vocab_size, spec.deepstack_levels)
     assert table.shape == (4 * s, spec.hidden_size) and s >= n
-    torch.testing.assert_close(table[:n], seen["inputs_embeds"][0][torch.from_numpy(mask)], rtol=0, atol=1e-6)
+    # The encoder runs the patch embedding as a matmul, transformers as a Conv3d: the same products
+    # summed in another order, so the tables agree to float32 rounding, not bit for bit.
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(table[:n], seen["inputs_embeds"][0][torch.from_numpy(mask)], **close)
     for k, level in enumerate(seen["deepstack_visual_embeds"]):
-        torch.testing.assert_close(table[(k + 1) * s:(k + 1) * s + n], level, rtol=0, atol=1e-6)
+        torch.testing.assert_close(table[(k + 1) * s:(k + 1) * s + n], level, **close)
 
 
 @pytest.mark.parametrize("case", list(CASES))
