@@ -115,3 +115,27 @@ def test_deepstack_indexing_reads_the_right_rows():
         assert out[0].abs().sum() == 0 and out[3].abs().sum() == 0
     with pytest.raises(ValueError, match="not 4 stacked blocks"):
         stride_of(10, 3)
+
+
+def test_patch_linear_computes_the_convolution():
+    from qwen3vl_triton.vision import PatchLinear
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 24, kernel_size=(2, 4, 4), stride=(2, 4, 4), bias=True)
+    patches = torch.randn(7, 3, 2, 4, 4)
+    with torch.no_grad():
+        expected = conv(patches).reshape(7, 24)
+        torch.testing.assert_close(PatchLinear(conv)(patches), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_image_size_inputs_are_computed_once_per_size(spec, preprocessor):
+    from qwen3vl_triton.vision import VisionEncoder
+
+    encoder = VisionEncoder(spec)  # its own cache
+    p = preprocessor("a", CASES["one image"])
+    req = EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)
+    first = encoder.encode([req])[0]
+    again = encoder.encode([req, req])  # the same size twice in one batch, and a second time
+    assert encoder._grid.cache_info().misses == 1
+    for got in again:
+        torch.testing.assert_close(got.prompt_embedding_table, first.prompt_embedding_table, rtol=1e-5, atol=1e-5)
