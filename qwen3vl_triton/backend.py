@@ -65,6 +65,18 @@ def error_response(pb, exc: BaseException, logger=None):
     return pb.InferenceResponse(error=error(pb, exc, logger))
 
 
+def send_response(pb, sender, tensors: list, flags: int = 0) -> None:
+    """`sender.send` of a response with `tensors`, which stay referenced here until it returns.
+
+    Triton 2.51's Python backend drops the outputs a request did not ask for inside `send`,
+    after releasing the GIL, and so freed the numpy arrays of those tensors without the GIL
+    (python_backend #390, fixed in 24.12). With another Python thread running, that corrupts
+    the interpreter's memory: the `tensorrt_llm` stub crashed in torch ops on the engine thread
+    while `language`, which asks it for `output_ids` only, was being answered. Held here, the
+    arrays are freed after `send`, with the GIL."""
+    sender.send(pb.InferenceResponse(output_tensors=tensors), flags=flags)
+
+
 def output_tensor(pb, name: str, value):
     """A pb.Tensor from numpy, or from a torch tensor without a host copy when it lives on a GPU."""
     try:
@@ -149,7 +161,7 @@ class EngineMetrics:
         self.sender = Gauges(self.metrics)
 
     def on_step(self, report) -> None:
-        """Engine callback (engine thread). A report of no sequences: the engine went idle."""
+        """Engine callback (delivery thread). A report of no sequences: the engine went idle."""
         p = self.pending
         if report.sequences:
             p["steps"] += 1
@@ -196,12 +208,12 @@ class TokenStream:
         self.request_id = ""
         self.cancelled = False
 
-    def _response(self, tokens: list[int]):
+    def _send_tokens(self, tokens: list[int], flags: int) -> None:
         ids = np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1)
-        return self.pb.InferenceResponse(output_tensors=[
+        send_response(self.pb, self.sender, [
             self.pb.Tensor("output_ids", ids),
             self.pb.Tensor("sequence_length", np.asarray([[len(tokens)]], dtype=np.int32)),
-        ])
+        ], flags)
 
     def _send_cancelled(self) -> None:
         pb = self.pb
@@ -223,10 +235,10 @@ class TokenStream:
             return
         if self.streaming:
             if tokens:
-                self.sender.send(self._response(tokens), flags=final if finish else 0)
+                self._send_tokens(tokens, final if finish else 0)
             elif finish:
                 self.sender.send(flags=final)
             return
         self.tokens.extend(tokens)
         if finish:
-            self.sender.send(self._response(self.tokens), flags=final)
+            self._send_tokens(self.tokens, final)

@@ -1,9 +1,14 @@
-"""The Python-backend glue that runs on the engine thread: rate-limited cancellation checks and
-period-flushed engine metrics (both are round trips to the server in a stub)."""
+"""The Python-backend glue that runs on the engine's delivery thread: rate-limited cancellation
+checks, period-flushed engine metrics (both are round trips to the server in a stub), and
+response sends."""
 
+import gc
 import threading
+import weakref
 
-from qwen3vl_triton.backend import CancelPoll, EngineMetrics
+import numpy as np
+
+from qwen3vl_triton.backend import CancelPoll, EngineMetrics, send_response
 from qwen3vl_triton.engine import Engine, StepReport
 
 
@@ -126,3 +131,34 @@ def test_the_engine_reports_a_batch_emptied_by_cancellation(spec, pipeline):
         assert all(r.sequences > 0 for r in reports[:-1])
     finally:
         engine.shutdown()
+
+
+def test_send_response_keeps_the_outputs_alive_while_send_prunes_them():
+    # Triton 2.51's `send` drops the outputs the request did not ask for with the GIL released:
+    # if that dropped the last reference, the numpy array would be freed without the GIL.
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors):
+            self.output_tensors = output_tensors
+
+    class pb:  # noqa: N801 -- stands in for the module
+        pass
+
+    pb.Tensor, pb.InferenceResponse = Tensor, InferenceResponse
+    seen = {}
+
+    class Sender:
+        def send(self, response, flags=0):
+            dropped = weakref.ref(next(t.array for t in response.output_tensors if t.name == "sequence_length"))
+            response.output_tensors = [t for t in response.output_tensors if t.name == "output_ids"]  # the prune
+            gc.collect()
+            seen["alive_after_prune"] = dropped() is not None
+            seen["flags"] = flags
+            seen["sent"] = [t.name for t in response.output_tensors]
+
+    send_response(pb, Sender(), [Tensor("output_ids", np.zeros((1, 1, 1), np.int32)),
+                                 Tensor("sequence_length", np.ones((1, 1), np.int32))], flags=7)
+    assert seen == {"alive_after_prune": True, "flags": 7, "sent": ["output_ids"]}

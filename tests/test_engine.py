@@ -208,3 +208,28 @@ def test_cancelling_a_finished_request_leaves_nothing_behind(engine, pipeline):
     engine.cancel(rid)  # too late: it already finished
     engine.generate(pipeline("Next.", [], max_new_tokens=2), timeout=30)
     assert rid not in engine._cancel
+
+
+def test_the_engine_steps_on_while_a_consumer_is_slow(engine, pipeline, oracle):
+    # In the server a callback hands a response to Triton and waits for it: the engine thread
+    # must not wait with it. Here the first callback blocks until the engine has stepped on.
+    release, ids, done = threading.Event(), [], threading.Event()
+
+    def on_tokens(tokens, finish, error):
+        release.wait(60)
+        ids.extend(tokens)
+        if finish:
+            done.set()
+
+    req = pipeline("Write a long story.", [], max_new_tokens=40)
+    req.on_tokens = on_tokens
+    steps = engine.stats.steps
+    engine.submit(req)
+    deadline = time.monotonic() + 60
+    while engine.stats.steps < steps + 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stepped = engine.stats.steps - steps
+    release.set()
+    assert done.wait(60)
+    assert stepped >= 10  # ten steps went by while the first token's callback was still blocked
+    assert ids == oracle.generate("Write a long story.", [], 40)  # nothing lost or reordered

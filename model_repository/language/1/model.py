@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.backend import (CancelPoll, Gauges, error_response, model_params, read_inputs, scalar,
-                                    single_sequence)
+                                    send_response, single_sequence)
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.language import OPS, Listener, SequenceStore, SharedRegions, attach, record
@@ -24,9 +24,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 
 
-def _rows_response(received):
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("received_rows", np.array([[received]], np.int32))])
+def _send_rows(sender, received):
+    send_response(pb_utils, sender, [pb_utils.Tensor("received_rows", np.array([[received]], np.int32))], FINAL)
 
 
 class TritonPythonModel:
@@ -96,7 +95,7 @@ class TritonPythonModel:
                 received = self._control(op, corrid, x)
                 if flags & END:
                     self.store.drop(corrid)
-                sender.send(_rows_response(received), flags=FINAL)
+                _send_rows(sender, received)
             except Exception as exc:
                 if not isinstance(exc, InputError):  # an internal failure frees the sequence
                     self.store.drop(corrid)
@@ -140,10 +139,10 @@ class TritonPythonModel:
         seq = self.store.ready_to_generate(corrid, from_token)
 
         def send(text, ids, final):
-            sender.send(pb_utils.InferenceResponse(output_tensors=[
+            send_response(pb_utils, sender, [
                 pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
                 pb_utils.Tensor("output_ids", np.asarray(ids, np.int32).reshape(1, -1)),
-            ]), flags=FINAL if final else 0)
+            ], FINAL if final else 0)
 
         def fail(message):
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)

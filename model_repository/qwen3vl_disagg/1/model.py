@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import CancelPoll, error_response, model_params, read_inputs, scalar
+from qwen3vl_triton.backend import CancelPoll, error_response, model_params, read_inputs, scalar, send_response
 from qwen3vl_triton.transfer import Disaggregated, Encoded
 
 INPUTS = ("text_input", "image", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream")
@@ -14,9 +14,9 @@ ENCODE_OUTPUTS = ["input_ids", "prompt_embedding_table", "prompt_vocab_size", "m
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _text_response(text):
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_))])
+def _send_text(sender, text, flags=0):
+    send_response(pb_utils, sender, [pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], np.object_))],
+                  flags)
 
 
 class TritonPythonModel:
@@ -60,9 +60,12 @@ class TritonPythonModel:
                 pieces, cancelled = [], CancelPoll(sender.is_cancelled, self.cancel_check_seconds)
                 for text in d.run(enc, max_tokens, **sampling):
                     if stream and not cancelled():
-                        sender.send(_text_response(text))
+                        _send_text(sender, text)
                     pieces.append(text)
-            sender.send(None if stream else _text_response("".join(pieces)), flags=FINAL)
+            if stream:
+                sender.send(flags=FINAL)
+            else:
+                _send_text(sender, "".join(pieces), FINAL)
         except Exception as exc:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
 

@@ -1,6 +1,6 @@
 """tensorrt_llm on CPU: the package's in-flight batching engine behind the tensorrtllm contract.
 
-`execute` only validates and queues; the engine thread streams tokens back through each
+`execute` only validates and queues; the engine's delivery thread streams tokens back through each
 request's response sender, so requests that arrive while others decode join the running batch.
 Engine counters are exported on the server's /metrics endpoint.
 """
