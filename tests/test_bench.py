@@ -158,3 +158,15 @@ def test_host_load_tells_other_processes_cpu_from_the_benchs_own():
     warned = HostLoad.warnings({"other_processes_cpu_share": 0.3, "steal_cpu_share": 0.0})
     assert len(warned) == 1 and "other processes used 30%" in warned[0]
     assert HostLoad.warnings({"other_processes_cpu_share": 0.01, "steal_cpu_share": 0.01}) == []
+
+
+def test_a_jittery_baseline_is_flagged():
+    from load_tests.bench import baseline_jitter_warnings
+
+    def row(mode, p50, p90, image="448x448"):
+        return {"mode": mode, "itl_p50_ms": p50, "itl_p90_ms": p90, "image": image}
+
+    quiet = [row("transformers", 8.05, 8.38), row("qwen3vl", 6.4, 9.9), row("transformers", 7.97, 8.59, "896x448")]
+    assert baseline_jitter_warnings(quiet) == []  # the server's own spread is not the host's
+    warned = baseline_jitter_warnings(quiet + [row("transformers", 8.68, 12.17)])
+    assert len(warned) == 1 and "1.40x its p50 (448x448)" in warned[0]
