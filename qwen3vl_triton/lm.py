@@ -13,8 +13,10 @@ tokens (`table.deepstack_row`), rotary angles of prompt tokens come from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -140,14 +142,25 @@ class Weights:
             self.layers.append(layer)
 
 
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages are committed only when written, so unused capacity costs no RAM.
+
+    Zero, not torch.empty: batched decode attends over every slot up to the longest sequence and
+    masks the positions a shorter one has not written, but a masked position's V row is still
+    multiplied by 0, and a NaN the allocator's memory held there made the whole output NaN.
+    torch.zeros would write every page; calloc (numpy's zeros) gets a large block as a fresh
+    mapping, which the kernel zero-fills on first touch."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).reshape(shape)
+
+
 class KVCache:
     """Per-layer K and V `[slots, kv_heads, max_len, d]`; a sequence owns one slot."""
 
     def __init__(self, spec: ModelSpec, slots: int, max_len: int, dtype: torch.dtype):
         shape = (slots, spec.num_kv_heads, max_len, spec.head_dim)
-        # torch.empty: pages are committed only when written, so unused capacity costs no RAM
-        self.k = [torch.empty(shape, dtype=dtype) for _ in range(spec.num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype) for _ in range(spec.num_layers)]
+        self.k = [zeroed(shape, dtype) for _ in range(spec.num_layers)]
+        self.v = [zeroed(shape, dtype) for _ in range(spec.num_layers)]
         self.slots = slots
         self.max_len = max_len
 

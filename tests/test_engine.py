@@ -233,3 +233,21 @@ def test_the_engine_steps_on_while_a_consumer_is_slow(engine, pipeline, oracle):
     assert done.wait(60)
     assert stepped >= 10  # ten steps went by while the first token's callback was still blocked
     assert ids == oracle.generate("Write a long story.", [], 40)  # nothing lost or reordered
+
+
+def test_the_kv_cache_starts_zeroed_whatever_the_memory_held(spec):
+    # Batched decode attends over every slot up to the longest sequence and masks the rest, but a
+    # masked position still multiplies its V row by 0: a NaN left in memory no sequence wrote
+    # turns that sequence's output into NaN (it did: token 0 under batching, in CI). The cache
+    # must not inherit what the allocator's memory held before.
+    from qwen3vl_triton.lm import KVCache
+
+    slots, max_len = 2, 16
+    numel = slots * spec.num_kv_heads * max_len * spec.head_dim
+    for _ in range(3):
+        dirty = [torch.full((numel,), float("nan")) for _ in range(4 * spec.num_layers)]
+        del dirty  # freed: the next allocations of this size get these blocks back
+        cache = KVCache(spec, slots, max_len, torch.float32)
+        for t in (*cache.k, *cache.v):
+            assert t.shape == (slots, spec.num_kv_heads, max_len, spec.head_dim)
+            assert not t.isnan().any() and t.abs().sum() == 0
