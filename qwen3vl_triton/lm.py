@@ -150,7 +150,7 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     multiplied by 0, and a NaN the allocator's memory held there made the whole output NaN.
     torch.zeros would write every page; calloc (numpy's zeros) gets a large block as a fresh
     mapping, which the kernel zero-fills on first touch."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).reshape(shape)
 
 

@@ -76,13 +76,14 @@ class VisionEncoder:
         positions = get_vision_position_ids(grid, m.spatial_merge_size)
         return indices.to(self.device), weights.to(self.device), positions.to(self.device)
 
-    def _position_kwargs(self, grid_thw: np.ndarray) -> dict:
+    def _position_kwargs(self, grid_thw: np.ndarray, grid: torch.Tensor) -> dict:
+        """The tower's position keyword arguments for a batch: `grid_thw` and `grid` (its tensor
+        on the device) hold the same grids."""
         from transformers.vision_utils import get_vision_cu_seqlens
 
         parts = [self._grid(*g) for g in grid_thw.tolist()]
         return {"interp_indices": torch.cat([p[0] for p in parts]), "interp_weights": torch.cat([p[1] for p in parts]),
-                "position_ids": torch.cat([p[2] for p in parts]),
-                "cu_seqlens": get_vision_cu_seqlens(torch.from_numpy(grid_thw)).to(self.device)}
+                "position_ids": torch.cat([p[2] for p in parts]), "cu_seqlens": get_vision_cu_seqlens(grid)}
 
     @torch.inference_mode()
     def features(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +92,7 @@ class VisionEncoder:
         grid_thw = np.ascontiguousarray(grid_thw, dtype=np.int64)
         grid = torch.from_numpy(grid_thw).to(self.device)
         with self._lock:
-            out = self.model(pv, grid_thw=grid, return_dict=True, **self._position_kwargs(grid_thw))
+            out = self.model(pv, grid_thw=grid, return_dict=True, **self._position_kwargs(grid_thw, grid))
         return out.pooler_output, torch.stack(list(out.deepstack_features))
 
     def encode(self, requests: list[EncodeRequest]) -> list[EncodeResult]:
