@@ -76,6 +76,7 @@ class ModelSpec:
     vision_start_token_id: int
     vision_end_token_id: int
     end_id: int  # end-of-turn token of the chat template
+    end_ids: tuple[int, ...]  # every id that ends generation: end_id first, then generation_config's eos ids
     pad_id: int
     # preprocessing bounds (pixels)
     min_pixels: int
@@ -142,6 +143,11 @@ class ModelSpec:
             raise CheckpointError("preprocessor_config.json patch_size disagrees with vision_config.patch_size")
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or "bfloat16"
         pad_name = "pad_token" if tok_cfg.get("pad_token") else "eos_token"
+        end_id = token_id("eos_token")
+        gen_path = path / "generation_config.json"
+        gen_eos = _read_json(gen_path).get("eos_token_id") if gen_path.is_file() else None
+        gen_eos = [] if gen_eos is None else [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+        end_ids = tuple(dict.fromkeys([end_id, *(int(i) for i in gen_eos)]))
         return cls(
             path=path,
             vocab_size=text["vocab_size"],
@@ -171,7 +177,8 @@ class ModelSpec:
             image_token_id=cfg["image_token_id"],
             vision_start_token_id=cfg["vision_start_token_id"],
             vision_end_token_id=cfg["vision_end_token_id"],
-            end_id=token_id("eos_token"),
+            end_id=end_id,
+            end_ids=end_ids,
             pad_id=token_id(pad_name),
             min_pixels=int(min_pixels),
             max_pixels=int(max_pixels),

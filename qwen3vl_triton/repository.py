@@ -45,7 +45,7 @@ class Settings:
     max_num_tokens: int = 1024  # prompt tokens prefilled per engine step (longer prompts are chunked)
     max_images: int = 8  # images per request
     max_image_pixels: int = 4096 * 4096  # larger encoded images are refused before decoding
-    engine_dtype: str = "float32"
+    dtype: str = "float32"
     # how long the vision encoder's dynamic batcher holds a request for others to join. 0: on a
     # CPU a wait buys no compute (a batch of images costs what its images cost one by one), and
     # requests that queue while the encoder is busy are still batched.
@@ -81,9 +81,9 @@ class Settings:
         if self.max_output_len >= self.max_seq_len:
             problems.append(f"max_output_len {self.max_output_len} leaves no room for a prompt in "
                             f"max_seq_len {self.max_seq_len}")
-        if self.engine_dtype not in ("float32", "float16", "bfloat16"):
-            problems.append(f"engine_dtype {self.engine_dtype!r} is not float32, float16 or bfloat16")
-        if device == "cpu" and self.engine_dtype != "float32":
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            problems.append(f"dtype {self.dtype!r} is not float32, float16 or bfloat16")
+        if device == "cpu" and self.dtype != "float32":
             problems.append("the CPU engine runs float32 (its tables cross the ensemble as TYPE_FP32)")
         if problems:
             raise RenderError("inconsistent settings: " + "; ".join(problems))
@@ -113,13 +113,13 @@ def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -
         raise RenderError(f"max_seq_len {settings.max_seq_len} exceeds the engine's {facts.mrope_positions} positions")
     vals = facts.config_values(engine_dir, cancellation_check_period_ms=settings.cancellation_check_period_ms,
                                stats_check_period_ms=settings.stats_check_period_ms)
-    vals.update(engine_dtype=facts.dtype, table_stride=str(facts.table_stride),
+    vals.update(dtype=facts.dtype, table_stride=str(facts.table_stride),
                 mrope_positions=str(facts.mrope_positions))
     return vals
 
 
 def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None = None) -> dict[str, str]:
-    table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[settings.engine_dtype]
+    table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[settings.dtype]
     v = {k: str(x) for k, x in asdict(settings).items()}
     v.update(
         checkpoint=str(spec.path.resolve()),
@@ -177,7 +177,7 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
         if engine_dir is None:
             raise RenderError("device gpu needs engine_dir, the TensorRT-LLM engine built for this checkpoint")
         engine = engine_values(spec, settings, engine_dir)
-        if engine["engine_dtype"] == "bfloat16" and "language" in TOPOLOGIES[topology]:
+        if engine["dtype"] == "bfloat16" and "language" in TOPOLOGIES[topology]:
             raise RenderError("the disaggregated `language` model holds tables as numpy arrays, which have no "
                               "bfloat16: build the engine in float16 for topologies with `language` "
                               "(single and encoder serve bfloat16 engines)")

@@ -66,9 +66,9 @@ def test_a_config_triton_cannot_parse_fails_at_render_time(tiny_checkpoint, tmp_
 @pytest.mark.parametrize("settings, message", [
     (Settings(max_output_len=4096, max_seq_len=4096), "leaves no room for a prompt"),
     (Settings(max_seq_len=100_000), "exceeds the model's max_position_embeddings"),
-    (Settings(engine_dtype="bfloat16"), "the CPU engine runs float32"),
+    (Settings(dtype="bfloat16"), "the CPU engine runs float32"),
     (Settings(max_batch_size=0), "max_batch_size must be >= 1"),
-    (Settings(engine_dtype="float64"), "engine_dtype 'float64'"),
+    (Settings(dtype="float64"), "dtype 'float64'"),
 ])
 def test_inconsistent_settings_are_refused(settings, message, tiny_checkpoint, tmp_path):
     with pytest.raises(RenderError, match=message):
