@@ -17,7 +17,7 @@ USERS       ?= 4
 DURATION    ?= 30
 URL         ?=
 
-.PHONY: venv demo test serve checkpoint clean load-test tools
+.PHONY: venv demo test serve checkpoint clean load-test tools gpu-bundle
 
 venv: $(BIN)/.installed
 
@@ -61,6 +61,14 @@ serve: venv
 
 clean:
 	rm -rf build checkpoints load_tests/reports .pytest_cache
+
+# What tests/gpu/device_check.sh needs on a GPU host beyond its image, in build/gpu-bundle (carried
+# with the run): tritonserver 2.51 trimmed from the nvidia-pytriton wheel, and Python 3.12 wheels
+# of numpy < 2 and tritonclient; pinned with hashes in tests/gpu/bundle-requirements.txt. Prints
+# its size and fails past the 64 MiB a device call carries. The download and the compressed
+# server are cached in build/gpu-cache.
+gpu-bundle: venv
+	$(BIN)/python -m tests.gpu.bundle
 
 # The served stack against transformers in the same run: table + JSON + PNG in load_tests/reports/
 # (bench-latest.json holds the target figures). QUICK=1: the CI size, under two minutes.

@@ -71,5 +71,44 @@ QWEN3VL_HOST_DEVICE inline void addToken(
     }
 }
 
+//! N elements of T moved as one aligned load or store (16 bytes: the widest a CUDA thread issues).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack
+{
+    T v[N];
+};
+
+//! addToken over packs of N elements: pack p holds elements [p N, (p + 1) N) of a row, and
+//! first/step count packs. The same sums and roundings as addToken, element by element; needs
+//! hidden % N == 0 and dst, src and table aligned to sizeof(T) * N bytes (so is every row then).
+template <typename T, int N>
+QWEN3VL_HOST_DEVICE inline void addTokenPacked(
+    T* dst, T const* src, T const* table, int64_t row, int32_t hidden, int32_t first, int32_t step)
+{
+    using P = Pack<T, N>;
+    P* out = reinterpret_cast<P*>(dst);
+    P const* in = reinterpret_cast<P const*>(src);
+    int32_t const packs = hidden / N;
+    if (row < 0)
+    {
+        for (int32_t p = first; p < packs; p += step)
+        {
+            out[p] = in[p];
+        }
+        return;
+    }
+    P const* add = reinterpret_cast<P const*>(table + row * hidden);
+    for (int32_t p = first; p < packs; p += step)
+    {
+        P x = in[p];
+        P const y = add[p];
+        for (int32_t k = 0; k < N; ++k)
+        {
+            x.v[k] = static_cast<T>(static_cast<float>(x.v[k]) + static_cast<float>(y.v[k]));
+        }
+        out[p] = x;
+    }
+}
+
 } // namespace deepstack
 } // namespace qwen3vl
