@@ -15,7 +15,11 @@
 set -eu
 BUNDLE=$1 WORK=$2 PY=$3
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-IMPORTS=${PREPARE_IMPORTS:-numpy torch transformers tritonclient.grpc tritonclient.utils.cuda_shared_memory qwen3vl_triton.server}
+IMPORTS=${PREPARE_IMPORTS:-numpy torch transformers transformers.generation transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe tritonclient.grpc tritonclient.utils.cuda_shared_memory qwen3vl_triton.server}
+# Host packages built against numpy 2 that transformers imports when it finds them (scikit-learn,
+# through transformers.generation, pulls scipy): with the stubs' numpy 1.26 they fail at import, so
+# the environment hides them (None in sys.modules: find_spec answers None, as if not installed).
+HIDDEN=${PREPARE_HIDDEN:-sklearn scipy pandas}
 
 [ -f "$BUNDLE/tritonserver.tar.xz" ] || { echo "no $BUNDLE/tritonserver.tar.xz: run make gpu-bundle and carry it"; exit 3; }
 "$PY" - "$BUNDLE/tritonserver.tar.xz" "$WORK/server" <<'PYEOF'
@@ -31,6 +35,8 @@ host=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     "$BUNDLE"/wheels/*.whl
 echo "$ROOT" >"$site/qwen3vl_checkout.pth"
 echo "import site; site.addsitedir('$host')" >"$site/zz_host_site_packages.pth"
+hidden=$(printf '"%s",' $HIDDEN)
+echo "import sys; sys.modules.update(dict.fromkeys(($hidden)))" >"$site/000_hide_numpy2_packages.pth"
 # shellcheck disable=SC2086
 "$WORK/stubenv/bin/python" - $IMPORTS <<'PYEOF'
 import importlib, sys
