@@ -351,12 +351,10 @@ def build_saved_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0
             t = _init(name, shapes[name], gen)
             # drawn in the hub's [E, in, out]; transformers holds (and saves) [E, out, in]
             state[name] = t.transpose(1, 2).contiguous() if name.endswith(_FUSED_EXPERTS) else t
-        if tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-            head = "model.language_model.embed_tokens.weight"
+        if tie_word_embeddings:  # lm_head is the embedding (whose rows build_checkpoint does not rescale)
+            del state["lm_head.weight"]
         else:
-            head = "lm_head.weight"
-        state[head][ids["<|im_end|>"]] *= 1.5  # as build_checkpoint: turns end within a few dozen tokens
+            state["lm_head.weight"][ids["<|im_end|>"]] *= 1.5  # as build_checkpoint
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise RuntimeError(f"weights do not match the model: missing {missing}, unexpected {unexpected}")
