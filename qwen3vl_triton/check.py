@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import SAFETENSORS_DTYPES, SERVING_DTYPES, CheckpointError, ModelSpec, Tensors, torch_dtype
+from .checkpoint import SAFETENSORS_DTYPES, CheckpointError, ModelSpec, Tensors
 
 LM = "model.language_model."
 VISUAL = "model.visual."
@@ -221,7 +221,7 @@ def _billions(n: int) -> str:
 
 def _bytes(n: float) -> str:
     for unit, size in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size / 10:
+        if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"
 
@@ -280,9 +280,8 @@ def facts(spec: ModelSpec, stored: dict[str, int] | None = None, end_names: dict
                               f"{_billions(counts['vision'])}); active per token {_billions(counts['active'])}"))
     kv_values = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
     memory = []
-    for name in SERVING_DTYPES:
-        size = torch_dtype(name).itemsize
-        memory.append(f"{name} {_bytes(counts['total'] * size)} + KV cache {_bytes(kv_values * size)}/token")
+    for names, size in (("float32", 4), ("bfloat16 or float16", 2)):
+        memory.append(f"{names}: weights {_bytes(counts['total'] * size)}, KV cache {_bytes(kv_values * size)}/token")
     out.append(("memory", "; ".join(memory)))
     if host_bytes:
         need = counts["total"] * 4
