@@ -4,8 +4,6 @@ on the published configurations; end ids as stop words; the dtype setting."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -124,12 +122,17 @@ def _rewrite(path, change):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _serve_check(path, *args):
-    return subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--check", "--checkpoint", str(path),
-                           *args], capture_output=True, text=True, timeout=300)
+def _serve(capsys, *args):
+    """qwen3vl-serve with `args`, in this process: (exit status, stdout, stderr)."""
+    from qwen3vl_triton.launcher import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_check_passes_on_the_hub_and_saved_layouts_and_reports_the_facts(tiny_checkpoint, saved):
+def test_check_passes_on_the_hub_and_saved_layouts_and_reports_the_facts(tiny_checkpoint, saved, capsys):
     for path in (tiny_checkpoint, saved):
         report = check_checkpoint(path)
         assert report.ok, report.text()
@@ -139,12 +142,12 @@ def test_check_passes_on_the_hub_and_saved_layouts_and_reports_the_facts(tiny_ch
         assert facts["DeepStack"].startswith("3 levels from vision blocks [1, 2, 3]")
         assert facts["end ids"] == "651 <|im_end|>, 649 <|endoftext|>"
         assert facts["dtype"] == "float32 (stored: F32 0.59M)"
-    out = _serve_check(saved)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "OK: every tensor the config implies is present with its shape" in out.stdout
+    code, out, err = _serve(capsys, "--check", "--checkpoint", saved)
+    assert code == 0, out + err
+    assert "OK: every tensor the config implies is present with its shape" in out
 
 
-def test_check_names_the_config_key_and_the_tensor_of_a_removed_tensor(tiny_checkpoint, tmp_path):
+def test_check_names_the_config_key_and_the_tensor_of_a_removed_tensor(tiny_checkpoint, tmp_path, capsys):
     bad = _copy(tiny_checkpoint, tmp_path / "bad")
     _rewrite(bad, lambda t: t.pop("model.visual.deepstack_merger_list.2.linear_fc2.weight"))
     report = check_checkpoint(bad)
@@ -153,8 +156,8 @@ def test_check_names_the_config_key_and_the_tensor_of_a_removed_tensor(tiny_chec
                                "(vision_config.deepstack_visual_indexes=[1, 2, 3] (level 2, block 3); "
                                "vision_config.hidden_size=32 x vision_config.spatial_merge_size=2^2, "
                                "vision_config.out_hidden_size=64)"]
-    out = _serve_check(bad)
-    assert out.returncode == 1 and "FAILED: 1 problem(s)" in out.stdout and "Traceback" not in out.stderr
+    code, out, _ = _serve(capsys, "--check", "--checkpoint", bad)
+    assert code == 1 and "FAILED: 1 problem(s)" in out
 
 
 def test_check_names_the_config_key_of_a_changed_shape(tiny_checkpoint, tmp_path):
@@ -181,14 +184,12 @@ def test_check_explains_a_config_that_disagrees_with_the_layers(tiny_checkpoint,
                             "config describes; layer 0 is dense") for p in problems)
 
 
-def test_a_broken_checkpoint_is_refused_before_the_server_starts(tiny_checkpoint, tmp_path):
+def test_a_broken_checkpoint_is_refused_before_the_server_starts(tiny_checkpoint, tmp_path, capsys):
     bad = _copy(tiny_checkpoint, tmp_path / "bad")
     _rewrite(bad, lambda t: t.pop("lm_head.weight"))
-    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(bad),
-                          "--build-dir", str(tmp_path / "build")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2
-    assert "cannot be served: lm_head.weight is missing (text_config.vocab_size=768, tie_word_embeddings=False)" \
-        in out.stderr
+    code, _, err = _serve(capsys, "--checkpoint", bad, "--build-dir", tmp_path / "build")
+    assert code == 2
+    assert "cannot be served: lm_head.weight is missing (text_config.vocab_size=768, tie_word_embeddings=False)" in err
     assert not (tmp_path / "build" / "repository").exists()
 
 
@@ -213,15 +214,15 @@ def test_quantized_checkpoints_are_refused_with_the_reason(tiny_checkpoint, tmp_
     (dict(model_type="qwen2_vl"), "has model_type 'qwen2_vl'; this server runs 'qwen3_vl_moe'"),
     (dict(architectures=["Qwen3VLMoeForSomethingElse"]), "names architecture\\(s\\) \\['Qwen3VLMoeForSomethingElse'\\]"),
 ])
-def test_unknown_architectures_are_refused_with_the_reason(change, message, tiny_checkpoint, tmp_path):
+def test_unknown_architectures_are_refused_with_the_reason(change, message, tiny_checkpoint, tmp_path, capsys):
     bad = _copy(tiny_checkpoint, tmp_path / "bad")
     cfg = json.loads((bad / "config.json").read_text())
     cfg.update(change)
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=message):
         ModelSpec.load(bad)
-    out = _serve_check(bad)
-    assert out.returncode == 1 and "FAILED" in out.stdout and "Traceback" not in out.stdout + out.stderr
+    code, out, _ = _serve(capsys, "--check", "--checkpoint", bad)
+    assert code == 1 and "FAILED: 1 problem(s)" in out
 
 
 def test_a_sharded_checkpoint_missing_a_shard_is_refused(saved, tmp_path):
