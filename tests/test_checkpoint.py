@@ -262,7 +262,8 @@ def test_published_configurations_match_the_model_transformers_builds(name):
 
 
 # -- end ids as stop words -----------------------------------------------------------------------------
-def test_end_ids_travel_as_the_tensorrtllm_backends_stop_words_list():
+def test_end_ids_travel_as_the_tensorrtllm_backends_stop_words_list(spec):
+    from qwen3vl_triton.engine import request_from_contract
     from qwen3vl_triton.errors import InputError
     from qwen3vl_triton.stop_words import stop_word_ids, stop_words_list
 
@@ -276,6 +277,11 @@ def test_end_ids_travel_as_the_tensorrtllm_backends_stop_words_list():
         stop_word_ids(np.array([[[5, 6], [2, -1]]]))
     with pytest.raises(InputError, match="stop_words_list: must be \\[2, n\\]"):
         stop_word_ids(np.zeros((3, 4), np.int32))
+    # the CPU engine's request, as the ensemble and the language model send it
+    req, _ = request_from_contract({"input_ids": np.array([[1, 2, 3]], np.int32),
+                                    "request_output_len": np.array([[4]], np.int32),
+                                    "stop_words_list": stop_words_list(spec.end_ids)}, spec)
+    assert req.end_id == spec.end_id and req.stop_ids == spec.end_ids == (651, 649)
 
 
 def test_the_ensemble_sends_the_end_ids_to_tensorrt_llm_on_cpu_and_gpu(tiny_checkpoint, tmp_path, engine_dir):
