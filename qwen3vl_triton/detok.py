@@ -83,16 +83,16 @@ class StreamDetokenizers:
     """Detokenizers of many concurrent streams whose token chunks arrive one by one, by key.
 
     A stream needs state only while a character is unfinished: that state is kept under the
-    stream's key until the character completes, the end token arrives (the tail is flushed), or
+    stream's key until the character completes, an end id arrives (the tail is flushed), or
     it idles for `idle_seconds` (a stream cut by max_tokens or cancelled mid-character); at most
     `max_streams` are kept, least recently used dropped first. A chunk without a key is decoded
     on its own.
     """
 
-    def __init__(self, tokenizer, end_id: int, idle_seconds: float = 300.0, max_streams: int = 65536,
+    def __init__(self, tokenizer, end_ids: tuple[int, ...], idle_seconds: float = 300.0, max_streams: int = 65536,
                  clock=time.monotonic):
         self.tokenizer = tokenizer
-        self.end_id = end_id
+        self.end_ids = frozenset(end_ids)
         self.idle_seconds = idle_seconds
         self.max_streams = max_streams
         self.clock = clock
@@ -109,7 +109,7 @@ class StreamDetokenizers:
         entry = self._streams.pop(key, None) if key is not None else None
         detok = entry[0] if entry else IncrementalDetokenizer(self.tokenizer)
         text = detok.add(ids)
-        if key is None or self.end_id in ids:
+        if key is None or not self.end_ids.isdisjoint(ids):
             return text + detok.flush()
         if detok.pending:
             self._streams[key] = (detok, now)

@@ -25,6 +25,7 @@ from .checkpoint import ModelSpec
 from .errors import InputError
 from .lm import LanguageModel, StepSeq
 from .sampling import SamplingParams, make_generator, sample
+from .stop_words import stop_word_ids
 from .table import stride_of
 
 # on_tokens(new_token_ids, finish_reason, error): finish_reason is None while the sequence runs,
@@ -39,6 +40,7 @@ class Request:
     input_ids: np.ndarray  # (L,) prompt; ids >= vocab_size read the prompt table
     max_new_tokens: int  # request_output_len
     end_id: int | None = None
+    stop_ids: tuple[int, ...] = ()  # stop_words_list's one-token words: the checkpoint's other end ids
     table: torch.Tensor | None = None  # prompt_embedding_table (rows, H)
     mrope_cos_sin: np.ndarray | None = None  # mrope_rotary_cos_sin, flat
     mrope_delta: int = 0  # mrope_position_deltas
@@ -348,7 +350,7 @@ class Engine:
         self.stats.tokens_out += 1
         seq.tokens.append(token)
         # Like TensorRT-LLM, the end token is part of the output: consumers see where it stopped.
-        if seq.req.end_id is not None and token == seq.req.end_id:
+        if (seq.req.end_id is not None and token == seq.req.end_id) or token in seq.req.stop_ids:
             self._finish(seq, "stop", tokens=[token])
         elif seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
             self._finish(seq, "length", tokens=[token])
@@ -376,7 +378,7 @@ class Engine:
 
 # The `tensorrt_llm` inputs (DESIGN §3), as the tensorrtllm backend names them.
 CONTRACT_INPUTS = (
-    "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "streaming",
+    "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list", "streaming",
     "temperature", "runtime_top_k", "runtime_top_p", "seed", "random_seed",
     "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
 )
@@ -417,6 +419,7 @@ def request_from_contract(arrays: dict, spec: ModelSpec) -> tuple[Request, bool]
         input_ids=ids[:length],
         max_new_tokens=scalar(arrays, "request_output_len", int, required=True),
         end_id=scalar(arrays, "end_id", int, default=spec.end_id),
+        stop_ids=stop_word_ids(arrays.get("stop_words_list")),
         table=table,
         mrope_cos_sin=cos_sin,
         mrope_delta=scalar(arrays, "mrope_position_deltas", int, default=0),

@@ -1,7 +1,10 @@
 """qwen3vl-serve: render the model repository for a checkpoint and run tritonserver in the foreground.
 
-Prints one line starting with `ready:` once every model is ready; SIGINT or SIGTERM stops the
-server and every stub process it started.
+Checks the checkpoint first (`check.check_checkpoint`: config, tokenizer, processor, every
+tensor's shape from the safetensors headers) and prints its facts; `--check` stops there, with
+exit status 0 when the checkpoint and the settings can be served, 1 otherwise. Prints one line
+starting with `ready:` once every model is ready; SIGINT or SIGTERM stops the server and every
+stub process it started.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import threading
 from dataclasses import fields
 from pathlib import Path
 
+from .check import check_checkpoint
 from .checkpoint import CheckpointError
 from .repository import TOPOLOGIES, RenderError, Settings, render
 from .server import Ports, ServerError, TritonServer
@@ -51,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="DeepStack plugin library preloaded for the tensorrtllm backend (GPU only)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a serving setting (repeatable): " + ", ".join(f.name for f in fields(Settings)))
+    ap.add_argument("--check", action="store_true",
+                    help="check the checkpoint and the settings, print the checkpoint's facts, and exit "
+                         "(0: it can be served; 1: it cannot, with the reasons)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every model to be ready")
     ap.add_argument("--exit-timeout", type=int, default=30,
                     help="seconds a stop waits for in-flight requests (tritonserver --exit-timeout-secs)")
@@ -61,9 +68,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     build = Path(args.build_dir).resolve()
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(Path("checkpoints/tiny"))
+    settings = settings_from(args.set)
+    report = check_checkpoint(checkpoint)
+    if args.check:
+        if report.spec is not None:
+            try:
+                settings.check(report.spec, args.device)
+            except RenderError as exc:
+                report.problems.append(str(exc))
+        print(report.text(), flush=True)
+        return 0 if report.ok else 1
+    if not report.ok:
+        print(f"error: checkpoint {checkpoint} cannot be served: " + "; ".join(report.problems), file=sys.stderr)
+        return 2
+    print(report.text(), flush=True)
     try:
         repo = render(checkpoint, build / "repository" / args.topology, device=args.device, topology=args.topology,
-                      settings=settings_from(args.set), engine_dir=args.engine_dir)
+                      settings=settings, engine_dir=args.engine_dir)
     except (RenderError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import ModelSpec, iter_tensors, torch_dtype
+from .checkpoint import ModelSpec, experts_out_in, iter_tensors, torch_dtype
 from .table import deepstack_row, stride_of
 
 
@@ -126,15 +126,11 @@ class Weights:
             )
             if spec.is_moe_layer(i):
                 layer.router = take(p + "mlp.gate.weight")
-                gate_up, down = take(p + "mlp.experts.gate_up_proj"), take(p + "mlp.experts.down_proj")
-                # The hub stores fused experts as [E, in, out]; keep [E, out, in] for F.linear.
-                if gate_up.shape[1:] == (h, 2 * inter):
-                    gate_up = gate_up.transpose(1, 2).contiguous()
-                if down.shape[1:] == (inter, h):
-                    down = down.transpose(1, 2).contiguous()
-                if gate_up.shape[1:] != (2 * inter, h) or down.shape[1:] != (h, inter):
-                    raise ValueError(f"{spec.path}: unexpected expert shapes in layer {i}")
-                layer.gate_up, layer.down = gate_up, down
+                # [E, out, in] for F.linear, from the hub's [E, in, out] or transformers' layout
+                gate_up, down = p + "mlp.experts.gate_up_proj", p + "mlp.experts.down_proj"
+                gate_up = experts_out_in(take(gate_up), 2 * inter, h, gate_up)
+                down = experts_out_in(take(down), h, inter, down)
+                layer.gate_up, layer.down = gate_up.contiguous(), down.contiguous()
             else:
                 layer.mlp_gate = take(p + "mlp.gate_proj.weight")
                 layer.mlp_up = take(p + "mlp.up_proj.weight")

@@ -45,6 +45,8 @@ class Settings:
     max_num_tokens: int = 1024  # prompt tokens prefilled per engine step (longer prompts are chunked)
     max_images: int = 8  # images per request
     max_image_pixels: int = 4096 * 4096  # larger encoded images are refused before decoding
+    # the serving dtype of the whole model (vision tower, tables, LLM): float32, bfloat16, float16,
+    # or auto (the checkpoint's own); float32 serves any checkpoint upcast
     dtype: str = "float32"
     # how long the vision encoder's dynamic batcher holds a request for others to join. 0: on a
     # CPU a wait buys no compute (a batch of images costs what its images cost one by one), and
@@ -81,10 +83,15 @@ class Settings:
         if self.max_output_len >= self.max_seq_len:
             problems.append(f"max_output_len {self.max_output_len} leaves no room for a prompt in "
                             f"max_seq_len {self.max_seq_len}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            problems.append(f"dtype {self.dtype!r} is not float32, float16 or bfloat16")
-        if device == "cpu" and self.dtype != "float32":
-            problems.append("the CPU engine runs float32 (its tables cross the ensemble as TYPE_FP32)")
+        try:
+            dtype = spec.serving_dtype(self.dtype)
+        except ValueError as exc:
+            problems.append(str(exc))
+        else:
+            if device == "cpu" and dtype != "float32":
+                named = f"dtype {self.dtype}" + (f" (the checkpoint's {dtype})" if self.dtype == "auto" else "")
+                problems.append(f"{named}: the CPU engine runs float32 (its tables cross the ensemble as TYPE_FP32); "
+                                "dtype=float32 serves any checkpoint upcast")
         if problems:
             raise RenderError("inconsistent settings: " + "; ".join(problems))
 
@@ -119,9 +126,11 @@ def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -
 
 
 def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None = None) -> dict[str, str]:
-    table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[settings.dtype]
+    dtype = spec.serving_dtype(settings.dtype)
+    table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[dtype]
     v = {k: str(x) for k, x in asdict(settings).items()}
     v.update(
+        dtype=dtype,
         checkpoint=str(spec.path.resolve()),
         device="cuda" if device == "gpu" else "cpu",
         instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU",

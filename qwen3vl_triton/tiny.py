@@ -1,20 +1,28 @@
 """Write a complete, deterministic Hugging Face Qwen3-VL-MoE checkpoint with random weights.
 
 No weights can be downloaded here, so tests and benchmarks run on checkpoints written by this
-module. The directory has exactly the files and formats of a real hub checkpoint
-(`config.json` in the hub's layout, safetensors with the hub's tensor names and fused-expert
-layout, a byte-level BPE `tokenizer.json` with the Qwen special tokens, a Qwen-style chat
-template in `tokenizer_config.json`, `preprocessor_config.json`, `generation_config.json`), so
-the serving stack loads it through the same code as a real checkpoint.
+module, in two layouts:
 
-Same profile and seed -> the same bytes.
+- `build_checkpoint` (layout "hub"): exactly the files and formats of the published hub
+  checkpoints (`config.json` in the hub's layout -- `num_experts`, `rope_scaling` beside
+  `rope_theta` --, safetensors with the hub's tensor names and `[E, in, out]` fused experts, a
+  byte-level BPE `tokenizer.json` with the Qwen special tokens, the chat template in
+  `tokenizer_config.json`, `preprocessor_config.json`, `generation_config.json`), written file
+  by file. Same profile and seed -> the same bytes.
+- `build_saved_checkpoint` (layout "transformers"): the same kind of model written by
+  transformers' own `save_pretrained` -- model, tokenizer, image processor and generation
+  config --, i.e. the layout of every checkpoint a user fine-tunes and saves with transformers
+  (`num_local_experts`, `rope_parameters`, `[E, out, in]` experts, `chat_template.jinja`,
+  sharded safetensors with an index), with options for the variations such checkpoints have.
 
     python -m qwen3vl_triton.tiny --profile tiny --out checkpoints/tiny
+    python -m qwen3vl_triton.tiny --layout transformers --dtype bfloat16 --out checkpoints/tiny-saved
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -192,6 +200,9 @@ def _param_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_FUSED_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+
+
 def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random weights that keep activations at unit scale and greedy decoding away from ties."""
     if name.endswith("bias"):
@@ -295,6 +306,79 @@ def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtyp
     return out
 
 
+def build_saved_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtype: str = "float32", *,
+                           tie_word_embeddings: bool = False, mlp_only_layers: list[int] | None = None,
+                           decoder_sparse_step: int = 1, deepstack_visual_indexes: list[int] | None = None,
+                           end_ids: list[str | int] | None = None, max_shard_size: str | None = None,
+                           log=print) -> Path:
+    """Write a checkpoint with transformers' `save_pretrained` (model, tokenizer, image processor,
+    generation config) to `out` (replaced if present) and return its path.
+
+    The weights are drawn as `build_checkpoint` draws them. `end_ids`: generation_config.json's
+    eos_token_id list, as tokens or ids (default: the end of turn and `<|endoftext|>`);
+    `max_shard_size` (e.g. "200KB") shards the safetensors behind an index."""
+    from transformers import GenerationConfig, Qwen2Tokenizer, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    prof = copy.deepcopy(PROFILES[profile])
+    if mlp_only_layers is not None:
+        prof["text"]["mlp_only_layers"] = mlp_only_layers
+    if deepstack_visual_indexes is not None:
+        prof["vision"]["deepstack_visual_indexes"] = deepstack_visual_indexes
+    out = Path(out)
+    t0 = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        log(f"[checkpoint] save_pretrained layout, profile={profile} seed={seed} dtype={dtype} -> {out}")
+        tok = _train_tokenizer(vocab_target=1000)
+        tokenizer = Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token=None, unk_token=None, chat_template=CHAT_TEMPLATE,
+                                   model_max_length=prof["text"]["max_position_embeddings"])
+        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        vocab_size = -(-tok.get_vocab_size() // 128) * 128
+        hub = _config(prof, vocab_size, ids, dtype)
+        hub["tie_word_embeddings"] = tie_word_embeddings
+        hub["text_config"]["decoder_sparse_step"] = decoder_sparse_step
+        config = Qwen3VLMoeConfig(**{k: v for k, v in hub.items() if k not in ("architectures", "model_type")})
+        config.architectures = hub["architectures"]
+        model = Qwen3VLMoeForConditionalGeneration(config).eval()
+        shapes = _param_shapes(hub)
+        gen = torch.Generator().manual_seed(seed)
+        state = {}
+        for name in sorted(shapes):
+            t = _init(name, shapes[name], gen)
+            # drawn in the hub's [E, in, out]; transformers holds (and saves) [E, out, in]
+            state[name] = t.transpose(1, 2).contiguous() if name.endswith(_FUSED_EXPERTS) else t
+        if tie_word_embeddings:  # lm_head is the embedding (whose rows build_checkpoint does not rescale)
+            del state["lm_head.weight"]
+        else:
+            state["lm_head.weight"][ids["<|im_end|>"]] *= 1.5  # as build_checkpoint
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"weights do not match the model: missing {missing}, unexpected {unexpected}")
+        model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+        ends = [ids[e] if isinstance(e, str) else int(e) for e in (end_ids or ["<|im_end|>", "<|endoftext|>"])]
+        model.generation_config = GenerationConfig(bos_token_id=ids["<|endoftext|>"], eos_token_id=ends,
+                                                   pad_token_id=ids["<|endoftext|>"], do_sample=False)
+        model.save_pretrained(str(tmp), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+        tokenizer.save_pretrained(str(tmp))
+        min_px, max_px = prof["pixels"]
+        Qwen2VLImageProcessorPil(size={"shortest_edge": min_px, "longest_edge": max_px}, patch_size=16,
+                                 temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                                 image_std=[0.5, 0.5, 0.5]).save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir())
+    log(f"[checkpoint] wrote {len(list(out.iterdir()))} files, {size / 2**20:.1f} MiB in {time.time() - t0:.1f}s")
+    return out
+
+
 def checkpoint_digest(path: str | Path) -> str:
     """SHA-256 over every file of a checkpoint directory (names and bytes)."""
     h = hashlib.sha256()
@@ -318,10 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--layout", choices=["hub", "transformers"], default="hub",
+                    help="hub: the published checkpoints' files; transformers: written by save_pretrained")
     ap.add_argument("--out", required=True, help="checkpoint directory to write (replaced if present)")
     args = ap.parse_args(argv)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    build_checkpoint(args.out, profile=args.profile, seed=args.seed, dtype=args.dtype)
+    build = build_checkpoint if args.layout == "hub" else build_saved_checkpoint
+    build(args.out, profile=args.profile, seed=args.seed, dtype=args.dtype)
     return 0
 
 

@@ -47,7 +47,6 @@ class VisionEncoder:
         engine wants; a TensorRT-LLM engine wants its max_position_embeddings).
         `table_stride`: S of every table (None: the request's own image-token count, as the CPU
         engine allows; a TensorRT-LLM engine addresses every request's table with one S)."""
-        from transformers import AutoConfig
         from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
         self.spec = spec
@@ -55,8 +54,7 @@ class VisionEncoder:
         self.dtype = torch_dtype(dtype)
         self.mrope_positions = mrope_positions
         self.table_stride = table_stride
-        config = AutoConfig.from_pretrained(str(spec.path)).vision_config
-        self.model = Qwen3VLMoeVisionModel._from_config(config, dtype=self.dtype)
+        self.model = Qwen3VLMoeVisionModel._from_config(spec.config.vision_config, dtype=self.dtype)
         state = load_state(spec.path, "model.visual.")
         self.model.load_state_dict(state, strict=True)
         self.model.patch_embed.proj = PatchLinear(self.model.patch_embed.proj)

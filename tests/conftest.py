@@ -64,8 +64,9 @@ def pipeline(preprocessor, encoder, spec):
     def make(prompt, images, max_new_tokens=24, **kw):
         p = preprocessor(prompt, images)
         r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
-        return Request(p.input_ids, max_new_tokens, end_id=spec.end_id, table=r.prompt_embedding_table,
-                       mrope_cos_sin=r.mrope_rotary_cos_sin, mrope_delta=r.mrope_position_deltas, **kw)
+        return Request(p.input_ids, max_new_tokens, end_id=spec.end_id, stop_ids=spec.end_ids,
+                       table=r.prompt_embedding_table, mrope_cos_sin=r.mrope_rotary_cos_sin,
+                       mrope_delta=r.mrope_position_deltas, **kw)
 
     return make
 

@@ -43,7 +43,7 @@ def test_stream_detokenizers_hold_split_characters_per_key(preprocessor, spec):
     from qwen3vl_triton.detok import StreamDetokenizers
 
     tok = preprocessor.tokenizer
-    streams = StreamDetokenizers(tok, end_id=spec.end_id)
+    streams = StreamDetokenizers(tok, end_ids=spec.end_ids)
     a = tok("\U0001f600 smile", add_special_tokens=False)["input_ids"] + [spec.end_id]
     b = tok("\u4f60\u597d ok", add_special_tokens=False)["input_ids"] + [spec.end_id]
     out = {"a": "", "b": ""}
@@ -60,7 +60,7 @@ def test_stream_state_expires_and_keyless_chunks_decode_alone(preprocessor, spec
 
     tok = preprocessor.tokenizer
     now = [0.0]
-    streams = StreamDetokenizers(tok, end_id=spec.end_id, idle_seconds=10, clock=lambda: now[0])
+    streams = StreamDetokenizers(tok, end_ids=spec.end_ids, idle_seconds=10, clock=lambda: now[0])
     ids = tok("\U0001f600", add_special_tokens=False)["input_ids"]
     assert len(ids) > 1
     assert streams.add("cut", ids[:1]) == "" and len(streams) == 1  # a split character is held
@@ -77,7 +77,7 @@ def test_invalid_bytes_are_sent_at_once_and_unfinished_ones_held(preprocessor, s
 
     tok = preprocessor.tokenizer
     byte_token = {b: tok.convert_tokens_to_ids(c) for b, c in bytes_to_unicode().items()}
-    streams = StreamDetokenizers(tok, end_id=spec.end_id)
+    streams = StreamDetokenizers(tok, end_ids=spec.end_ids)
     # a lone continuation byte can never become a character: U+FFFD now, no state kept
     assert streams.add("k", [byte_token[0x85]]) == "\ufffd" and len(streams) == 0
     # a lead byte may still complete: held

@@ -26,7 +26,7 @@ def test_greedy_equals_transformers_generate(name, prompt, images, engine, pipel
     ids, finish = engine.generate(pipeline(prompt, images, max_new_tokens=24), timeout=120)
     expected = oracle.generate(prompt, images, 24)
     assert ids == expected
-    assert finish == ("stop" if expected[-1] == oracle.end_id else "length")
+    assert finish == ("stop" if expected[-1] in oracle.end_ids else "length")
 
 
 def test_generation_stops_at_the_end_of_turn_token(engine, pipeline, oracle):
@@ -36,7 +36,7 @@ def test_generation_stops_at_the_end_of_turn_token(engine, pipeline, oracle):
         expected = oracle.generate(prompt, [], 60)
         ids, finish = engine.generate(pipeline(prompt, [], max_new_tokens=60), timeout=60)
         assert ids == expected
-        if expected[-1] == oracle.end_id:
+        if expected[-1] in oracle.end_ids:
             assert finish == "stop" and len(ids) < 60
             stopped += 1
     assert 0 < stopped < 12  # both ways of ending occur
@@ -141,7 +141,7 @@ def test_streamed_text_concatenates_to_the_one_shot_decode(engine, pipeline, pre
 
     req = pipeline("Say something.", [image_bytes(80, 80, 11)], max_new_tokens=40,
                    sampling=SamplingParams(temperature=1.5, seed=5))
-    req.end_id = None  # run all 40 tokens
+    req.end_id, req.stop_ids = None, ()  # run all 40 tokens
     req.on_tokens = on_tokens
     engine.submit(req)
     assert done.wait(60)

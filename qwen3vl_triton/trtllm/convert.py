@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import CheckpointError, ModelSpec, torch_dtype
+from ..checkpoint import CheckpointError, ModelSpec, Tensors, experts_out_in, torch_dtype
 
 ARCHITECTURE = "QWenForCausalLM"
 QWEN_TYPE = "qwen3_moe"
@@ -53,7 +53,6 @@ ROUTER_DTYPE = torch.float32
 MOE_RENORMALIZE = 1
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-_FROM_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 LM_PREFIX = "model.language_model."
 
@@ -118,33 +117,13 @@ class _Source:
 
     def __init__(self, path: Path, meta: bool = False):
         self.meta = meta
-        self._files: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
-        shards = sorted(path.glob("*.safetensors"))
-        if not shards:
-            raise CheckpointError(f"no *.safetensors files in {path}")
-        for shard in shards:
-            with safe_open(str(shard), framework="pt") as f:
-                for name in f.keys():
-                    if name.startswith(LM_PREFIX) or name == "lm_head.weight":
-                        self._files[name] = shard
+        self._tensors = Tensors(path)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._files
+        return name in self._tensors
 
     def __call__(self, name: str) -> torch.Tensor:
-        if name not in self._files:
-            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
-        shard = self._files[name]
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(str(shard), framework="pt")
-        if self.meta:
-            view = handle.get_slice(name)
-            if view.get_dtype() not in _FROM_SAFETENSORS:
-                raise CheckpointError(f"{name} is {view.get_dtype()}; only unquantized F32/F16/BF16 weights convert")
-            return torch.empty(view.get_shape(), dtype=_FROM_SAFETENSORS[view.get_dtype()], device="meta")
-        return handle.get_tensor(name)
+        return self._tensors.meta(name) if self.meta else self._tensors.get(name)
 
 
 def _layer(source: _Source, spec: ModelSpec, i: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -167,14 +146,12 @@ def _layer(source: _Source, spec: ModelSpec, i: int, dtype: torch.dtype) -> Iter
     yield dst + "post_layernorm.weight", w("post_attention_layernorm.weight")
     if spec.is_moe_layer(i):
         yield dst + "mlp.router.weight", w("mlp.gate.weight", ROUTER_DTYPE)
-        gate_up = w("mlp.experts.gate_up_proj")  # hub layout [E, H, 2I]: columns gate | up
-        down = w("mlp.experts.down_proj")  # hub layout [E, I, H]
-        if gate_up.shape[1:] != (h, 2 * inter) or down.shape[1:] != (inter, h):
-            raise CheckpointError(f"layer {i}: expected fused experts [E, {h}, {2 * inter}] and [E, {inter}, {h}], "
-                                  f"got {list(gate_up.shape)} and {list(down.shape)}")
-        gate, up = gate_up.transpose(1, 2).split(inter, dim=1)  # each [E, I, H]
+        # [E, 2I, H] rows gate | up, and [E, H, I], whichever layout the checkpoint stores
+        gate_up = experts_out_in(w("mlp.experts.gate_up_proj"), 2 * inter, h, src + "mlp.experts.gate_up_proj")
+        down = experts_out_in(w("mlp.experts.down_proj"), h, inter, src + "mlp.experts.down_proj")
+        gate, up = gate_up.split(inter, dim=1)  # each [E, I, H]
         yield dst + "mlp.fc.weight", torch.cat([up, gate], dim=1).contiguous()
-        yield dst + "mlp.proj.weight", down.transpose(1, 2).contiguous()
+        yield dst + "mlp.proj.weight", down.contiguous()
     else:
         yield dst + "mlp.fc.weight", w("mlp.gate_proj.weight")
         yield dst + "mlp.gate.weight", w("mlp.up_proj.weight")

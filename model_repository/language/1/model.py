@@ -16,6 +16,7 @@ from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.language import OPS, Listener, SequenceStore, SharedRegions, attach, record
 from qwen3vl_triton.sampling import SamplingParams
+from qwen3vl_triton.stop_words import stop_words_list
 
 INPUTS = ("op", "input_ids", "table_rows", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
           "max_tokens", "temperature", "top_k", "top_p", "seed", "chunk", "chunk_offset", "chunk_region",
@@ -165,6 +166,7 @@ class TritonPythonModel:
             "request_output_len": np.array([[seq.max_tokens]], np.int32),
             "end_id": np.array([[self.spec.end_id]], np.int32),
             "pad_id": np.array([[self.spec.pad_id]], np.int32),
+            "stop_words_list": stop_words_list(self.spec.end_ids),  # generation ends at any end id
             "streaming": np.array([[True]]),
             "temperature": np.array([[s.temperature]], np.float32),
             "runtime_top_k": np.array([[s.top_k]], np.int32),

@@ -15,7 +15,7 @@ class TritonPythonModel:
         params = model_params(args)
         spec = ModelSpec.load(params["checkpoint"])
         tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
-        self.streams = StreamDetokenizers(tokenizer, end_id=spec.end_id,
+        self.streams = StreamDetokenizers(tokenizer, end_ids=spec.end_ids,
                                           idle_seconds=float(params["stream_idle_seconds"]))
 
     def execute(self, requests):

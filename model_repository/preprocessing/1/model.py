@@ -6,6 +6,7 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_triton.backend import error_response, model_params, read_inputs
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.preprocess import Preprocessor, parse_generate_inputs
+from qwen3vl_triton.stop_words import stop_words_list
 
 INPUTS = ("text_input", "image", "max_tokens")
 
@@ -39,6 +40,7 @@ class TritonPythonModel:
                     "image_grid_thw": p.image_grid_thw[None],
                     "end_id": np.array([[self.spec.end_id]], np.int32),
                     "pad_id": np.array([[self.spec.pad_id]], np.int32),
+                    "stop_words_list": stop_words_list(self.spec.end_ids),  # generation ends at any end id
                 }
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()]))
