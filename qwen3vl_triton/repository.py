@@ -143,6 +143,9 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
         table_dtype=table_dtype,
         max_input_len=str(settings.max_seq_len - 1),
         max_text_bytes=str(settings.max_text_bytes or 16 * settings.max_seq_len),
+        # postprocessing holds a worker per running generation: room for a full engine batch and
+        # as many waiting for a place
+        generate_workers=str(2 * settings.engine_max_batch),
         # CPU: each table and rotary table sized to its request (GPU: engine_values fixes both)
         mrope_positions="0",
         table_stride="0",

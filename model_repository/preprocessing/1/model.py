@@ -20,6 +20,7 @@ class TritonPythonModel:
         params = model_params(args)
         self.spec = ModelSpec.load(params["checkpoint"])
         self.max_output_len = int(params["max_output_len"])
+        self.max_seq_len = int(params["max_input_len"]) + 1
         self.limits = Limits(text_bytes=int(params["max_text_bytes"]), image_bytes=int(params["max_image_bytes"]),
                              request_bytes=int(params["max_request_bytes"]))
         self.pre = Preprocessor(self.spec, max_images=int(params["max_images"]),
@@ -35,7 +36,10 @@ class TritonPythonModel:
                 tensors = {
                     "input_ids": p.input_ids[None],
                     "input_lengths": np.array([[p.input_ids.size]], np.int32),
-                    "request_output_len": np.array([[req.max_tokens]], np.int32),
+                    # the context ends the generation at max_seq_len: say so up front, so that
+                    # max_tokens is where it ends ("length")
+                    "request_output_len": np.array([[min(req.max_tokens, self.max_seq_len - p.input_ids.size)]],
+                                                   np.int32),
                     "pixel_values": p.pixel_values[None],
                     "image_grid_thw": p.image_grid_thw[None],
                     "end_id": np.array([[self.spec.end_id]], np.int32),
