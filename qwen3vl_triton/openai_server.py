@@ -13,7 +13,6 @@ must come as a data URL or base64.
 (`qwen3vl-serve --openai-port 9000` starts it beside tritonserver.)
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
