@@ -37,6 +37,8 @@ class IncrementalDetokenizer:
         self.sent = 0  # characters of decode(ids[start:]) already sent
         if IncrementalDetokenizer._bytes_of_char is None:
             IncrementalDetokenizer._bytes_of_char = _byte_decoder()
+        # ids decode leaves out: added tokens marked special (not only the named special tokens)
+        self._skipped = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} if self.skip else set()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
@@ -45,7 +47,10 @@ class IncrementalDetokenizer:
         """Do these tokens end inside a UTF-8 character that more bytes could still complete?"""
         table = self._bytes_of_char
         raw = bytearray()
-        for token in self.tokenizer.convert_ids_to_tokens(ids[-8:]):  # a character spans <= 4 bytes
+        # a character spans <= 4 bytes; special tokens that decode skips do not cut one (decode
+        # joins the bytes around them)
+        ids = [i for i in ids if i not in self._skipped][-8:]
+        for token in self.tokenizer.convert_ids_to_tokens(ids):
             if token is None:
                 continue
             if any(ch not in table for ch in token):  # not a byte-level token: assume it may complete

@@ -75,6 +75,15 @@ class Oracle:
                                   eos_token_id=self.end_id, pad_token_id=self.end_id)
         return out[0, inp.input_ids.shape[1]:].tolist()
 
+    @staticmethod
+    def until_end(ids: list[int], end_ids) -> list[int]:
+        """`ids` up to and including the first of `end_ids` (the server stops at every end id of the
+        checkpoint; `generate` here stops at the tokenizer's end of turn only)."""
+        for k, i in enumerate(ids):
+            if i in end_ids:
+                return ids[:k + 1]
+        return ids
+
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 

@@ -48,16 +48,16 @@ def oai(api):
         yield c
 
 
-def expect(oracle, messages, n):
-    ids = oracle.generate_messages(messages, n)
-    finish = "stop" if ids and ids[-1] == oracle.end_id else "length"
+def expect(oracle, messages, n, end_ids):
+    ids = oracle.until_end(oracle.generate_messages(messages, n), end_ids)
+    finish = "stop" if ids and ids[-1] in end_ids else "length"
     prompt = oracle.conversation_inputs(*openai_to_template(messages))
     return oracle.text(ids), finish, len(ids), prompt.input_ids.shape[1]
 
 
 @pytest.mark.parametrize("messages, n", [(CONVERSATION, 24), (ENDS, 64)], ids=["two images, cut by length", "ends"])
-def test_chat_completion_equals_the_oracle(messages, n, oai, oracle):
-    text, finish, completion, prompt = expect(oracle, messages, n)
+def test_chat_completion_equals_the_oracle(messages, n, oai, oracle, spec):
+    text, finish, completion, prompt = expect(oracle, messages, n, spec.end_ids)
     r = oai.chat.completions.create(model="qwen3vl", messages=messages, max_tokens=n, temperature=0)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == text
@@ -67,8 +67,8 @@ def test_chat_completion_equals_the_oracle(messages, n, oai, oracle):
 
 
 @pytest.mark.parametrize("messages, n", [(CONVERSATION, 24), (ENDS, 64)], ids=["two images, cut by length", "ends"])
-def test_streamed_chat_completion_equals_the_oracle(messages, n, oai, oracle):
-    text, finish, completion, prompt = expect(oracle, messages, n)
+def test_streamed_chat_completion_equals_the_oracle(messages, n, oai, oracle, spec):
+    text, finish, completion, prompt = expect(oracle, messages, n, spec.end_ids)
     chunks = list(oai.chat.completions.create(model="qwen3vl", messages=messages, max_completion_tokens=n,
                                               stream=True, stream_options={"include_usage": True}))
     assert all(c.object == "chat.completion.chunk" for c in chunks)

@@ -79,7 +79,10 @@ class TritonPythonModel:
                                             requested_output_names=["output_ids"])
             for response in llm.exec(decoupled=True):
                 if stream.finish is not None or stopped:
-                    continue  # the end was seen here; what the engine still sends is dropped
+                    if not stopped:  # an end id the engine does not stop at: it would go on
+                        self._stop(rid)
+                        stopped = True
+                    continue  # what the engine still sends is dropped
                 if response.has_error():
                     sender.send(pb_utils.InferenceResponse(error=response.error()), flags=FINAL)
                     return
