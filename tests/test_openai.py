@@ -196,3 +196,22 @@ def test_concurrent_conversations_each_equal_their_oracle(oai, oracle):
         t.join(300)
     for (messages, n), text in zip(jobs, got):
         assert text == oracle.text(oracle.generate_messages(messages, n))
+
+
+def test_locust_openai_user_smoke_run(api, tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from load_tests.run import read_stats
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, "-m", "load_tests.run", "--users", "2", "--duration", "12", "--stop-timeout", "30",
+           "--grace", "60", "--url", "127.0.0.1:1", "--openai-url", api.url, "--checkpoint", str(tiny_checkpoint),
+           "--max-tokens", "8", "--reports", str(tmp_path), "--prefix", "openai", "OpenAIChatUser"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = read_stats(tmp_path / "openai_stats.csv")
+    assert int(stats[("", "Aggregated")]["Failure Count"]) == 0
+    for name in ("generate", "ttft", "itl"):
+        assert int(stats[("OpenAI", name)]["Request Count"]) > 0, f"no OpenAI {name} entries"
+    assert "Traceback" not in proc.stderr
