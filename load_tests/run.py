@@ -79,10 +79,11 @@ def locust_command(args, http_url: str, grpc_url: str, prefix: Path, openai_url:
         cmd += ["--max-pixels", str(args.max_pixels)]
     else:
         cmd += ["--checkpoint", str(args.checkpoint_path)]
-    users = list(args.user_classes)
+    # named, so Locust does not run every user class of the locustfile
+    users = list(args.user_classes) or ["HttpGenerateUser", "GrpcGenerateUser"] + (["OpenAIChatUser"] if openai_url
+                                                                                    else [])
     if openai_url:
         cmd += ["--openai-url", openai_url]
-        users = users or ["HttpGenerateUser", "GrpcGenerateUser", "OpenAIChatUser"]
     return cmd + users
 
 
