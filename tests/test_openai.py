@@ -95,7 +95,7 @@ def test_a_conversation_continued_turn_by_turn(oai, oracle):
 
 def test_the_same_conversation_through_every_path(server, encoder_server, language_server, oai, oracle):
     """qwen3vl messages over gRPC and HTTP generate_stream, the OpenAI endpoint, the disaggregated
-    path (client-driven and qwen3vl_disagg is covered by Disaggregated.generate): one text."""
+    path driven by the client (Disaggregated.generate): one text."""
     n = 20
     want = oracle.text(oracle.generate_messages(CONVERSATION, n))
     with Client(server.grpc_url, "grpc") as c:
@@ -106,6 +106,22 @@ def test_the_same_conversation_through_every_path(server, encoder_server, langua
         .message.content == want
     with Disaggregated(encoder_server.grpc_url, language_server.grpc_url, transport="grpc") as d:
         assert "".join(d.generate(messages=CONVERSATION, max_tokens=n)) == want
+
+
+@pytest.fixture(scope="module")
+def relay_encoder(tiny_checkpoint, tmp_path_factory, language_server):
+    """An encoder server whose qwen3vl_disagg sends tables to the language server itself."""
+    from tests.conftest import start_server
+
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "encoder", "relay-chat", language_url=language_server.grpc_url)
+    yield srv
+    srv.stop()
+
+
+def test_the_same_conversation_through_qwen3vl_disagg(relay_encoder, oracle):
+    n = 20
+    with Client(relay_encoder.grpc_url, "grpc", model="qwen3vl_disagg") as c:
+        assert "".join(c.chat(CONVERSATION, n)) == oracle.text(oracle.generate_messages(CONVERSATION, n))
 
 
 def test_stop_strings_end_the_text_before_them(oai, oracle):
