@@ -293,7 +293,7 @@ class OpenAIServer:
             if self.process.poll() is not None:
                 raise ServerError(f"the OpenAI server exited with code {self.process.returncode} while starting")
             try:
-                with urllib.request.urlopen(f"http://{self.url}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"http://{self.url}/v1/models", timeout=2) as resp:
                     if resp.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):

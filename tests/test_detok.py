@@ -112,3 +112,38 @@ def _byte_tokens(raw: bytes) -> list[str]:
 
     table = bytes_to_unicode()
     return ["".join(table[b] for b in raw)]
+
+
+def test_stop_strings_are_matched_across_pieces_and_cut_before():
+    from qwen3vl_triton.detok import StopMatcher
+
+    m = StopMatcher(["STOP", "xyz"])
+    sent = []
+    for piece in ["he", "llo S", "TO", "P more"]:
+        text, hit = m.feed(piece)
+        sent.append(text)
+        if hit:
+            break
+    assert "".join(sent) == "hello " and hit
+    m = StopMatcher(["ab"])
+    assert m.feed("xa") == ("x", False)  # "a" may begin "ab": held
+    assert m.feed("c", final=True) == ("ac", False)
+
+
+def test_text_stream_ends_at_an_end_id_a_stop_string_or_max_tokens(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from qwen3vl_triton.detok import TextStream
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    ids = tok("the picture shows a house", add_special_tokens=False)["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    s = TextStream(tok, [end], max_tokens=100)
+    pieces = [s.add([i]) for i in ids + [end, ids[0]]]
+    assert "".join(t for t, _ in pieces) == "the picture shows a house" and s.finish == "stop"
+    assert s.ids == ids + [end]
+    s = TextStream(tok, [end], max_tokens=3)
+    assert [f for _, f in (s.add([i]) for i in ids[:3])] == [None, None, "length"]
+    s = TextStream(tok, [end], max_tokens=100, stops=[" shows"])
+    text = "".join(s.add([i])[0] for i in ids)
+    assert text == "the picture" and s.finish == "stop" and s.stopped_by_string

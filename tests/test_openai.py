@@ -6,6 +6,7 @@ import base64
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -181,8 +182,9 @@ def test_a_repeated_image_is_a_cache_hit(server, oai):
 
 def test_a_client_that_drops_a_stream_frees_its_engine_slot(server, api):
     running = lambda: metric(server, "qwen3vl_engine_running_sequences", "tensorrt_llm")  # noqa: E731
-    body = json.dumps({"model": "qwen3vl", "messages": [{"role": "user", "content": "Write a long story."}],
-                       "max_tokens": 250, "stream": True}).encode()
+    # greedy, this one runs 243 tokens before an end token
+    body = json.dumps({"model": "qwen3vl", "messages": [{"role": "user", "content": "Tell me about the ocean."}],
+                       "max_tokens": 240, "stream": True}).encode()
     req = urllib.request.Request(f"http://{api.url}/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     resp = urllib.request.urlopen(req, timeout=60)
@@ -231,3 +233,17 @@ def test_locust_openai_user_smoke_run(api, tiny_checkpoint, tmp_path):
     for name in ("generate", "ttft", "itl"):
         assert int(stats[("OpenAI", name)]["Request Count"]) > 0, f"no OpenAI {name} entries"
     assert "Traceback" not in proc.stderr
+
+
+def test_a_model_server_that_is_down_is_a_503(tmp_path):
+    """No tritonserver behind the endpoint: requests and /health answer 503 with an OpenAI error."""
+    dead = free_ports(1)[0]
+    with OpenAIServer(f"127.0.0.1:{dead}", "127.0.0.1", free_ports(1)[0], Settings(**SERVER_SETTINGS),
+                      log_file=tmp_path / "openai.log") as srv:
+        with openai.OpenAI(base_url=f"http://{srv.url}/v1", api_key="none", max_retries=0, timeout=30) as c:
+            with pytest.raises(openai.APIStatusError) as err:
+                c.chat.completions.create(model="qwen3vl", messages=ENDS, max_tokens=4)
+        assert err.value.status_code == 503 and err.value.body["type"] == "service_unavailable"
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"http://{srv.url}/health", timeout=10)
+        assert health.value.code == 503

@@ -23,7 +23,6 @@ TO_LLM = {"input_ids": "input_ids", "input_lengths": "input_lengths", "request_o
           "top_p": "runtime_top_p", "seed": "seed", "prompt_embedding_table": "prompt_embedding_table",
           "prompt_vocab_size": "prompt_vocab_size", "mrope_rotary_cos_sin": "mrope_rotary_cos_sin",
           "mrope_position_deltas": "mrope_position_deltas"}
-INPUTS = (*TO_LLM, "stream", "stop_words")
 
 
 class TritonPythonModel:
@@ -40,12 +39,17 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                x = read_inputs(pb_utils, request, INPUTS)  # tensors are read here, not in the worker
+                # read here, not in the worker; the LLM's inputs go on as the tensors they are (a
+                # bfloat16 table has no numpy form)
+                llm = [t if t.name() == TO_LLM[t.name()] else pb_utils.Tensor(TO_LLM[t.name()], t.as_numpy())
+                       for t in (pb_utils.get_input_tensor_by_name(request, k) for k in TO_LLM) if t is not None]
+                x = read_inputs(pb_utils, request, ("input_lengths", "request_output_len", "stream", "stop_words"))
                 stops = [] if x["stop_words"] is None else [
                     s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in x["stop_words"].reshape(-1)]
                 stream = TextStream(self.tokenizer, self.spec.end_ids,
                                     scalar(x, "request_output_len", int, required=True), stops)
-                self.pool.submit(self._run, sender, x, stream, scalar(x, "stream", bool, default=False))
+                stream.prompt_tokens = scalar(x, "input_lengths", int, required=True)
+                self.pool.submit(self._run, sender, llm, stream, scalar(x, "stream", bool, default=False))
             except Exception as exc:
                 sender.send(pb_utils.InferenceResponse(error=error(pb_utils, exc, pb_utils.Logger)), flags=FINAL)
         return None
@@ -67,11 +71,9 @@ class TritonPythonModel:
                                            requested_output_names=["output_ids"]).exec(decoupled=True):
             pass
 
-    def _run(self, sender, x, stream: TextStream, streaming: bool) -> None:
+    def _run(self, sender, inputs: list, stream: TextStream, streaming: bool) -> None:
         rid = uuid.uuid4().hex
-        stream.prompt_tokens = int(x["input_lengths"].reshape(-1)[0])
-        inputs = [pb_utils.Tensor(TO_LLM[k], x[k]) for k in TO_LLM if x[k] is not None]
-        inputs.append(pb_utils.Tensor("streaming", np.ones((1, 1), bool)))  # always: stop strings, cancellation
+        inputs = [*inputs, pb_utils.Tensor("streaming", np.ones((1, 1), bool))]  # always: stop strings, cancelling
         cancelled = CancelPoll(sender.is_cancelled, self.cancel_check_seconds)
         pieces, all_ids, stopped = [], [], False
         try:
