@@ -121,6 +121,17 @@ class StreamDetokenizers:
         return text
 
 
+# postprocessing's inputs that it forwards to `tensorrt_llm` (BLS) -> the tensorrt_llm input names (DESIGN §3);
+# it adds `streaming`, and `stop` to end a request
+LLM_INPUT_NAMES = {
+    "input_ids": "input_ids", "input_lengths": "input_lengths", "request_output_len": "request_output_len",
+    "end_id": "end_id", "pad_id": "pad_id", "temperature": "temperature", "top_k": "runtime_top_k",
+    "top_p": "runtime_top_p", "seed": "seed", "prompt_embedding_table": "prompt_embedding_table",
+    "prompt_vocab_size": "prompt_vocab_size", "mrope_rotary_cos_sin": "mrope_rotary_cos_sin",
+    "mrope_position_deltas": "mrope_position_deltas",
+}
+
+
 class StopMatcher:
     """Stop strings matched in generated text across piece (token) boundaries.
 

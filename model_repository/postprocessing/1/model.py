@@ -14,15 +14,10 @@ import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.backend import CancelPoll, error, model_params, read_inputs, scalar, send_response
 from qwen3vl_triton.checkpoint import ModelSpec
-from qwen3vl_triton.detok import TextStream
+from qwen3vl_triton.detok import LLM_INPUT_NAMES, TextStream
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# this model's input -> tensorrt_llm's input (DESIGN §3)
-TO_LLM = {"input_ids": "input_ids", "input_lengths": "input_lengths", "request_output_len": "request_output_len",
-          "end_id": "end_id", "pad_id": "pad_id", "temperature": "temperature", "top_k": "runtime_top_k",
-          "top_p": "runtime_top_p", "seed": "seed", "prompt_embedding_table": "prompt_embedding_table",
-          "prompt_vocab_size": "prompt_vocab_size", "mrope_rotary_cos_sin": "mrope_rotary_cos_sin",
-          "mrope_position_deltas": "mrope_position_deltas"}
+TO_LLM = LLM_INPUT_NAMES  # this model's input -> tensorrt_llm's input
 
 
 class TritonPythonModel:
