@@ -10,6 +10,7 @@ PROFILE     ?= tiny
 HTTP_PORT   ?= 8000
 GRPC_PORT   ?= 8001
 METRICS_PORT ?= 8002
+OPENAI_PORT ?=
 TOPOLOGY    ?= all
 ARGS        ?=
 PYTEST_ARGS ?=
@@ -57,7 +58,8 @@ checkpoint: venv
 
 serve: venv
 	$(BIN)/qwen3vl-serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) --topology $(TOPOLOGY) \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(ARGS)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		$(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT),) $(ARGS)
 
 clean:
 	rm -rf build checkpoints load_tests/reports .pytest_cache

@@ -6,6 +6,6 @@
             print(piece, end="", flush=True)
 """
 
-from .api import Client, ClientError, GenerationStats, encode_image_b64
+from .api import Client, ClientError, Conversation, GenerationStats, encode_image_b64
 
-__all__ = ["Client", "ClientError", "GenerationStats", "encode_image_b64"]
+__all__ = ["Client", "ClientError", "Conversation", "GenerationStats", "encode_image_b64"]

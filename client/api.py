@@ -101,15 +101,20 @@ class Client:
             raise ClientError(f"model {self.model!r} is not ready on {self.url}")
 
     # -- generation --------------------------------------------------------------------------
-    def generate(self, prompt: str, images: list[bytes | str] = (), max_tokens: int = 128, *, stream: bool = True,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, request_id: str | None = None,
-                 stats: GenerationStats | None = None) -> Iterator[str]:
-        """Yield the text as it is generated (one piece per response; one piece if not `stream`)."""
+    def generate(self, prompt: str | None, images: list[bytes | str] = (), max_tokens: int = 128, *,
+                 stream: bool = True, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, request_id: str | None = None,
+                 stats: GenerationStats | None = None, messages: list[dict] | None = None) -> Iterator[str]:
+        """Yield the text as it is generated (one piece per response; one piece if not `stream`).
+
+        `messages` (OpenAI chat messages, see `Conversation`) replaces `prompt` and `images`."""
         request_id = request_id or uuid.uuid4().hex
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        if (prompt is None) == (messages is None):
+            raise ValueError("give a prompt or messages, not both")
+        first = ("messages", json.dumps(messages)) if messages is not None else ("text_input", prompt)
         pieces = (self._grpc_generate if self.protocol == "grpc" else self._http_generate)(
-            prompt, list(images), max_tokens, stream, sampling, request_id)
+            first, list(images), max_tokens, stream, sampling, request_id)
         for piece in pieces:
             if stats is not None:
                 stats.mark(piece)
@@ -117,10 +122,14 @@ class Client:
         if stats is not None:
             stats.end = time.perf_counter()
 
-    def generate_text(self, prompt: str, images: list[bytes] = (), max_tokens: int = 128, **kw) -> str:
+    def generate_text(self, prompt: str | None, images: list[bytes] = (), max_tokens: int = 128, **kw) -> str:
         return "".join(self.generate(prompt, images, max_tokens, **kw))
 
-    def _grpc_inputs(self, prompt, images, max_tokens, stream, sampling):
+    def chat(self, messages: list[dict], max_tokens: int = 128, **kw) -> Iterator[str]:
+        """Stream the assistant's reply to a conversation (OpenAI chat messages)."""
+        return self.generate(None, (), max_tokens, messages=messages, **kw)
+
+    def _grpc_inputs(self, first, images, max_tokens, stream, sampling):
         import tritonclient.grpc as grpcclient
 
         def tensor(name, array, dtype):
@@ -129,7 +138,7 @@ class Client:
             return t
 
         inputs = [
-            tensor("text_input", np.array([[prompt.encode("utf-8")]], dtype=np.object_), "BYTES"),
+            tensor(first[0], np.array([[first[1].encode("utf-8")]], dtype=np.object_), "BYTES"),
             tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
             tensor("stream", np.array([[stream]], dtype=bool), "BOOL"),
         ]
@@ -144,12 +153,12 @@ class Client:
                 inputs.append(tensor(name, np.array([[value]], dtype=dtype), triton))
         return inputs
 
-    def _grpc_generate(self, prompt, images, max_tokens, stream, sampling, request_id) -> Iterator[str]:
+    def _grpc_generate(self, first, images, max_tokens, stream, sampling, request_id) -> Iterator[str]:
         from qwen3vl_triton.grpc_stream import GrpcStream, StreamError
 
         channel = GrpcStream(self._grpc, self.timeout, stream_timeout=self.timeout)
         try:
-            for result in channel.request(self.model, self._grpc_inputs(prompt, images, max_tokens, stream, sampling),
+            for result in channel.request(self.model, self._grpc_inputs(first, images, max_tokens, stream, sampling),
                                           request_id=request_id):
                 if result.get_response().outputs:
                     yield "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
@@ -158,17 +167,17 @@ class Client:
         finally:
             channel.close()  # cancels the request only if it is unfinished
 
-    def _http_body(self, prompt, images, max_tokens, stream, sampling, request_id) -> dict:
-        body = {"id": request_id, "text_input": prompt, "max_tokens": max_tokens, "stream": stream}
+    def _http_body(self, first, images, max_tokens, stream, sampling, request_id) -> dict:
+        body = {"id": request_id, first[0]: first[1], "max_tokens": max_tokens, "stream": stream}
         if images:
             body["image"] = [encode_image_b64(i) for i in images]
         body.update({k: v for k, v in sampling.items() if v is not None})
         return body
 
-    def _http_generate(self, prompt, images, max_tokens, stream, sampling, request_id) -> Iterator[str]:
+    def _http_generate(self, first, images, max_tokens, stream, sampling, request_id) -> Iterator[str]:
         import requests
 
-        body = self._http_body(prompt, images, max_tokens, stream, sampling, request_id)
+        body = self._http_body(first, images, max_tokens, stream, sampling, request_id)
         try:
             resp = requests.post(f"http://{self.url}/v2/models/{self.model}/generate_stream", json=body,
                                  stream=True, timeout=self.timeout)
@@ -185,6 +194,39 @@ class Client:
                     raise ClientError(event["error"])
                 text = event.get("text_output", "")
                 yield "".join(text) if isinstance(text, list) else text
+
+
+class Conversation:
+    """A conversation as OpenAI chat messages, kept across turns:
+
+        conv = Conversation(system="You are brief.")
+        conv.user("What is this?", images=[png_bytes])
+        reply = "".join(client.chat(conv.messages, max_tokens=64))
+        conv.assistant(reply)
+        conv.user("And its colour?")   # the next turn sees the whole conversation
+    """
+
+    def __init__(self, messages: list[dict] | None = None, system: str | None = None):
+        self.messages = list(messages or [])
+        if system is not None:
+            self.messages.append({"role": "system", "content": system})
+
+    def user(self, text: str, images: list[bytes | str] = ()) -> "Conversation":
+        parts = [{"type": "image_url", "image_url": {"url": _data_url(i)}} for i in images]
+        self.messages.append({"role": "user", "content": parts + [{"type": "text", "text": text}]})
+        return self
+
+    def assistant(self, text: str) -> "Conversation":
+        self.messages.append({"role": "assistant", "content": text})
+        return self
+
+
+def _data_url(image: bytes | str) -> str:
+    """A data URL (or the string given: a data URL or base64 already)."""
+    if isinstance(image, str):
+        return image
+    kind = "jpeg" if image[:3] == b"\xff\xd8\xff" else "webp" if image[8:12] == b"WEBP" else "png"
+    return f"data:image/{kind};base64," + base64.b64encode(image).decode("ascii")
 
 
 def _http_error(text: str) -> str:

@@ -4,6 +4,11 @@
     python -m client generate --url 127.0.0.1:8000 --protocol http --prompt "Hello" --no-stream
     python -m client disagg --encoder-url 127.0.0.1:8011 --language-url 127.0.0.1:8021 --transport grpc \\
         --image cat.png --prompt "Describe it." --max-tokens 64
+    python -m client generate --messages chat.json --prompt "And the colours?" --save chat.json
+
+A conversation: --messages FILE.json holds OpenAI chat messages; --prompt (and --image) add a
+user turn to it, and --save FILE.json writes the conversation with the reply appended, so the
+next call continues it.
 
 Text goes to stdout as it arrives; --stats adds TTFT, inter-token latency and tokens/s on stderr.
 Any failure (server down, model not ready, a refused input) is one line on stderr and exit code 1.
@@ -12,13 +17,14 @@ Any failure (server down, model not ready, a refused input) is one line on stder
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .api import Client, ClientError, GenerationStats
+from .api import Client, ClientError, Conversation, GenerationStats
 
 EXIT_ERROR = 1
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
@@ -40,6 +46,50 @@ def _read_images(paths: list[str]) -> list[bytes]:
             raise CliError(f"image {p}: no such file")
         images.append(path.read_bytes())
     return images
+
+
+def _conversation(args, images: list[bytes]) -> Conversation | None:
+    """The conversation of --messages, with --prompt/--image as a new user turn; None without it."""
+    if args.messages is None:
+        if args.prompt is None:
+            raise CliError("give --prompt, or --messages FILE.json")
+        return None
+    try:
+        messages = json.loads(Path(args.messages).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--messages {args.messages}: {exc}") from None
+    if not isinstance(messages, list):
+        raise CliError(f"--messages {args.messages}: must hold a JSON array of chat messages")
+    conv = Conversation(messages)
+    if args.prompt is not None:
+        conv.user(args.prompt, images)
+    elif images:
+        raise CliError("--image adds to a new turn: give --prompt with it")
+    return conv
+
+
+def _save(args, conv: Conversation | None, reply: str) -> None:
+    if conv is not None and args.save:
+        conv.assistant(reply)
+        Path(args.save).write_text(json.dumps(conv.messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class _Tee:
+    """Writes to `out` and keeps the text (the reply to save)."""
+
+    def __init__(self, out):
+        self.out, self.parts = out, []
+
+    def write(self, text):
+        self.parts.append(text)
+        self.out.write(text)
+
+    def flush(self):
+        self.out.flush()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts).removesuffix("\n")
 
 
 def _sampling(args) -> dict:
@@ -86,11 +136,18 @@ def cmd_generate(args, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
     images = _read_images(args.image)
+    conv = _conversation(args, images)
+    tee = _Tee(out)
     with Client(url, args.protocol, model=args.model, timeout=args.timeout) as client:
         client.check_ready()
         stats = GenerationStats() if args.stats else None  # times the request, not the readiness check
-        tokens = _emit(client.generate(args.prompt, images, args.max_tokens, stream=not args.no_stream,
-                                       **_sampling(args)), stats, out)
+        if conv is not None:
+            pieces = client.chat(conv.messages, args.max_tokens, stream=not args.no_stream, **_sampling(args))
+        else:
+            pieces = client.generate(args.prompt, images, args.max_tokens, stream=not args.no_stream,
+                                     **_sampling(args))
+        tokens = _emit(pieces, stats, tee)
+    _save(args, conv, tee.text)
     if stats is not None:
         if args.no_stream:
             print(f"total: {stats.total * 1000:.1f} ms (--no-stream: the text comes in one response, so there is "
@@ -105,6 +162,8 @@ def cmd_disagg(args, out=None, err=None) -> int:
     from qwen3vl_triton.transfer import Disaggregated, TransferError
 
     images = _read_images(args.image)
+    conv = _conversation(args, images)
+    tee = _Tee(out)
     # one clear message for a server that is down or a model that is not loaded, before any work
     for url, model in ((args.encoder_url, "encode"), (args.language_url, "language")):
         with Client(url, "grpc", model=model, timeout=args.timeout) as probe:
@@ -113,10 +172,13 @@ def cmd_disagg(args, out=None, err=None) -> int:
         with Disaggregated(args.encoder_url, args.language_url, transport=args.transport,
                            chunk_rows=args.chunk_rows, chunk_window=args.chunk_window, timeout=args.timeout) as dis:
             stats = GenerationStats() if args.stats else None
-            tokens = _emit(dis.generate(args.prompt, images, args.max_tokens, **_sampling(args)), stats, out)
+            pieces = (dis.generate(messages=conv.messages, max_tokens=args.max_tokens, **_sampling(args))
+                      if conv is not None else dis.generate(args.prompt, images, args.max_tokens, **_sampling(args)))
+            tokens = _emit(pieces, stats, tee)
             moved = dis.stats
     except TransferError as exc:
         raise CliError(str(exc)) from None
+    _save(args, conv, tee.text)
     if stats is not None:
         print(format_stats(stats, tokens), file=err)
         print(f"table transfer ({args.transport}): {moved.rows} rows in {moved.chunks} chunks, "
@@ -135,7 +197,11 @@ def _positive(value: str) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
                    help="image file(s), in prompt order (repeat the flag or list several)")
-    p.add_argument("--prompt", required=True, help="the user prompt (the server applies the chat template)")
+    p.add_argument("--prompt", help="the user prompt (the server applies the chat template)")
+    p.add_argument("--messages", metavar="FILE.json", help="a conversation (OpenAI chat messages); --prompt and "
+                                                           "--image add a user turn to it")
+    p.add_argument("--save", metavar="FILE.json", help="write the conversation with the reply appended (to "
+                                                       "continue it with --messages)")
     p.add_argument("--max-tokens", type=_positive, default=128)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int)

@@ -1,7 +1,11 @@
 """Locust users for the qwen3vl ensemble: one over HTTP (generate_stream, server-sent events, JSON body
-with base64 images) and one over gRPC (tritonclient's bidirectional stream), both through client.api.
+with base64 images) and one over gRPC (tritonclient's bidirectional stream), both through client.api,
+and one for the OpenAI-compatible endpoint (`openai` client, streamed /v1/chat/completions): each of
+its tasks is a two-turn conversation, the workload's images in the first turn and a follow-up
+question in the second (the same images again: the encoder's cache serves them).
 
-Each request is reported three ways, as separate Locust entries (request_type "HTTP" or "gRPC"):
+Each request is reported three ways, as separate Locust entries (request_type "HTTP", "gRPC" or
+"OpenAI"; an OpenAI conversation's two turns are two requests):
   generate  the whole request (response_length = streamed responses, one per generated token)
   ttft      time to the first text
   itl       one entry per gap between consecutive text pieces (inter-token latency)
@@ -55,6 +59,8 @@ def _options(parser):
                         help="HOST:PORT of the server's HTTP endpoint")
     parser.add_argument("--grpc-url", env_var="QWEN3VL_GRPC_URL", default="127.0.0.1:8001",
                         help="HOST:PORT of the server's gRPC endpoint")
+    parser.add_argument("--openai-url", env_var="QWEN3VL_OPENAI_URL", default="127.0.0.1:9000",
+                        help="HOST:PORT of the OpenAI-compatible endpoint (OpenAIChatUser)")
     parser.add_argument("--model", env_var="QWEN3VL_MODEL", default="qwen3vl",
                         help="model to load: qwen3vl (single server) or qwen3vl_disagg (encoder host)")
     parser.add_argument("--checkpoint", env_var="QWEN3VL_CHECKPOINT", default=str(ROOT / "checkpoints" / "tiny"),
@@ -148,3 +154,59 @@ class HttpGenerateUser(_GenerateUser):
 class GrpcGenerateUser(_GenerateUser):
     protocol = "grpc"
     request_type = "gRPC"
+
+
+class OpenAIChatUser(User):
+    """Two-turn conversations through /v1/chat/completions, streamed, with the official client."""
+
+    request_type = "OpenAI"
+    wait_time = constant(0)
+
+    def on_start(self):
+        import openai
+
+        opts = self.environment.parsed_options
+        self.client = openai.OpenAI(base_url=f"http://{opts.openai_url}/v1", api_key="none", max_retries=0,
+                                    timeout=opts.request_timeout)
+        self.rng = random.Random(opts.workload_seed * 100_003 + next(_USER_INDEX))
+
+    def on_stop(self):
+        self.client.close()
+
+    def _fire(self, name: str, ms: float, length: int = 0, exception=None, context=None) -> None:
+        self.environment.events.request.fire(request_type=self.request_type, name=name, response_time=ms,
+                                             response_length=length, exception=exception, context=context or {})
+
+    def _turn(self, messages, max_tokens: int, label: str) -> str | None:
+        stats, parts, chunks, error = GenerationStats(), [], 0, None
+        try:
+            for chunk in self.client.chat.completions.create(model="qwen3vl", messages=messages,
+                                                             max_tokens=max_tokens, stream=True):
+                piece = chunk.choices[0].delta.content if chunk.choices else None
+                if piece:
+                    chunks += 1
+                    stats.mark(piece)
+                    parts.append(piece)
+        except Exception as exc:  # noqa: BLE001 -- every failure is a failed request in the report
+            error = exc
+        stats.end = time.perf_counter()
+        self._fire("generate", stats.total * 1000, chunks, error, {"case": label})
+        if error is not None:
+            return None
+        if stats.ttft is not None:
+            self._fire("ttft", stats.ttft * 1000, context={"case": label})
+            for gap in stats.inter_token:
+                self._fire("itl", gap * 1000)
+        return "".join(parts)
+
+    @task
+    def conversation(self):
+        from client import Conversation
+
+        case = _WORKLOAD.pick(self.rng)
+        conv = Conversation(system="You are a helpful assistant.").user(case.prompt, list(case.images))
+        answer = self._turn(conv.messages, case.max_tokens, case.label)
+        if answer is None:
+            return
+        conv.assistant(answer).user("Tell me one more thing about it.")
+        self._turn(conv.messages, case.max_tokens, f"{case.label}, turn 2")

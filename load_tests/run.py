@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 REPORTS = Path(__file__).resolve().parent / "reports"
-REQUEST_TYPES = ("HTTP", "gRPC")
+REQUEST_TYPES = ("HTTP", "gRPC", "OpenAI")
 
 
 # -- the bounded Locust process ------------------------------------------------------------------
@@ -67,7 +67,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def locust_command(args, http_url: str, grpc_url: str, prefix: Path) -> list[str]:
+def locust_command(args, http_url: str, grpc_url: str, prefix: Path, openai_url: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
            "--users", str(args.users), "--spawn-rate", str(args.spawn_rate or args.users),
            "--run-time", f"{args.duration}s", "--stop-timeout", f"{args.stop_timeout}s",
@@ -79,7 +79,12 @@ def locust_command(args, http_url: str, grpc_url: str, prefix: Path) -> list[str
         cmd += ["--max-pixels", str(args.max_pixels)]
     else:
         cmd += ["--checkpoint", str(args.checkpoint_path)]
-    return cmd + list(args.user_classes)
+    # named, so Locust does not run every user class of the locustfile
+    users = list(args.user_classes) or ["HttpGenerateUser", "GrpcGenerateUser"] + (["OpenAIChatUser"] if openai_url
+                                                                                    else [])
+    if openai_url:
+        cmd += ["--openai-url", openai_url]
+    return cmd + users
 
 
 # -- reading the report ----------------------------------------------------------------------------
@@ -131,15 +136,25 @@ def failures(prefix: Path, limit: int = 5) -> list[str]:
 
 # -- a local server --------------------------------------------------------------------------------
 def start_local_server(checkpoint: Path, build: Path, log=print):
+    """tritonserver (single topology) and the OpenAI endpoint beside it."""
     from qwen3vl_triton.repository import Settings, render
-    from qwen3vl_triton.server import Ports, TritonServer, free_ports
+    from qwen3vl_triton.server import OpenAIServer, Ports, TritonServer, free_ports
 
-    repo = render(checkpoint, build / "repository", topology="single", settings=Settings())
-    server = TritonServer(repo, Ports(*free_ports(3)), build_dir=build, log_file=build / "tritonserver.log")
+    settings = Settings()
+    repo = render(checkpoint, build / "repository", topology="single", settings=settings)
+    http, grpc, metrics, openai_port = free_ports(4)
+    server = TritonServer(repo, Ports(http, grpc, metrics), build_dir=build, log_file=build / "tritonserver.log")
     log(f"starting tritonserver for {checkpoint} (log: {server.log_file}) ...")
     t0 = time.monotonic()
     server.start(timeout=600, log=log)
-    log(f"ready in {time.monotonic() - t0:.0f}s: http {server.http_url}, grpc {server.grpc_url}")
+    try:
+        server.openai = OpenAIServer(server.grpc_url, "127.0.0.1", openai_port, settings,
+                                     log_file=build / "openai.log").start()
+    except BaseException:
+        server.stop()
+        raise
+    log(f"ready in {time.monotonic() - t0:.0f}s: http {server.http_url}, grpc {server.grpc_url}, "
+        f"openai {server.openai.url}")
     return server
 
 
@@ -159,6 +174,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="HOST:PORT of a running server's HTTP endpoint (default: start a local server)")
     ap.add_argument("--grpc-url", default=os.environ.get("QWEN3VL_GRPC_URL") or None,
                     help="HOST:PORT of its gRPC endpoint (default: the --url host, port + 1, as Triton's 8000/8001)")
+    ap.add_argument("--openai-url", default=os.environ.get("QWEN3VL_OPENAI_URL") or None,
+                    help="HOST:PORT of the server's OpenAI endpoint (qwen3vl-serve --openai-port): adds the "
+                         "OpenAIChatUser (a local server always has one)")
     ap.add_argument("--model", default="qwen3vl",
                     help="qwen3vl (single server) or qwen3vl_disagg (an encoder host of the disaggregated pair)")
     ap.add_argument("--checkpoint", help="checkpoint to serve and to read the pixel limit from "
@@ -174,7 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                                   "of a local server")
     ap.add_argument("--loglevel", default="WARNING", help="Locust's log level")
     ap.add_argument("user_classes", nargs="*", metavar="USER_CLASS",
-                    help="HttpGenerateUser and/or GrpcGenerateUser (default: both)")
+                    help="HttpGenerateUser, GrpcGenerateUser and/or OpenAIChatUser (default: the first two, and "
+                         "the third when there is an OpenAI endpoint)")
     args = ap.parse_args(argv)
     if args.users < 1 or args.duration < 1:
         ap.error("--users and --duration must be >= 1")
@@ -202,17 +221,19 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 -- render or start failure: one clear line
                 print(f"error: could not start a local server: {exc}", file=sys.stderr)
                 return 1
-            http_url, grpc_url = server.http_url, server.grpc_url
+            http_url, grpc_url, openai_url = server.http_url, server.grpc_url, server.openai.url
         else:
+            openai_url = args.openai_url
             http_url = args.url.removeprefix("http://")
             host, _, port = http_url.rpartition(":")
             grpc_url = args.grpc_url or f"{host}:{int(port) + 1}"
         bound = args.duration + args.stop_timeout + args.grace
         print(f"locust: {args.users} users for {args.duration}s against http {http_url}, grpc {grpc_url} "
               f"(bounded at {bound}s)", flush=True)
-        done = run_bounded(locust_command(args, http_url, grpc_url, prefix), timeout=bound)
+        done = run_bounded(locust_command(args, http_url, grpc_url, prefix, openai_url), timeout=bound)
     finally:
         if server is not None:
+            server.openai.stop()
             server.stop()
             print("local server stopped", flush=True)
 

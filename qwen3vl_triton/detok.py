@@ -37,6 +37,8 @@ class IncrementalDetokenizer:
         self.sent = 0  # characters of decode(ids[start:]) already sent
         if IncrementalDetokenizer._bytes_of_char is None:
             IncrementalDetokenizer._bytes_of_char = _byte_decoder()
+        # ids decode leaves out: added tokens marked special (not only the named special tokens)
+        self._skipped = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} if self.skip else set()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
@@ -45,7 +47,10 @@ class IncrementalDetokenizer:
         """Do these tokens end inside a UTF-8 character that more bytes could still complete?"""
         table = self._bytes_of_char
         raw = bytearray()
-        for token in self.tokenizer.convert_ids_to_tokens(ids[-8:]):  # a character spans <= 4 bytes
+        # a character spans <= 4 bytes; special tokens that decode skips do not cut one (decode
+        # joins the bytes around them)
+        ids = [i for i in ids if i not in self._skipped][-8:]
+        for token in self.tokenizer.convert_ids_to_tokens(ids):
             if token is None:
                 continue
             if any(ch not in table for ch in token):  # not a byte-level token: assume it may complete
@@ -113,4 +118,88 @@ class StreamDetokenizers:
             return text + detok.flush()
         if detok.pending:
             self._streams[key] = (detok, now)
+        return text
+
+
+# postprocessing's inputs that it forwards to `tensorrt_llm` (BLS) -> the tensorrt_llm input names (DESIGN §3);
+# it adds `streaming`, and `stop` to end a request
+LLM_INPUT_NAMES = {
+    "input_ids": "input_ids", "input_lengths": "input_lengths", "request_output_len": "request_output_len",
+    "end_id": "end_id", "pad_id": "pad_id", "stop_words_list": "stop_words_list", "temperature": "temperature", "top_k": "runtime_top_k",
+    "top_p": "runtime_top_p", "seed": "seed", "prompt_embedding_table": "prompt_embedding_table",
+    "prompt_vocab_size": "prompt_vocab_size", "mrope_rotary_cos_sin": "mrope_rotary_cos_sin",
+    "mrope_position_deltas": "mrope_position_deltas",
+}
+
+
+class StopMatcher:
+    """Stop strings matched in generated text across piece (token) boundaries.
+
+    `feed` returns the text that can be sent now and whether a stop string was found: the text
+    ends just before the earliest stop string; a tail that could still begin a stop string is held
+    back until the next piece shows whether it does (or `final` says there is no next piece)."""
+
+    def __init__(self, stops=()):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        buf = self.held + text
+        self.held = ""
+        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            return buf[:min(found)], True
+        if final or not self.stops:
+            return buf, False
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], False
+
+
+class TextStream:
+    """One generation's token ids -> text pieces, with its end: an end id ("stop"), a stop string
+    ("stop"), or `max_tokens` ("length"). Per request, so no state is shared between streams.
+
+    `add(ids)` returns (text, finish) where finish is None while the generation goes on; the text
+    of all pieces equals `tokenizer.decode(ids, skip_special_tokens=True)` cut before the first stop
+    string."""
+
+    def __init__(self, tokenizer, end_ids, max_tokens: int, stops=()):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.end_ids = set(int(i) for i in end_ids)
+        self.max_tokens = max_tokens
+        self.stop = StopMatcher(stops)
+        self.ids: list[int] = []
+        self.finish: str | None = None
+        self.stopped_by_string = False  # the end was a stop string (the engine would go on)
+        self.prompt_tokens = 0
+
+    def add(self, ids) -> tuple[str, str | None]:
+        if self.finish is not None:
+            return "", self.finish
+        ids = [int(i) for i in ids]
+        ended = next((k for k, i in enumerate(ids) if i in self.end_ids), None)
+        if ended is not None:
+            ids = ids[:ended + 1]
+        self.ids.extend(ids)
+        text = self.detok.add(ids)
+        finish = "stop" if ended is not None else "length" if len(self.ids) >= self.max_tokens else None
+        if finish is not None:
+            text += self.detok.flush()
+        text, hit = self.stop.feed(text, final=finish is not None)
+        self.stopped_by_string = hit
+        self.finish = "stop" if hit else finish
+        return text, self.finish
+
+    def close(self, reason: str = "length") -> str:
+        """The generation ended without a finish seen here (e.g. the engine's context limit)."""
+        if self.finish is not None:
+            return ""
+        text, hit = self.stop.feed(self.detok.flush(), final=True)
+        self.finish = "stop" if hit else reason
         return text

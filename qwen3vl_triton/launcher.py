@@ -20,7 +20,7 @@ from pathlib import Path
 from .check import check_checkpoint
 from .checkpoint import CheckpointError
 from .repository import TOPOLOGIES, RenderError, Settings, render
-from .server import Ports, ServerError, TritonServer
+from .server import OpenAIServer, Ports, ServerError, TritonServer
 from .tiny import ensure_checkpoint
 
 DEFAULT_PLUGIN = "/opt/qwen3vl/lib/libqwen3vl_deepstack_plugin.so"
@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="check the checkpoint and the settings, print the checkpoint's facts, and exit "
                          "(0: it can be served; 1: it cannot, with the reasons)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every model to be ready")
+    ap.add_argument("--openai-port", type=int, default=0,
+                    help="also serve the OpenAI-compatible API (/v1/chat/completions, /v1/models) on this port, "
+                         "same address (topologies with qwen3vl: all, single)")
     ap.add_argument("--exit-timeout", type=int, default=30,
                     help="seconds a stop waits for in-flight requests (tritonserver --exit-timeout-secs)")
     return ap.parse_args(argv)
@@ -67,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     build = Path(args.build_dir).resolve()
+    if args.openai_port and "qwen3vl" not in TOPOLOGIES[args.topology]:
+        print(f"error: --openai-port needs the qwen3vl model; topology {args.topology} has none "
+              f"(use all or single)", file=sys.stderr)
+        return 2
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(Path("checkpoints/tiny"))
     settings = settings_from(args.set)
     report = check_checkpoint(checkpoint)
@@ -106,16 +113,28 @@ def main(argv=None) -> int:
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    openai = None
+    try:
+        if args.openai_port:
+            openai = OpenAIServer(server.grpc_url, args.address, args.openai_port, settings,
+                                  log_file=build / f"openai-{args.topology}.log").start()
+    except ServerError as exc:
+        server.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     models = ",".join(sorted(p.name for p in repo.iterdir() if p.is_dir()))
     print(f"ready: http={server.http_url} grpc={server.grpc_url} metrics={args.address}:{args.metrics_port} "
-          f"models={models}", flush=True)
+          f"models={models}" + (f" openai=http://{openai.url}/v1" if openai else ""), flush=True)
     try:
         while not stop.wait(0.5):
-            if server.process.poll() is not None:
-                print(f"error: tritonserver exited with code {server.process.returncode}; see {log_file}",
-                      file=sys.stderr)
-                return 1
+            for name, proc, log in (("tritonserver", server.process, log_file),
+                                    ("the OpenAI server", openai and openai.process, openai and openai.log_file)):
+                if proc is not None and proc.poll() is not None:
+                    print(f"error: {name} exited with code {proc.returncode}; see {log}", file=sys.stderr)
+                    return 1
     finally:
+        if openai is not None:
+            openai.stop()
         server.stop()
     print("stopped", flush=True)
     return 0

@@ -3,6 +3,10 @@
 The checkpoint's own tokenizer, chat template and image processor (transformers' Qwen2-VL
 image processor configured by `preprocessor_config.json`) do the work; this module validates
 inputs and replaces each image placeholder by the prompt-table ids the LLM reads.
+
+A request is either `text_input` + `image` (one user message: the images, then the text) or
+`messages`, a JSON array of OpenAI chat messages (DESIGN §4-5). Byte bounds on the text, each
+image and the whole request are checked first, before any JSON parsing, templating or decoding.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -22,6 +28,41 @@ from .errors import InputError
 
 # Decoding a bigger image than this is refused before its pixels are decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+ROLES = ("system", "user", "assistant")
+_BASE64 = re.compile(rb"^[A-Za-z0-9+/=\s]*$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Byte bounds checked before any work. `text_bytes`: all text of a request (the prompt, or every
+    text part of the messages); `image_bytes`: each encoded image file (base64 counts 3/4 of its
+    length); `request_bytes`: every input of the request together, as sent."""
+
+    text_bytes: int = 64 * 2**10
+    image_bytes: int = 20 * 2**20
+    request_bytes: int = 64 * 2**20
+
+
+def encoded_size(data: bytes) -> int:
+    """Bytes of the image file that `data` (a file, base64 of one, or a data URL) carries, from its
+    length alone."""
+    if data[:5].lower() == b"data:":
+        return len(data.partition(b",")[2]) * 3 // 4
+    if _BASE64.match(data[:256]):
+        return len(data) * 3 // 4
+    return len(data)
+
+
+@dataclass
+class Request:
+    """One request's inputs, validated: the conversation for the chat template (images as
+    `{"type": "image"}` items, in order) and the encoded images."""
+
+    conversation: list[dict]
+    images: list[bytes]
+    max_tokens: int
+    source: str  # the input the prompt came from: "text_input" or "messages"
+    image_names: list[str] | None = None  # what an error about each image names
 
 
 @dataclass
@@ -34,11 +75,14 @@ class Prompt:
     num_image_tokens: int
 
 
-def decode_image(data: bytes | str, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(data: bytes | str, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_bytes: int | None = None) -> Image.Image:
     """Decode an encoded image file, a base64 string of one, or a `data:` URL, to RGB."""
     if isinstance(data, str):
         data = data.encode()
     raw = bytes(data)
+    if max_bytes is not None and encoded_size(raw) > max_bytes:
+        raise InputError(name, f"is {encoded_size(raw)} bytes, above the limit of {max_bytes}")
     if raw[:5].lower() == b"data:":
         header, sep, payload = raw.partition(b",")
         if not sep or not header.endswith(b";base64"):
@@ -98,11 +142,12 @@ class Preprocessor:
     """Turns (prompt text, encoded images) into a `Prompt`, with the checkpoint's own processors."""
 
     def __init__(self, spec: ModelSpec, max_images: int = 4, max_input_len: int | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, limits: Limits | None = None):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.spec = spec
         self.max_images = max_images
+        self.limits = limits or Limits()
         self.max_input_len = max_input_len or spec.max_position_embeddings
         self.max_image_pixels = max_image_pixels
         self.tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
@@ -112,23 +157,26 @@ class Preprocessor:
 
     def chat_text(self, text: str, num_images: int) -> str:
         """The prompt layout: one user message, the images in order, then the text."""
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        return self.template(single_turn(text, num_images))
 
-    def images(self, images: list[bytes | str]) -> tuple[np.ndarray, np.ndarray]:
+    def template(self, conversation: list[dict]) -> str:
+        """The checkpoint's chat template over a conversation, with the generation prompt."""
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    def images(self, images: list[bytes | str], names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Decode and patchify images -> (pixel_values, image_grid_thw)."""
-        decoded = [decode_image(img, f"image[{i}]", self.max_image_pixels) for i, img in enumerate(images)]
+        names = names or [f"image[{i}]" for i in range(len(images))]
+        decoded = [decode_image(img, name, self.max_image_pixels, self.limits.image_bytes)
+                   for img, name in zip(images, names)]
         if not decoded:
             patch_dim = 3 * self.spec.temporal_patch_size * self.spec.patch_size ** 2
             return np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int64)
         pixel_values, grids = [], []
-        for i, img in enumerate(decoded):
+        for name, img in zip(names, decoded):
             try:
                 out = self.image_processor(images=[img], return_tensors="np")
             except ValueError as exc:  # e.g. an aspect ratio the resize rule refuses
-                raise InputError(f"image[{i}]", str(exc)) from None
+                raise InputError(name, str(exc)) from None
             pixel_values.append(np.asarray(out["pixel_values"], dtype=np.float32))
             grids.append(np.asarray(out["image_grid_thw"], dtype=np.int64))
         return np.concatenate(pixel_values), np.concatenate(grids)
@@ -136,14 +184,27 @@ class Preprocessor:
     def __call__(self, text: str, images: list[bytes | str]) -> Prompt:
         if not isinstance(text, str):
             raise InputError("text_input", "must be a UTF-8 string")
+        if len(text.encode("utf-8")) > self.limits.text_bytes:
+            raise InputError("text_input", f"is {len(text.encode('utf-8'))} bytes, above the limit of "
+                                           f"{self.limits.text_bytes}")
+        return self.render(single_turn(text, len(images)), images, "text_input")
+
+    def request(self, req: Request) -> Prompt:
+        """A validated request (parse_request) -> Prompt."""
+        return self.render(req.conversation, req.images, req.source, req.image_names)
+
+    def render(self, conversation: list[dict], images: list[bytes | str], source: str = "messages",
+               image_names: list[str] | None = None) -> Prompt:
+        """Template a conversation whose images are `{"type": "image"}` items, in the order of `images`."""
         if len(images) > self.max_images:
-            raise InputError("image", f"{len(images)} images given, at most {self.max_images} are allowed")
-        pixel_values, grid_thw = self.images(images)
-        ids = self.tokenizer(self.chat_text(text, len(images)), add_special_tokens=False)["input_ids"]
+            raise InputError("image" if source == "text_input" else "messages",
+                             f"{len(images)} images given, at most {self.max_images} are allowed")
+        pixel_values, grid_thw = self.images(images, image_names)
+        ids = self.tokenizer(self.template(conversation), add_special_tokens=False)["input_ids"]
         ids = np.asarray(ids, dtype=np.int64)
         placeholder = np.flatnonzero(ids == self.spec.image_token_id)
         if placeholder.size != len(images):
-            raise InputError("text_input", "must not contain image placeholder tokens")
+            raise InputError(source, "must not contain image placeholder tokens")
         merge = self.spec.spatial_merge_size ** 2
         counts = [int(np.prod(g)) // merge for g in grid_thw]
         pieces, start, row = [], 0, 0
@@ -156,29 +217,139 @@ class Preprocessor:
         input_ids = np.concatenate(pieces).astype(np.int32)
         if input_ids.size >= self.max_input_len:
             raise InputError(
-                "text_input",
+                source,
                 f"the prompt is {input_ids.size} tokens (images included), the context limit is {self.max_input_len}",
             )
         return Prompt(input_ids, pixel_values, grid_thw, row)
 
 
-def parse_generate_inputs(arrays: dict, max_output_len: int) -> tuple[str, list[bytes], int]:
-    """(prompt, encoded images, max_tokens) from the `qwen3vl` inputs of one request."""
+def single_turn(text: str, num_images: int) -> list[dict]:
+    """The `text_input` prompt layout: one user message, the images in order, then the text."""
+    return [{"role": "user", "content": [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]}]
+
+
+def _image_url(part: dict, name: str) -> bytes:
+    """The image of an `image_url` part: a data URL or raw base64 (remote URLs are the HTTP
+    frontend's to fetch, for hosts its operator allowed; the model server never fetches)."""
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise InputError(f"{name}.image_url", 'must be {"url": "<data URL or base64>"}')
+    scheme = url[:12].lower()
+    if scheme.startswith(("http://", "https://")):
+        raise InputError(f"{name}.image_url", "remote URLs are not fetched here: send the image as a data URL or "
+                                              "base64 (an OpenAI endpoint fetches hosts its operator allowed)")
+    if not scheme.startswith("data:") and re.match(r"^[a-z][a-z0-9+.-]*:", scheme):
+        raise InputError(f"{name}.image_url", f"URL scheme {url.split(':', 1)[0]!r} is not supported: send a data "
+                                              "URL or base64")
+    return url.encode()
+
+
+def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[bytes], list[str]]:
+    """OpenAI chat messages (JSON text or parsed) -> the chat template's conversation and the images,
+    in order. Images are allowed in user messages; text parts and string contents anywhere."""
+    if isinstance(raw, (bytes, str)):
+        try:
+            raw = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError("messages", f"is not valid JSON: {exc}") from None
+    if not isinstance(raw, list) or not raw:
+        raise InputError("messages", "must be a non-empty JSON array of chat messages")
+    conversation, images, names, text_bytes = [], [], [], 0
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise InputError(where, 'must be an object {"role": ..., "content": ...}')
+        role = msg.get("role")
+        if role not in ROLES:
+            raise InputError(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
+        content = msg.get("content")
+        if isinstance(content, str):
+            text_bytes += len(content.encode("utf-8"))
+            conversation.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise InputError(f"{where}.content", "must be a string or a list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            name = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise InputError(f"{name}.text", "must be a string")
+                text_bytes += len(text.encode("utf-8"))
+                parts.append({"type": "text", "text": text})
+            elif kind == "image_url":
+                if role != "user":
+                    raise InputError(name, f"images go in user messages, not in a {role} message")
+                images.append(_image_url(part, name))
+                names.append(f"{name}.image_url")
+                parts.append({"type": "image"})
+            else:
+                raise InputError(f"{name}.type", f"{kind!r} is not supported: parts are text or image_url")
+        conversation.append({"role": role, "content": parts})
+    if text_bytes > limits.text_bytes:
+        raise InputError("messages", f"the text is {text_bytes} bytes, above the limit of {limits.text_bytes}")
+    return conversation, images, names
+
+
+def _utf8(value, name: str) -> str:
+    try:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise InputError(name, "is not valid UTF-8") from None
+
+
+def _one_string(arrays: dict, name: str):
+    value = arrays.get(name)
+    if value is None:
+        return None
+    if value.size != 1:
+        raise InputError(name, f"expected one string, got shape {list(value.shape)}")
+    return value.reshape(-1)[0]
+
+
+def _nbytes(value) -> int:
+    if value is None:
+        return 0
+    if value.dtype == np.object_:
+        return sum(len(x) for x in value.reshape(-1))
+    return value.nbytes
+
+
+def parse_request(arrays: dict, max_output_len: int, limits: Limits | None = None) -> Request:
+    """The `qwen3vl` inputs of one request, bounded and validated before any work is done on them."""
     from .backend import scalar
 
-    text = arrays.get("text_input")
-    if text is None:
-        raise InputError("text_input", "is required")
-    if text.size != 1:
-        raise InputError("text_input", f"expected one string, got shape {list(text.shape)}")
-    raw = text.reshape(-1)[0]
-    try:
-        prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-    except UnicodeDecodeError:
-        raise InputError("text_input", "is not valid UTF-8") from None
+    limits = limits or Limits()
+    total = sum(_nbytes(v) for v in arrays.values())
+    if total > limits.request_bytes:
+        raise InputError("request", f"is {total} bytes, above the limit of {limits.request_bytes}")
+    text, messages = _one_string(arrays, "text_input"), _one_string(arrays, "messages")
     images = arrays.get("image")
     images = [] if images is None else [bytes(x) if not isinstance(x, str) else x.encode() for x in images.reshape(-1)]
     max_tokens = scalar(arrays, "max_tokens", int, required=True)
     if not 1 <= max_tokens <= max_output_len:
         raise InputError("max_tokens", f"must be in [1, {max_output_len}], got {max_tokens}")
-    return prompt, images, max_tokens
+    if messages is not None:
+        if text is not None:
+            raise InputError("messages", "give text_input or messages, not both")
+        if images:
+            raise InputError("image", "with messages, images go in the messages' image_url parts")
+        conversation, images, names = parse_messages(messages, limits)
+        return Request(conversation, images, max_tokens, "messages", names)
+    if text is None:
+        raise InputError("text_input", "is required (or messages)")
+    if isinstance(text, bytes) and len(text) > limits.text_bytes:
+        raise InputError("text_input", f"is {len(text)} bytes, above the limit of {limits.text_bytes}")
+    prompt = _utf8(text, "text_input")
+    return Request(single_turn(prompt, len(images)), images, max_tokens, "text_input")
+
+
+def parse_generate_inputs(arrays: dict, max_output_len: int) -> tuple[str, list[bytes], int]:
+    """(prompt, encoded images, max_tokens) from `text_input` + `image` inputs of one request."""
+    req = parse_request(arrays, max_output_len)
+    if req.source != "text_input":
+        raise InputError("messages", "this entry point takes text_input")
+    return req.conversation[0]["content"][-1]["text"], req.images, req.max_tokens

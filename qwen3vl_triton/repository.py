@@ -45,6 +45,18 @@ class Settings:
     max_num_tokens: int = 1024  # prompt tokens prefilled per engine step (longer prompts are chunked)
     max_images: int = 8  # images per request
     max_image_pixels: int = 4096 * 4096  # larger encoded images are refused before decoding
+    # byte bounds, checked before any parsing, templating or decoding: all text of a request
+    # (0: 16 bytes per token of max_seq_len), each encoded image, and the whole request
+    max_text_bytes: int = 0
+    max_image_bytes: int = 20 * 2**20
+    max_request_bytes: int = 64 * 2**20
+    # the vision encoder's cache of recent images' rows (embeddings + DeepStack), in bytes; 0: off
+    vision_cache_bytes: int = 256 * 2**20
+    # OpenAI endpoint: hosts whose http(s) image URLs it fetches (comma-separated; empty: none),
+    # with a size and time limit per image
+    image_url_hosts: str = ""
+    image_url_max_bytes: int = 20 * 2**20
+    image_url_timeout_ms: int = 5000
     # the serving dtype of the whole model (vision tower, tables, LLM): float32, bfloat16, float16,
     # or auto (the checkpoint's own); float32 serves any checkpoint upcast
     dtype: str = "float32"
@@ -74,7 +86,8 @@ class Settings:
                 problems.append(f"{f.name} must be >= 0, got {value}")
         for name in ("max_batch_size", "engine_max_batch", "max_output_len", "max_num_tokens", "max_images",
                      "preprocessing_instances", "language_max_sequences", "chunk_rows",
-                     "cancellation_check_period_ms", "stats_check_period_ms"):
+                     "cancellation_check_period_ms", "stats_check_period_ms", "max_image_bytes",
+                     "max_request_bytes", "image_url_max_bytes", "image_url_timeout_ms"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len > spec.max_position_embeddings:
@@ -138,6 +151,10 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
         patch_dim=str(3 * spec.temporal_patch_size * spec.patch_size ** 2),
         table_dtype=table_dtype,
         max_input_len=str(settings.max_seq_len - 1),
+        max_text_bytes=str(settings.max_text_bytes or 16 * settings.max_seq_len),
+        # postprocessing holds a worker per running generation: room for a full engine batch and
+        # as many waiting for a place
+        generate_workers=str(2 * settings.engine_max_batch),
         # CPU: each table and rotary table sized to its request (GPU: engine_values fixes both)
         mrope_positions="0",
         table_stride="0",

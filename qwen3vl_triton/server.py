@@ -255,3 +255,67 @@ def free_ports(count: int, address: str = "127.0.0.1") -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+@dataclass
+class OpenAIServer:
+    """The OpenAI-compatible endpoint (qwen3vl_triton.openai_server) for a running tritonserver,
+    as a child process on the same address; `start()` returns once it answers."""
+
+    grpc_url: str
+    address: str
+    port: int
+    settings: object  # repository.Settings: max_output_len and the image URL policy
+    log_file: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def command(self) -> list[str]:
+        s = self.settings
+        return [sys.executable, "-m", "qwen3vl_triton.openai_server", "--grpc-url", self.grpc_url,
+                "--host", self.address, "--port", str(self.port), "--max-output-len", str(s.max_output_len),
+                "--image-url-hosts", s.image_url_hosts, "--image-url-max-bytes", str(s.image_url_max_bytes),
+                "--image-url-timeout-ms", str(s.image_url_timeout_ms)]
+
+    def start(self, timeout: float = 60.0) -> "OpenAIServer":
+        if not port_free(self.address, self.port):
+            raise ServerError(f"openai port {self.port} on {self.address} is already in use")
+        out = open(self.log_file, "wb") if self.log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=_stop_with_parent)
+        if self.log_file:
+            out.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"the OpenAI server exited with code {self.process.returncode} while starting")
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/v1/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise ServerError(f"the OpenAI server was not ready on {self.url} after {timeout:.0f}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self):
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -338,11 +338,19 @@ class Disaggregated:
         self.close()
 
     # -- stages ---------------------------------------------------------------------------------------
-    def encode(self, prompt: str, images=(), max_tokens: int = 128) -> Encoded:
+    def encode(self, prompt: str | None, images=(), max_tokens: int = 128, messages=None) -> Encoded:
+        """`prompt` + `images`, or `messages` (OpenAI chat messages, a list or its JSON text)."""
+        import json
+
         import tritonclient.grpc as grpcclient
 
-        inputs = [_tensor("text_input", np.array([[prompt.encode("utf-8")]], dtype=np.object_)),
-                  _tensor("max_tokens", np.array([[max_tokens]], np.int32))]
+        if messages is not None:
+            text = messages if isinstance(messages, (str, bytes)) else json.dumps(messages)
+            first = _tensor("messages", np.array([[text.encode("utf-8") if isinstance(text, str) else text]],
+                                                 dtype=np.object_))
+        else:
+            first = _tensor("text_input", np.array([[prompt.encode("utf-8")]], dtype=np.object_))
+        inputs = [first, _tensor("max_tokens", np.array([[max_tokens]], np.int32))]
         if images:
             raw = [i.encode() if isinstance(i, str) else i for i in images]
             inputs.append(_tensor("image", np.array([raw], dtype=np.object_)))
@@ -405,7 +413,7 @@ class Disaggregated:
         finally:
             self.lang.end(corrid)
 
-    def generate(self, prompt: str, images=(), max_tokens: int = 128, sequence_id: int | None = None,
-                 **sampling) -> Iterator[str]:
-        """Text pieces of the whole disaggregated request."""
-        yield from self.run(self.encode(prompt, images, max_tokens), max_tokens, sequence_id, **sampling)
+    def generate(self, prompt: str | None = None, images=(), max_tokens: int = 128, sequence_id: int | None = None,
+                 messages=None, **sampling) -> Iterator[str]:
+        """Text pieces of the whole disaggregated request (a prompt and images, or `messages`)."""
+        yield from self.run(self.encode(prompt, images, max_tokens, messages), max_tokens, sequence_id, **sampling)

@@ -13,7 +13,9 @@ tower derives from `grid_thw` on every call are computed once per image size and
 
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
 import threading
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ class EncodeRequest:
     input_ids: np.ndarray  # (L,) with prompt-table ids for the image tokens
     pixel_values: np.ndarray  # (patches, patch_dim)
     image_grid_thw: np.ndarray  # (images, 3)
+    positions: tuple[np.ndarray, int] | None = None  # M-RoPE position ids [3, L] and delta, once validated
 
 
 @dataclass
@@ -40,13 +43,66 @@ class EncodeResult:
     mrope_position_deltas: int
 
 
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes: int = 0
+
+
+class ImageCache:
+    """The rows of recent images -- merged embeddings `[n, H]` and DeepStack levels `[levels, n, H]`
+    -- by a hash of what the tower reads for the image (its patch grid and pixel values, i.e. the
+    image content with the preprocessing applied), bounded in bytes, least recently used dropped
+    first. Rows of one image do not depend on the other images of a batch or on the prompt (the
+    tower attends within each image; M-RoPE positions are computed per request, outside), so a
+    hit returns exactly the rows a miss computed."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        self._rows: collections.OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(pixel_values: np.ndarray, grid: np.ndarray) -> bytes:
+        h = hashlib.sha256(np.ascontiguousarray(grid, dtype=np.int64).tobytes())
+        h.update(str(pixel_values.dtype).encode())
+        h.update(np.ascontiguousarray(pixel_values).data)
+        return h.digest()
+
+    def get(self, key: bytes):
+        with self._lock:
+            rows = self._rows.get(key)
+            if rows is None:
+                self.stats.misses += 1
+                return None
+            self._rows.move_to_end(key)
+            self.stats.hits += 1
+            return rows
+
+    def put(self, key: bytes, embeds: torch.Tensor, deepstack: torch.Tensor) -> None:
+        size = embeds.nbytes + deepstack.nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._rows:
+                return
+            self._rows[key] = (embeds.clone(), deepstack.clone())  # not views of a batch's output
+            self.stats.bytes += size
+            while self.stats.bytes > self.max_bytes:
+                _, (e, d) = self._rows.popitem(last=False)
+                self.stats.bytes -= e.nbytes + d.nbytes
+
+
 class VisionEncoder:
     def __init__(self, spec: ModelSpec, device: str = "cpu", dtype: str = "float32",
-                 mrope_positions: int | None = None, table_stride: int | None = None):
+                 mrope_positions: int | None = None, table_stride: int | None = None, cache_bytes: int = 0):
         """`mrope_positions`: rows of `mrope_rotary_cos_sin` (None: the prompt length, as the CPU
         engine wants; a TensorRT-LLM engine wants its max_position_embeddings).
         `table_stride`: S of every table (None: the request's own image-token count, as the CPU
-        engine allows; a TensorRT-LLM engine addresses every request's table with one S)."""
+        engine allows; a TensorRT-LLM engine addresses every request's table with one S).
+        `cache_bytes`: bound of the cache of recent images' rows (0: no cache)."""
         from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
         self.spec = spec
@@ -60,6 +116,7 @@ class VisionEncoder:
         self.model.patch_embed.proj = PatchLinear(self.model.patch_embed.proj)
         self.model.to(self.device).eval()
         self._lock = threading.Lock()
+        self.cache = ImageCache(cache_bytes) if cache_bytes else None
         # a server sees a few image sizes over and over; 64 sizes of 448x448 take ~3 MB
         self._grid = functools.lru_cache(maxsize=64)(self._grid_inputs)
 
@@ -93,25 +150,50 @@ class VisionEncoder:
             out = self.model(pv, grid_thw=grid, return_dict=True, **self._position_kwargs(grid_thw, grid))
         return out.pooler_output, torch.stack(list(out.deepstack_features))
 
+    def image_rows(self, requests: list[EncodeRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(E `[n, H]`, DeepStack `[levels, n, H]`) of every image of `requests`, in order: cached
+        images from the cache, the others in one forward (then cached)."""
+        merge = self.spec.spatial_merge_size ** 2
+        images = []  # (pixel rows, grid) of each image
+        for r in requests:
+            start = 0
+            for g in np.asarray(r.image_grid_thw, dtype=np.int64).reshape(-1, 3):
+                n = int(np.prod(g))
+                images.append((r.pixel_values[start:start + n], g))
+                start += n
+        rows: list = [None] * len(images)
+        keys = [self.cache.key(p, g) for p, g in images] if self.cache else [None] * len(images)
+        missing = []
+        for i, key in enumerate(keys):
+            rows[i] = self.cache.get(key) if key is not None else None
+            if rows[i] is None:
+                missing.append(i)
+        if missing:
+            embeds, deepstack = self.features(np.concatenate([images[i][0] for i in missing]),
+                                              np.stack([images[i][1] for i in missing]))
+            at = 0
+            for i in missing:
+                n = int(np.prod(images[i][1])) // merge
+                rows[i] = (embeds[at:at + n], deepstack[:, at:at + n])
+                at += n
+                if keys[i] is not None:
+                    self.cache.put(keys[i], *rows[i])
+        return rows
+
     def encode(self, requests: list[EncodeRequest]) -> list[EncodeResult]:
         """Encode the images of all `requests` in one forward and pack each request's outputs."""
-        with_images = [r for r in requests if len(r.image_grid_thw)]
-        if with_images:
-            embeds, deepstack = self.features(
-                np.concatenate([r.pixel_values for r in with_images]),
-                np.concatenate([r.image_grid_thw for r in with_images]),
-            )
-        merge = self.spec.spatial_merge_size ** 2
-        results, row = [], 0
+        rows = self.image_rows(requests)
+        results, at = [], 0
         for r in requests:
-            n = int(sum(int(np.prod(g)) for g in r.image_grid_thw)) // merge
-            if n:
-                table = pack_table(embeds[row:row + n], deepstack[:, row:row + n], self.table_stride)
+            mine = rows[at:at + len(r.image_grid_thw)]
+            at += len(r.image_grid_thw)
+            if mine:
+                table = pack_table(torch.cat([e for e, _ in mine]), torch.cat([d for _, d in mine], dim=1),
+                                   self.table_stride)
             else:
                 zeros = torch.zeros((0, self.spec.hidden_size), dtype=self.dtype, device=self.device)
                 table = pack_table(zeros, [zeros] * self.spec.deepstack_levels, self.table_stride)
-            row += n
-            pos, delta = mrope.position_ids(r.input_ids, r.image_grid_thw, self.spec)
+            pos, delta = r.positions or mrope.position_ids(r.input_ids, r.image_grid_thw, self.spec)
             results.append(EncodeResult(
                 prompt_embedding_table=table,
                 prompt_vocab_size=table.shape[0],
@@ -120,6 +202,21 @@ class VisionEncoder:
             ))
         return results
 
+    def encode_each(self, requests: list[EncodeRequest]) -> list[EncodeResult | Exception]:
+        """`encode` for a batch of independent requests: when the batch fails, each request is
+        encoded alone, so an error reaches only the request that caused it."""
+        try:
+            return self.encode(requests)
+        except Exception:  # noqa: BLE001 -- retried one by one below to find the culprit
+            if len(requests) == 1:
+                raise
+        out: list[EncodeResult | Exception] = []
+        for r in requests:
+            try:
+                out.extend(self.encode([r]))
+            except Exception as exc:  # noqa: BLE001 -- this request's own failure
+                out.append(exc)
+        return out
 
 
 class PatchLinear(torch.nn.Module):
@@ -136,21 +233,39 @@ class PatchLinear(torch.nn.Module):
         return torch.nn.functional.linear(patches.reshape(patches.shape[0], -1), self.weight, self.bias)
 
 
-def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int | None = None) -> EncodeRequest:
-    """Validate one request's `vision_encoder` inputs (batch dimension removed)."""
+def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int | None = None,
+                               max_images: int | None = None, max_input_len: int | None = None) -> EncodeRequest:
+    """Validate one request's `vision_encoder` inputs (batch dimension removed): anything the
+    ensemble's preprocessing would never send is refused here, so a direct call cannot make the
+    tower do more work than the checkpoint allows or fail inside a batch."""
     from .errors import InputError
 
     ids = np.asarray(arrays["input_ids"]).reshape(-1)
     pixels = np.asarray(arrays["pixel_values"], dtype=np.float32)
     grid = np.asarray(arrays["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
     patch_dim = 3 * spec.temporal_patch_size * spec.patch_size ** 2
+    if max_input_len is not None and ids.size > max_input_len:
+        raise InputError("input_ids", f"{ids.size} tokens, the context limit is {max_input_len}")
+    if ids.size and ids.min() < 0:
+        raise InputError("input_ids", f"negative token id {int(ids.min())}")
+    if max_images is not None and len(grid) > max_images:
+        raise InputError("image_grid_thw", f"{len(grid)} images, at most {max_images} are allowed")
     if pixels.ndim != 2 or pixels.shape[1] != patch_dim:
         raise InputError("pixel_values", f"must be [patches, {patch_dim}], got {list(pixels.shape)}")
     if (grid < 1).any() or (grid[:, 1:] % spec.spatial_merge_size).any():
         raise InputError("image_grid_thw", f"grids must be positive and multiples of {spec.spatial_merge_size}")
+    for k, (t, h, w) in enumerate(grid.tolist()):
+        pixels_of_image = h * w * spec.patch_size ** 2
+        if t != 1:
+            raise InputError("image_grid_thw", f"image {k} has {t} temporal patches; images have 1")
+        if not spec.min_pixels <= pixels_of_image <= spec.max_pixels:
+            raise InputError("image_grid_thw", f"image {k} is {h}x{w} patches = {pixels_of_image} pixels, outside "
+                                               f"the checkpoint's [{spec.min_pixels}, {spec.max_pixels}]")
     patches = int(grid.prod(axis=1).sum())
     if patches != pixels.shape[0]:
         raise InputError("pixel_values", f"has {pixels.shape[0]} patches, image_grid_thw describes {patches}")
+    if not np.isfinite(pixels).all():
+        raise InputError("pixel_values", "holds NaN or infinite values")
     tokens = patches // spec.spatial_merge_size ** 2
     if table_stride and tokens > table_stride:
         raise InputError("image", f"the images make {tokens} image tokens; the engine's prompt table holds "
@@ -158,4 +273,8 @@ def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int 
     fake = ids >= spec.vocab_size
     if int(fake.sum()) != tokens or (tokens and sorted(ids[fake] - spec.vocab_size) != list(range(tokens))):
         raise InputError("input_ids", f"must hold the {tokens} image-token ids vocab_size + 0..{tokens - 1} once each")
-    return EncodeRequest(ids, pixels, grid)
+    try:  # each image's ids in order, one block per image, as the M-RoPE positions need them
+        positions = mrope.position_ids(ids, grid, spec)
+    except ValueError as exc:
+        raise InputError("input_ids", f"image-token ids out of order: {exc}") from None
+    return EncodeRequest(ids, pixels, grid, positions)

@@ -46,8 +46,11 @@ class Oracle:
 
     def inputs(self, prompt: str, images: list[bytes]) -> OracleInputs:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.conversation_inputs([{"role": "user", "content": content}], images)
+
+    def conversation_inputs(self, conversation: list[dict], images: list[bytes]) -> OracleInputs:
+        """A conversation whose images are {"type": "image"} items, `images` in their order."""
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         pixel_values = grid = None
         if images:
             pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
@@ -63,8 +66,15 @@ class Oracle:
 
     @torch.inference_mode()
     def generate(self, prompt: str, images: list[bytes], max_new_tokens: int) -> list[int]:
-        """Greedy ids; a generation that stopped ends with an end id."""
-        inp = self.inputs(prompt, images)
+        """Greedy ids; a generation that stopped ends with the end token."""
+        return self._generate(self.inputs(prompt, images), max_new_tokens)
+
+    def generate_messages(self, messages: list[dict], max_new_tokens: int) -> list[int]:
+        """Greedy ids for OpenAI chat messages (images as base64 data URLs in image_url parts)."""
+        return self._generate(self.conversation_inputs(*openai_to_template(messages)), max_new_tokens)
+
+    @torch.inference_mode()
+    def _generate(self, inp: OracleInputs, max_new_tokens: int) -> list[int]:
         out = self.model.generate(**inp.kwargs(), max_new_tokens=max_new_tokens, do_sample=False,
                                   eos_token_id=self.end_ids, pad_token_id=self.end_id)
         return out[0, inp.input_ids.shape[1]:].tolist()
@@ -88,6 +98,32 @@ class Oracle:
     def prefill_logits(self, prompt: str, images: list[bytes]) -> torch.Tensor:
         inp = self.inputs(prompt, images)
         return self.model(**inp.kwargs()).logits[0]
+
+
+def openai_to_template(messages: list[dict]) -> tuple[list[dict], list[bytes]]:
+    """OpenAI chat messages -> the chat template's conversation and the decoded images, in order."""
+    import base64
+
+    conversation, images = [], []
+    for m in messages:
+        if isinstance(m["content"], str):
+            conversation.append({"role": m["role"], "content": m["content"]})
+            continue
+        parts = []
+        for part in m["content"]:
+            if part["type"] == "text":
+                parts.append({"type": "text", "text": part["text"]})
+            else:
+                images.append(base64.b64decode(part["image_url"]["url"].split(",", 1)[-1]))
+                parts.append({"type": "image"})
+        conversation.append({"role": m["role"], "content": parts})
+    return conversation, images
+
+
+def data_url(image: bytes, kind: str = "png") -> str:
+    import base64
+
+    return f"data:image/{kind};base64," + base64.b64encode(image).decode()
 
 
 def image_bytes(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:

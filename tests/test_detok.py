@@ -87,3 +87,63 @@ def test_invalid_bytes_are_sent_at_once_and_unfinished_ones_held(preprocessor, s
     # a lead byte followed by ASCII shows it was invalid: both come out
     assert streams.add("k", [byte_token[0xE4], tok.convert_tokens_to_ids("a")]) == tok.decode(
         [byte_token[0xE4], tok.convert_tokens_to_ids("a")])
+
+
+def test_a_special_token_between_the_bytes_of_a_character_does_not_cut_it(tiny_checkpoint):
+    """decode(skip_special_tokens=True) joins the bytes on both sides of a skipped special token."""
+    from transformers import AutoTokenizer
+
+    from qwen3vl_triton.detok import IncrementalDetokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    raw = "畯".encode()  # three bytes: the first two in one token, the last after a special token
+    lead, last = tok.convert_tokens_to_ids(_byte_tokens(raw[:1])), tok.convert_tokens_to_ids(_byte_tokens(raw[1:2]))
+    tail = tok.convert_tokens_to_ids(_byte_tokens(raw[2:]))
+    # an added special token that decode skips, though it is not one of the named special tokens
+    special = next(i for i, t in tok.added_tokens_decoder.items() if t.special and i not in tok.all_special_ids)
+    ids = [*lead, *last, special, *tail]
+    d = IncrementalDetokenizer(tok)
+    text = "".join(d.add([i]) for i in ids) + d.flush()
+    assert text == tok.decode(ids, skip_special_tokens=True) == "畯"
+
+
+def _byte_tokens(raw: bytes) -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    return ["".join(table[b] for b in raw)]
+
+
+def test_stop_strings_are_matched_across_pieces_and_cut_before():
+    from qwen3vl_triton.detok import StopMatcher
+
+    m = StopMatcher(["STOP", "xyz"])
+    sent = []
+    for piece in ["he", "llo S", "TO", "P more"]:
+        text, hit = m.feed(piece)
+        sent.append(text)
+        if hit:
+            break
+    assert "".join(sent) == "hello " and hit
+    m = StopMatcher(["ab"])
+    assert m.feed("xa") == ("x", False)  # "a" may begin "ab": held
+    assert m.feed("c", final=True) == ("ac", False)
+
+
+def test_text_stream_ends_at_an_end_id_a_stop_string_or_max_tokens(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from qwen3vl_triton.detok import TextStream
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    ids = tok("the picture shows a house", add_special_tokens=False)["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    s = TextStream(tok, [end], max_tokens=100)
+    pieces = [s.add([i]) for i in ids + [end, ids[0]]]
+    assert "".join(t for t, _ in pieces) == "the picture shows a house" and s.finish == "stop"
+    assert s.ids == ids + [end]
+    s = TextStream(tok, [end], max_tokens=3)
+    assert [f for _, f in (s.add([i]) for i in ids[:3])] == [None, None, "length"]
+    s = TextStream(tok, [end], max_tokens=100, stops=[" shows"])
+    text = "".join(s.add([i])[0] for i in ids)
+    assert text == "the picture" and s.finish == "stop" and s.stopped_by_string

@@ -63,3 +63,41 @@ def test_serve_refuses_a_port_in_use(tiny_checkpoint, tmp_path):
                               "--metrics-port", str(metrics)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert f"error: grpc port {busy} on 127.0.0.1 is already in use" in out.stderr
+
+
+def test_serve_with_openai_port_starts_and_stops_the_openai_endpoint(tiny_checkpoint, tmp_path):
+    import json
+    import urllib.request
+
+    http, grpc, metrics, openai = free_ports(4)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint), "--topology", "single",
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+         "--openai-port", str(openai), "--build-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(("ready:", "error:")):
+                break
+        assert lines[-1].rstrip().endswith(f"openai=http://127.0.0.1:{openai}/v1"), "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{openai}/v1/models", timeout=10) as r:
+            assert json.load(r)["data"][0]["id"] == "qwen3vl"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("openai_server" in " ".join(p.cmdline()) for p in children)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left running: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_refuses_openai_port_without_qwen3vl(tiny_checkpoint, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint),
+                          "--topology", "language", "--openai-port", "9", "--build-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "error: --openai-port needs the qwen3vl model; topology language" in out.stderr

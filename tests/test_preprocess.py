@@ -105,3 +105,91 @@ def test_prompt_may_not_smuggle_placeholders(preprocessor):
 def test_extreme_aspect_ratio_is_an_input_error(preprocessor):
     with pytest.raises(InputError, match=r"^image\[0\]: .*aspect ratio"):
         preprocessor("x", [image_bytes(4000, 10)])
+
+
+# -- requests: messages and byte bounds, checked before any work ------------------------------------------
+def _arrays(**kw):
+    import numpy as np
+
+    out = {"max_tokens": np.array([[8]], np.int32)}
+    for k, v in kw.items():
+        out[k] = np.array([[v if isinstance(v, bytes) else v.encode()]], dtype=np.object_) if k != "image" else \
+            np.array([v], dtype=np.object_)
+    return out
+
+
+MESSAGE_ERRORS = {
+    "both inputs": (dict(text_input="x", messages="[]"), "messages: give text_input or messages, not both"),
+    "neither": (dict(), "text_input: is required (or messages)"),
+    "images beside messages": (dict(messages='[{"role": "user", "content": "x"}]', image=[b"x"]),
+                               "image: with messages, images go in the messages' image_url parts"),
+    "not JSON": (dict(messages="[{"), "messages: is not valid JSON"),
+    "not an array": (dict(messages='{"role": "user"}'), "messages: must be a non-empty JSON array"),
+    "empty": (dict(messages="[]"), "messages: must be a non-empty JSON array"),
+    "unknown role": (dict(messages='[{"role": "tool", "content": "x"}]'),
+                     "messages[0].role: 'tool' is not one of system, user, assistant"),
+    "content type": (dict(messages='[{"role": "user", "content": 3}]'),
+                     "messages[0].content: must be a string or a list of parts"),
+    "part type": (dict(messages='[{"role": "user", "content": [{"type": "audio"}]}]'),
+                  "messages[0].content[0].type: 'audio' is not supported"),
+    "image in an assistant turn": (
+        dict(messages='[{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "eA=="}}]}]'),
+        "messages[0].content[0]: images go in user messages, not in a assistant message"),
+    "remote URL": (
+        dict(messages='[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://a.b/c.png"}}]}]'),
+        "messages[0].content[0].image_url: remote URLs are not fetched here"),
+    "file URL": (
+        dict(messages='[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]'),
+        "messages[0].content[0].image_url: URL scheme 'file' is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(MESSAGE_ERRORS))
+def test_a_bad_request_names_its_input(case):
+    from qwen3vl_triton.errors import InputError
+    from qwen3vl_triton.preprocess import parse_request
+
+    kw, message = MESSAGE_ERRORS[case]
+    with pytest.raises(InputError) as err:
+        parse_request(_arrays(**kw), 64)
+    assert message in str(err.value)
+
+
+def test_byte_bounds_come_before_parsing():
+    import time
+
+    from qwen3vl_triton.errors import InputError
+    from qwen3vl_triton.preprocess import Limits, parse_request
+
+    limits = Limits(text_bytes=100, image_bytes=1000, request_bytes=10_000)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=r"^request: is 20\d\d\d bytes, above the limit of 10000$"):
+        parse_request(_arrays(messages="[" * 20_000), 64, limits)  # not parsed: it would fail as JSON
+    with pytest.raises(InputError, match=r"^text_input: is 101 bytes, above the limit of 100$"):
+        parse_request(_arrays(text_input="x" * 101), 64, limits)
+    with pytest.raises(InputError, match=r"^messages: the text is 120 bytes, above the limit of 100$"):
+        parse_request(_arrays(messages='[{"role": "system", "content": "%s"}, {"role": "user", "content": '
+                                       '[{"type": "text", "text": "%s"}]}]' % ("a" * 60, "b" * 60)), 64, limits)
+    assert time.perf_counter() - t0 < 0.1
+
+
+def test_messages_render_with_the_checkpoint_template(preprocessor, spec):
+    import json
+
+    from qwen3vl_triton.preprocess import parse_request
+    from tests.oracle import data_url, image_bytes
+
+    img = image_bytes(64, 64, 5)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(img)}},
+                                             {"type": "text", "text": "What?"}]},
+                {"role": "assistant", "content": "A square."},
+                {"role": "user", "content": [{"type": "text", "text": "Again:"},
+                                             {"type": "image_url", "image_url": {"url": data_url(img)}}]}]
+    req = parse_request(_arrays(messages=json.dumps(messages)), 64)
+    assert req.image_names == ["messages[1].content[0].image_url", "messages[3].content[1].image_url"]
+    p = preprocessor.request(req)
+    text = preprocessor.tokenizer.decode(p.input_ids[p.input_ids < spec.vocab_size])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    assert text.endswith("<|im_start|>assistant\n")
+    assert len(p.image_grid_thw) == 2 and p.num_image_tokens == int((p.input_ids >= spec.vocab_size).sum())

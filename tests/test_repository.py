@@ -93,10 +93,14 @@ def test_gpu_repository_takes_the_engine_facts(tiny_checkpoint, tmp_path, engine
     assert vision.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     table = [o for o in vision.output if o.name == "prompt_embedding_table"][0]
     assert mc.DataType.Name(table.data_type) == "TYPE_BF16"
-    steps = {s.model_name: s for s in load(repo, "qwen3vl").ensemble_scheduling.step}
-    assert steps["tensorrt_llm"].input_map["seed"] == "seed"  # TensorRT-LLM 1.2's name
+    # postprocessing runs tensorrt_llm through BLS: every input it sends exists on the engine
+    from qwen3vl_triton.detok import LLM_INPUT_NAMES
+
+    assert LLM_INPUT_NAMES["seed"] == "seed"  # TensorRT-LLM 1.2's name
     llm_inputs = {i.name for i in llm.input}
-    assert set(steps["tensorrt_llm"].input_map) <= llm_inputs  # every ensemble input exists on the engine
+    assert {*LLM_INPUT_NAMES.values(), "streaming", "stop"} <= llm_inputs
+    post = {i.name for i in load(repo, "postprocessing").input}
+    assert set(LLM_INPUT_NAMES) <= post
 
 
 def test_gpu_repository_refuses_an_engine_of_another_checkpoint(tiny_checkpoint, tmp_path, engine_dir):

@@ -92,7 +92,7 @@ HTTP_BAD = {
     "bad data URL": ({"text_input": "x", "max_tokens": 4, "image": ["data:image/png,xyz"]},
                      "image[0]: a data URL must look like"),
     "too many images": ({"text_input": "x", "max_tokens": 4, "image": ["eA=="] * 5}, "image: 5 images given"),
-    "missing text_input": ({"max_tokens": 4}, "missing required input(s) ['text_input']"),
+    "missing text_input": ({"max_tokens": 4}, "text_input: is required (or messages)"),
 }
 
 

@@ -1,7 +1,7 @@
 """Floor model for the overhead figure: the real model (real_model.py beside this file) answers
 the first request; every later request gets those same output tensors back without any work.
 
-The bench swaps this in for preprocessing, vision_encoder and postprocessing, so the `qwen3vl`
+The bench swaps this in for preprocessing and vision_encoder, so the `qwen3vl`
 ensemble moves the same tensors through the same configs while its models compute nothing:
 what is left of its latency is Triton's (gRPC, ensemble scheduling, Python-backend IPC)."""
 

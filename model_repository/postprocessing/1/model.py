@@ -1,11 +1,23 @@
-"""postprocessing: token ids -> text, incrementally per stream (keyed by the request id)."""
+"""postprocessing: runs one request's generation on `tensorrt_llm` (BLS, streamed) and turns its
+token ids into text, with stop strings and the finish reason.
+
+Every request has its own detokenizer in its own worker, so no stream state is keyed by anything
+a client chooses. The `tensorrt_llm` request gets a random id; a client that goes away (seen
+within the cancellation period) or a stop string ends the generation with a `stop` request for
+that id, as the tensorrtllm backend cancels."""
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import error_response, model_params, read_inputs
+from qwen3vl_triton.backend import CancelPoll, error, model_params, read_inputs, scalar, send_response
 from qwen3vl_triton.checkpoint import ModelSpec
-from qwen3vl_triton.detok import StreamDetokenizers
+from qwen3vl_triton.detok import LLM_INPUT_NAMES, TextStream
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+TO_LLM = LLM_INPUT_NAMES  # this model's input -> tensorrt_llm's input
 
 
 class TritonPythonModel:
@@ -13,19 +25,91 @@ class TritonPythonModel:
         from transformers import AutoTokenizer
 
         params = model_params(args)
-        spec = ModelSpec.load(params["checkpoint"])
-        tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
-        self.streams = StreamDetokenizers(tokenizer, end_ids=spec.end_ids,
-                                          idle_seconds=float(params["stream_idle_seconds"]))
+        self.spec = ModelSpec.load(params["checkpoint"])
+        self.tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
+        self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
+        self.pool = ThreadPoolExecutor(max_workers=int(params["workers"]), thread_name_prefix="generate")
 
     def execute(self, requests):
-        responses = []
         for request in requests:
+            sender = request.get_response_sender()
             try:
-                ids = read_inputs(pb_utils, request, ("output_ids",))["output_ids"]
-                text = self.streams.add(request.request_id() or None, ids.reshape(-1).tolist())
-                out = np.array([[text.encode("utf-8")]], dtype=np.object_)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", out)]))
+                # read here, not in the worker; the LLM's inputs go on as the tensors they are (a
+                # bfloat16 table has no numpy form)
+                llm = [t if t.name() == TO_LLM[t.name()] else pb_utils.Tensor(TO_LLM[t.name()], t.as_numpy())
+                       for t in (pb_utils.get_input_tensor_by_name(request, k) for k in TO_LLM) if t is not None]
+                x = read_inputs(pb_utils, request, ("input_lengths", "request_output_len", "stream", "stop_words"))
+                stops = [] if x["stop_words"] is None else [
+                    s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in x["stop_words"].reshape(-1)]
+                stream = TextStream(self.tokenizer, self.spec.end_ids,
+                                    scalar(x, "request_output_len", int, required=True), stops)
+                stream.prompt_tokens = scalar(x, "input_lengths", int, required=True)
+                self.pool.submit(self._run, sender, llm, stream, scalar(x, "stream", bool, default=False))
             except Exception as exc:
-                responses.append(error_response(pb_utils, exc, pb_utils.Logger))
-        return responses
+                sender.send(pb_utils.InferenceResponse(error=error(pb_utils, exc, pb_utils.Logger)), flags=FINAL)
+        return None
+
+    def _respond(self, sender, stream: TextStream, text: str, ids: list[int], flags: int = 0) -> None:
+        send_response(pb_utils, sender, [
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], np.object_)),
+            pb_utils.Tensor("output_ids", np.asarray(ids, np.int32).reshape(1, -1)),
+            pb_utils.Tensor("prompt_tokens", np.array([[stream.prompt_tokens]], np.int32)),
+            pb_utils.Tensor("finish_reason", np.array([[(stream.finish or "").encode()]], np.object_)),
+        ], flags)
+
+    def _stop(self, rid: str) -> None:
+        """End the `tensorrt_llm` request `rid` (the tensorrtllm backend's `stop` input)."""
+        one = np.ones((1, 1), np.int32)
+        inputs = [pb_utils.Tensor("input_ids", one), pb_utils.Tensor("input_lengths", one),
+                  pb_utils.Tensor("request_output_len", one), pb_utils.Tensor("stop", np.ones((1, 1), bool))]
+        for _ in pb_utils.InferenceRequest(model_name="tensorrt_llm", inputs=inputs, request_id=rid,
+                                           requested_output_names=["output_ids"]).exec(decoupled=True):
+            pass
+
+    def _run(self, sender, inputs: list, stream: TextStream, streaming: bool) -> None:
+        rid = uuid.uuid4().hex
+        inputs = [*inputs, pb_utils.Tensor("streaming", np.ones((1, 1), bool))]  # always: stop strings, cancelling
+        cancelled = CancelPoll(sender.is_cancelled, self.cancel_check_seconds)
+        pieces, all_ids, stopped = [], [], False
+        try:
+            llm = pb_utils.InferenceRequest(model_name="tensorrt_llm", inputs=inputs, request_id=rid,
+                                            requested_output_names=["output_ids"])
+            for response in llm.exec(decoupled=True):
+                if stream.finish is not None or stopped:
+                    if not stopped:  # an end id the engine does not stop at: it would go on
+                        self._stop(rid)
+                        stopped = True
+                    continue  # what the engine still sends is dropped
+                if response.has_error():
+                    sender.send(pb_utils.InferenceResponse(error=response.error()), flags=FINAL)
+                    return
+                if cancelled():
+                    self._stop(rid)
+                    stopped = True
+                    sender.send(flags=FINAL)
+                    return
+                out = pb_utils.get_output_tensor_by_name(response, "output_ids")
+                if out is None:
+                    continue
+                before = len(stream.ids)
+                text, finish = stream.add(out.as_numpy().reshape(-1).tolist())
+                ids = stream.ids[before:]
+                if stream.stopped_by_string:
+                    self._stop(rid)  # the engine would go on
+                    stopped = True
+                if streaming:
+                    self._respond(sender, stream, text, ids, FINAL if finish else 0)
+                else:
+                    pieces.append(text)
+                    all_ids.extend(ids)
+                    if finish:
+                        self._respond(sender, stream, "".join(pieces), all_ids, FINAL)
+            if stream.finish is None:  # the engine ended first (e.g. at its context limit)
+                text = stream.close("length")
+                self._respond(sender, stream, text if streaming else "".join(pieces) + text,
+                              [] if streaming else all_ids, FINAL)
+        except Exception as exc:  # noqa: BLE001 -- the request fails alone, with a message
+            sender.send(pb_utils.InferenceResponse(error=error(pb_utils, exc, pb_utils.Logger)), flags=FINAL)
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,14 +1,14 @@
-"""preprocessing: prompt + encoded images -> input ids with prompt-table ids, pixel values."""
+"""preprocessing: a prompt + encoded images, or chat messages -> input ids with prompt-table ids, pixel values."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.backend import error_response, model_params, read_inputs
 from qwen3vl_triton.checkpoint import ModelSpec
-from qwen3vl_triton.preprocess import Preprocessor, parse_generate_inputs
+from qwen3vl_triton.preprocess import Limits, Preprocessor, parse_request
 from qwen3vl_triton.stop_words import stop_words_list
 
-INPUTS = ("text_input", "image", "max_tokens")
+INPUTS = ("text_input", "messages", "image", "max_tokens")
 
 
 class TritonPythonModel:
@@ -21,21 +21,26 @@ class TritonPythonModel:
         params = model_params(args)
         self.spec = ModelSpec.load(params["checkpoint"])
         self.max_output_len = int(params["max_output_len"])
+        self.max_seq_len = int(params["max_input_len"]) + 1
+        self.limits = Limits(text_bytes=int(params["max_text_bytes"]), image_bytes=int(params["max_image_bytes"]),
+                             request_bytes=int(params["max_request_bytes"]))
         self.pre = Preprocessor(self.spec, max_images=int(params["max_images"]),
                                 max_input_len=int(params["max_input_len"]),
-                                max_image_pixels=int(params["max_image_pixels"]))
+                                max_image_pixels=int(params["max_image_pixels"]), limits=self.limits)
 
     def execute(self, requests):
         responses = []
-        for request in requests:
+        for request in requests:  # each request alone: a bad one gets its own error, the others are served
             try:
-                prompt, images, max_tokens = parse_generate_inputs(read_inputs(pb_utils, request, INPUTS),
-                                                                   self.max_output_len)
-                p = self.pre(prompt, images)
+                req = parse_request(read_inputs(pb_utils, request, INPUTS), self.max_output_len, self.limits)
+                p = self.pre.request(req)
                 tensors = {
                     "input_ids": p.input_ids[None],
                     "input_lengths": np.array([[p.input_ids.size]], np.int32),
-                    "request_output_len": np.array([[max_tokens]], np.int32),
+                    # the context ends the generation at max_seq_len: say so up front, so that
+                    # max_tokens is where it ends ("length")
+                    "request_output_len": np.array([[min(req.max_tokens, self.max_seq_len - p.input_ids.size)]],
+                                                   np.int32),
                     "pixel_values": p.pixel_values[None],
                     "image_grid_thw": p.image_grid_thw[None],
                     "end_id": np.array([[self.spec.end_id]], np.int32),

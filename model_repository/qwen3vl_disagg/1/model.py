@@ -8,7 +8,7 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_triton.backend import CancelPoll, error_response, model_params, read_inputs, scalar, send_response
 from qwen3vl_triton.transfer import Disaggregated, Encoded
 
-INPUTS = ("text_input", "image", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream")
+INPUTS = ("text_input", "messages", "image", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream")
 ENCODE_OUTPUTS = ["input_ids", "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin",
                   "mrope_position_deltas"]
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -41,7 +41,8 @@ class TritonPythonModel:
         return None
 
     def _encode(self, x) -> Encoded:
-        inputs = [pb_utils.Tensor(k, x[k]) for k in ("text_input", "image", "max_tokens") if x[k] is not None]
+        inputs = [pb_utils.Tensor(k, x[k]) for k in ("text_input", "messages", "image", "max_tokens")
+                  if x[k] is not None]
         response = pb_utils.InferenceRequest(model_name="encode", inputs=inputs,
                                              requested_output_names=ENCODE_OUTPUTS).exec()
         if response.has_error():

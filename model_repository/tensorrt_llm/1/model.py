@@ -5,6 +5,10 @@ request's response sender, so requests that arrive while others decode join the 
 Engine counters are exported on the server's /metrics endpoint.
 """
 
+import collections
+import itertools
+import threading
+
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -30,17 +34,55 @@ class TritonPythonModel:
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
                              max_num_tokens=int(params["max_num_tokens"]), on_step=self.metrics.on_step,
                              threads=threads)
+        # `stop` (as in the tensorrtllm backend): a request with stop=true ends the running requests
+        # that carry its request id. Triton request id -> engine ids of the running ones.
+        self.running: dict[str, set[str]] = collections.defaultdict(set)
+        self.running_lock = threading.Lock()
+        self.ids = itertools.count()
+
+    def _stop(self, request_id: str) -> None:
+        with self.running_lock:
+            for engine_id in self.running.get(request_id, ()):
+                self.engine.cancel(engine_id)
+
+    def _untrack(self, request_id: str, engine_id: str) -> None:
+        with self.running_lock:
+            ids = self.running.get(request_id)
+            if ids is not None:
+                ids.discard(engine_id)
+                if not ids:
+                    del self.running[request_id]
+
+    def _track(self, request_id: str, engine_id: str, stream: TokenStream):
+        def on_tokens(tokens, finish, err):
+            stream.on_tokens(tokens, finish, err)
+            if finish is not None:
+                self._untrack(request_id, engine_id)
+        with self.running_lock:
+            self.running[request_id].add(engine_id)
+        return on_tokens
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
+                stop = read_inputs(pb_utils, request, ("stop",))["stop"]
+                if stop is not None and bool(stop.reshape(-1)[0]):
+                    self._stop(request.request_id())
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
                 req, streaming = request_from_contract(read_inputs(pb_utils, request, CONTRACT_INPUTS),
                                                        self.engine.spec)
                 stream = TokenStream(pb_utils, sender, self.engine, streaming, pb_utils.Logger,
                                      cancel_check_seconds=self.cancel_check_seconds)
-                req.on_tokens = stream.on_tokens
-                stream.request_id = self.engine.submit(req)
+                req.request_id = f"t{next(self.ids)}"
+                req.on_tokens = self._track(request.request_id(), req.request_id, stream) if request.request_id() \
+                    else stream.on_tokens
+                try:
+                    stream.request_id = self.engine.submit(req)
+                except Exception:
+                    self._untrack(request.request_id(), req.request_id)
+                    raise
             except Exception as exc:
                 sender.send(pb_utils.InferenceResponse(error=error(pb_utils, exc, pb_utils.Logger)),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

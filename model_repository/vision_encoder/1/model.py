@@ -1,4 +1,5 @@
-"""vision_encoder: the requests queued together are encoded in one forward pass."""
+"""vision_encoder: the requests queued together are encoded in one forward pass; images seen
+recently come from a cache of their rows instead of the tower."""
 
 import os
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import error_response, model_params, output_tensor, read_inputs, single_sequence
+from qwen3vl_triton.backend import Gauges, error_response, model_params, output_tensor, read_inputs, single_sequence
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.vision import VisionEncoder, encode_request_from_arrays
 
@@ -28,8 +29,33 @@ class TritonPythonModel:
         self.spec = ModelSpec.load(params["checkpoint"])
         positions, stride = int(params["mrope_positions"]), int(params["table_stride"])
         self.table_stride = stride or None  # 0: each table sized to its request
+        self.max_images, self.max_input_len = int(params["max_images"]), int(params["max_input_len"])
         self.encoder = VisionEncoder(self.spec, device=params["device"], dtype=params["dtype"],
-                                     mrope_positions=positions or None, table_stride=self.table_stride)
+                                     mrope_positions=positions or None, table_stride=self.table_stride,
+                                     cache_bytes=int(params["vision_cache_bytes"]))
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.families = {
+            "hits": pb_utils.MetricFamily("qwen3vl_vision_cache_hits_total", "images whose rows came from the cache",
+                                          pb_utils.MetricFamily.COUNTER),
+            "misses": pb_utils.MetricFamily("qwen3vl_vision_cache_misses_total", "images encoded by the tower",
+                                            pb_utils.MetricFamily.COUNTER),
+            "bytes": pb_utils.MetricFamily("qwen3vl_vision_cache_bytes", "bytes of image rows held by the cache",
+                                           pb_utils.MetricFamily.GAUGE),
+        }
+        self.metrics = {k: f.Metric(labels=labels) for k, f in self.families.items()}
+        self.gauges = Gauges({"bytes": self.metrics["bytes"]})
+        self.sent = {"hits": 0, "misses": 0}
+
+    def _report_cache(self) -> None:
+        stats = self.encoder.cache.stats if self.encoder.cache else None
+        if stats is None:
+            return
+        for name in ("hits", "misses"):
+            value = getattr(stats, name)
+            if value > self.sent[name]:
+                self.metrics[name].increment(value - self.sent[name])
+                self.sent[name] = value
+        self.gauges.set("bytes", stats.bytes)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -38,7 +64,8 @@ class TritonPythonModel:
             try:
                 arrays = read_inputs(pb_utils, request, INPUTS)
                 batch.append(encode_request_from_arrays(
-                    {k: single_sequence(arrays, k) for k in INPUTS}, self.spec, self.table_stride))
+                    {k: single_sequence(arrays, k) for k in INPUTS}, self.spec, self.table_stride,
+                    max_images=self.max_images, max_input_len=self.max_input_len))
                 where.append(i)
             except Exception as exc:
                 responses[i] = error_response(pb_utils, exc, pb_utils.Logger)
@@ -47,10 +74,7 @@ class TritonPythonModel:
             # after every op; a 448x448 image (784 patches) runs 2x faster on two.
             patches = sum(len(r.pixel_values) for r in batch)
             torch.set_num_threads(self.threads if patches >= 256 else 1)
-            try:
-                results = self.encoder.encode(batch)
-            except Exception as exc:
-                results = [exc] * len(batch)
+            results = self.encoder.encode_each(batch)  # a failure reaches only its own request
             for i, r in zip(where, results):
                 if isinstance(r, Exception):
                     responses[i] = error_response(pb_utils, r, pb_utils.Logger)
@@ -61,4 +85,10 @@ class TritonPythonModel:
                     output_tensor(pb_utils, "mrope_rotary_cos_sin", r.mrope_rotary_cos_sin[None]),
                     output_tensor(pb_utils, "mrope_position_deltas", np.array([[r.mrope_position_deltas]], np.int64)),
                 ])
+            self._report_cache()
         return responses
+
+    def finalize(self):
+        # a Metric must go before its MetricFamily (left to teardown, the stub may crash on exit)
+        self.metrics.clear()
+        self.families.clear()

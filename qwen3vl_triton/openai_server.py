@@ -1,0 +1,397 @@
+"""An OpenAI-compatible HTTP endpoint in front of the `qwen3vl` model: `GET /v1/models` and
+`POST /v1/chat/completions` (streamed as server-sent events or not).
+
+It is a client of Triton (tritonclient's asyncio gRPC stream), never a second copy of the model:
+the conversation goes to `qwen3vl` as its `messages` input, and the answer comes back with the
+token ids, prompt length and finish reason the model sends beside the text. A client that goes
+away mid-stream cancels its request (Triton cancels the generation). Remote image URLs are
+fetched only from hosts the operator allowed, within a size and a time limit; every other image
+must come as a data URL or base64.
+
+    python -m qwen3vl_triton.openai_server --grpc-url 127.0.0.1:8001 --port 9000
+
+(`qwen3vl-serve --openai-port 9000` starts it beside tritonserver.)
+"""
+
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODEL = "qwen3vl"
+_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+_ENSEMBLE = re.compile(r"^in ensemble '[^']*', ")
+
+
+class APIError(Exception):
+    """An OpenAI error object: HTTP status, message, the request field it names (param)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or {400: "invalid_request_error", 404: "not_found_error",
+                             503: "service_unavailable"}.get(status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": None if self.status != 404 else "model_not_found"}}
+
+
+@dataclass
+class ImagePolicy:
+    """Which remote image URLs are fetched: http(s) on `hosts` only, at most `max_bytes` each,
+    within `timeout` seconds; redirects are not followed."""
+
+    hosts: frozenset = field(default_factory=frozenset)
+    max_bytes: int = 20 * 2**20
+    timeout: float = 5.0
+
+    @classmethod
+    def parse(cls, hosts: str, max_bytes: int, timeout: float) -> "ImagePolicy":
+        return cls(frozenset(h.strip().lower() for h in hosts.split(",") if h.strip()), max_bytes, timeout)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # a redirect could lead off the allowed hosts
+
+
+def fetch_image(url: str, policy: ImagePolicy, param: str) -> str:
+    """The image at an allowed remote URL, as a data URL."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if host not in policy.hosts:
+        raise APIError(400, f"{param}: remote image URLs are not fetched from {host or 'this URL'!r}: send the "
+                            "image as a data URL or base64" + ("" if not policy.hosts else
+                                                               f" (allowed hosts: {', '.join(sorted(policy.hosts))})"),
+                       param)
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers={"User-Agent": "qwen3vl-triton"}),
+                         timeout=policy.timeout) as resp:
+            data = resp.read(policy.max_bytes + 1)
+            kind = resp.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        raise APIError(400, f"{param}: fetching the image failed: HTTP {exc.code}", param) from None
+    except Exception as exc:  # noqa: BLE001 -- network failure or timeout: the client's URL
+        raise APIError(400, f"{param}: fetching the image failed: {type(exc).__name__}: {exc}", param) from None
+    if len(data) > policy.max_bytes:
+        raise APIError(400, f"{param}: the image is larger than the limit of {policy.max_bytes} bytes", param)
+    return f"data:{kind};base64," + base64.b64encode(data).decode("ascii")
+
+
+async def resolve_images(messages, policy: ImagePolicy) -> list:
+    """Replace allowed remote image URLs by data URLs (refuse the others); anything else is
+    checked by the model."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            out.append(msg)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            value = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+            url = value.get("url") if isinstance(value, dict) else value
+            if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
+                param = f"messages[{i}].content[{j}].image_url"
+                data = await asyncio.to_thread(fetch_image, url, policy, param)
+                part = {**part, "image_url": {**(value if isinstance(value, dict) else {}), "url": data}}
+            parts.append(part)
+        out.append({**msg, "content": parts})
+    return out
+
+
+@dataclass
+class Params:
+    """A chat-completion request, checked field by field."""
+
+    messages: list
+    max_tokens: int
+    stream: bool = False
+    include_usage: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, body, model: str, max_output_len: int) -> "Params":
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        if not isinstance(body.get("model"), str):
+            raise APIError(400, "model: is required (a string)", "model")
+        if body["model"] != model:
+            raise APIError(404, f"The model '{body['model']}' does not exist (this server serves '{model}')", "model")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "messages: must be a non-empty array of messages", "messages")
+        n = body.get("n", 1)
+        if n is not None and n != 1:
+            raise APIError(400, f"n: only 1 choice per request is supported, got {n!r}", "n")
+
+        def number(name, low, high, integer=False, low_open=False):
+            value = body.get(name)
+            if value is None:
+                return None
+            kinds = (int,) if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or value < low or value > high \
+                    or (low_open and value == low):
+                bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+                raise APIError(400, f"{name}: must be {'an integer' if integer else 'a number'} in {bound}, "
+                                    f"got {value!r}", name)
+            return value
+
+        field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = number(field_name, 1, max_output_len, integer=True)
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        elif not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+            raise APIError(400, "stop: must be a string or an array of up to 4 non-empty strings", "stop")
+        stream = body.get("stream") or False
+        if not isinstance(stream, bool):
+            raise APIError(400, "stream: must be a boolean", "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise APIError(400, "stream_options: must be an object", "stream_options")
+        return cls(messages=messages, max_tokens=max_tokens or max_output_len, stream=stream,
+                   include_usage=bool(options.get("include_usage")), temperature=number("temperature", 0, 2),
+                   top_p=number("top_p", 0, 1, low_open=True), seed=number("seed", 0, 2**63 - 1, integer=True),
+                   stop=stop)
+
+
+def triton_error(message: str) -> APIError:
+    """An error from Triton as the HTTP status it deserves, naming the input it names."""
+    message = _ENSEMBLE.sub("", message.strip())
+    if message.startswith("internal error") or "generation failed" in message:
+        return APIError(500, message)
+    if "maximum queue size" in message or "not ready" in message or "unknown model" in message.lower() \
+            or "is not found" in message:
+        return APIError(503, message)
+    m = _FIELD.match(message)
+    param = m.group(1) if m else None
+    if param in ("text_input", "request_output_len"):
+        param = {"text_input": "messages", "request_output_len": "max_tokens"}[param]
+    return APIError(400, message, param)
+
+
+class Backend:
+    """`qwen3vl` over tritonclient's asyncio gRPC stream."""
+
+    def __init__(self, url: str, model: str = MODEL):
+        import tritonclient.grpc.aio as aio
+
+        self.url, self.model = url, model
+        self.client = aio.InferenceServerClient(url)
+
+    def inputs(self, p: Params) -> list:
+        import tritonclient.grpc as grpcclient
+
+        def tensor(name, array, dtype):
+            t = grpcclient.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            return t
+
+        out = [tensor("messages", np.array([[json.dumps(p.messages).encode()]], np.object_), "BYTES"),
+               tensor("max_tokens", np.array([[p.max_tokens]], np.int32), "INT32"),
+               tensor("stream", np.array([[True]], bool), "BOOL")]
+        if p.temperature is not None:
+            out.append(tensor("temperature", np.array([[p.temperature]], np.float32), "FP32"))
+        if p.top_p is not None:
+            out.append(tensor("top_p", np.array([[p.top_p]], np.float32), "FP32"))
+        if p.seed is not None:
+            out.append(tensor("seed", np.array([[p.seed]], np.uint64), "UINT64"))
+        if p.stop:
+            out.append(tensor("stop_words", np.array([[s.encode() for s in p.stop]], np.object_), "BYTES"))
+        return out
+
+    async def generate(self, p: Params):
+        """Yield (text, token count, prompt tokens, finish reason or None) per response; a stream
+        that is closed early (the caller's task cancelled) cancels the request in Triton."""
+        import grpc
+
+        request = {"model_name": self.model, "inputs": self.inputs(p), "request_id": uuid.uuid4().hex,
+                   "parameters": None}
+
+        async def one():
+            yield request
+
+        stream = self.client.stream_infer(one())
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    raise triton_error(error.message())
+                if not result.get_response().outputs:
+                    continue
+                text = "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
+                ids = result.as_numpy("output_ids")
+                finish = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
+                yield (text, 0 if ids is None else ids.size, int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
+                       finish)
+                if finish is not None:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            status = 503 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) else 500
+            raise APIError(status, f"the model server at {self.url} failed: {exc.details()}") from None
+        finally:
+            stream.cancel()  # a no-op after the final response; otherwise Triton cancels the request
+
+    async def close(self):
+        await self.client.close()
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int = 1024,
+               images: ImagePolicy | None = None):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    images = images or ImagePolicy()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await backend.close()
+
+    app = FastAPI(title="qwen3vl-triton OpenAI-compatible API", lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created,
+                                            "owned_by": "qwen3vl-triton"}]}
+
+    @app.get("/health")
+    async def health():
+        try:
+            ready = await backend.client.is_model_ready(backend.model)
+        except Exception:  # noqa: BLE001 -- the server is not reachable
+            ready = False
+        if not ready:
+            raise APIError(503, f"model {backend.model!r} is not ready on {backend.url}")
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        p = Params.parse(body, served_model, max_output_len)
+        p.messages = await resolve_images(p.messages, images)
+        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        pieces = backend.generate(p)
+        try:
+            first = await anext(pieces)  # errors before the first token are HTTP errors
+        except StopAsyncIteration:
+            raise APIError(500, "the model ended the stream without an answer") from None
+        except BaseException:
+            await pieces.aclose()
+            raise
+
+        if not p.stream:
+            texts, completion, (text, n, prompt, finish) = [], 0, first
+            try:
+                while True:
+                    texts.append(text)
+                    completion += n
+                    if finish is not None:
+                        break
+                    text, n, prompt, finish = await anext(pieces)
+            finally:
+                await pieces.aclose()
+            return {"id": cid, "object": "chat.completion", "created": now, "model": served_model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
+                                 "logprobs": None, "finish_reason": finish or "length"}],
+                    "usage": _usage(prompt, completion)}
+
+        def chunk(delta: dict, finish=None, usage=False) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": served_model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if p.include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            completion, prompt, finish = 0, first[2], None
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                item = first
+                while True:
+                    text, n, prompt, finish = item
+                    completion += n
+                    if text:
+                        yield chunk({"content": text})
+                    if finish is not None:
+                        break
+                    item = await anext(pieces)
+                yield chunk({}, finish)
+                if p.include_usage:
+                    usage = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": served_model,
+                             "choices": [], "usage": _usage(prompt, completion)}
+                    yield f"data: {json.dumps(usage)}\n\n"
+            except APIError as exc:  # after the 200 was sent: the error goes in the stream
+                yield f"data: {json.dumps(exc.body())}\n\n"
+            except StopAsyncIteration:
+                yield chunk({}, "length")
+            finally:
+                await pieces.aclose()  # a client that went away: Triton cancels its generation
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(prog="python -m qwen3vl_triton.openai_server", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grpc-url", default="127.0.0.1:8001", help="HOST:PORT of Triton's gRPC endpoint")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument("--model", default=MODEL, help="the Triton model to call (qwen3vl)")
+    ap.add_argument("--served-model-name", default=MODEL, help="the model name clients send")
+    ap.add_argument("--max-output-len", type=int, default=1024, help="the server's largest max_tokens (the default)")
+    ap.add_argument("--image-url-hosts", default="", help="comma-separated hosts whose http(s) image URLs are "
+                                                          "fetched (default: none)")
+    ap.add_argument("--image-url-max-bytes", type=int, default=20 * 2**20)
+    ap.add_argument("--image-url-timeout-ms", type=int, default=5000)
+    args = ap.parse_args(argv)
+    policy = ImagePolicy.parse(args.image_url_hosts, args.image_url_max_bytes, args.image_url_timeout_ms / 1e3)
+
+    async def serve():
+        app = create_app(Backend(args.grpc_url, args.model), args.served_model_name, args.max_output_len, policy)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
+        await uvicorn.Server(config).serve()
+
+    asyncio.run(serve())  # the gRPC channel is made inside the server's event loop
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
