@@ -285,23 +285,29 @@ def test_end_ids_travel_as_the_tensorrtllm_backends_stop_words_list(spec):
 
 
 def test_the_ensemble_sends_the_end_ids_to_tensorrt_llm_on_cpu_and_gpu(tiny_checkpoint, tmp_path, engine_dir):
-    """preprocessing's stop_words_list goes into tensorrt_llm, whose CPU and GPU configurations
-    both take it (tests/test_layouts.py serves it, and the language model's own request)."""
+    """preprocessing's stop_words_list goes to postprocessing, which forwards it to tensorrt_llm
+    (its BLS request), whose CPU and GPU configurations both take it (tests/test_layouts.py serves
+    it, and the language model's own request)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
+    from qwen3vl_triton.detok import LLM_INPUT_NAMES
     from qwen3vl_triton.repository import render
 
     for device in ("cpu", "gpu"):
         repo = render(tiny_checkpoint, tmp_path / device, device=device, topology="single",
                       engine_dir=engine_dir if device == "gpu" else None)
         configs = {m: text_format.Parse((repo / m / "config.pbtxt").read_text(), mc.ModelConfig())
-                   for m in ("qwen3vl", "preprocessing", "tensorrt_llm")}
+                   for m in ("qwen3vl", "preprocessing", "postprocessing", "tensorrt_llm")}
         steps = {s.model_name: s for s in configs["qwen3vl"].ensemble_scheduling.step}
-        assert steps["preprocessing"].output_map["stop_words_list"] == steps["tensorrt_llm"].input_map["stop_words_list"]
+        assert (steps["preprocessing"].output_map["stop_words_list"]
+                == steps["postprocessing"].input_map["stop_words_list"])
+        assert LLM_INPUT_NAMES["stop_words_list"] == "stop_words_list"
         (pre,) = [o for o in configs["preprocessing"].output if o.name == "stop_words_list"]
+        (post,) = [i for i in configs["postprocessing"].input if i.name == "stop_words_list"]
         (llm,) = [i for i in configs["tensorrt_llm"].input if i.name == "stop_words_list"]
-        assert list(pre.dims) == list(llm.dims) == [2, -1] and pre.data_type == llm.data_type == mc.TYPE_INT32
+        assert list(pre.dims) == list(post.dims) == list(llm.dims) == [2, -1]
+        assert pre.data_type == post.data_type == llm.data_type == mc.TYPE_INT32
 
 
 # -- one dtype setting ------------------------------------------------------------------------------------
