@@ -62,9 +62,18 @@ serve: venv
 clean:
 	rm -rf build checkpoints load_tests/reports .pytest_cache
 
-# The served stack against transformers in the same run: table + JSON + PNG in load_tests/reports/
-# (bench-latest.json holds the target figures). QUICK=1: the CI size, under two minutes.
+# The served stack against transformers and llama.cpp in the same run: table + JSON + PNG in
+# load_tests/reports/ (bench-latest.json holds the target figures). QUICK=1: every row and every
+# target figure, fewer requests. llama.cpp's llama-server is built once into build/llamacpp/
+# (about 7 minutes on 2 cores; `make llamacpp` builds it alone).
 QUICK ?=
-.PHONY: bench
-bench: venv
+LLAMA_SERVER := build/llamacpp/bin/llama-server
+.PHONY: bench llamacpp
+bench: venv $(LLAMA_SERVER)
 	$(BIN)/python -m load_tests.bench $(if $(QUICK),--quick,)
+
+llamacpp: $(LLAMA_SERVER)
+
+# built when missing (not rebuilt when a source changes: the pinned source never does)
+$(LLAMA_SERVER): | venv
+	$(BIN)/python builders/llamacpp/build.py
