@@ -7,8 +7,13 @@ PID. Each request is `/v1/chat/completions`, streamed, the image as a data URL, 
 (temperature 0), `ignore_eos` with `max_tokens` (so every request yields exactly that many
 tokens), no prompt cache (`cache_prompt` false and `--cache-ram 0`: the bench's requests would
 otherwise reuse the warm-up's prefix), and `timings_per_token`, whose `predicted_n` says how many
-tokens each streamed chunk carries (a token that ends inside a UTF-8 character is sent with the
-next one).
+tokens each streamed chunk carries.
+
+llama-server sends a chunk only when the text grows: a token that ends inside a UTF-8 character,
+or one that renders as nothing (a special token), arrives with the next chunk. Tokens that
+arrive together are spread evenly over the time since the previous chunk (at concurrency 1 it
+decodes them back to back), so the inter-token latency reads as its decode step, not as zero
+gaps and one long one. The served stack sends every token in its own response.
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ def data_url(image: bytes) -> str:
 def chat_body(prompt: str, images: list[bytes], max_tokens: int, *, stream: bool = True,
               ignore_eos: bool = True, token_ids: bool = False) -> dict:
     """One chat completion request: the images, then the prompt, in one user message (the order
-    the bench's other peers use). `token_ids`: ask for each generated token's id (logprobs with
-    one alternative), for the greedy check."""
+    the bench's other peers use). `token_ids`: ask for the generated token ids (llama-server lists
+    them under `__verbose` with `return_tokens`; its OpenAI answer has no field for them), for
+    the greedy check."""
     content = [{"type": "image_url", "image_url": {"url": data_url(b)}} for b in images]
     content.append({"type": "text", "text": prompt})
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}],
@@ -72,7 +78,7 @@ def chat_body(prompt: str, images: list[bytes], max_tokens: int, *, stream: bool
         body["timings_per_token"] = True
         body["stream_options"] = {"include_usage": True}
     if token_ids:
-        body.update(logprobs=True, top_logprobs=1)
+        body.update(return_tokens=True, verbose=True)
     return body
 
 
@@ -81,8 +87,9 @@ class ChatStream:
     """Folds the server-sent events of one streamed chat completion into token arrival times.
 
     `feed(line, now)` takes each line of the response as it arrives. A chunk's
-    `timings.predicted_n` is the number of tokens generated so far: the new ones arrived `now`.
-    Without timings (the role-only first delta), a chunk carries no token."""
+    `timings.predicted_n` is the number of tokens generated so far; the last of its new tokens
+    arrived `now`, and the others are spread evenly since the previous chunk (the first chunk's
+    all arrive `now`). Without timings (the role-only first delta), a chunk carries no token."""
 
     times: list[float] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
@@ -111,7 +118,11 @@ class ChatStream:
         timings = chunk.get("timings")
         if timings:
             new = int(timings.get("predicted_n", 0)) - len(self.times)
-            self.times.extend([now] * max(new, 0))
+            if new > 0 and self.times:
+                last = self.times[-1]
+                self.times.extend(last + (now - last) * (i + 1) / new for i in range(new))
+            elif new > 0:
+                self.times.extend([now] * new)
             self.prompt_tokens = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
         usage = chunk.get("usage")
         if usage:
@@ -131,10 +142,10 @@ class ChatStream:
 
 def response_token_ids(response: dict) -> list[int]:
     """Generated token ids of a non-streamed chat completion asked with `token_ids`."""
-    content = ((response.get("choices") or [{}])[0].get("logprobs") or {}).get("content")
-    if content is None:
-        raise PeerError("the response has no logprobs.content: the server did not return token ids")
-    return [int(entry["id"]) for entry in content]
+    tokens = (response.get("__verbose") or {}).get("tokens")
+    if tokens is None:
+        raise PeerError("the response has no __verbose.tokens: the server did not return token ids")
+    return [int(t) for t in tokens]
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -244,45 +255,74 @@ def _post(conn: http.client.HTTPConnection, body: dict) -> http.client.HTTPRespo
 
 
 class LlamaCppSession:
-    """One HTTP connection (kept alive) to llama-server; `request` streams one chat completion."""
+    """A client of llama-server; `request` streams one chat completion. Each request opens its
+    own HTTP connection (llama-server closes a connection after a streamed answer), as the
+    served stack's client opens a gRPC stream per request."""
 
     def __init__(self, address: tuple[str, int], timeout: float = 600.0):
-        self.conn = http.client.HTTPConnection(*address, timeout=timeout)
+        self.address, self.timeout = address, timeout
         self.texts: list[str] = []
+
+    def _send(self, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        conn = http.client.HTTPConnection(*self.address, timeout=self.timeout)
+        try:
+            return conn, _post(conn, body)
+        except BaseException:
+            conn.close()
+            raise
 
     def request(self, item, max_tokens: int) -> Sample:
         body = chat_body(item.prompt, [item.image], max_tokens)
         t0 = time.perf_counter()
-        response = _post(self.conn, body)
-        stream = ChatStream()
-        while not stream.done:
-            line = response.readline()
-            if not line:
-                break
-            stream.feed(line, time.perf_counter() - t0)
-        response.read()  # the rest of the chunked body, so the connection can be reused
+        conn, response = self._send(body)
+        try:
+            stream = ChatStream()
+            while not stream.done:
+                line = response.readline()
+                if not line:
+                    break
+                stream.feed(line, time.perf_counter() - t0)
+        finally:
+            conn.close()
         self.texts.append(stream.text)
         return stream.sample()
 
     def token_ids(self, prompt: str, images: list[bytes], max_tokens: int) -> tuple[list[int], int]:
-        """Greedy token ids (stopping at the end of turn, as transformers' generate does) and the
-        prompt's length, for the check against the oracle."""
-        body = chat_body(prompt, images, max_tokens, stream=False, ignore_eos=False, token_ids=True)
-        response = json.loads(_post(self.conn, body).read())
-        return response_token_ids(response), int(response.get("usage", {}).get("prompt_tokens", 0))
+        """Greedy token ids, exactly `max_tokens` of them (`ignore_eos`), and the prompt's length,
+        for the check against the oracle."""
+        conn, response = self._send(chat_body(prompt, images, max_tokens, stream=False, token_ids=True))
+        try:
+            answer = json.loads(response.read())
+        finally:
+            conn.close()
+        return response_token_ids(answer), int(answer.get("usage", {}).get("prompt_tokens", 0))
 
     def close(self):
-        self.conn.close()
+        pass
+
+
+def oracle_ids(oracle, prompt: str, images: list[bytes], max_tokens: int) -> list[int]:
+    """transformers' greedy ids for exactly `max_tokens` tokens: the end ids (the tokenizer's end
+    of turn and generation_config.json's eos ids, the tokens llama.cpp counts as end of
+    generation) are suppressed, as `ignore_eos` does on llama-server (a -inf logit bias)."""
+    import torch
+
+    eos = oracle.model.generation_config.eos_token_id
+    end_ids = sorted({oracle.end_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])})
+    inp = oracle.inputs(prompt, images)
+    with torch.inference_mode():
+        out = oracle.model.generate(**inp.kwargs(), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                    do_sample=False, eos_token_id=end_ids, pad_token_id=oracle.end_id)
+    return out[0, inp.input_ids.shape[1]:].tolist()
 
 
 def greedy_check(session: LlamaCppSession, oracle, prompt: str, images: list[bytes], max_tokens: int) -> dict:
-    """llama.cpp's greedy ids against transformers' (the oracle) for the same request: equal token
-    for token, or the index of the first difference. A generation that ends compares without its
-    end token (llama.cpp may or may not list it)."""
+    """llama.cpp's greedy ids against transformers' (the oracle) for the same request, both for
+    exactly `max_tokens` tokens with the end ids suppressed (a text prompt of the tiny model
+    would otherwise end after a few tokens): equal token for token, or the index of the first
+    difference; with both sides' prompt lengths."""
     ids, prompt_tokens = session.token_ids(prompt, images, max_tokens)
-    expected = oracle.generate(prompt, images, max_tokens)
-    end = oracle.end_id
-    strip = (lambda xs: xs[:-1] if xs and xs[-1] == end else xs)  # noqa: E731
-    diff = first_difference(strip(ids), strip(expected))
-    return {"equal": diff is None, "first_difference": diff, "tokens": len(strip(expected)),
+    expected = oracle_ids(oracle, prompt, images, max_tokens)
+    diff = first_difference(ids, expected)
+    return {"equal": diff is None, "first_difference": diff, "tokens": len(expected),
             "prompt_tokens": prompt_tokens, "oracle_prompt_tokens": int(oracle.inputs(prompt, images).input_ids.shape[1])}

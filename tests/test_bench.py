@@ -249,7 +249,8 @@ def test_chat_body_sends_the_image_as_a_data_url_and_asks_for_exactly_max_tokens
     assert data_url(jpeg).startswith("data:image/jpeg;base64,")
     check = chat_body("Hi.", [], 16, stream=False, ignore_eos=False, token_ids=True)
     assert check["messages"][0]["content"] == [{"type": "text", "text": "Hi."}]
-    assert check["logprobs"] is True and check["ignore_eos"] is False and "timings_per_token" not in check
+    assert check["return_tokens"] is True and check["verbose"] is True  # the ids come back under __verbose
+    assert check["ignore_eos"] is False and "timings_per_token" not in check
     with pytest.raises(ValueError, match="image: expected PNG or JPEG"):
         data_url(b"GIF89a...")
 
@@ -265,11 +266,12 @@ def _chunk(content=None, predicted=None, role=False, usage=None):
 
 
 def test_chat_stream_times_each_token_by_the_chunk_that_carries_it():
+    """Tokens that come in one chunk (here 3 and 4, the two bytes of one character) are spread
+    evenly since the previous chunk."""
     from load_tests.bench_llamacpp import ChatStream
 
     stream = ChatStream()
     lines = [(_chunk(role=True), 0.30), (_chunk("a", 1), 0.30), ("\n", 0.30), (_chunk("b", 2), 0.31),
-             # tokens 3 and 4 end inside one UTF-8 character: one chunk brings both
              (_chunk("\u00e9", 4), 0.33), (_chunk("c", 5), 0.34),
              (_chunk(usage={"prompt_tokens": 219, "completion_tokens": 5, "total_tokens": 224}), 0.34),
              ("data: [DONE]\n", 0.34)]
@@ -277,7 +279,8 @@ def test_chat_stream_times_each_token_by_the_chunk_that_carries_it():
         stream.feed(line.encode(), now)
     assert stream.done and stream.text == "ab\u00e9c"
     sample = stream.sample()
-    assert sample.token_times == [0.30, 0.31, 0.33, 0.33, 0.34] and sample.ttft == 0.30
+    assert sample.token_times == pytest.approx([0.30, 0.31, 0.32, 0.33, 0.34]) and sample.ttft == 0.30
+    assert sample.inter_token == pytest.approx([0.01] * 4)
     assert sample.tokens == 5 and sample.input_tokens == 219
 
 
@@ -298,12 +301,13 @@ def test_chat_stream_reports_the_servers_error_and_a_token_count_it_cannot_accou
 def test_token_ids_of_a_response_and_where_two_generations_part():
     from load_tests.bench_llamacpp import PeerError, first_difference, response_token_ids
 
-    response = {"choices": [{"message": {"content": "ab"}, "logprobs": {"content": [
-        {"id": 17, "token": "a", "logprob": -0.1, "top_logprobs": []},
-        {"id": 42, "token": "b", "logprob": -0.2, "top_logprobs": []}]}}]}
-    assert response_token_ids(response) == [17, 42]
-    with pytest.raises(PeerError, match="no logprobs"):
-        response_token_ids({"choices": [{"message": {"content": "ab"}, "logprobs": None}]})
+    # llama-server's answer to a request with return_tokens and verbose (abridged)
+    response = {"choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": "\ufffd2%"}}],
+                "usage": {"completion_tokens": 4, "prompt_tokens": 22},
+                "__verbose": {"content": "\ufffd2%", "tokens": [177, 17, 4, 651], "stop": True}}
+    assert response_token_ids(response) == [177, 17, 4, 651]
+    with pytest.raises(PeerError, match="no __verbose.tokens"):
+        response_token_ids({"choices": [{"message": {"content": "ab"}}]})
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert first_difference([1, 2], [1, 2, 3]) == 2

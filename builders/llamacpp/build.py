@@ -76,8 +76,10 @@ def fetch_source(build: Path = BUILD) -> Path:
     if not archive.is_file():
         log(f"downloading the llama-cpp-python {VERSION} source distribution (~77 MB) ...")
         dl.mkdir(parents=True, exist_ok=True)
+        # pip reads the sdist's metadata through its build backend (scikit-build-core, fetched into
+        # an isolated environment): a minute or two beside the download
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                        "--no-build-isolation", f"llama-cpp-python=={VERSION}", "-d", str(dl)], check=True)
+                        f"llama-cpp-python=={VERSION}", "-d", str(dl)], check=True)
     digest = sha256(archive)
     if digest != SHA256:
         raise SystemExit(f"{archive}: sha256 {digest}, expected {SHA256}")
