@@ -65,7 +65,7 @@ clean:
 # The served stack against transformers and llama.cpp in the same run: table + JSON + PNG in
 # load_tests/reports/ (bench-latest.json holds the target figures). QUICK=1: every row and every
 # target figure, fewer requests. llama.cpp's llama-server is built once into build/llamacpp/
-# (about 7 minutes on 2 cores; `make llamacpp` builds it alone).
+# (builders/llamacpp/build.py; `make llamacpp` builds it alone).
 QUICK ?=
 LLAMA_SERVER := build/llamacpp/bin/llama-server
 .PHONY: bench llamacpp

@@ -204,10 +204,14 @@ def format_targets(figures: dict[str, float], met: dict[str, bool]) -> str:
 
 def format_machine(rates: dict) -> str:
     """The machine's measured rates, printed beside the figures they bound."""
+    def num(key: str) -> str:  # whole GFLOP/s; two digits for the rate of an emulated bf16 matmul
+        value = rates.get(key, float("nan"))
+        return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
     nan = float("nan")
     return (f"machine: memory read {rates.get('read_gbps', nan):.1f} GB/s, copy {rates.get('copy_gbps', nan):.1f} GB/s; "
-            f"matmul fp32 {rates.get('matmul_gflops', nan):.0f} GFLOP/s, bf16 {rates.get('matmul_bf16_gflops', nan):.0f} "
-            f"GFLOP/s; {rates.get('torch_threads', '?')} torch threads")
+            f"matmul fp32 {num('matmul_gflops')} GFLOP/s, bf16 {num('matmul_bf16_gflops')} GFLOP/s; "
+            f"{rates.get('torch_threads', '?')} torch threads")
 
 
 def format_roofline(roof: dict) -> str:

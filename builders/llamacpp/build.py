@@ -115,7 +115,7 @@ def build_server(build: Path = BUILD, jobs: int | None = None) -> Path:
         subprocess.run([cmake, "-S", str(tree), "-B", str(cmake_dir), *generator,
                         *(f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items())], check=True)
     jobs = jobs or os.cpu_count() or 1
-    log(f"building llama-server with {jobs} jobs (about 7 minutes on 2 cores) ...")
+    log(f"building llama-server with {jobs} jobs (once; minutes on an idle 2-core host, longer on a busy one) ...")
     t0 = time.perf_counter()
     subprocess.run([cmake, "--build", str(cmake_dir), "--target", "llama-server", "-j", str(jobs)], check=True)
     binary = server_binary(build)
