@@ -61,8 +61,10 @@ serve: venv
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 		$(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT),) $(ARGS)
 
+# keeps build/llamacpp (a 7-60 min build; `rm -rf build` drops it too)
 clean:
-	rm -rf build checkpoints load_tests/reports .pytest_cache
+	find build -mindepth 1 -maxdepth 1 ! -name llamacpp -exec rm -rf {} + 2>/dev/null || true
+	rm -rf checkpoints load_tests/reports .pytest_cache
 
 # What tests/gpu/device_check.sh needs on a GPU host beyond its image, in build/gpu-bundle (carried
 # with the run): tritonserver 2.51 trimmed from the nvidia-pytriton wheel, and Python 3.12 wheels
@@ -72,9 +74,18 @@ clean:
 gpu-bundle: venv
 	$(BIN)/python -m tests.gpu.bundle
 
-# The served stack against transformers in the same run: table + JSON + PNG in load_tests/reports/
-# (bench-latest.json holds the target figures). QUICK=1: the CI size, under two minutes.
+# The served stack against transformers and llama.cpp in the same run: table + JSON + PNG in
+# load_tests/reports/ (bench-latest.json holds the target figures). QUICK=1: every row and every
+# target figure, fewer requests. llama.cpp's llama-server is built once into build/llamacpp/
+# (builders/llamacpp/build.py; `make llamacpp` builds it alone).
 QUICK ?=
-.PHONY: bench
-bench: venv
+LLAMA_SERVER := build/llamacpp/bin/llama-server
+.PHONY: bench llamacpp
+bench: venv $(LLAMA_SERVER)
 	$(BIN)/python -m load_tests.bench $(if $(QUICK),--quick,)
+
+llamacpp: $(LLAMA_SERVER)
+
+# built when missing (not rebuilt when a source changes: the pinned source never does)
+$(LLAMA_SERVER): | venv
+	$(BIN)/python builders/llamacpp/build.py

@@ -1,22 +1,28 @@
-"""`make bench`: the served stack against transformers, measured in the same run.
+"""`make bench`: the served stack against transformers and llama.cpp, measured in the same run.
 
-    python -m load_tests.bench            # full run (a few minutes)
-    python -m load_tests.bench --quick    # CI: under two minutes, every target figure filled
+    python -m load_tests.bench            # full run
+    python -m load_tests.bench --quick    # CI size: every row and every target figure, fewer requests
 
 Rows (warm-up excluded, closed loop, 128 greedy output tokens per request):
 - transformers: `Qwen3VLMoeForConditionalGeneration.generate` in process, sequential, fp32,
   greedy, image decode and preprocessing inside each request -- the baseline;
 - qwen3vl: the single-server ensemble over gRPC streaming at concurrency 1, 4, 8, 16;
+  qwen3vl-bf16: the same served with `dtype=bfloat16`, at concurrency 1 and 8;
+- llama.cpp-f32 / llama.cpp-bf16: llama-server (`-np 8 -cb`) on GGUF files converted from the
+  same checkpoint, through its OpenAI endpoint (bench_llamacpp.py), at concurrency 1 and 8;
 - disagg-shm / disagg-grpc: qwen3vl_triton.transfer.Disaggregated (encode on the encoder server,
   table moved through system shared memory or gRPC payloads, generation on the language server)
   at concurrency 1 and 8.
-Plus the micro-benchmarks behind the targets (bench_micro.py) and the roofline of the workload.
-Writes load_tests/reports/bench-<stamp>.json/.png and bench-latest.json/.png.
+At concurrency 1 the rows of a phase take turns request by request. Plus the micro-benchmarks
+behind the targets (bench_micro.py), the roofline of the workload, and a check that llama.cpp's
+greedy tokens equal transformers'. Writes load_tests/reports/bench-<stamp>.json/.png and
+bench-latest.json/.png; exits 1 when a part failed (its rows and figures are then missing).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -32,10 +38,12 @@ if str(ROOT) not in sys.path:  # `client` and `tests.oracle` import from the che
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from load_tests import bench_llamacpp as peer  # noqa: E402
 from load_tests import bench_load as load  # noqa: E402
 from load_tests import bench_micro as micro  # noqa: E402
 from load_tests import bench_report as report  # noqa: E402
-from load_tests.bench_report import Run  # noqa: E402
+from load_tests.bench_report import (BASELINE, LLAMACPP, LLAMACPP_BF16, SERVED, SERVED_BF16,  # noqa: E402
+                                     Run)
 
 TARGET_SIZE = (448, 448)  # the image size the targets are stated for
 
@@ -49,6 +57,7 @@ class Config:
     sizes: tuple[tuple[int, int], ...]
     concurrency: tuple[int, ...]
     disagg_concurrency: tuple[int, ...]
+    peer_concurrency: tuple[int, ...] = (1, 8)  # llama.cpp and qwen3vl-bf16 (llama-server has 8 slots)
     max_tokens: int = 128
     warmup_tokens: int = 4
     per_worker: int = 2  # measured requests per worker at concurrency > 1
@@ -68,7 +77,7 @@ class Config:
 
     def requests(self, concurrency: int, disagg: bool = False) -> int:
         """Measured requests of a run. Quick runs keep the disaggregated rows to one request per
-        worker: the target figures come from the qwen3vl rows."""
+        worker: the target figures come from the other rows."""
         if concurrency == 1:
             return 1 if disagg and self.quick else self.single_requests
         return concurrency * (1 if disagg and self.quick else self.per_worker)
@@ -189,53 +198,35 @@ def server_version(url: str) -> str:
 
 
 # -- the parts of a run ----------------------------------------------------------------------------------
-def paired_runs(cfg: Config, base, url: str, items: dict, prompt_lengths: dict) -> tuple[list, dict]:
-    """The baseline and qwen3vl at concurrency 1, request by request in turn (transformers, then the
-    server, on the same item), so that both see the same machine: other work on the host moves
-    both rows alike instead of one of them. Both are sequential, so each run's time is the sum
-    of its requests' times. Returns the runs and, per image size, whether the served greedy
-    text equals transformers' for the first request."""
-    runs, checks = [], {}
-    session = load.EnsembleSession(url, prompt_lengths)
-    try:
-        for size in cfg.sizes:
-            work = items[size][:cfg.single_requests]
-            base.request(work[0], cfg.warmup_tokens)
-            session.request(work[0], cfg.warmup_tokens)
-            pair = {"transformers": Run("transformers", 1, load.size_name(size), cfg.max_tokens, 0.0),
-                    "qwen3vl": Run("qwen3vl", 1, load.size_name(size), cfg.max_tokens, 0.0)}
-            texts = []
-            for item in work:
-                for mode, target in (("transformers", base), ("qwen3vl", session)):
-                    t0 = time.perf_counter()
-                    sample = target.request(item, cfg.max_tokens)
-                    pair[mode].seconds += time.perf_counter() - t0
-                    sample.input_tokens = prompt_lengths[item]
-                    pair[mode].samples.append(sample)
-                texts.append(session.texts[-1])
-            ids = base.ids(work[0], cfg.max_tokens)
-            checks[load.size_name(size)] = texts[0] == base.text(ids)  # greedy: token for token
-            for run in pair.values():
-                log(f"[bench] {run.mode:12s} c=1  {run.image}: {len(run.samples)} requests, "
-                    f"{run.tokens / run.seconds:.1f} output tokens/s, TTFT p50 "
-                    f"{1e3 * statistics.median(x.ttft for x in run.samples):.0f} ms")
-            runs += pair.values()
-    finally:
-        session.close()
-    return runs, checks
+def turn_runs(cfg: Config, sessions: dict, size: tuple[int, int], items: dict) -> list[Run]:
+    """The concurrency-1 rows of `sessions` (mode -> session), request by request in turn on the
+    same item, so that all of them see the same machine: other work on the host moves every row
+    alike instead of one of them. Each is sequential, so a run's time is the sum of its
+    requests' times. Each session warms up first with a request no run measures."""
+    work = items[size][:cfg.single_requests]
+    warm = load.warmup_request(size)
+    for session in sessions.values():
+        session.request(warm, cfg.warmup_tokens)
+    runs = {mode: Run(mode, 1, load.size_name(size), cfg.max_tokens, 0.0) for mode in sessions}
+    for item in work:
+        for mode, session in sessions.items():
+            t0 = time.perf_counter()
+            sample = session.request(item, cfg.max_tokens)
+            runs[mode].seconds += time.perf_counter() - t0
+            runs[mode].samples.append(sample)
+    for run in runs.values():
+        log(f"[bench] {run.mode:14s} c=1  {run.image}: {len(run.samples)} requests, "
+            f"{run.tokens / run.seconds:.1f} output tokens/s, TTFT p50 "
+            f"{1e3 * statistics.median(x.ttft for x in run.samples):.0f} ms")
+    return list(runs.values())
 
 
-def ensemble_runs(cfg: Config, url: str, items: dict, prompt_lengths: dict) -> list:
-    """qwen3vl at the concurrencies above 1 (closed loop)."""
-    runs = []
-    for size in cfg.sizes:
-        for c in cfg.concurrency:
-            if c == 1:
-                continue
-            work = items[size][:cfg.requests(c)]
-            runs.append(load.closed_loop(lambda: load.EnsembleSession(url, prompt_lengths), work, c, 1,
-                                         cfg.max_tokens, cfg.warmup_tokens, "qwen3vl", log))
-    return runs
+def loop_run(cfg: Config, factory, size: tuple[int, int], items: dict, concurrency: int, mode: str,
+             disagg: bool = False) -> Run:
+    """One closed-loop row (the disaggregated rows also at concurrency 1)."""
+    work = items[size][:cfg.requests(concurrency, disagg)]
+    return load.closed_loop(factory, work, concurrency, 1, cfg.max_tokens, cfg.warmup_tokens, mode, log,
+                            warmup_item=load.warmup_request(size))
 
 
 def disagg_runs(cfg: Config, encoder_url: str, language_url: str, items: dict, prompt_lengths: dict,
@@ -245,10 +236,10 @@ def disagg_runs(cfg: Config, encoder_url: str, language_url: str, items: dict, p
     for transport in ("shm", "grpc"):
         for size in cfg.sizes:
             for c in cfg.disagg_concurrency:
-                work = items[size][:cfg.requests(c, disagg=True)]
-                run = part(f"disagg-{transport} c={c} {load.size_name(size)}", lambda: load.closed_loop(
-                    lambda: load.DisaggSession(encoder_url, language_url, transport, cfg.chunk_rows, prompt_lengths),
-                    work, c, 1, cfg.max_tokens, cfg.warmup_tokens, f"disagg-{transport}", log))
+                factory = lambda: load.DisaggSession(encoder_url, language_url, transport,  # noqa: E731
+                                                     cfg.chunk_rows, prompt_lengths)
+                run = part(f"disagg-{transport} c={c} {load.size_name(size)}",
+                           lambda: loop_run(cfg, factory, size, items, c, f"disagg-{transport}", disagg=True))
                 if run is not None:
                     run.notes = f"chunk_rows={cfg.chunk_rows}"
                     runs.append(run)
@@ -430,11 +421,13 @@ def roofline(cfg: Config, checkpoint: Path, rates: dict, prompt_len: dict, decod
     ctx = decode["context"]
     b1 = micro.decode_step_bytes(spec, 1, ctx)
     b8 = micro.decode_step_bytes(spec, 8, ctx)
+    b1_bf16 = micro.decode_step_bytes(spec, 1, ctx, dtype_bytes=2)
     return {
         "prompt_tokens": int(p.input_ids.size),
         "vision_prefill_gflop": vision_flops / 1e9,
         "lm_prefill_gflop": lm_flops / 1e9,
         "matmul_gflops_measured": gflops,
+        "matmul_bf16_gflops_measured": rates["matmul_bf16_gflops"],
         "read_gbps_measured": gbps,
         "prefill_floor_ms": 1e3 * (vision_flops + lm_flops) / (gflops * 1e9),
         "decode_b1_mbytes": b1["total"] / 1e6,
@@ -442,6 +435,8 @@ def roofline(cfg: Config, checkpoint: Path, rates: dict, prompt_len: dict, decod
         "decode_b8_experts_per_layer": b8["experts_per_layer"],
         "decode_b1_floor_ms": 1e3 * b1["total"] / (gbps * 1e9),
         "decode_b8_floor_ms": 1e3 * b8["total"] / (gbps * 1e9),
+        "decode_b1_bf16_mbytes": b1_bf16["total"] / 1e6,
+        "decode_b1_bf16_floor_ms": 1e3 * b1_bf16["total"] / (gbps * 1e9),
         "decode_b1_engine_ms": decode["engine_b1_ms"],
         "decode_b8_engine_ms": decode["engine_b8_ms"],
         "decode_b8_transformers_ms": decode["transformers_b8_ms"],
@@ -454,7 +449,7 @@ def roofline(cfg: Config, checkpoint: Path, rates: dict, prompt_len: dict, decod
 # -- main ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI size: under two minutes, every target filled")
+    ap.add_argument("--quick", action="store_true", help="CI size: every row and target figure, fewer requests")
     ap.add_argument("--out-dir", default=str(ROOT / "load_tests" / "reports"))
     ap.add_argument("--checkpoint", help="the `small` profile checkpoint (default: build checkpoints/small)")
     ap.add_argument("--tiny-checkpoint", help="the `tiny` checkpoint for the overhead figure")
@@ -482,7 +477,7 @@ def main(argv=None) -> int:
     prompt_lengths = {it: load.input_tokens(pre, it) for size in cfg.sizes for it in items[size]}
 
     rates = micro.machine_rates()
-    log(f"[bench] machine: {rates['matmul_gflops']:.0f} GFLOP/s fp32 matmul, {rates['read_gbps']:.1f} GB/s read")
+    log(f"[bench] {report.format_machine(rates)}")
     decode = micro.decode_step(small, cfg.decode_context, repeats=cfg.decode_repeats, log=log)
     roof = roofline(cfg, small, rates, prompt_lengths, decode)
 
@@ -490,6 +485,7 @@ def main(argv=None) -> int:
                         "decode_step_b8_ratio": decode["decode_step_b8_ratio"]}
 
     errors: dict[str, str] = {}  # a part that fails is reported, and its figures stay unmeasured
+    check_warnings: list[str] = []
 
     def part(name: str, fn):
         try:
@@ -501,19 +497,123 @@ def main(argv=None) -> int:
 
     runs: list = []
 
+    def prepare_peer():
+        """llama-server (built once) and the GGUF files of the bench's checkpoint, f32 and bf16."""
+        from builders.llamacpp import build, convert
+
+        binary = build.ensure_server()
+        files = {outtype: convert.ensure_gguf(small, outtype, log=log) for outtype in ("f32", "bf16")}
+        env["llamacpp"] = f"llama-cpp-python {build.VERSION} sdist, {peer.server_version(binary)}"
+        return binary, files
+
+    peer_files = part("llama.cpp build and conversion", prepare_peer)
+
+    def start_peer(outtype: str) -> peer.LlamaServer:
+        binary, files = peer_files
+        log_file = ROOT / "build" / "bench" / f"llamacpp-{outtype}" / "llama-server.log"
+        return peer.LlamaServer(binary, *files[outtype], log_file).start(log=log)
+
+    def peer_rows(sessions: dict, factories: dict):
+        """The c=1 rows of `sessions` in turn, then each of `factories`' closed loops above c=1;
+        each is its own part."""
+        try:
+            for size in cfg.sizes:
+                if sessions:
+                    runs.extend(part(f"c=1 rows {load.size_name(size)} ({', '.join(sessions)})",
+                                     lambda: turn_runs(cfg, sessions, size, items)) or [])
+        finally:
+            for session in sessions.values():
+                session.close()
+        for size in cfg.sizes:
+            for c in (c for c in cfg.peer_concurrency if c > 1):
+                for mode, factory in factories.items():
+                    run = part(f"{mode} c={c} {load.size_name(size)}",
+                               lambda: loop_run(cfg, factory, size, items, c, mode))
+                    if run is not None:
+                        runs.append(run)
+
+    def greedy_checks(served: load.EnsembleSession, base: load.TransformersBaseline, llama) -> None:
+        """Served text = transformers' (greedy, token for token) per image size; llama.cpp f32's
+        ids against transformers' on each prompt of the workload as text only (the peer computes
+        the same model) and on the first 448x448 request. A mixture-of-experts router whose k-th
+        and (k+1)-th experts score within float32 rounding of each other can split two correct
+        implementations, so a difference is reported where it starts; only no text prompt equal
+        at all is warned about."""
+        micro_figs["greedy_text_equal"] = {}
+        for size in cfg.sizes:
+            item = items[size][0]
+            served.request(item, cfg.max_tokens)
+            micro_figs["greedy_text_equal"][load.size_name(size)] = \
+                served.texts[-1] == base.text(base.ids(item, cfg.max_tokens))
+        if llama is None:
+            return
+        item = items[TARGET_SIZE][0]
+        checks = {f"text: {prompt}": peer.greedy_check(llama, base.oracle, prompt, [], cfg.max_tokens)
+                  for prompt in load.PROMPTS}
+        checks[f"image {load.size_name(TARGET_SIZE)}: {item.prompt}"] = peer.greedy_check(
+            llama, base.oracle, item.prompt, [item.image], cfg.max_tokens)
+        micro_figs["llamacpp_f32_greedy"] = checks
+        for name, check in checks.items():
+            log(f"[bench] llama.cpp f32 greedy ids vs transformers ({name}): "
+                + ("equal" if check["equal"] else f"first difference at token {check['first_difference']}")
+                + f" of {check['tokens']}; prompt tokens {check['prompt_tokens']} (transformers "
+                  f"{check['oracle_prompt_tokens']})")
+        if not any(c["equal"] for name, c in checks.items() if name.startswith("text")):
+            check_warnings.append("llama.cpp f32's greedy tokens differ from transformers' on every text prompt: "
+                                  "the GGUF conversion does not compute the same model, and the llama.cpp rows "
+                                  "do not compare")
+
     def single_server():
         server = start_server(small, "all", "small-all")
+        llama = None
         try:
             env["tritonserver"] = server_version(server.grpc_url)
+            llama = part("llama.cpp f32 server", lambda: start_peer("f32")) if peer_files else None
             base = load.TransformersBaseline(small)
-            paired, micro_figs["greedy_text_equal"] = paired_runs(cfg, base, server.grpc_url, items, prompt_lengths)
-            runs.extend(paired)
-            del base  # the server's rows run without transformers in memory
-            runs.extend(ensemble_runs(cfg, server.grpc_url, items, prompt_lengths))
+            sessions = {BASELINE: base, SERVED: load.EnsembleSession(server.grpc_url, prompt_lengths)}
+            factories = {SERVED: lambda: load.EnsembleSession(server.grpc_url, prompt_lengths)}
+            if llama is not None:
+                sessions[LLAMACPP] = peer.LlamaCppSession(llama.address)
+                factories[LLAMACPP] = lambda: peer.LlamaCppSession(llama.address)
+            try:
+                for size in cfg.sizes:
+                    runs.extend(turn_runs(cfg, sessions, size, items))
+                part("greedy checks", functools.partial(greedy_checks, sessions[SERVED], base, sessions.get(LLAMACPP)))
+            finally:
+                for session in sessions.values():
+                    session.close()
+            del base, sessions  # the servers' rows run without transformers in memory
+            for size in cfg.sizes:
+                for c in cfg.concurrency:
+                    if c > 1:
+                        runs.append(loop_run(cfg, factories[SERVED], size, items, c, SERVED))
+            if LLAMACPP in factories:
+                peer_rows({}, {LLAMACPP: factories[LLAMACPP]})
             if not cfg.split_servers:
                 disaggregated(server.grpc_url, server.grpc_url)
         finally:
+            if llama is not None:
+                llama.stop()
             server.stop()
+
+    def bf16():
+        """qwen3vl served with dtype=bfloat16 (a server that refuses the setting is a failed part,
+        with the server's own error) and llama.cpp on the bf16 GGUF files, in turn at c=1."""
+        served = part("qwen3vl bf16 server", lambda: start_server(small, "all", "small-all-bf16", dtype="bfloat16"))
+        llama = part("llama.cpp bf16 server", lambda: start_peer("bf16")) if peer_files else None
+        try:
+            sessions, factories = {}, {}
+            if served is not None:
+                factories[SERVED_BF16] = lambda: load.EnsembleSession(served.grpc_url, prompt_lengths)
+            if llama is not None:
+                factories[LLAMACPP_BF16] = lambda: peer.LlamaCppSession(llama.address)
+            sessions = {mode: factory() for mode, factory in factories.items()}
+            peer_rows(sessions, factories)
+        finally:
+            if llama is not None:
+                llama.stop()
+            if served is not None:
+                served.stop()
 
     def disaggregated(encoder_url: str, language_url: str):
         micro_figs["shm_transfer"] = part("shm transfer", lambda: shm_transfer(
@@ -545,6 +645,7 @@ def main(argv=None) -> int:
         return out
 
     part("single server", single_server)
+    part("bf16", bf16)
     if cfg.split_servers:
         part("disaggregated servers", split_servers)
     shm = micro_figs.get("shm_transfer") or {}
@@ -563,7 +664,7 @@ def main(argv=None) -> int:
     config["target_image"] = load.size_name(TARGET_SIZE)
     data = report.report(runs, micro_figs, env, roof, load.size_name(TARGET_SIZE), config)
     data["errors"] = errors
-    data["warnings"] = HostLoad.warnings(env) + baseline_jitter_warnings(data["table"])
+    data["warnings"] = HostLoad.warnings(env) + baseline_jitter_warnings(data["table"]) + check_warnings
     paths = report.write(data, Path(args.out_dir), time.strftime("%Y%m%d-%H%M%S"))
     log("")
     log(report.render_text(data))

@@ -54,15 +54,23 @@ def workload(size: tuple[int, int], count: int) -> list[Item]:
     return [Item(PROMPTS[i % len(PROMPTS)], seeded_image(*size, seed=i), size) for i in range(count)]
 
 
+def warmup_request(size: tuple[int, int]) -> Item:
+    """The warm-up request of every run on `size`: an image no measured request sends (seeded
+    apart from the workload's 0, 1, 2, ...)."""
+    return Item(PROMPTS[0], seeded_image(*size, seed=1_000_000), size)
+
+
 def size_name(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
 def closed_loop(session_factory, items: list[Item], concurrency: int, warmup: int, max_tokens: int,
-                warmup_tokens: int, mode: str, log=print) -> Run:
+                warmup_tokens: int, mode: str, log=print, warmup_item: Item | None = None) -> Run:
     """Run `items` split over `concurrency` workers; each worker opens one session.
 
-    `session_factory()` returns an object with `request(item, max_tokens) -> Sample` and `close()`."""
+    `session_factory()` returns an object with `request(item, max_tokens) -> Sample` and `close()`.
+    Each worker warms up with `warmup` requests of `warmup_item` (default: its first item); an
+    item that is not measured keeps caches of images or prompts from helping the measured ones."""
     barrier = threading.Barrier(concurrency + 1)
     samples: list[Sample] = []
     errors: list[BaseException] = []
@@ -72,7 +80,7 @@ def closed_loop(session_factory, items: list[Item], concurrency: int, warmup: in
         session = None
         try:
             session = session_factory()
-            for item in mine[:1] * warmup:
+            for item in ([warmup_item] if warmup_item is not None else mine[:1]) * warmup:
                 session.request(item, warmup_tokens)
         except BaseException as exc:  # noqa: BLE001 -- reported after the barrier
             errors.append(exc)

@@ -30,22 +30,35 @@ def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
 
 # -- the machine ----------------------------------------------------------------------------------
 def machine_rates(repeats: int = 7) -> dict:
-    """Peak fp32 matmul rate (GFLOP/s), memory read and copy bandwidth (GB/s) with torch's
-    threads: the best of `repeats`, since the physical limit is what a quiet moment shows."""
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    mm = min(_seconds(lambda: torch.mm(a, b), repeats))
+    """Peak matmul rates in fp32 and bf16 (GFLOP/s; bf16 runs on AMX or AVX512-BF16 where the CPU
+    has them, and is emulated, slower than fp32, where it has not), memory read and copy bandwidth
+    (GB/s) with torch's threads: the best of `repeats`, since the physical limit is what a quiet
+    moment shows."""
     big = torch.ones(64 * 2**20)  # 256 MiB: far beyond the caches, like streaming the weights
     dst = torch.empty_like(big)
     read = min(_seconds(lambda: big.sum(), repeats))
     copy = min(_seconds(lambda: dst.copy_(big), repeats))
     nbytes = big.numel() * 4
     return {
-        "matmul_gflops": 2 * n ** 3 / mm / 1e9,
+        "matmul_gflops": matmul_gflops(torch.float32, repeats),
+        "matmul_bf16_gflops": matmul_gflops(torch.bfloat16, repeats, budget_s=0.05),
         "read_gbps": nbytes / read / 1e9,
         "copy_gbps": 2 * nbytes / copy / 1e9,  # bytes read + bytes written
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def matmul_gflops(dtype: torch.dtype, repeats: int = 7, n: int = 1024, budget_s: float | None = None) -> float:
+    """Best GFLOP/s of an n x n x n matmul in `dtype`. With `budget_s`, a first small matmul sizes
+    the timed ones so that each takes about that long at most: a CPU without native bf16 runs
+    bf16 matmuls hundreds of times slower than fp32."""
+    if budget_s is not None:
+        small = 128
+        a, b = torch.randn(small, small, dtype=dtype), torch.randn(small, small, dtype=dtype)
+        rate = 2 * small ** 3 / min(_seconds(lambda: torch.mm(a, b), 2, warmup=1))
+        n = min(n, max(small, int((rate * budget_s / 2) ** (1 / 3)) // small * small))
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / min(_seconds(lambda: torch.mm(a, b), repeats)) / 1e9
 
 
 def count_flops(fn) -> int:

@@ -13,19 +13,36 @@ from pathlib import Path
 
 import numpy as np
 
+# Row modes of the table.
+BASELINE = "transformers"  # in process, sequential: the baseline of the `x baseline` column
+SERVED = "qwen3vl"  # the single-server ensemble, float32
+SERVED_BF16 = "qwen3vl-bf16"  # the same, served with dtype=bfloat16
+LLAMACPP = "llama.cpp-f32"  # llama-server on the f32 GGUF files
+LLAMACPP_BF16 = "llama.cpp-bf16"  # llama-server on the bf16 GGUF files
+
 # name -> (comparison, limit, what the figure is). The keys are the report's contract.
 TARGETS: dict[str, tuple[str, float, str]] = {
-    "throughput_c8_ratio": (">=", 2.0, "output tokens/s of qwen3vl (gRPC streaming) at concurrency 8 / the "
-                                       "sequential transformers baseline's, 448x448 workload"),
-    "ttft_c1_ratio": ("<=", 1.25, "TTFT p50 of qwen3vl at concurrency 1 / the baseline's in-process time to the "
-                                  "first token (image decode and preprocessing included on both sides)"),
+    "itl_c1_vs_llamacpp": ("<=", 1.25, "inter-token latency p50 of qwen3vl at concurrency 1 / llama.cpp f32's"),
+    "throughput_c8_vs_llamacpp": (">=", 1.5, "output tokens/s of qwen3vl at concurrency 8 / llama.cpp f32's"),
+    "ttft_c1_vs_llamacpp": ("<=", 0.75, "TTFT p50 of qwen3vl at concurrency 1 / llama.cpp f32's"),
+    "ttft_c1_bf16_vs_llamacpp": ("<=", 0.5, "TTFT p50 of qwen3vl served in bfloat16 at concurrency 1 / "
+                                            "llama.cpp bf16's"),
+    "itl_c1_bf16_vs_llamacpp": ("<=", 1.25, "inter-token latency p50 of qwen3vl served in bfloat16 at "
+                                            "concurrency 1 / llama.cpp bf16's"),
+    "throughput_c8_ratio": (">=", 4.0, "output tokens/s of qwen3vl (gRPC streaming) at concurrency 8 / the "
+                                       "sequential transformers baseline's"),
+    "ttft_c1_ratio": ("<=", 1.0, "TTFT p50 of qwen3vl at concurrency 1 / the baseline's in-process time to the "
+                                 "first token (image decode and preprocessing included on both sides)"),
+    "decode_step_b8_ratio": ("<=", 0.5, "engine LanguageModel.forward, 8 decode sequences / transformers' forward "
+                                        "with a batch of 8 and a DynamicCache, same weights and context length"),
+    "serving_ms_per_token": ("<=", 0.5, "inter-token latency p50 of qwen3vl at concurrency 1 minus the engine's "
+                                        "in-process batch-1 decode step (ms): what serving adds per token"),
     "shm_vs_memcpy_ratio": (">=", 0.25, "bytes/s of the shared-memory chunk transfer into the language server of "
                                         "the table Qwen3-VL-30B-A3B (hidden 2048, fp32) has for the workload's "
                                         "largest image / bytes/s of np.copyto of the same bytes"),
-    "overhead_ms": ("<=", 3.0, "tiny profile, 1-token request: server end-to-end latency p50 at the client minus "
-                               "the in-process p50 of the same work (preprocess, encode, prefill, detokenize)"),
-    "decode_step_b8_ratio": ("<=", 1.0, "engine LanguageModel.forward, 8 decode sequences / transformers' forward "
-                                        "with a batch of 8 and a DynamicCache, same weights and context length"),
+    "overhead_above_floor_ms": ("<=", 1.0, "tiny profile, 1-token request: the server's overhead (served p50 at "
+                                           "the client minus the in-process p50 of the same work) minus the same "
+                                           "figure of the ensemble whose models do no work (Triton's own share)"),
 }
 
 COLUMNS = [  # (key, header, format)
@@ -66,7 +83,7 @@ class Sample:
 class Run:
     """One row of the table: a mode at a concurrency on one image size, warm-up excluded."""
 
-    mode: str  # "transformers" (the baseline), "qwen3vl", "disagg-shm", "disagg-grpc"
+    mode: str  # BASELINE, SERVED, SERVED_BF16, LLAMACPP, LLAMACPP_BF16, "disagg-shm", "disagg-grpc"
     concurrency: int
     image: str  # "448x448"
     max_tokens: int  # output tokens asked for per request
@@ -122,18 +139,31 @@ def find(table: list[dict], mode: str, concurrency: int, image: str) -> dict | N
                 None)
 
 
+def _ratio(a: dict | None, b: dict | None, key: str) -> float:
+    return a[key] / b[key] if a and b and b[key] else float("nan")
+
+
 def target_figures(table: list[dict], image: str, micro: dict) -> dict[str, float]:
-    """The five target figures from the table (`image`: the target workload) and the micro-benchmarks."""
-    base = find(table, "transformers", 1, image)
-    c8 = find(table, "qwen3vl", 8, image)
-    c1 = find(table, "qwen3vl", 1, image)
+    """The target figures from the table (`image`: the target workload) and the micro-benchmarks;
+    a figure whose rows or measurement are missing is NaN."""
     nan = float("nan")
+    base = find(table, BASELINE, 1, image)
+    c1, c8 = find(table, SERVED, 1, image), find(table, SERVED, 8, image)
+    l1, l8 = find(table, LLAMACPP, 1, image), find(table, LLAMACPP, 8, image)
+    b1, lb1 = find(table, SERVED_BF16, 1, image), find(table, LLAMACPP_BF16, 1, image)
+    engine_b1 = (micro.get("decode_step") or {}).get("engine_b1_ms", nan)
     return {
+        "itl_c1_vs_llamacpp": _ratio(c1, l1, "itl_p50_ms"),
+        "throughput_c8_vs_llamacpp": _ratio(c8, l8, "tokens_per_s"),
+        "ttft_c1_vs_llamacpp": _ratio(c1, l1, "ttft_p50_ms"),
+        "ttft_c1_bf16_vs_llamacpp": _ratio(b1, lb1, "ttft_p50_ms"),
+        "itl_c1_bf16_vs_llamacpp": _ratio(b1, lb1, "itl_p50_ms"),
         "throughput_c8_ratio": c8["ratio"] if c8 else nan,
-        "ttft_c1_ratio": c1["ttft_p50_ms"] / base["ttft_p50_ms"] if c1 and base else nan,
-        "shm_vs_memcpy_ratio": float(micro.get("shm_vs_memcpy_ratio", nan)),
-        "overhead_ms": float(micro.get("overhead_ms", nan)),
+        "ttft_c1_ratio": _ratio(c1, base, "ttft_p50_ms"),
         "decode_step_b8_ratio": float(micro.get("decode_step_b8_ratio", nan)),
+        "serving_ms_per_token": c1["itl_p50_ms"] - float(engine_b1) if c1 else nan,
+        "shm_vs_memcpy_ratio": float(micro.get("shm_vs_memcpy_ratio", nan)),
+        "overhead_above_floor_ms": float(micro.get("overhead_above_floor_ms", nan)),
     }
 
 
@@ -164,11 +194,24 @@ def format_table(table: list[dict]) -> str:
 
 def format_targets(figures: dict[str, float], met: dict[str, bool]) -> str:
     lines = []
+    width = max(len(name) for name in TARGETS)
     for name, (op, limit, what) in TARGETS.items():
         value = figures.get(name, float("nan"))
         status = "met" if met.get(name) else "MISSED"
-        lines.append(f"{name:22s} {value:9.3f}  (target {op} {limit:g})  {status:6s}  {what}")
+        lines.append(f"{name:{width}s} {value:9.3f}  (target {op} {limit:g})  {status:6s}  {what}")
     return "\n".join(lines)
+
+
+def format_machine(rates: dict) -> str:
+    """The machine's measured rates, printed beside the figures they bound."""
+    def num(key: str) -> str:  # whole GFLOP/s; two digits for the rate of an emulated bf16 matmul
+        value = rates.get(key, float("nan"))
+        return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+    nan = float("nan")
+    return (f"machine: memory read {rates.get('read_gbps', nan):.1f} GB/s, copy {rates.get('copy_gbps', nan):.1f} GB/s; "
+            f"matmul fp32 {num('matmul_gflops')} GFLOP/s, bf16 {num('matmul_bf16_gflops')} GFLOP/s; "
+            f"{rates.get('torch_threads', '?')} torch threads")
 
 
 def format_roofline(roof: dict) -> str:
@@ -179,7 +222,7 @@ def format_roofline(roof: dict) -> str:
 
 def report(runs: list[Run], micro: dict, environment: dict, roofline: dict, target_image: str,
            config: dict) -> dict:
-    """Everything a run writes as JSON. `targets` holds exactly the five figures (numbers);
+    """Everything a run writes as JSON. `targets` holds exactly the TARGETS figures (numbers);
     `targets_met` says met (true) or missed (false) for each; `targets_detail` the limits."""
     table = rows(runs)
     figures = target_figures(table, target_image, micro)
@@ -226,9 +269,9 @@ def plot(data: dict, path: Path) -> None:
     for (mode, image), rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["concurrency"])
         x = [r["concurrency"] for r in rs]
-        style = "--" if mode == "transformers" else "-"
+        style = "--" if mode == BASELINE else ":" if mode.startswith("llama.cpp") else "-"
         label = f"{mode} {image}"
-        if mode == "transformers":  # sequential: draw it as a level across the concurrency axis
+        if mode == BASELINE:  # sequential: draw it as a level across the concurrency axis
             x = [1, 16]
             rs = rs[:1] * 2
         ax1.plot(x, [r["tokens_per_s"] for r in rs], style, marker="o", label=label)
@@ -266,6 +309,7 @@ def render_text(data: dict) -> str:
     env = data["environment"]
     head = ", ".join(f"{k} {v}" for k, v in env.items())
     parts = [f"environment: {head}", "", format_table(data["table"]), "",
+             format_machine(data.get("micro", {}).get("machine", {})),
              "targets:", format_targets(data["targets"], data["targets_met"]), "",
              "roofline:", format_roofline(data.get("roofline", {}))]
     micro = {k: v for k, v in data.get("micro", {}).items() if not isinstance(v, (dict, list))}
