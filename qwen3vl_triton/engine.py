@@ -248,7 +248,7 @@ class Engine:
         by_slot = sorted(self._active, key=lambda s: s.slot)
         for target, seq in enumerate(by_slot):
             if seq.slot != target:
-                self.lm.cache.move(seq.slot, target, seq.cached)
+                self.lm.cache.move(seq.slot, target)
                 seq.slot = target
 
     def _plan(self) -> list[tuple[_Seq, int]]:
@@ -269,10 +269,9 @@ class Engine:
         start = seq.cached
         ids = torch.tensor(seq.tokens[start:start + n], dtype=torch.int64)
         if start < seq.prompt_len:  # prompt chunk: angles from the M-RoPE table
-            cos, sin = seq.cos[start:start + n], seq.sin[start:start + n]
-        else:  # decoded token: all three rows equal position + delta
-            cos, sin = mrope.text_cos_sin(torch.tensor([start + seq.req.mrope_delta]), self.spec)
-        return StepSeq(seq.slot, ids, start, cos, sin, seq.req.table)
+            return StepSeq(seq.slot, ids, start, seq.cos[start:start + n], seq.sin[start:start + n], seq.req.table)
+        # decoded token: all three rows equal position + delta
+        return StepSeq(seq.slot, ids, start, table=seq.req.table, delta=seq.req.mrope_delta)
 
     def _loop(self) -> None:
         while not self._stop:
@@ -358,6 +357,7 @@ class Engine:
     def _finish(self, seq: _Seq, reason: str, error: str | None = None, tokens: list[int] | None = None) -> None:
         if seq in self._active:
             self._active.remove(seq)
+            self.lm.cache.release(seq.slot)
         self._emit(seq.req, tokens or [], reason, error)
 
     def _emit(self, req: Request, tokens: list[int], finish: str | None, error: str | None = None) -> None:
