@@ -135,12 +135,16 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class KVCache:
     """Per-layer K and V `[slots, kv_heads, max_len, d]`; a sequence owns one slot.
 
-    Invariant: every row of a slot at or past what its sequence has written is zero. Batched
-    decode attends over every slot up to the longest sequence and masks the positions a shorter
-    one has not written, but a masked position's V row is still multiplied by 0, and 0 * NaN is
-    NaN: a NaN or Inf left there by an earlier sequence (a bad input, an overflow) would reach
-    the next one. So a slot's rows are zeroed when its sequence leaves (`release`), the cache
-    starts zeroed, and `written` bounds what a release must clear."""
+    A slot's rows past its sequence's length may hold anything: an earlier sequence's values,
+    NaN or Inf. Batched decode attends over every slot of the group up to the longest sequence
+    and masks the positions a shorter one has not written, but a masked position still enters
+    the sums as 0 * value, and 0 * NaN is NaN: one sequence's numbers would reach another. So
+    before a decode step reads rows past a sequence's length, they are zeroed (`clear_ahead`,
+    a block of rows at a time, once per occupancy), and attention never reads a row that is
+    neither written by its own sequence nor zero.
+    """
+
+    CLEAR_BLOCK = 128  # rows zeroed ahead at once: a growing batch clears once per this many steps
 
     def __init__(self, spec: ModelSpec, slots: int, max_len: int, dtype: torch.dtype):
         shape = (slots, spec.num_kv_heads, max_len, spec.head_dim)
@@ -148,23 +152,29 @@ class KVCache:
         self.v = [zeroed(shape, dtype) for _ in range(spec.num_layers)]
         self.slots = slots
         self.max_len = max_len
-        self.written = [0] * slots  # per slot: rows [0, written) may be non-zero
+        # per slot: rows [0, written) belong to its sequence, rows [written, clean) are zero
+        self.written = [0] * slots
+        self.clean = [0] * slots
 
-    def release(self, slot: int) -> None:
-        """Zero what the slot's sequence wrote: the next sequence there starts clean."""
-        n = self.written[slot]
-        if n:
-            for layer in (*self.k, *self.v):
-                layer[slot, :, :n].zero_()
-            self.written[slot] = 0
+    def claim(self, slot: int) -> None:
+        """A new sequence takes the slot: nothing in it is its own, nothing is known zero."""
+        self.written[slot] = self.clean[slot] = 0
+
+    def clear_ahead(self, slot: int, end: int) -> None:
+        """Make every row of the slot in [its sequence's length, end) zero."""
+        if self.clean[slot] >= end:
+            return
+        lo, hi = max(self.written[slot], self.clean[slot]), min(self.max_len, end + self.CLEAR_BLOCK)
+        for layer in (*self.k, *self.v):
+            layer[slot, :, lo:hi].zero_()
+        self.clean[slot] = hi
 
     def move(self, src: int, dst: int) -> None:
         """Move a sequence from slot `src` to the free slot `dst`."""
         n = self.written[src]
         for layer in (*self.k, *self.v):
             layer[dst, :, :n] = layer[src, :, :n]
-        self.written[dst] = n
-        self.release(src)
+        self.written[dst] = self.clean[dst] = n
 
 
 @dataclass
@@ -207,8 +217,6 @@ class Step:
         pos_t = np.concatenate([np.arange(s.past, s.past + n) for s, n in zip(batch, sizes)])
         rows = (slot_t[:, None] * kv + np.arange(kv)) * length + pos_t[:, None]  # (T, kv)
         self.cache_rows = torch.from_numpy(rows.reshape(-1))
-        for s, n in zip(batch, sizes):
-            cache.written[s.slot] = max(cache.written[s.slot], s.past + n)
         # decode group: one token each, one attention call over their slots
         offsets = np.cumsum([0] + sizes)
         decode = [i for i, n in enumerate(sizes) if n == 1]
@@ -226,6 +234,10 @@ class Step:
                 self.decode_slots = torch.tensor(slots)
             if min(lengths) != self.decode_len:
                 self.decode_mask = (torch.arange(self.decode_len) < torch.tensor(lengths)[:, None])[:, None, None, :]
+                for slot in slots:  # the rows a shorter sequence reads past its own are zero
+                    cache.clear_ahead(slot, self.decode_len)
+        for s, n in zip(batch, sizes):  # the rows this step writes
+            cache.written[s.slot] = max(cache.written[s.slot], s.past + n)
         # prefill chunks: (offset, n, slot, past, mask or None for causal from position 0)
         self.prefill = []
         for i, (s, n) in enumerate(zip(batch, sizes)):

@@ -40,6 +40,7 @@ class Settings:
 
     max_batch_size: int = 16  # Triton max_batch_size of the models (requests per batch)
     engine_max_batch: int = 16  # sequences the LLM engine runs at once (in-flight)
+    engine_max_queue: int = 128  # requests waiting for a place in the engine's batch; more get UNAVAILABLE
     max_seq_len: int = 4096  # prompt + generated tokens per sequence
     max_output_len: int = 1024  # largest max_tokens accepted
     max_num_tokens: int = 1024  # prompt tokens prefilled per engine step (longer prompts are chunked)
@@ -70,7 +71,7 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 problems.append(f"{f.name} must be >= 0, got {value}")
-        for name in ("max_batch_size", "engine_max_batch", "max_output_len", "max_num_tokens", "max_images",
+        for name in ("max_batch_size", "engine_max_batch", "engine_max_queue", "max_output_len", "max_num_tokens", "max_images",
                      "preprocessing_instances", "language_max_sequences", "chunk_rows",
                      "cancellation_check_period_ms", "stats_check_period_ms"):
             if getattr(self, name) < 1:

@@ -39,6 +39,10 @@ class Oracle:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.image_processor = AutoImageProcessor.from_pretrained(str(path))
         self.end_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.eos_token)
+        # generation stops at the end of turn and at every eos id of generation_config.json
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.end_ids = list(dict.fromkeys([self.end_id, *eos]))
 
     def inputs(self, prompt: str, images: list[bytes]) -> OracleInputs:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
@@ -62,7 +66,7 @@ class Oracle:
         """Greedy ids; a generation that stopped ends with the end token."""
         inp = self.inputs(prompt, images)
         out = self.model.generate(**inp.kwargs(), max_new_tokens=max_new_tokens, do_sample=False,
-                                  eos_token_id=self.end_id, pad_token_id=self.end_id)
+                                  eos_token_id=self.end_ids, pad_token_id=self.end_id)
         return out[0, inp.input_ids.shape[1]:].tolist()
 
     def text(self, ids: list[int]) -> str:
@@ -77,7 +81,7 @@ class Oracle:
         expected = self.text(ids)
         if served == expected:
             return
-        cut_by_length = not ids or ids[-1] != self.end_id
+        cut_by_length = not ids or ids[-1] not in self.end_ids
         assert cut_by_length and served + "\ufffd" == expected, (served, expected)
 
     @torch.inference_mode()
