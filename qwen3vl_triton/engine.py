@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import mrope
-from .backend import scalar, single_sequence
+from .backend import scalar, single_sequence, to_torch
 from .checkpoint import ModelSpec
 from .errors import InputError, Unavailable
 from .lm import KVCache, LanguageModel, StepSeq
@@ -502,9 +502,7 @@ def request_from_contract(arrays: dict, spec: ModelSpec) -> tuple[Request, bool]
         raise InputError("input_lengths", f"must be in [1, {ids.size}] (the input_ids length), got {length}")
     table = None
     if arrays.get("prompt_embedding_table") is not None:
-        table = single_sequence(arrays, "prompt_embedding_table")
-        if not isinstance(table, torch.Tensor):
-            table = torch.from_numpy(np.ascontiguousarray(table))
+        table = to_torch(single_sequence(arrays, "prompt_embedding_table"))
         rows = scalar(arrays, "prompt_vocab_size", int, default=table.shape[0])
         if rows != table.shape[0]:
             raise InputError("prompt_vocab_size", f"is {rows} but prompt_embedding_table has {table.shape[0]} rows")

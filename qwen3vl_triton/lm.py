@@ -20,6 +20,7 @@ tokens (`table.deepstack_row`), rotary angles of prompt tokens come from
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,16 @@ import torch.nn.functional as F
 from . import mrope
 from .checkpoint import ModelSpec, iter_tensors, torch_dtype
 from .table import deepstack_row, stride_of
+
+
+def warn_if_slow_bf16(dtype: torch.dtype, what: str) -> None:
+    """bfloat16 pays on CPUs with bf16 matmul instructions (AVX512-BF16, AMX): half the bytes of
+    float32 and several times its matmul rate. Without them torch falls back to a generic kernel
+    that runs matmuls far slower than float32, so say so once at load."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if dtype == torch.bfloat16 and check is not None and not check():
+        warnings.warn(f"{what} runs bfloat16 on a CPU without bf16 matmul instructions (AVX512-BF16 or "
+                      f"AMX): its matmuls run far slower than in float32 here", RuntimeWarning, stacklevel=2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -259,6 +270,7 @@ class LanguageModel:
                  tensors: dict[str, torch.Tensor] | None = None):
         self.spec = spec
         self.dtype = torch_dtype(dtype)
+        warn_if_slow_bf16(self.dtype, "the language model")
         self.w = Weights(spec, self.dtype, tensors)
         self.cache = KVCache(spec, slots, max_len, self.dtype)
         self.levels = spec.deepstack_levels

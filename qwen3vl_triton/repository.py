@@ -84,8 +84,8 @@ class Settings:
                             f"max_seq_len {self.max_seq_len}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             problems.append(f"dtype {self.dtype!r} is not float32, float16 or bfloat16")
-        if device == "cpu" and self.dtype != "float32":
-            problems.append("the CPU engine runs float32 (its tables cross the ensemble as TYPE_FP32)")
+        if device == "cpu" and self.dtype == "float16":
+            problems.append("the CPU engine serves float32 or bfloat16 (CPUs have no fast float16 matmul)")
         if problems:
             raise RenderError("inconsistent settings: " + "; ".join(problems))
 
@@ -178,10 +178,6 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
         if engine_dir is None:
             raise RenderError("device gpu needs engine_dir, the TensorRT-LLM engine built for this checkpoint")
         engine = engine_values(spec, settings, engine_dir)
-        if engine["dtype"] == "bfloat16" and "language" in TOPOLOGIES[topology]:
-            raise RenderError("the disaggregated `language` model holds tables as numpy arrays, which have no "
-                              "bfloat16: build the engine in float16 for topologies with `language` "
-                              "(single and encoder serve bfloat16 engines)")
     vals = values(spec, device, settings, {**engine, **(extra or {})})
     out = Path(out)
     if out.exists():
