@@ -287,10 +287,10 @@ class LanguageModel:
     def _embed(self, batch: list[StepSeq], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Packed input embeddings `[T, H]` and the DeepStack (token index, rows `[levels, m, H]`)."""
         vocab = self.spec.vocab_size
-        if all(s.table is None for s in batch):
+        text = ids < vocab
+        if bool(text.all()):  # no image token: decode steps, text prompts
             return F.embedding(ids, self.w.embed), None, None
         hidden = torch.empty((ids.numel(), self.spec.hidden_size), dtype=self.dtype)
-        text = ids < vocab
         hidden[text] = self.w.embed[ids[text]]
         ds_index, ds_rows, offset = [], [], 0
         for s in batch:
