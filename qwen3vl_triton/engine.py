@@ -135,8 +135,8 @@ class Scheduler:
             if self._stopped:
                 raise RuntimeError("engine is stopped")
             if len(self._pending) >= self.max_queue:
-                raise Unavailable(f"engine queue full: {len(self._pending)} requests are waiting for a place "
-                                  f"in the running batch (at most {self.max_queue}); retry later")
+                raise Unavailable(f"engine queue full: the {self.max_queue} places for requests waiting to "
+                                  f"join the running batch are taken; retry later")
             self._pending.append(req)
             self._cv.notify()
 

@@ -178,8 +178,8 @@ def test_errors_map_to_triton_codes():
         pass
 
     pb.TritonError = TritonError
-    full = error(pb, Unavailable("engine queue full: 2 requests are waiting"))
-    assert (full.code, full.message) == ("UNAVAILABLE", "engine queue full: 2 requests are waiting")
+    full = error(pb, Unavailable("engine queue full: the 2 places ... are taken"))
+    assert (full.code, full.message) == ("UNAVAILABLE", "engine queue full: the 2 places ... are taken")
     bad = error(pb, InputError("end_id", "must be a vocabulary id"))
     assert (bad.code, bad.message) == ("INVALID_ARG", "end_id: must be a vocabulary id")
     assert error(pb, ZeroDivisionError("x")).code == "INTERNAL"
