@@ -10,9 +10,46 @@ import json
 import time
 import traceback
 
+import ml_dtypes
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, Unavailable
+
+# numpy has no bfloat16; ml_dtypes' (the dtype tritonclient uses for BF16) holds bf16 tables as
+# numpy arrays. They cross the Python backend through DLPack: the stub refuses as_numpy() and
+# pb.Tensor(name, array) for BF16.
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a serving dtype name ("float32", "float16", "bfloat16")."""
+    return BFLOAT16 if name == "bfloat16" else np.dtype(name)
+
+
+def to_torch(array):
+    """A torch tensor over a numpy array (bfloat16 included), without a copy."""
+    import torch
+
+    if isinstance(array, torch.Tensor):
+        return array
+    array = np.ascontiguousarray(array)
+    if array.dtype == BFLOAT16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def as_numpy(tensor) -> np.ndarray:
+    """A pb.Tensor's data as numpy (a BF16 tensor through DLPack, without a copy). The 2.51 stub
+    cannot return a tensor's dtype to Python (triton_dtype() raises), so BF16 shows itself by
+    as_numpy() refusing it."""
+    try:
+        return tensor.as_numpy()
+    except Exception as exc:
+        if "BF16" not in str(exc):
+            raise
+    import torch
+
+    return torch.from_dlpack(tensor.to_dlpack()).view(torch.int16).numpy().view(BFLOAT16)
 
 
 def model_params(args: dict) -> dict[str, str]:
@@ -26,7 +63,7 @@ def read_inputs(pb, request, names) -> dict[str, np.ndarray | None]:
     out = {}
     for name in names:
         tensor = pb.get_input_tensor_by_name(request, name)
-        out[name] = None if tensor is None else tensor.as_numpy()
+        out[name] = None if tensor is None else as_numpy(tensor)
     return out
 
 
@@ -53,9 +90,12 @@ def single_sequence(arrays: dict, name: str) -> np.ndarray:
 
 
 def error(pb, exc: BaseException, logger=None):
-    """A TritonError for `exc`: INVALID_ARG with the message for bad input, INTERNAL otherwise."""
+    """A TritonError for `exc`: INVALID_ARG with the message for bad input, UNAVAILABLE for a
+    server that cannot take the request now, INTERNAL otherwise."""
     if isinstance(exc, InputError):
         return pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
+    if isinstance(exc, Unavailable):
+        return pb.TritonError(str(exc), pb.TritonError.UNAVAILABLE)
     if logger is not None:
         logger.log_error(f"internal error: {''.join(traceback.format_exception(exc))}")
     return pb.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL)
@@ -78,16 +118,15 @@ def send_response(pb, sender, tensors: list, flags: int = 0) -> None:
 
 
 def output_tensor(pb, name: str, value):
-    """A pb.Tensor from numpy, or from a torch tensor without a host copy when it lives on a GPU."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(value, torch.Tensor):
-        if value.is_cuda:
-            from torch.utils.dlpack import to_dlpack
+    """A pb.Tensor from numpy or torch: through DLPack for a tensor on a GPU (no host copy) and
+    for bfloat16, which numpy cannot carry to the stub."""
+    import torch
 
-            return pb.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+    if isinstance(value, np.ndarray) and value.dtype == BFLOAT16:
+        value = to_torch(value)
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda or value.dtype == torch.bfloat16:
+            return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
         value = value.numpy()
     return pb.Tensor(name, np.ascontiguousarray(value))
 

@@ -1,9 +1,19 @@
 """The CPU LLM engine: in-flight batching over `lm.LanguageModel`, with the `tensorrt_llm` contract.
 
-One background thread runs steps. Every step advances all running sequences by one token and
-gives new requests (up to `max_num_tokens` prompt tokens per step, chunked when longer) a place
-in the same forward pass, so a request that arrives while others decode joins the running
-batch. Tokens go back through each request's callback as soon as they are chosen.
+Every step advances all running sequences by one token and gives waiting requests (up to
+`max_num_tokens` prompt tokens per step, chunked when longer) a place in the same forward pass,
+so a request that arrives while others decode joins the running batch. Tokens go back through
+each request's callback as soon as they are chosen.
+
+Three parts, as in vLLM's scheduler and model runner:
+- `Scheduler`: admission (a bounded queue of requests waiting for a place), KV-cache slots,
+  cancellation, the plan of each step, what a step's results do to its sequences (new tokens,
+  stops, errors), and the statistics -- one path: each step's `StepReport` feeds `EngineStats`
+  and `on_step`;
+- `Runner`: one plan through the model, then a token for each sequence that needs one; a fault
+  stays with the sequence that caused it;
+- `Engine`: the public API and two threads. The engine thread's loop is plan -> run -> update;
+  a delivery thread calls the consumers' callbacks in order.
 """
 
 from __future__ import annotations
@@ -20,10 +30,10 @@ import numpy as np
 import torch
 
 from . import mrope
-from .backend import scalar, single_sequence
+from .backend import scalar, single_sequence, to_torch
 from .checkpoint import ModelSpec
-from .errors import InputError
-from .lm import LanguageModel, StepSeq
+from .errors import InputError, Unavailable
+from .lm import KVCache, LanguageModel, StepSeq
 from .sampling import SamplingParams, make_generator, sample
 from .stop_words import stop_word_ids
 from .table import stride_of
@@ -39,8 +49,8 @@ class Request:
 
     input_ids: np.ndarray  # (L,) prompt; ids >= vocab_size read the prompt table
     max_new_tokens: int  # request_output_len
-    end_id: int | None = None
-    stop_ids: tuple[int, ...] = ()  # stop_words_list's one-token words: the checkpoint's other end ids
+    end_id: int | None = None  # generation also stops at every end id of the checkpoint
+    stop_ids: tuple[int, ...] = ()  # stop_words_list's one-token words (the contract's stop words)
     table: torch.Tensor | None = None  # prompt_embedding_table (rows, H)
     mrope_cos_sin: np.ndarray | None = None  # mrope_rotary_cos_sin, flat
     mrope_delta: int = 0  # mrope_position_deltas
@@ -58,6 +68,7 @@ class _Seq:
     cos: torch.Tensor  # (prompt_len, d/2) prompt rotary angles
     sin: torch.Tensor
     gen: torch.Generator | None
+    end_ids: frozenset[int]
     cached: int = 0  # tokens in the KV cache
     generated: int = 0
     cancelled: bool = False
@@ -86,48 +97,262 @@ class EngineStats:
     step_seconds: float = 0.0
     batch_histogram: dict = field(default_factory=lambda: collections.Counter())
 
+    def add(self, report: StepReport) -> None:
+        if not report.sequences:
+            return
+        self.steps += 1
+        self.step_seconds += report.seconds
+        self.max_batch = max(self.max_batch, report.sequences)
+        self.batched_steps += report.sequences > 1
+        self.mixed_steps += 0 < report.decode_tokens < report.sequences
+        self.batch_histogram[report.sequences] += 1
+        self.tokens_in += report.prompt_tokens
+        self.tokens_out += report.generated
 
-class Engine:
-    def __init__(self, spec: ModelSpec, dtype: str = "float32", max_batch: int = 16,
-                 max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
-                 on_step: Callable[["StepReport"], None] | None = None, threads: int | None = None,
-                 shared_threads: int = 1, parallel_min_tokens: int = 64):
-        """`on_step` is called after every step, e.g. to export metrics, and with a report of zero
-        sequences when cancellations empty the batch without a step.
 
-        Callbacks (each request's `on_tokens`, and `on_step`) run on one delivery thread, in the
-        order the engine produced them, while the engine thread goes on with the next step: in
-        the server they hand responses to Triton, and each `send` waits for the server (~0.25 ms);
-        on the engine thread 8 of them added ~12% to every batch-8 decode step. Only that thread
-        calls them, so a consumer never sees two callbacks at once. (In a Triton 2.51 stub, a
-        send beside the engine's torch work needs `backend.send_response`: without it the stub
-        crashed, see there.)
+Plan = list[tuple[_Seq, int]]  # (sequence, new tokens) of one step
 
-        Threads: a step that prefills one prompt (at least `parallel_min_tokens` tokens) while
-        no other sequence runs uses `threads` (default: torch's setting) -- it is compute-bound
-        and its request waits for it. Every other step -- decoding, or prefilling while others
-        decode -- runs on `shared_threads`: a decode step reads the weights of the experts it
-        touches and gains only ~1.3x from a second thread, and under concurrency the other core
-        is busy with the vision encoder and the server; an OpenMP team that loses a core to them
-        stalls at every op (5-10x slower measured on 2 cores). load_tests/bench.py measures both."""
-        self.spec = spec
+
+class Scheduler:
+    """Admission, slots, cancellation, plans, and what step results do. Requests arrive from any
+    thread (`add`, `cancel`); everything else runs on the engine thread."""
+
+    def __init__(self, spec: ModelSpec, cache: KVCache, max_batch: int, max_seq_len: int, max_num_tokens: int,
+                 max_queue: int, emit: Callable, on_step: Callable[[StepReport], None] | None):
+        self.spec, self.cache = spec, cache
+        self.max_batch, self.max_seq_len, self.max_num_tokens, self.max_queue = (
+            max_batch, max_seq_len, max_num_tokens, max_queue)
+        self.emit = emit  # emit(callback, args): hand a consumer call to the delivery thread
         self.on_step = on_step
-        self.threads = threads or torch.get_num_threads()
-        self.shared_threads = min(shared_threads, self.threads)
-        self.parallel_min_tokens = parallel_min_tokens
-        self.max_seq_len = min(max_seq_len or 4096, spec.max_position_embeddings)
-        self.max_output_len = max_output_len or self.max_seq_len
-        self.max_num_tokens = max_num_tokens
-        self.lm = LanguageModel(spec, dtype=dtype, slots=max_batch, max_len=self.max_seq_len)
-        self.max_batch = max_batch
         self.stats = EngineStats()
         self._pending: collections.deque[Request] = collections.deque()
         self._active: list[_Seq] = []
         self._cancel: set[str] = set()
         self._cv = threading.Condition()
-        self._ids = itertools.count()
-        self._stop = False
+        self._stopped = False
+
+    # -- any thread ----------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("engine is stopped")
+            if len(self._pending) >= self.max_queue:
+                raise Unavailable(f"engine queue full: the {self.max_queue} places for requests waiting to "
+                                  f"join the running batch are taken; retry later")
+            self._pending.append(req)
+            self._cv.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            self._cancel.add(request_id)
+            self._cv.notify()
+
+    def load(self) -> int:
+        with self._cv:
+            return len(self._active) + len(self._pending)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    # -- engine thread --------------------------------------------------------------------------
+    def next_plan(self) -> Plan | None:
+        """Wait for work; take new requests and cancellations; return the next step's plan
+        (empty when cancellations left nothing to run), or None once stopped."""
+        with self._cv:
+            while not self._stopped and not self._pending and not self._active:
+                self._cv.wait()
+            if self._stopped:
+                return None
+            for seq in self._active:
+                if seq.req.request_id in self._cancel:
+                    seq.cancelled = True
+            # keep only cancellations of requests still waiting; one for a request that has
+            # already finished would otherwise stay here forever
+            self._cancel &= {r.request_id for r in self._pending}
+            self._admit()
+        cancelled = [s for s in self._active if s.cancelled]
+        for seq in cancelled:
+            self.finish(seq, "cancelled")
+        if not self._active:
+            if cancelled:  # no step follows: say that the batch emptied
+                self._report(StepReport(0, 0, 0, 0, 0.0, 0, len(self._pending)))
+            return []
+        self._compact()
+        plan, budget = [], self.max_num_tokens
+        for seq in self._active:  # every decode first, then prompt chunks within the budget
+            if seq.cached >= seq.prompt_len:
+                plan.append((seq, 1))
+                budget -= 1
+        for seq in self._active:
+            if seq.cached < seq.prompt_len and budget > 0:
+                n = min(seq.prompt_len - seq.cached, budget)
+                plan.append((seq, n))
+                budget -= n
+        return plan
+
+    def update(self, plan: Plan, results: list, seconds: float) -> None:
+        """Apply a step's results (`Runner.run`): tokens out, sequences finished, statistics."""
+        decode = sum(1 for seq, _ in plan if seq.cached >= seq.prompt_len)
+        generated = 0
+        for (seq, n), result in zip(plan, results):
+            if isinstance(result, Exception):
+                self.finish(seq, "error", f"generation failed: {result}")
+                continue
+            seq.cached += n
+            if result is not None:
+                generated += 1
+                self._advance(seq, result)
+        self._report(StepReport(len(plan), sum(n for _, n in plan) - decode, decode, generated, seconds,
+                                len(self._active), len(self._pending)))
+
+    def fail_all(self, message: str) -> None:
+        for seq in list(self._active):
+            self.finish(seq, "error", message)
+
+    def finish(self, seq: _Seq, reason: str, error: str | None = None, tokens: list[int] | None = None) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+        self._emit(seq.req, tokens or [], reason, error)
+
+    def _admit(self) -> None:
+        while self._pending and len(self._active) < self.max_batch:
+            req = self._pending.popleft()
+            if req.request_id in self._cancel:
+                self._cancel.discard(req.request_id)
+                self._emit(req, [], "cancelled")
+                continue
+            try:
+                ids = [int(x) for x in np.asarray(req.input_ids).reshape(-1)]
+                if req.mrope_cos_sin is not None:
+                    cos, sin = mrope.unpack_cos_sin(req.mrope_cos_sin, self.spec, len(ids))
+                else:  # text positions 0..L-1
+                    cos, sin = mrope.text_cos_sin(torch.arange(len(ids)), self.spec)
+                gen = make_generator(req.sampling)
+            except Exception as exc:  # validation let through something that cannot run: this request only
+                self._emit(req, [], "error", f"request refused: {type(exc).__name__}: {exc}")
+                continue
+            used = {s.slot for s in self._active}
+            slot = next(i for i in range(self.max_batch) if i not in used)
+            self.cache.claim(slot)
+            end_ids = (frozenset(self.spec.end_ids) | frozenset(req.stop_ids)
+                       | ({req.end_id} if req.end_id is not None else set()))
+            self._active.append(_Seq(req, slot, ids, len(ids), cos, sin, gen, end_ids))
+            self.stats.requests += 1
+
+    def _compact(self) -> None:
+        """Keep occupied slots dense from 0 so decode attention reads a view of the cache."""
+        for target, seq in enumerate(sorted(self._active, key=lambda s: s.slot)):
+            if seq.slot != target:
+                self.cache.move(seq.slot, target)
+                seq.slot = target
+
+    def _advance(self, seq: _Seq, token: int) -> None:
+        seq.generated += 1
+        seq.tokens.append(token)
+        # Like TensorRT-LLM, the end token is part of the output: consumers see where it stopped.
+        if token in seq.end_ids:
+            self.finish(seq, "stop", tokens=[token])
+        elif seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
+            self.finish(seq, "length", tokens=[token])
+        else:
+            self._emit(seq.req, [token], None)
+
+    def _report(self, report: StepReport) -> None:
+        self.stats.add(report)
+        if self.on_step is not None:
+            self.emit(self.on_step, (report,))
+
+    def _emit(self, req: Request, tokens: list[int], finish: str | None, error: str | None = None) -> None:
+        if req.on_tokens is not None:
+            self.emit(req.on_tokens, (tokens, finish, error))
+
+
+class Runner:
+    """Runs a plan: one forward for the whole batch, then a token for every sequence whose prompt
+    is complete. When the batched forward raises, each sequence runs alone, so only the one at
+    fault fails (rewriting a sequence's new cache rows is harmless: the retry writes the same
+    rows). Sampling is per sequence: one request's numbers never fail another.
+
+    Threads: a step that prefills one prompt (at least `parallel_min_tokens` tokens) while no
+    other sequence runs uses `threads` -- it is compute-bound and its request waits for it.
+    Every other step -- decoding, or prefilling while others decode -- runs on `shared_threads`:
+    a decode step reads the weights of the experts it touches and gains little from a second
+    thread, and under concurrency the other cores are busy with the vision encoder and the
+    server; an OpenMP team that loses a core to them stalls at every op."""
+
+    def __init__(self, lm: LanguageModel, threads: int, shared_threads: int, parallel_min_tokens: int):
+        self.lm = lm
+        self.threads, self.shared_threads, self.parallel_min_tokens = threads, shared_threads, parallel_min_tokens
+
+    def run(self, plan: Plan) -> list:
+        """Per sequence of the plan: its next token, None (its prompt goes on), or the exception
+        that failed it."""
+        alone = len(plan) == 1 and plan[0][1] >= self.parallel_min_tokens
+        threads = self.threads if alone else self.shared_threads
+        if torch.get_num_threads() != threads:  # OpenMP and MKL keep this per thread: the engine's
+            torch.set_num_threads(threads)
+        inputs = [self._inputs(seq, n) for seq, n in plan]
+        try:
+            logits: list = self.lm.forward(inputs)
+        except Exception as exc:
+            logits = [exc] if len(plan) == 1 else [self._forward_alone(s) for s in inputs]
+        return [self._choose(seq, n, row) for (seq, n), row in zip(plan, logits)]
+
+    def _inputs(self, seq: _Seq, n: int) -> StepSeq:
+        start = seq.cached
+        ids = torch.tensor(seq.tokens[start:start + n], dtype=torch.int64)
+        if start < seq.prompt_len:  # prompt chunk: angles from the M-RoPE table
+            return StepSeq(seq.slot, ids, start, seq.cos[start:start + n], seq.sin[start:start + n], seq.req.table)
+        # decoded token: all three M-RoPE rows equal position + delta
+        return StepSeq(seq.slot, ids, start, table=seq.req.table, delta=seq.req.mrope_delta)
+
+    def _forward_alone(self, inputs: StepSeq):
+        try:
+            return self.lm.forward([inputs])[0]
+        except Exception as exc:
+            return exc
+
+    @staticmethod
+    def _choose(seq: _Seq, n: int, logits) -> "int | None | Exception":
+        if isinstance(logits, Exception):
+            return RuntimeError(f"engine step failed: {type(logits).__name__}: {logits}")
+        if seq.cached + n < seq.prompt_len:
+            return None  # more prompt to prefill
+        try:
+            return sample(logits[-1], seq.req.sampling, seq.gen)
+        except Exception as exc:
+            return exc
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", max_batch: int = 16,
+                 max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
+                 on_step: Callable[["StepReport"], None] | None = None, threads: int | None = None,
+                 shared_threads: int = 1, parallel_min_tokens: int = 64, max_queue: int = 128):
+        """`on_step` is called after every step, e.g. to export metrics, and with a report of zero
+        sequences when cancellations empty the batch without a step. `max_queue` bounds the
+        requests waiting for a place in the running batch; past it `submit` raises Unavailable.
+
+        Callbacks (each request's `on_tokens`, and `on_step`) run on one delivery thread, in the
+        order the engine produced them, while the engine thread goes on with the next step: in
+        the server they hand responses to Triton, and each `send` waits for the server. Only
+        that thread calls them, so a consumer never sees two callbacks at once. (In a Triton
+        2.51 stub, a send beside the engine's torch work needs `backend.send_response`: without
+        it the stub crashed, see there.) `threads`, `shared_threads`, `parallel_min_tokens`: see
+        `Runner`."""
+        self.spec = spec
+        self.max_seq_len = min(max_seq_len or 4096, spec.max_position_embeddings)
+        self.max_output_len = max_output_len or self.max_seq_len
+        self.lm = LanguageModel(spec, dtype=dtype, slots=max_batch, max_len=self.max_seq_len)
+        threads = threads or torch.get_num_threads()
+        self.runner = Runner(self.lm, threads, min(shared_threads, threads), parallel_min_tokens)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.scheduler = Scheduler(spec, self.lm.cache, max_batch, self.max_seq_len, max_num_tokens, max_queue,
+                                   emit=lambda callback, args: self._outbox.put((callback, args)), on_step=on_step)
+        self.stats = self.scheduler.stats
+        self._ids = itertools.count()
         self._delivery = threading.Thread(target=self._deliver, name="engine-delivery", daemon=True)
         self._delivery.start()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -158,6 +383,8 @@ class Engine:
                 stride = stride_of(rows, spec.deepstack_levels)
             except ValueError as exc:
                 raise InputError("prompt_embedding_table", str(exc)) from None
+            if not bool(torch.isfinite(req.table).all()):
+                raise InputError("prompt_embedding_table", "holds NaN or infinite values")
         else:
             stride = 0
         if int(ids.max()) >= spec.vocab_size + stride:
@@ -173,25 +400,27 @@ class Engine:
                     "mrope_rotary_cos_sin",
                     f"must hold at least {ids.size} positions of {spec.rotary_dim} values, got {flat.size} values",
                 )
+            if not np.isfinite(flat).all() or np.abs(flat).max(initial=0) > 1:
+                raise InputError("mrope_rotary_cos_sin", "must hold cosines and sines: finite values in [-1, 1]")
+        # decode positions (cache length + delta) must lie in [0, max_position_embeddings)
+        low, high = -ids.size, spec.max_position_embeddings - self.max_seq_len
+        if not low <= req.mrope_delta <= high:
+            raise InputError("mrope_position_deltas", f"must be in [{low}, {high}] (decode positions within the "
+                                                      f"model's {spec.max_position_embeddings}), got {req.mrope_delta}")
         if req.end_id is not None and not 0 <= req.end_id < spec.vocab_size:
             raise InputError("end_id", f"must be a vocabulary id, got {req.end_id}")
 
     def submit(self, req: Request) -> str:
-        """Queue a request (validated) and return its id; tokens arrive through `req.on_tokens`."""
+        """Queue a request (validated) and return its id; tokens arrive through `req.on_tokens`.
+        Raises InputError for a bad request, Unavailable when the queue is full."""
         self.validate(req)
         if not req.request_id:
             req.request_id = f"r{next(self._ids)}"
-        with self._cv:
-            if self._stop:
-                raise RuntimeError("engine is stopped")
-            self._pending.append(req)
-            self._cv.notify()
+        self.scheduler.add(req)
         return req.request_id
 
     def cancel(self, request_id: str) -> None:
-        with self._cv:
-            self._cancel.add(request_id)
-            self._cv.notify()
+        self.scheduler.cancel(request_id)
 
     def generate(self, req: Request, timeout: float | None = None) -> tuple[list[int], str]:
         """Blocking helper: all generated ids and the finish reason."""
@@ -216,155 +445,29 @@ class Engine:
 
     def load(self) -> int:
         """Sequences running or waiting."""
-        with self._cv:
-            return len(self._active) + len(self._pending)
+        return self.scheduler.load()
 
     def shutdown(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
+        self.scheduler.stop()
         self._thread.join(timeout=10)
         self._outbox.put(None)  # after everything the engine thread queued: that still goes out
         self._delivery.join(timeout=10)
 
-    # -- scheduling ----------------------------------------------------------------------------------
-    def _admit(self) -> None:
-        while self._pending and len(self._active) < self.max_batch:
-            req = self._pending.popleft()
-            if req.request_id in self._cancel:
-                self._cancel.discard(req.request_id)
-                self._emit(req, [], "cancelled")
-                continue
-            used = {s.slot for s in self._active}
-            slot = next(i for i in range(self.max_batch) if i not in used)
-            ids = [int(x) for x in np.asarray(req.input_ids).reshape(-1)]
-            if req.mrope_cos_sin is not None:
-                cos, sin = mrope.unpack_cos_sin(req.mrope_cos_sin, self.spec, len(ids))
-            else:  # text positions 0..L-1
-                cos, sin = mrope.text_cos_sin(torch.arange(len(ids)), self.spec)
-            self._active.append(_Seq(req, slot, ids, len(ids), cos, sin, make_generator(req.sampling)))
-            self.stats.requests += 1
-
-    def _compact(self) -> None:
-        """Keep occupied slots dense from 0 so decode attention reads a view of the cache."""
-        by_slot = sorted(self._active, key=lambda s: s.slot)
-        for target, seq in enumerate(by_slot):
-            if seq.slot != target:
-                self.lm.cache.move(seq.slot, target, seq.cached)
-                seq.slot = target
-
-    def _plan(self) -> list[tuple[_Seq, int]]:
-        """(sequence, new tokens) for this step: every decode, then prompt chunks within budget."""
-        plan, budget = [], self.max_num_tokens
-        for seq in self._active:
-            if seq.cached >= seq.prompt_len:
-                plan.append((seq, 1))
-                budget -= 1
-        for seq in self._active:
-            if seq.cached < seq.prompt_len and budget > 0:
-                n = min(seq.prompt_len - seq.cached, budget)
-                plan.append((seq, n))
-                budget -= n
-        return plan
-
-    def _step_seq(self, seq: _Seq, n: int) -> StepSeq:
-        start = seq.cached
-        ids = torch.tensor(seq.tokens[start:start + n], dtype=torch.int64)
-        if start < seq.prompt_len:  # prompt chunk: angles from the M-RoPE table
-            cos, sin = seq.cos[start:start + n], seq.sin[start:start + n]
-        else:  # decoded token: all three rows equal position + delta
-            cos, sin = mrope.text_cos_sin(torch.tensor([start + seq.req.mrope_delta]), self.spec)
-        return StepSeq(seq.slot, ids, start, cos, sin, seq.req.table)
-
+    # -- the two threads -------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop:
+        """The engine thread: plan, run, update."""
+        while True:
             try:
-                self._iterate()
+                plan = self.scheduler.next_plan()
+                if plan is None:
+                    return
+                if not plan:
+                    continue
+                t0 = time.perf_counter()
+                results = self.runner.run(plan)
+                self.scheduler.update(plan, results, time.perf_counter() - t0)
             except Exception as exc:  # a scheduler bug must fail requests, never hang them
-                for seq in list(self._active):
-                    self._finish(seq, "error", f"engine failure: {type(exc).__name__}: {exc}")
-
-    def _iterate(self) -> None:
-        """One scheduling round: take new requests and cancellations, run one step."""
-        with self._cv:
-            while not self._stop and not self._pending and not self._active:
-                self._cv.wait()
-            if self._stop:
-                return
-            for seq in self._active:
-                if seq.req.request_id in self._cancel:
-                    seq.cancelled = True
-            # keep only cancellations of requests still waiting; one for a request that has
-            # already finished would otherwise stay here forever
-            self._cancel &= {r.request_id for r in self._pending}
-            self._admit()
-        cancelled = [s for s in self._active if s.cancelled]
-        for seq in cancelled:
-            self._finish(seq, "cancelled")
-        if not self._active:
-            if cancelled:  # no step follows: say that the batch emptied
-                self._report(StepReport(0, 0, 0, 0, 0.0, 0, len(self._pending)))
-            return
-        self._compact()
-        plan = self._plan()
-        alone = len(plan) == 1 and plan[0][1] >= self.parallel_min_tokens
-        threads = self.threads if alone else self.shared_threads
-        if torch.get_num_threads() != threads:  # OpenMP and MKL keep this per thread: the engine's
-            torch.set_num_threads(threads)
-        t0 = time.perf_counter()
-        try:
-            logits = self.lm.forward([self._step_seq(seq, n) for seq, n in plan])
-        except Exception as exc:  # never let one bad step kill the engine
-            for seq, _ in plan:
-                self._finish(seq, "error", f"engine step failed: {type(exc).__name__}: {exc}")
-            return
-        seconds = time.perf_counter() - t0
-        st = self.stats
-        st.steps += 1
-        st.step_seconds += seconds
-        st.max_batch = max(st.max_batch, len(plan))
-        st.batched_steps += len(plan) > 1
-        decode = sum(1 for seq, _ in plan if seq.cached >= seq.prompt_len)
-        st.mixed_steps += 0 < decode < len(plan)
-        st.batch_histogram[len(plan)] += 1
-        generated = 0
-        for (seq, n), row in zip(plan, logits):
-            seq.cached += n
-            if seq.cached < seq.prompt_len:
-                st.tokens_in += n
-                continue  # more prompt to prefill
-            if seq.cached - n < seq.prompt_len:
-                st.tokens_in += n
-            generated += 1
-            self._advance(seq, row[-1])
-        self._report(StepReport(len(plan), sum(n for _, n in plan) - decode, decode, generated, seconds,
-                                len(self._active), len(self._pending)))
-
-    def _report(self, report: StepReport) -> None:
-        if self.on_step is not None:
-            self._outbox.put((self.on_step, (report,)))
-
-    def _advance(self, seq: _Seq, logits: torch.Tensor) -> None:
-        token = sample(logits, seq.req.sampling, seq.gen)
-        seq.generated += 1
-        self.stats.tokens_out += 1
-        seq.tokens.append(token)
-        # Like TensorRT-LLM, the end token is part of the output: consumers see where it stopped.
-        if (seq.req.end_id is not None and token == seq.req.end_id) or token in seq.req.stop_ids:
-            self._finish(seq, "stop", tokens=[token])
-        elif seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
-            self._finish(seq, "length", tokens=[token])
-        else:
-            self._emit(seq.req, [token], None)
-
-    def _finish(self, seq: _Seq, reason: str, error: str | None = None, tokens: list[int] | None = None) -> None:
-        if seq in self._active:
-            self._active.remove(seq)
-        self._emit(seq.req, tokens or [], reason, error)
-
-    def _emit(self, req: Request, tokens: list[int], finish: str | None, error: str | None = None) -> None:
-        if req.on_tokens is not None:
-            self._outbox.put((req.on_tokens, (tokens, finish, error)))
+                self.scheduler.fail_all(f"engine failure: {type(exc).__name__}: {exc}")
 
     def _deliver(self) -> None:
         """The delivery thread: call the callbacks the engine queued, in order."""
@@ -402,7 +505,7 @@ def request_from_contract(arrays: dict, spec: ModelSpec) -> tuple[Request, bool]
         raise InputError("input_lengths", f"must be in [1, {ids.size}] (the input_ids length), got {length}")
     table = None
     if arrays.get("prompt_embedding_table") is not None:
-        table = torch.from_numpy(np.ascontiguousarray(single_sequence(arrays, "prompt_embedding_table")))
+        table = to_torch(single_sequence(arrays, "prompt_embedding_table"))
         rows = scalar(arrays, "prompt_vocab_size", int, default=table.shape[0])
         if rows != table.shape[0]:
             raise InputError("prompt_vocab_size", f"is {rows} but prompt_embedding_table has {table.shape[0]} rows")

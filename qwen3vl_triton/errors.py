@@ -1,4 +1,4 @@
-"""The one error type a request can fail with: it names the offending input."""
+"""Errors a request can fail with: a bad input (named), or a server that cannot take it now."""
 
 
 class InputError(ValueError):
@@ -7,3 +7,7 @@ class InputError(ValueError):
     def __init__(self, input_name: str, message: str):
         super().__init__(f"{input_name}: {message}")
         self.input = input_name
+
+
+class Unavailable(RuntimeError):
+    """The server cannot take the request now (a full queue); the client may retry later."""

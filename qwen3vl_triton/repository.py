@@ -40,6 +40,7 @@ class Settings:
 
     max_batch_size: int = 16  # Triton max_batch_size of the models (requests per batch)
     engine_max_batch: int = 16  # sequences the LLM engine runs at once (in-flight)
+    engine_max_queue: int = 128  # requests waiting for a place in the engine's batch; more get UNAVAILABLE
     max_seq_len: int = 4096  # prompt + generated tokens per sequence
     max_output_len: int = 1024  # largest max_tokens accepted
     max_num_tokens: int = 1024  # prompt tokens prefilled per engine step (longer prompts are chunked)
@@ -84,7 +85,7 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 problems.append(f"{f.name} must be >= 0, got {value}")
-        for name in ("max_batch_size", "engine_max_batch", "max_output_len", "max_num_tokens", "max_images",
+        for name in ("max_batch_size", "engine_max_batch", "engine_max_queue", "max_output_len", "max_num_tokens", "max_images",
                      "preprocessing_instances", "language_max_sequences", "chunk_rows",
                      "cancellation_check_period_ms", "stats_check_period_ms", "max_image_bytes",
                      "max_request_bytes", "image_url_max_bytes", "image_url_timeout_ms"):
@@ -101,10 +102,10 @@ class Settings:
         except ValueError as exc:
             problems.append(str(exc))
         else:
-            if device == "cpu" and dtype != "float32":
+            if device == "cpu" and dtype == "float16":
                 named = f"dtype {self.dtype}" + (f" (the checkpoint's {dtype})" if self.dtype == "auto" else "")
-                problems.append(f"{named}: the CPU engine runs float32 (its tables cross the ensemble as TYPE_FP32); "
-                                "dtype=float32 serves any checkpoint upcast")
+                problems.append(f"{named}: the CPU engine serves float32 or bfloat16 (CPUs have no fast float16 "
+                                "matmul); dtype=float32 serves any checkpoint upcast")
         if problems:
             raise RenderError("inconsistent settings: " + "; ".join(problems))
 
@@ -203,10 +204,6 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
         if engine_dir is None:
             raise RenderError("device gpu needs engine_dir, the TensorRT-LLM engine built for this checkpoint")
         engine = engine_values(spec, settings, engine_dir)
-        if engine["dtype"] == "bfloat16" and "language" in TOPOLOGIES[topology]:
-            raise RenderError("the disaggregated `language` model holds tables as numpy arrays, which have no "
-                              "bfloat16: build the engine in float16 for topologies with `language` "
-                              "(single and encoder serve bfloat16 engines)")
     vals = values(spec, device, settings, {**engine, **(extra or {})})
     out = Path(out)
     if out.exists():

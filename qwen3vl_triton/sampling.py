@@ -42,11 +42,21 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
+class NonFiniteLogits(ArithmeticError):
+    """The model's logits for a request hold NaN or Inf: its tokens would be meaningless."""
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """One token from `[vocab]` float32 logits."""
+    """One token from `[vocab]` float32 logits.
+
+    The logits are shifted so that their maximum is 0 before dividing by the temperature: every
+    scaled value is then <= 0 and the best token's is exactly 0, so no temperature, however
+    small (1e-45 divides to -inf, not to a NaN), can overflow the softmax."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("the model's logits for this request are not finite (NaN or Inf)")
     if params.greedy:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

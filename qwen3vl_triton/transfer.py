@@ -27,10 +27,11 @@ from typing import Iterator
 
 import numpy as np
 
+from .backend import BFLOAT16
 from .grpc_stream import GrpcStream, StreamError
 
 _RECEIVED = re.compile(r"received_rows=(\d+)")
-_NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int32): "INT32",
+_NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", BFLOAT16: "BF16", np.dtype(np.int32): "INT32",
                  np.dtype(np.int64): "INT64", np.dtype(np.uint64): "UINT64", np.dtype(np.bool_): "BOOL",
                  np.dtype(np.object_): "BYTES"}
 
@@ -365,7 +366,7 @@ class Disaggregated:
             raise TransferError(exc.message() if hasattr(exc, "message") else str(exc)) from None
         table_meta = result.get_output("prompt_embedding_table")
         hidden = int(table_meta.shape[2])
-        dtype = np.dtype({"FP32": np.float32, "FP16": np.float16}[table_meta.datatype])
+        dtype = np.dtype({"FP32": np.float32, "FP16": np.float16, "BF16": BFLOAT16}[table_meta.datatype])
         return Encoded(
             input_ids=result.as_numpy("input_ids").reshape(-1),
             rows=int(result.as_numpy("prompt_vocab_size").reshape(-1)[0]),

@@ -24,6 +24,7 @@ import torch
 
 from . import mrope
 from .checkpoint import ModelSpec, load_state, torch_dtype
+from .lm import warn_if_slow_bf16
 from .table import pack_table
 
 
@@ -108,6 +109,8 @@ class VisionEncoder:
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
+        if self.device.type == "cpu":
+            warn_if_slow_bf16(self.dtype, "the vision encoder")
         self.mrope_positions = mrope_positions
         self.table_stride = table_stride
         self.model = Qwen3VLMoeVisionModel._from_config(spec.config.vision_config, dtype=self.dtype)

@@ -8,8 +8,9 @@ import weakref
 
 import numpy as np
 
-from qwen3vl_triton.backend import CancelPoll, EngineMetrics, send_response
+from qwen3vl_triton.backend import CancelPoll, EngineMetrics, error, send_response
 from qwen3vl_triton.engine import Engine, StepReport
+from qwen3vl_triton.errors import InputError, Unavailable
 
 
 class Clock:
@@ -162,3 +163,23 @@ def test_send_response_keeps_the_outputs_alive_while_send_prunes_them():
     send_response(pb, Sender(), [Tensor("output_ids", np.zeros((1, 1, 1), np.int32)),
                                  Tensor("sequence_length", np.ones((1, 1), np.int32))], flags=7)
     assert seen == {"alive_after_prune": True, "flags": 7, "sent": ["output_ids"]}
+
+
+def test_errors_map_to_triton_codes():
+    # A full engine queue is UNAVAILABLE (retry later), a bad input INVALID_ARG naming it, and
+    # anything else INTERNAL.
+    class TritonError:
+        INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
+
+        def __init__(self, message, code=INTERNAL):
+            self.message, self.code = message, code
+
+    class pb:  # noqa: N801 -- stands in for the module
+        pass
+
+    pb.TritonError = TritonError
+    full = error(pb, Unavailable("engine queue full: the 2 places ... are taken"))
+    assert (full.code, full.message) == ("UNAVAILABLE", "engine queue full: the 2 places ... are taken")
+    bad = error(pb, InputError("end_id", "must be a vocabulary id"))
+    assert (bad.code, bad.message) == ("INVALID_ARG", "end_id: must be a vocabulary id")
+    assert error(pb, ZeroDivisionError("x")).code == "INTERNAL"

@@ -1,5 +1,6 @@
 """The CPU engine against the oracle: greedy equality, logits, batching, sampling, streaming, errors."""
 
+import dataclasses
 import threading
 import time
 
@@ -7,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from qwen3vl_triton import mrope
 from qwen3vl_triton.detok import IncrementalDetokenizer
-from qwen3vl_triton.errors import InputError
-from qwen3vl_triton.lm import LanguageModel
+from qwen3vl_triton.engine import Engine
+from qwen3vl_triton.errors import InputError, Unavailable
+from qwen3vl_triton.lm import LanguageModel, StepSeq
+from qwen3vl_triton.vision import EncodeRequest
 from qwen3vl_triton.sampling import SamplingParams
 from tests.oracle import image_bytes
 
@@ -101,8 +105,6 @@ def test_prefill_logits_match_transformers(spec, assert_prefill_matches):
 
 
 def test_chunked_prefill_equals_one_shot(spec, pipeline, oracle):
-    from qwen3vl_triton.engine import Engine
-
     small_steps = Engine(spec, max_batch=2, max_seq_len=1024, max_num_tokens=7)
     try:
         prompt, images = CASES[1][1], CASES[1][2]
@@ -178,6 +180,12 @@ def test_cancel_frees_the_place(engine, pipeline):
     (dict(mrope_cos_sin=np.zeros(5, np.float32)), "mrope_rotary_cos_sin", "must hold at least"),
     (dict(end_id=-1), "end_id", "must be a vocabulary id"),
     (dict(input_ids=np.arange(3000) % 100), "input_ids", "the context limit is 2048"),
+    (dict(table=torch.full((4, 64), float("nan"))), "prompt_embedding_table", "holds NaN or infinite values"),
+    (dict(table=torch.full((4, 64), float("-inf"))), "prompt_embedding_table", "holds NaN or infinite values"),
+    (dict(mrope_cos_sin=np.full(16 * 64, np.nan, np.float32)), "mrope_rotary_cos_sin", "finite values in [-1, 1]"),
+    (dict(mrope_cos_sin=np.full(16 * 64, 2.0, np.float32)), "mrope_rotary_cos_sin", "finite values in [-1, 1]"),
+    (dict(mrope_delta=2**63 - 1), "mrope_position_deltas", "got 9223372036854775807"),
+    (dict(mrope_delta=-10**6), "mrope_position_deltas", "must be in ["),
 ])
 def test_bad_contract_inputs_name_the_input(change, name, message, engine, pipeline):
     req = pipeline("Hi.", [], max_new_tokens=4)
@@ -207,7 +215,7 @@ def test_cancelling_a_finished_request_leaves_nothing_behind(engine, pipeline):
         time.sleep(0.05)
     engine.cancel(rid)  # too late: it already finished
     engine.generate(pipeline("Next.", [], max_new_tokens=2), timeout=30)
-    assert rid not in engine._cancel
+    assert rid not in engine.scheduler._cancel
 
 
 def test_the_engine_steps_on_while_a_consumer_is_slow(engine, pipeline, oracle):
@@ -251,3 +259,191 @@ def test_the_kv_cache_starts_zeroed_whatever_the_memory_held(spec):
         for t in (*cache.k, *cache.v):
             assert t.shape == (slots, spec.num_kv_heads, max_len, spec.head_dim)
             assert not t.isnan().any() and t.abs().sum() == 0
+
+
+def test_decode_steps_match_transformers_alone_and_batched(spec, preprocessor, encoder, oracle):
+    # Teacher-forced: each prompt is prefilled, then fixed tokens are decoded one step at a time,
+    # once with every sequence alone (a handful of (token, expert) pairs: the row kernel) and
+    # once all five together (more pairs than experts: the grouped kernel); the logits of every
+    # decode position against transformers' forward over prompt + those tokens.
+    prompts = [("Two pictures.", [image_bytes(120, 80, 8), image_bytes(64, 200, 9)]), ("Text only.", []),
+               ("One picture.", [image_bytes(96, 96, 10)]), ("Another text, longer than the first one.", []),
+               ("Wide.", [image_bytes(256, 48, 11)])]
+    steps = 5
+    rng = np.random.default_rng(0)
+    forced = rng.integers(0, min(spec.vision_start_token_id, spec.end_id, spec.pad_id), (len(prompts), steps))
+    reference, inputs = [], []
+    for (prompt, images), tokens in zip(prompts, forced):
+        inp = oracle.inputs(prompt, images)
+        kw = inp.kwargs()
+        kw["input_ids"] = torch.cat([inp.input_ids, torch.from_numpy(tokens)[None]], dim=1)
+        kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+        kw["mm_token_type_ids"] = torch.cat([inp.mm_token_type_ids, torch.zeros((1, steps), dtype=torch.int32)], 1)
+        with torch.inference_mode():
+            reference.append(oracle.model(**kw).logits[0, -steps:])
+        p = preprocessor(prompt, images)
+        r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+        cos, sin = mrope.unpack_cos_sin(r.mrope_rotary_cos_sin, spec, p.input_ids.size)
+        inputs.append((torch.from_numpy(p.input_ids.astype(np.int64)), cos, sin, r))
+
+    def decode(lm, members):
+        for slot, i in enumerate(members):
+            ids, cos, sin, r = inputs[i]
+            lm.forward([StepSeq(slot, ids, 0, cos, sin, r.prompt_embedding_table)])
+        got = {i: [] for i in members}
+        for j in range(steps):
+            batch = [StepSeq(slot, torch.tensor([int(forced[i, j])]), inputs[i][0].numel() + j,
+                             table=inputs[i][3].prompt_embedding_table, delta=inputs[i][3].mrope_position_deltas)
+                     for slot, i in enumerate(members)]
+            for i, logits in zip(members, lm.forward(batch)):
+                got[i].append(logits[0])
+        return {i: torch.stack(v) for i, v in got.items()}
+
+    together = decode(LanguageModel(spec, slots=len(prompts), max_len=512), list(range(len(prompts))))
+    for i in range(len(prompts)):
+        alone = decode(LanguageModel(spec, slots=1, max_len=512), [i])[i]
+        for ours in (alone, together[i]):
+            diff = (ours - reference[i]).abs().max().item()
+            assert diff <= 1e-4, f"{prompts[i][0]!r}: max |logit diff| {diff:.2e}"
+
+
+def run_together(engine, requests, timeout=120):
+    """Submit all requests at once; return per request (ids, finish, error)."""
+    results = [None] * len(requests)
+    done = [threading.Event() for _ in requests]
+    for i, req in enumerate(requests):
+        ids = []
+
+        def on_tokens(tokens, finish, error, i=i, ids=ids):
+            ids.extend(tokens)
+            if finish is not None:
+                results[i] = (ids, finish, error)
+                done[i].set()
+
+        req.on_tokens = on_tokens
+    for req in requests:
+        engine.submit(req)
+    assert all(d.wait(timeout) for d in done)
+    return results
+
+
+def test_nothing_left_in_a_kv_cache_slot_reaches_the_next_sequence(spec, pipeline, oracle):
+    # Every row of every slot holds NaN, as a sequence whose numbers overflowed leaves its rows.
+    # Two unrelated sequences then decode side by side, the short one's slot read by batched
+    # attention past its own length: each must equal its solo run.
+    engine = Engine(spec, max_batch=2, max_seq_len=512, max_output_len=64)
+    try:
+        for t in (*engine.lm.cache.k, *engine.lm.cache.v):
+            t.fill_(float("nan"))
+        jobs = [("Hi.", [], 20), ("Describe this image in detail.", [image_bytes(96, 64, 12)], 20)]
+        results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs])
+        for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+            assert error is None and ids == oracle.generate(prompt, images, n)
+        assert engine.stats.batched_steps > 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_whose_numbers_overflow_fails_alone_and_leaves_nothing_behind(spec, pipeline, oracle):
+    # A finite prompt table passes admission, but values near float32's limit overflow inside
+    # the model (NaN in its cache rows and logits): that request fails with a clear error, the
+    # one decoding beside it is untouched, and so are two later ones reusing its slot.
+    engine = Engine(spec, max_batch=2, max_seq_len=512, max_output_len=64)
+    try:
+        hostile = pipeline("Look.", [image_bytes(64, 64, 13)], max_new_tokens=20)
+        hostile.table = torch.full_like(hostile.table, 3e38)
+        good = ("Tell me about the ocean.", [], 24)
+        results = run_together(engine, [hostile, pipeline(good[0], good[1], max_new_tokens=good[2])])
+        assert results[0][1] == "error" and "not finite" in results[0][2]
+        assert results[1][1] != "error" and results[1][0] == oracle.generate(*good)
+        jobs = [("Hi.", [], 20), ("Describe this image in detail.", [image_bytes(96, 64, 12)], 20)]
+        results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs])
+        for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+            assert error is None and ids == oracle.generate(prompt, images, n)
+    finally:
+        engine.shutdown()
+
+
+def test_a_vanishing_temperature_is_greedy_and_fails_nobody(engine, pipeline, oracle):
+    # temperature 1e-45 overflows logits / temperature to inf; the sampler must not turn that
+    # into NaN probabilities (which raised and failed every stream decoding beside it).
+    jobs = [(f"Stream {i} runs along.", [], 30) for i in range(3)]
+    requests = [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs]
+    requests.append(pipeline("Tiny temperature.", [], max_new_tokens=30,
+                             sampling=SamplingParams(temperature=1e-45, seed=1)))
+    results = run_together(engine, requests)
+    for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+        assert error is None and ids == oracle.generate(prompt, images, n)
+    assert results[3][2] is None and results[3][0] == oracle.generate("Tiny temperature.", [], 30)
+
+
+def test_a_step_fault_fails_only_the_sequence_at_fault(spec, pipeline, oracle):
+    engine = Engine(spec, max_batch=4, max_seq_len=512, max_output_len=64)
+    try:
+        bad = pipeline("Faulty.", [image_bytes(64, 64, 14)], max_new_tokens=20)
+        forward = engine.lm.forward
+
+        def failing_forward(batch):  # a fault that only this request's data triggers
+            if any(s.table is bad.table for s in batch):
+                raise RuntimeError("injected fault")
+            return forward(batch)
+
+        engine.lm.forward = failing_forward
+        jobs = [(f"Good {i}.", [image_bytes(64, 48, 15 + i)] * (i % 2), 20) for i in range(2)]
+        results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs] + [bad])
+        for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+            assert error is None and ids == oracle.generate(prompt, images, n)
+        assert results[2][1] == "error" and "injected fault" in results[2][2]
+        assert engine.stats.batched_steps > 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_full_queue_refuses_with_unavailable(spec, pipeline, oracle):
+    engine = Engine(spec, max_batch=1, max_seq_len=512, max_output_len=64, max_queue=2)
+    release = threading.Event()
+    forward = engine.lm.forward
+
+    def held_forward(batch):  # the engine thread waits inside its first step: nothing is admitted
+        release.wait(60)
+        return forward(batch)
+
+    engine.lm.forward = held_forward
+    try:
+        done = []
+        requests = [pipeline(f"Queued {i}.", [], max_new_tokens=3) for i in range(4)]
+        for req in requests:
+            req.on_tokens = lambda tokens, finish, error: finish and done.append(finish)
+        engine.submit(requests[0])  # runs (held)
+        deadline = time.monotonic() + 30
+        while engine.scheduler.load() and not engine.scheduler._active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.submit(requests[1])
+        engine.submit(requests[2])  # two waiting: the bound
+        with pytest.raises(Unavailable, match=r"engine queue full: the 2 places for requests waiting to join the running batch are taken"):
+            engine.submit(requests[3])
+        release.set()
+        deadline = time.monotonic() + 30
+        while len(done) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(done) == 3 and "error" not in done
+        ids, _ = engine.generate(pipeline("After.", [], max_new_tokens=5), timeout=30)
+        assert ids == oracle.generate("After.", [], 5)
+    finally:
+        release.set()
+        engine.shutdown()
+
+
+def test_generation_stops_at_any_end_id_of_the_checkpoint(spec, pipeline, oracle):
+    # generation_config.json may list several end ids; the fifth token of a known generation
+    # is declared one of them, and generation must stop right there.
+    prompt = "Tell me about the ocean."
+    expected = oracle.generate(prompt, [], 30)
+    assert len(expected) > 5 and expected[4] not in expected[:4]
+    engine = Engine(dataclasses.replace(spec, end_ids=(*spec.end_ids, expected[4])), max_batch=2,
+                    max_seq_len=512, max_output_len=64)
+    try:
+        ids, finish = engine.generate(pipeline(prompt, [], max_new_tokens=30), timeout=60)
+        assert ids == expected[:5] and finish == "stop"
+    finally:
+        engine.shutdown()

@@ -66,7 +66,7 @@ def test_a_config_triton_cannot_parse_fails_at_render_time(tiny_checkpoint, tmp_
 @pytest.mark.parametrize("settings, message", [
     (Settings(max_output_len=4096, max_seq_len=4096), "leaves no room for a prompt"),
     (Settings(max_seq_len=100_000), "exceeds the model's max_position_embeddings"),
-    (Settings(dtype="bfloat16"), "the CPU engine runs float32"),
+    (Settings(dtype="float16"), "the CPU engine serves float32 or bfloat16"),
     (Settings(max_batch_size=0), "max_batch_size must be >= 1"),
     (Settings(dtype="float64"), "dtype 'float64'"),
 ])
@@ -114,9 +114,10 @@ def test_gpu_repository_refuses_an_engine_of_another_checkpoint(tiny_checkpoint,
                settings=Settings(max_seq_len=1024, max_output_len=256))
     with pytest.raises(RenderError, match="needs engine_dir"):
         render(tiny_checkpoint, tmp_path / "repo", device="gpu")
-    with pytest.raises(RenderError, match="build the engine in float16 for topologies with `language`"):
-        render(tiny_checkpoint, tmp_path / "repo", device="gpu", engine_dir=engine_dir, topology="all",
-               settings=Settings(max_seq_len=1024, max_output_len=256))
+    # a bfloat16 engine serves the disaggregated `language` model too: it holds bf16 tables
+    repo = render(tiny_checkpoint, tmp_path / "repo", device="gpu", engine_dir=engine_dir, topology="all",
+                  settings=Settings(max_seq_len=1024, max_output_len=256))
+    assert 'name: "chunk" data_type: TYPE_BF16' in (repo / "language" / "config.pbtxt").read_text()
 
 
 def test_the_render_builder_is_the_same_renderer(tiny_checkpoint, tmp_path):

@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import (CancelPoll, Gauges, error_response, model_params, read_inputs, scalar,
-                                    send_response, single_sequence)
+from qwen3vl_triton.backend import (CancelPoll, Gauges, error_response, model_params, numpy_dtype, output_tensor,
+                                    read_inputs, scalar, send_response, single_sequence)
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.language import OPS, Listener, SequenceStore, SharedRegions, attach, record
@@ -38,7 +38,7 @@ class TritonPythonModel:
         self.tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
         self.max_output_len = int(params["max_output_len"])
         self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
-        self.store = SequenceStore(self.spec.hidden_size, np.dtype(params["table_dtype"]),
+        self.store = SequenceStore(self.spec.hidden_size, numpy_dtype(params["table_dtype"]),
                                    max_bytes=int(params["state_bytes"]),
                                    idle_seconds=int(params["sequence_idle_us"]) / 1e6,
                                    vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels)
@@ -181,7 +181,7 @@ class TritonPythonModel:
             tensors["mrope_rotary_cos_sin"] = seq.mrope_cos_sin[None]
         request = pb_utils.InferenceRequest(
             model_name="tensorrt_llm", requested_output_names=["output_ids"],
-            inputs=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()])
+            inputs=[output_tensor(pb_utils, k, v) for k, v in tensors.items()])
         try:
             for response in request.exec(decoupled=True):
                 if response.has_error():

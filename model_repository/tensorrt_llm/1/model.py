@@ -32,8 +32,8 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         self.engine = Engine(spec, dtype=params["dtype"], max_batch=int(params["max_batch"]),
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
-                             max_num_tokens=int(params["max_num_tokens"]), on_step=self.metrics.on_step,
-                             threads=threads)
+                             max_num_tokens=int(params["max_num_tokens"]), max_queue=int(params["max_queue"]),
+                             on_step=self.metrics.on_step, threads=threads)
         # `stop` (as in the tensorrtllm backend): a request with stop=true ends the running requests
         # that carry its request id. Triton request id -> engine ids of the running ones.
         self.running: dict[str, set[str]] = collections.defaultdict(set)
