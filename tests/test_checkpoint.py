@@ -318,6 +318,11 @@ def test_dtype_auto_is_the_checkpoints_dtype(tiny_checkpoint, tmp_path):
     assert 'key: "dtype" value: { string_value: "float32" }' in (repo / "tensorrt_llm" / "config.pbtxt").read_text()
     bf16 = build_saved_checkpoint(tmp_path / "bf16", dtype="bfloat16", log=lambda *_: None)
     assert ModelSpec.load(bf16).serving_dtype("auto") == "bfloat16"
-    with pytest.raises(RenderError, match="dtype auto \\(the checkpoint's bfloat16\\): the CPU engine runs float32"):
-        render(bf16, tmp_path / "repo2", settings=Settings(dtype="auto"))
+    repo = render(bf16, tmp_path / "repo2", topology="single", settings=Settings(dtype="auto"))
+    assert 'key: "dtype" value: { string_value: "bfloat16" }' in (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert "TYPE_BF16" in (repo / "vision_encoder" / "config.pbtxt").read_text()
     render(bf16, tmp_path / "repo3", topology="single", settings=Settings(dtype="float32"))  # served upcast
+    fp16 = build_saved_checkpoint(tmp_path / "fp16", dtype="float16", log=lambda *_: None)
+    with pytest.raises(RenderError, match="dtype auto \\(the checkpoint's float16\\): the CPU engine serves float32 "
+                                          "or bfloat16"):
+        render(fp16, tmp_path / "repo4", settings=Settings(dtype="auto"))
