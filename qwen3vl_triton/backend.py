@@ -12,7 +12,7 @@ import traceback
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, Unavailable
 
 
 def model_params(args: dict) -> dict[str, str]:
@@ -53,9 +53,12 @@ def single_sequence(arrays: dict, name: str) -> np.ndarray:
 
 
 def error(pb, exc: BaseException, logger=None):
-    """A TritonError for `exc`: INVALID_ARG with the message for bad input, INTERNAL otherwise."""
+    """A TritonError for `exc`: INVALID_ARG with the message for bad input, UNAVAILABLE for a server at
+    a bound, INTERNAL otherwise."""
     if isinstance(exc, InputError):
         return pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
+    if isinstance(exc, Unavailable):
+        return pb.TritonError(str(exc), pb.TritonError.UNAVAILABLE)
     if logger is not None:
         logger.log_error(f"internal error: {''.join(traceback.format_exception(exc))}")
     return pb.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL)

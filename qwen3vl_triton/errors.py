@@ -1,4 +1,4 @@
-"""The one error type a request can fail with: it names the offending input."""
+"""The errors a request can fail with: a bad input (it names the input), or a server at a bound."""
 
 
 class InputError(ValueError):
@@ -7,3 +7,8 @@ class InputError(ValueError):
     def __init__(self, input_name: str, message: str):
         super().__init__(f"{input_name}: {message}")
         self.input = input_name
+
+
+class Unavailable(RuntimeError):
+    """The server is at one of its bounds (open sequences, state memory, queued work): nothing is
+    wrong with the request, which may succeed later. Sent as UNAVAILABLE; str(err) says which bound."""
