@@ -115,7 +115,8 @@ def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -
     if settings.max_seq_len > facts.mrope_positions:
         raise RenderError(f"max_seq_len {settings.max_seq_len} exceeds the engine's {facts.mrope_positions} positions")
     vals = facts.config_values(engine_dir, cancellation_check_period_ms=settings.cancellation_check_period_ms,
-                               stats_check_period_ms=settings.stats_check_period_ms)
+                               stats_check_period_ms=settings.stats_check_period_ms,
+                               max_queue_size=settings.max_queue_size)
     vals.update(dtype=facts.dtype, table_stride=str(facts.table_stride),
                 mrope_positions=str(facts.mrope_positions))
     return vals
