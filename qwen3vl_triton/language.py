@@ -46,8 +46,9 @@ class SequenceError(InputError):
 
 
 class RowsRefused(SequenceError):
-    """A chunk past a gap, or `generate` before every row is held. `received_rows` is sent to the
-    client as an output (besides the message), so the sender resumes exactly there."""
+    """A chunk past a gap, `generate` before every row is held, or `start` on an id whose sequence
+    is open. `received_rows` (the sequence's) is sent to the client as an output besides the
+    message, so a sender resumes exactly there."""
 
     def __init__(self, input_name: str, message: str, received_rows: int):
         super().__init__(input_name, message)

@@ -353,13 +353,13 @@ def test_generations_longer_than_the_idle_timeout_finish_with_their_final_respon
         finally:
             lang.close()
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(300)
     assert not errors, errors
-    assert len(results) == 6
+    assert len(results) == 8
     assert max(s for _, s in results.values()) > 1.5, "the generations were shorter than the idle timeout"
     for ids, _ in results.values():
         assert ids == expected  # every token, and the final response (else generate would have raised)
