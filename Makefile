@@ -18,7 +18,7 @@ USERS       ?= 4
 DURATION    ?= 30
 URL         ?=
 
-.PHONY: venv demo test serve checkpoint clean load-test tools gpu-bundle
+.PHONY: venv demo test serve checkpoint clean load-test tools gpu-bundle soak
 
 venv: $(BIN)/.installed
 
@@ -52,6 +52,13 @@ tools:
 # Reports: load_tests/reports/.
 load-test: venv
 	$(BIN)/python -m load_tests.run --users $(USERS) --duration $(DURATION) $(if $(URL),--url $(URL),)
+
+# 1,000 sequences through the qwen3vl ensemble and the disaggregated servers at once (good, malformed,
+# cancelled, abandoned, transfer faults): wrong outputs, failed good requests, and every server process's
+# memory, threads, descriptors and shared memory at start, middle and end. SEQUENCES=N for another size.
+SEQUENCES ?= 1000
+soak: venv
+	$(BIN)/python -m load_tests.soak --sequences $(SEQUENCES)
 
 checkpoint: venv
 	$(BIN)/python -m qwen3vl_triton.tiny --profile $(PROFILE) --out checkpoints/$(PROFILE)

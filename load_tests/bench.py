@@ -287,7 +287,7 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
         nbytes = enc.rows * model_hidden * 4
         rows = nbytes // (enc.hidden * 4)
         table = np.random.default_rng(0).standard_normal((rows, enc.hidden), dtype=np.float32)
-        shm.set_shared_memory_region(d._shm, [table])
+        shm.set_shared_memory_region(d._shm, [table], offset=d.table_offset)  # after the region's header
         per_position = enc.mrope_cos_sin.size // enc.input_ids.size
         big = Encoded(np.append(enc.input_ids[:4], enc.input_ids.max()), rows, enc.hidden,
                       enc.mrope_cos_sin[:5 * per_position], 0)

@@ -90,8 +90,8 @@ def single_sequence(arrays: dict, name: str) -> np.ndarray:
 
 
 def error(pb, exc: BaseException, logger=None):
-    """A TritonError for `exc`: INVALID_ARG with the message for bad input, UNAVAILABLE for a
-    server that cannot take the request now, INTERNAL otherwise."""
+    """A TritonError for `exc`: INVALID_ARG with the message for bad input, UNAVAILABLE for a server at
+    a bound, INTERNAL otherwise."""
     if isinstance(exc, InputError):
         return pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
     if isinstance(exc, Unavailable):
@@ -269,8 +269,11 @@ class TokenStream:
                 self._send_cancelled()
             return
         if finish == "error":
-            self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(err or "generation failed")),
-                             flags=final)
+            # The error, then the end on its own: Triton 2.51 never hands a BLS caller (postprocessing,
+            # language) an error response that follows earlier responses, and one that also carried
+            # the FINAL flag would leave that caller waiting for ever; the empty final one reaches it.
+            self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(err or "generation failed")))
+            self.sender.send(flags=final)
             return
         if self.streaming:
             if tokens:

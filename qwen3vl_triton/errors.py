@@ -1,4 +1,4 @@
-"""Errors a request can fail with: a bad input (named), or a server that cannot take it now."""
+"""The errors a request can fail with: a bad input (it names the input), or a server at a bound."""
 
 
 class InputError(ValueError):
@@ -10,4 +10,5 @@ class InputError(ValueError):
 
 
 class Unavailable(RuntimeError):
-    """The server cannot take the request now (a full queue); the client may retry later."""
+    """The server is at one of its bounds (open sequences, state memory, queued work): nothing is
+    wrong with the request, which may succeed later. Sent as UNAVAILABLE; str(err) says which bound."""

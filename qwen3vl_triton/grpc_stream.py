@@ -24,8 +24,46 @@ def message_of(error) -> str:
     return msg.strip() if msg else type(error).__name__
 
 
+class _ResponseIds:
+    """Wraps the gRPC response iterator and remembers the request id of the response being
+    handled. Triton puts the request's id on an error response too, but tritonclient's stream
+    drops it with the rest of the response; the callback, called on the same thread for that
+    response before the next is read, takes it from here, so an error reaches its own request."""
+
+    def __init__(self, responses):
+        self.responses = responses
+        self.current: str | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.current = None
+        response = next(self.responses)  # a gRPC error raised here leaves `current` None: the stream broke
+        self.current = response.infer_response.id
+        return response
+
+    def __getattr__(self, name):  # cancel(), is_active(), ... of the gRPC call
+        return getattr(self.responses, name)
+
+
+def _start_stream(client, callback, stream_timeout, headers=None) -> _ResponseIds:
+    """`client.start_stream(callback)`, keeping the ids of error responses (tritonclient 2.73's
+    own steps, with the response iterator wrapped)."""
+    from tritonclient.grpc._infer_stream import _InferStream, _RequestIterator
+
+    if client._stream is not None:
+        raise RuntimeError("this InferenceServerClient already runs a stream")
+    client._stream = _InferStream(callback, False)
+    ids = _ResponseIds(client._client_stub.ModelStreamInfer(_RequestIterator(client._stream),
+                                                            metadata=client._get_metadata(headers),
+                                                            timeout=stream_timeout))
+    client._stream._init_handler(ids)
+    return ids
+
+
 class GrpcStream:
-    """Requests over one stream; responses are routed to their request by id.
+    """Requests over one stream; responses, errors included, are routed to their request by id.
 
     `client`: a tritonclient.grpc.InferenceServerClient (kept open on close) or a url."""
 
@@ -36,11 +74,11 @@ class GrpcStream:
         self.client = grpcclient.InferenceServerClient(client) if self.own else client
         self.timeout = timeout
         self.queues: dict[str, queue.Queue] = {}
-        self.client.start_stream(callback=self._callback, stream_timeout=stream_timeout)
+        self.ids = _start_stream(self.client, self._callback, stream_timeout)
 
     def _callback(self, result=None, error=None):
-        rid = result.get_response().id if result is not None else getattr(error, "request_id", None)
-        if rid is None:  # no id: the stream itself failed; tell every waiter
+        rid = result.get_response().id if result is not None else self.ids.current
+        if not rid:  # no id: the stream itself failed; tell every waiter
             for target in list(self.queues.values()):
                 target.put((result, error))
             return

@@ -5,31 +5,107 @@ table size, `chunk`s fill the table in order, `generate` runs the LLM once and k
 generated tokens, so a client whose stream broke resumes with `from_token` without a second
 prefill. The state lives here, in the model instance: the Python backend ignores implicit
 sequence state, and it is not told when Triton expires an idle sequence, so the store expires
-its own on the same clock. Table memory is bounded; past the bound a new sequence is refused.
+its own on the same clock -- never while the sequence generates. The number of open sequences
+and their table memory are bounded; past a bound a new sequence is refused (UNAVAILABLE).
+
+A sequence's life is its `Phase`, changed only by `Sequence`'s methods:
+
+    RECEIVING --last row--> READY --generate--> GENERATING --the LLM ends--> FINISHED | FAILED
+    any of them --END flag, idle expiry (never while GENERATING), internal error--> ENDED
+
+ENDED is final: the store forgets the sequence at once, so its correlation id can start again
+at once, and whatever the old generation still produces reaches nobody.
 """
 
 from __future__ import annotations
 
-import collections
-import mmap
+import enum
+import hmac
 import os
 import re
+import stat
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from .detok import IncrementalDetokenizer
-from .errors import InputError
+from .errors import InputError, Unavailable
 from .sampling import SamplingParams
 from .table import stride_of
+from .transfer import REGION_HEADER, REGION_KEY, region_header
 
 OPS = ("start", "chunk", "status", "generate")
 
 
 class SequenceError(InputError):
-    """A request that does not fit the sequence's state (a gap, no start, a full store)."""
+    """A request that does not fit the sequence's state (no start, still open, ended, failed)."""
+
+
+class RowsRefused(SequenceError):
+    """A chunk past a gap, `generate` before every row is held, or `start` on an id whose sequence
+    is open. `received_rows` (the sequence's) is sent to the client as an output besides the
+    message, so a sender resumes exactly there."""
+
+    def __init__(self, input_name: str, message: str, received_rows: int):
+        super().__init__(input_name, message)
+        self.received_rows = received_rows
+
+
+class Phase(enum.Enum):
+    RECEIVING = "receiving rows"
+    READY = "ready to generate"
+    GENERATING = "generating"
+    FINISHED = "finished"  # every token is held: a resume replays them
+    FAILED = "failed"  # the generation failed; the error is kept for a resuming client
+    ENDED = "ended"  # released: nothing is held, nothing is sent
+
+
+class Listener:
+    """The generate stream currently receiving a sequence's tokens.
+
+    `send(text, ids, final)` delivers one response, `fail(message)` ends the stream with an
+    error; `cancelled()` says the client went away. `prime(ids)` feeds the detokenizer the
+    tokens before `from_token` (which the client already has), so a resumed text continues
+    exactly where the broken stream's text stopped.
+    """
+
+    def __init__(self, send, fail, cancelled, tokenizer):
+        self.send = send
+        self._fail = fail
+        self.cancelled = cancelled
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.closed = False
+
+    def prime(self, prior_ids: list[int]) -> None:
+        self.detok.add(prior_ids)
+
+    def push(self, ids: list[int], final: bool) -> None:
+        if self.closed:
+            return
+        if self.cancelled():
+            self.closed = True
+            return
+        text = self.detok.add(ids)
+        if final:
+            text += self.detok.flush()
+            self.closed = True
+        if ids or text or final:
+            self.send(text, ids, final)
+
+    def fail(self, message: str) -> None:
+        """End the stream with an error (when its client may still be there to read it)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.cancelled():  # may be a period stale: the stream can be gone already
+            try:
+                self._fail(message)
+            except Exception:  # nobody is left to tell
+                pass
 
 
 @dataclass(eq=False)
@@ -41,15 +117,22 @@ class Sequence:
     mrope_delta: int
     max_tokens: int
     sampling: SamplingParams
-    last_seen: float
+    clock: Callable[[], float] = time.monotonic
+    phase: Phase = Phase.RECEIVING
     received: int = 0  # length of the contiguous prefix of the table held
     tokens: list[int] = field(default_factory=list)  # generated so far
-    generating: bool = False
-    done: bool = False
     error: str | None = None
-    end_requested: bool = False  # free the state once generation finishes
-    listener: object | None = None  # the generate stream currently receiving tokens
+    listener: Listener | None = None
+    region: "Region | None" = None  # the shared-memory region this sequence proved it may read
+    release_when_done: bool = False  # `generate` came with the END flag
+    # the LLM request's id, unguessable: a `stop` request names it (tensorrtllm's cancellation)
+    generation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def __post_init__(self):
+        self.last_seen = self.clock()
+        if self.rows == 0:
+            self.phase = Phase.READY
 
     @property
     def rows(self) -> int:
@@ -60,20 +143,149 @@ class Sequence:
         extra = 0 if self.mrope_cos_sin is None else self.mrope_cos_sin.nbytes
         return self.table.nbytes + self.input_ids.nbytes + extra
 
+    @property
+    def open(self) -> bool:
+        return self.phase is not Phase.ENDED
+
+    def touch(self) -> None:
+        self.last_seen = self.clock()
+
+    def idle(self, now: float, idle_seconds: float) -> bool:
+        """Expired: idle longer than `idle_seconds` and not generating (a running generation keeps
+        its sequence alive; the idle clock restarts when it ends)."""
+        return self.phase is not Phase.GENERATING and now - self.last_seen > idle_seconds
+
+    def _gone(self) -> SequenceError:
+        return SequenceError("op", f"sequence {self.corrid} has ended; start it again")
+
+    # -- transitions -----------------------------------------------------------------------------
+    def chunk(self, offset: int, count: int, fill: Callable[[np.ndarray, int], None]) -> int:
+        """Rows [offset, offset + count): the ones not held yet are written by `fill(dest, first)`
+        (`first`: the chunk's first row to copy). Returns received_rows; rows already held are
+        acknowledged, not re-applied (idempotent)."""
+        with self.cond:
+            if not self.open:
+                raise self._gone()
+            if offset < 0 or count < 0 or offset + count > self.rows:
+                raise InputError("chunk_offset", f"rows [{offset}, {offset + count}) fall outside the table of "
+                                                 f"{self.rows} rows")
+            if offset > self.received:
+                raise RowsRefused("chunk_offset", f"{offset} is past received_rows={self.received}: resend from "
+                                                  f"row {self.received}", self.received)
+            end = offset + count
+            if end > self.received:
+                fill(self.table[self.received:end], self.received - offset)
+                self.received = end
+                if end == self.rows:
+                    self.phase = Phase.READY
+            return self.received
+
+    def generate(self, listener: Listener, from_token: int, release_when_done: bool = False) -> bool:
+        """Make `listener` the sequence's stream from token `from_token`. Returns True when the
+        caller must start the LLM (the first `generate`).
+
+        A later `generate` on a sequence that already streams (a client resuming a broken
+        stream) takes it over: the earlier stream ends with an error that says so."""
+        with self.cond:
+            if self.phase is Phase.RECEIVING:
+                raise RowsRefused("op", f"generate refused: received_rows={self.received} of {self.rows}; send the "
+                                        f"rest from row {self.received}", self.received)
+            if self.phase is Phase.FAILED:
+                raise SequenceError("op", f"generation failed: {self.error}")
+            if not self.open:
+                raise self._gone()
+            if not 0 <= from_token <= len(self.tokens):
+                raise InputError("from_token", f"must be in [0, {len(self.tokens)}] (the tokens generated so far), "
+                                               f"got {from_token}")
+            listener.prime(self.tokens[:from_token])
+            old, self.listener = self.listener, listener
+            if old is not None:
+                old.fail(f"generate stream replaced: a later generate on sequence {self.corrid} "
+                         f"(from_token={from_token}) took it over")
+            self.release_when_done = self.release_when_done or release_when_done
+            listener.push(self.tokens[from_token:], final=self.phase is Phase.FINISHED)
+            if self.phase is Phase.READY:
+                self.phase = Phase.GENERATING
+                return True
+            if self.phase is Phase.FINISHED and self.release_when_done:
+                self._end_locked()
+            return False
+
+    def record(self, ids: list[int], final: bool, error: str | None = None) -> None:
+        """Tokens (or the end, or an error) from the LLM, forwarded to the stream. Ignored once the
+        sequence has ended: an old generation never reaches anyone."""
+        with self.cond:
+            if self.phase is not Phase.GENERATING:
+                return
+            self.tokens.extend(ids)
+            listener = self.listener
+            if error is not None:
+                self.phase, self.error = Phase.FAILED, error
+                self.table = self.table[:0]  # a failed sequence keeps its error, not its table
+                if listener is not None:
+                    listener.fail(error)
+            else:
+                if final:
+                    self.phase = Phase.FINISHED
+                if listener is not None:
+                    listener.push(ids, final)
+            if self.phase is not Phase.GENERATING:
+                self.touch()  # the idle clock starts when the generation ends
+                if self.release_when_done:
+                    self._end_locked()
+
+    def end(self, reason: str) -> bool:
+        """Release everything (END flag, idle expiry, an internal error). Returns True when a
+        generation was running: the caller stops the LLM request."""
+        with self.cond:
+            return self._end_locked(reason)
+
+    def _end_locked(self, reason: str | None = None) -> bool:
+        if not self.open:
+            return False
+        generating = self.phase is Phase.GENERATING
+        self.phase = Phase.ENDED
+        listener, self.listener = self.listener, None
+        if listener is not None and generating:
+            listener.fail(reason or "sequence ended")
+        self.table = self.table[:0]
+        self.mrope_cos_sin = None
+        region, self.region = self.region, None
+        if region is not None:
+            region.close()
+        return generating
+
+    def bind_region(self, regions: "SharedRegions", key: str, secret: str) -> "Region":
+        """The region `key`, opened once the sequence proves it may read it (see SharedRegions)."""
+        with self.cond:
+            if not self.open:
+                raise self._gone()
+            if self.region is not None and self.region.matches(key, secret):
+                return self.region
+            region = regions.open(key, secret)
+            old, self.region = self.region, region
+        if old is not None:
+            old.close()
+        return region
+
 
 class SequenceStore:
-    """Sequences by correlation id, bounded in bytes, expiring after `idle_seconds`."""
+    """Open sequences by correlation id, bounded in number and bytes, expiring after `idle_seconds`."""
 
     def __init__(self, hidden_size: int, table_dtype, max_bytes: int, idle_seconds: float, vocab_size: int,
-                 levels: int, clock=time.monotonic):
+                 levels: int, max_sequences: int = 256, max_positions: int = 1 << 30, rotary_dim: int | None = None,
+                 clock=time.monotonic):
         self.hidden_size = hidden_size
         self.vocab_size = vocab_size  # prompt-table ids start here
         self.levels = levels  # DeepStack levels stacked under the embeddings
         self.table_dtype = np.dtype(table_dtype)
         self.max_bytes = max_bytes
+        self.max_sequences = max_sequences
+        self.max_positions = max_positions  # the model's max_position_embeddings
+        self.rotary_dim = rotary_dim  # values per position of mrope_rotary_cos_sin
         self.idle_seconds = idle_seconds
         self.clock = clock
-        self._seqs: dict[int, Sequence] = {}
+        self._seqs: dict[int, Sequence] = {}  # open sequences only
         self._lock = threading.Lock()
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -87,17 +299,30 @@ class SequenceStore:
             return sum(s.nbytes for s in self._seqs.values())
 
     def expire(self) -> list[Sequence]:
-        """Drop sequences idle longer than `idle_seconds` (Triton has released them too)."""
+        """End the sequences idle longer than `idle_seconds` (Triton has released them too)."""
         now = self.clock()
         with self._lock:
-            old = [s for s in self._seqs.values() if now - s.last_seen > self.idle_seconds]
+            old = [s for s in self._seqs.values() if s.idle(now, self.idle_seconds)]
             for s in old:
                 del self._seqs[s.corrid]
+        for s in old:
+            s.end("the sequence expired")
         return old
 
-    def drop(self, corrid: int) -> Sequence | None:
+    def end(self, corrid: int, reason: str) -> str | None:
+        """Forget `corrid` and end its open sequence, if any. Returns the generation id of the LLM
+        request the caller must stop, when one was running."""
         with self._lock:
-            return self._seqs.pop(corrid, None)
+            seq = self._seqs.pop(corrid, None)
+        if seq is not None and seq.end(reason):
+            return seq.generation_id
+        return None
+
+    def release(self, seq: Sequence) -> None:
+        """Forget `seq` if it is still the one under its id (never a newer sequence of that id)."""
+        with self._lock:
+            if self._seqs.get(seq.corrid) is seq:
+                del self._seqs[seq.corrid]
 
     def get(self, corrid: int) -> Sequence:
         with self._lock:
@@ -105,7 +330,7 @@ class SequenceStore:
             if seq is None:
                 raise SequenceError("op", f"sequence {corrid} has no state: it was never started, has ended, "
                                           "expired after being idle, or failed; start it again")
-            seq.last_seen = self.clock()
+            seq.touch()
             return seq
 
     # -- ops ---------------------------------------------------------------------------------------
@@ -128,201 +353,167 @@ class SequenceStore:
         if ids.min() < 0 or ids.max() >= self.vocab_size + stride:
             raise InputError("input_ids", f"ids must be vocabulary ids (< {self.vocab_size}) or one of the {stride} "
                                           f"image rows of the table (< {self.vocab_size + stride})")
+        # the generated tokens sit at M-RoPE positions L + delta + i, i < max_tokens: all must exist
+        low, high = -ids.size, self.max_positions - ids.size - max_tokens
+        if not low <= mrope_delta <= high:
+            raise InputError("mrope_position_deltas", f"must be in [{low}, {high}] for a prompt of {ids.size} tokens "
+                                                      f"and max_tokens {max_tokens}, got {mrope_delta}")
+        if mrope_cos_sin is not None:
+            mrope_cos_sin = np.ascontiguousarray(mrope_cos_sin, np.float32).reshape(-1)
+            if self.rotary_dim is not None and mrope_cos_sin.size < ids.size * self.rotary_dim:
+                raise InputError("mrope_rotary_cos_sin", f"must hold at least {ids.size} positions of "
+                                                         f"{self.rotary_dim} values, got {mrope_cos_sin.size} values")
+            if not np.isfinite(mrope_cos_sin).all():
+                raise InputError("mrope_rotary_cos_sin", "holds NaN or Inf")
         need = table_rows * self.hidden_size * self.table_dtype.itemsize + ids.nbytes
         need += 0 if mrope_cos_sin is None else mrope_cos_sin.nbytes
         with self._lock:
-            old = self._seqs.pop(corrid, None)  # START resets a reused correlation id
+            old = self._seqs.get(corrid)
+            if old is not None:  # received_rows says so as data: the open sequence's rows
+                raise RowsRefused("op", f"start refused: sequence {corrid} is still open ({old.phase.value}, "
+                                        f"received_rows={old.received}); end it (the END flag) before starting it "
+                                        "again, or use another correlation id", old.received)
+            if len(self._seqs) >= self.max_sequences:
+                raise Unavailable(f"start refused: the language server holds its bound of {self.max_sequences} open "
+                                  "sequences (language_max_sequences); retry when other sequences end")
             held = sum(s.nbytes for s in self._seqs.values())
             if held + need > self.max_bytes:
-                if old is not None:
-                    self._seqs[corrid] = old
-                raise SequenceError(
-                    "op", f"start refused: the language server holds {held} bytes of sequence state for "
-                          f"{len(self._seqs)} sequences, and this one needs {need} more (bound "
-                          f"{self.max_bytes}); retry when other sequences end")
-            seq = Sequence(corrid, ids, np.zeros((table_rows, self.hidden_size), self.table_dtype),
-                           None if mrope_cos_sin is None else np.ascontiguousarray(mrope_cos_sin, np.float32),
-                           int(mrope_delta), int(max_tokens), sampling, self.clock())
+                raise Unavailable(
+                    f"start refused: the language server holds {held} bytes of sequence state for "
+                    f"{len(self._seqs)} sequences, and this one needs {need} more (bound "
+                    f"{self.max_bytes}); retry when other sequences end")
+            seq = Sequence(corrid, ids, np.zeros((table_rows, self.hidden_size), self.table_dtype), mrope_cos_sin,
+                           int(mrope_delta), int(max_tokens), sampling, clock=self.clock)
             self._seqs[corrid] = seq
         return seq
 
-    def chunk(self, corrid: int, offset: int, rows: np.ndarray) -> int:
-        """Apply rows at `offset`; return received_rows. Rows already held are not re-applied."""
-        seq = self.get(corrid)
+    def _check_rows(self, rows: np.ndarray) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.hidden_size:
             raise InputError("chunk", f"must be [rows, {self.hidden_size}], got {list(rows.shape)}")
         if rows.dtype != self.table_dtype:
             raise InputError("chunk", f"must be {self.table_dtype}, got {rows.dtype}")
-        with seq.cond:
-            if offset < 0 or offset + rows.shape[0] > seq.rows:
-                raise InputError("chunk_offset", f"rows [{offset}, {offset + rows.shape[0]}) fall outside the "
-                                                 f"table of {seq.rows} rows")
-            if offset > seq.received:
-                raise SequenceError("chunk_offset", f"{offset} is past received_rows={seq.received}: "
-                                                    f"resend from row {seq.received}")
-            end = offset + rows.shape[0]
-            if end > seq.received:  # new rows; an already-held prefix is skipped (idempotent)
-                seq.table[seq.received:end] = rows[seq.received - offset:]
-                seq.received = end
-            return seq.received
+
+    def chunk(self, corrid: int, offset: int, rows: np.ndarray) -> int:
+        """Apply rows carried by the request at `offset`; return received_rows."""
+        self._check_rows(rows)
+        seq = self.get(corrid)
+
+        def fill(dest, first):
+            dest[...] = rows[first:first + dest.shape[0]]
+
+        return seq.chunk(offset, rows.shape[0], fill)
+
+    def chunk_from_region(self, corrid: int, offset: int, count: int, regions: "SharedRegions", key: str,
+                          secret: str, byte_offset: int) -> int:
+        """Apply `count` rows read from the shared-memory region `key` at `byte_offset` (the
+        sequence must prove it may read the region: see SharedRegions); return received_rows."""
+        seq = self.get(corrid)
+        region = seq.bind_region(regions, key, secret)
+        row_bytes = self.hidden_size * self.table_dtype.itemsize
+
+        def fill(dest, first):
+            region.read_into(dest, byte_offset + first * row_bytes)
+
+        return seq.chunk(offset, count, fill)
 
     def status(self, corrid: int) -> Sequence:
         return self.get(corrid)
 
-    def ready_to_generate(self, corrid: int, from_token: int) -> Sequence:
-        seq = self.get(corrid)
-        if seq.received < seq.rows:
-            raise SequenceError("op", f"generate refused: received_rows={seq.received} of {seq.rows}; "
-                                      f"send the rest from row {seq.received}")
-        if seq.error:
-            raise SequenceError("op", f"generation failed: {seq.error}")
-        if from_token < 0 or (seq.done and from_token > len(seq.tokens)):
-            raise InputError("from_token", f"must be in [0, {len(seq.tokens)}], got {from_token}")
-        return seq
 
+class Region:
+    """One shared-memory region opened for one sequence. Rows are copied with pread into their
+    place in the table: a region truncated under the reader gives a short read (an error), never
+    the SIGBUS a mapping would raise."""
 
-class Listener:
-    """The generate stream currently receiving a sequence's tokens.
+    def __init__(self, fd: int, key: str, secret: str, owner: "SharedRegions"):
+        self.fd, self.key, self.secret, self.owner = fd, key, secret, owner
+        self._lock = threading.Lock()
 
-    `send(text, ids, final)` delivers one response, `fail(message)` ends the stream with an
-    error; `cancelled()` says the client went away.
-    The detokenizer is primed with the tokens before `from_token` (which the client already
-    has), so the resumed text continues exactly where the broken stream's text stopped.
-    """
+    def matches(self, key: str, secret: str) -> bool:
+        return key == self.key and hmac.compare_digest(secret, self.secret)
 
-    def __init__(self, send, fail, cancelled, tokenizer, prior_ids: list[int]):
-        self.send = send
-        self.fail = fail
-        self.cancelled = cancelled
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.detok.add(prior_ids)
-        self.closed = False
-
-    def push(self, ids: list[int], final: bool) -> None:
-        if self.closed:
-            return
-        if self.cancelled():
-            self.closed = True
-            return
-        text = self.detok.add(ids)
-        if final:
-            text += self.detok.flush()
-            self.closed = True
-        if ids or text or final:
-            self.send(text, ids, final)
+    def read_into(self, dest: np.ndarray, byte_offset: int) -> None:
+        need = dest.nbytes
+        with self._lock:
+            if self.fd < 0:
+                raise SequenceError("chunk_region", f"region {self.key} was released")
+            size = os.fstat(self.fd).st_size
+            if byte_offset < 0 or byte_offset + need > size:
+                raise InputError("region_offset", f"bytes [{byte_offset}, {byte_offset + need}) fall outside region "
+                                                  f"{self.key} of {size} bytes")
+            view = memoryview(dest).cast("B")
+            done = 0
+            while done < need:
+                n = os.preadv(self.fd, [view[done:]], byte_offset + done)
+                if n <= 0:
+                    raise InputError("chunk_region", f"region {self.key} ended at byte {byte_offset + done} while "
+                                                     "being read (truncated by its owner)")
+                done += n
 
     def close(self) -> None:
-        """Another stream took over (a resume): end this one."""
-        if not self.closed:
-            self.closed = True
-            if not self.cancelled():  # may be a period stale: the old stream can be gone already
-                try:
-                    self.send("", [], True)
-                except Exception:  # nobody is left to tell; the new stream must still start
-                    pass
-
-
-def attach(seq: Sequence, listener: Listener, from_token: int) -> bool:
-    """Make `listener` the sequence's stream, catching it up from `from_token`.
-
-    Returns True when the caller must start the generation (the first `generate`)."""
-    with seq.cond:
-        old, seq.listener = seq.listener, listener
-        if old is not None and old is not listener:
-            old.close()
-        listener.push(seq.tokens[from_token:], final=seq.done)
-        first = not seq.generating and not seq.done
-        seq.generating = True
-        return first
-
-
-def record(seq: Sequence, ids: list[int], final: bool, error: str | None = None) -> None:
-    """Tokens (or the end, or an error) from the LLM for `seq`, forwarded to its stream."""
-    with seq.cond:
-        seq.tokens.extend(ids)
-        if error is not None:
-            seq.error = error
-            seq.done = True
-        elif final:
-            seq.done = True
-        listener = seq.listener
-        if listener is not None:
-            if error is not None:
-                if not listener.closed:
-                    listener.closed = True
-                    listener.fail(error)
-            else:
-                listener.push(ids, final)
+        with self._lock:
+            fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+            self.owner._closed()
 
 
 class SharedRegions:
-    """System shared-memory regions of co-located senders, mapped once, read in place.
+    """System shared-memory regions of co-located senders, opened for the sequences that own them.
 
     A `chunk` request may name rows of a region instead of carrying them: the rows are copied
-    straight from the mapping into the sequence's table (one copy; none through Triton). Only
-    regions named like the package's senders name theirs are opened. A mapping keeps its pages
-    alive after the sender unlinks the region, so at most `max_regions` stay mapped (least
-    recently used unmapped first) and any idle for `idle_seconds` is unmapped.
+    from the region straight into the sequence's table (one copy, nothing through Triton). A
+    sequence reads a region only after proving it may: the sender writes a magic and a random
+    secret of its own into the region's first bytes (transfer.region_header; the table follows
+    at REGION_HEADER), and every chunk request that names the region carries that secret. Region
+    names alone are no proof (Triton lists registered regions to its admin, /dev/shm lists files
+    to local users); a secret that only whoever wrote or can read the region knows is.
+
+    Opened without following links and without blocking (a FIFO or device never stalls the
+    model), only regular files of the server's own user, only names of this project.
     """
 
-    KEY = re.compile(r"^/qwen3vl_table_[0-9a-f]{6,32}$")
+    SECRET = re.compile(r"^[0-9a-f]{64}$")
 
-    def __init__(self, max_regions: int = 16, idle_seconds: float = 300.0, root: str = "/dev/shm",
-                 clock=time.monotonic):
-        self.max_regions, self.idle_seconds, self.root, self.clock = max_regions, idle_seconds, root, clock
-        self._maps: collections.OrderedDict[str, tuple[mmap.mmap, float]] = collections.OrderedDict()
+    def __init__(self, root: str = "/dev/shm"):
+        self.root = root
+        self._open = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._maps)
+        """Regions open now (each held by one sequence until it ends)."""
+        return self._open
 
-    def _map(self, key: str) -> mmap.mmap:
-        if not self.KEY.match(key):
-            raise InputError("chunk_region", f"{key!r} is not a region key of this project (/qwen3vl_table_<hex>)")
+    def open(self, key: str, secret: str) -> Region:
+        if not REGION_KEY.match(key):
+            raise InputError("chunk_region", f"{key!r} is not a region key of this project (/qwen3vl_table_ and 32 "
+                                             "hex digits)")
+        if not self.SECRET.match(secret):
+            raise InputError("region_secret", "must be the 64 hex digits the sender wrote into its region")
+        path = os.path.join(self.root, key[1:])
         try:
-            fd = os.open(os.path.join(self.root, key[1:]), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise InputError("chunk_region", f"no shared-memory region {key} on the language server's host: "
                                              "the shm transport needs co-located servers") from None
+        except OSError:  # ELOOP: a symbolic link; EACCES: someone else's file
+            raise InputError("chunk_region", f"{key} is not a regular file of the language server's user") from None
         try:
-            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        finally:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise InputError("chunk_region", f"{key} is not a regular file of the language server's user")
+            expected = region_header(secret)
+            head = os.pread(fd, len(expected), 0) if st.st_size >= REGION_HEADER else b""
+            if not hmac.compare_digest(head, expected):
+                raise InputError("region_secret", f"does not match region {key}: a sequence reads only a region "
+                                                  "whose secret its sender wrote")
+        except BaseException:
             os.close(fd)
-
-    def rows(self, key: str, byte_offset: int, count: int, hidden: int, dtype) -> np.ndarray:
-        """A read-only view of `count` rows at `byte_offset`; copy it before the next call."""
-        dtype = np.dtype(dtype)
-        nbytes = count * hidden * dtype.itemsize
+            raise
         with self._lock:
-            entry = self._maps.pop(key, None)
-            region = entry[0] if entry else self._map(key)
-            self._maps[key] = (region, self.clock())
-            self._evict(keep=key)
-        if count < 0 or byte_offset < 0 or byte_offset + nbytes > len(region):
-            raise InputError("region_offset", f"rows [{byte_offset}, {byte_offset + nbytes}) fall outside region "
-                                              f"{key} of {len(region)} bytes")
-        return np.frombuffer(region, dtype, count * hidden, byte_offset).reshape(count, hidden)
+            self._open += 1
+        return Region(fd, key, secret, self)
 
-    def _evict(self, keep: str | None = None) -> None:
-        now = self.clock()
-        for key in list(self._maps):
-            region, used = self._maps[key]
-            if key != keep and (len(self._maps) > self.max_regions or now - used > self.idle_seconds):
-                try:
-                    region.close()
-                except BufferError:  # a view is still being copied: try again next time
-                    continue
-                del self._maps[key]
-
-    def expire(self) -> None:
+    def _closed(self) -> None:
         with self._lock:
-            self._evict()
-
-    def close(self) -> None:
-        with self._lock:
-            for region, _ in self._maps.values():
-                try:
-                    region.close()
-                except BufferError:
-                    pass
-            self._maps.clear()
+            self._open -= 1

@@ -4,7 +4,9 @@ Checks the checkpoint first (`check.check_checkpoint`: config, tokenizer, proces
 tensor's shape from the safetensors headers) and prints its facts; `--check` stops there, with
 exit status 0 when the checkpoint and the settings can be served, 1 otherwise. Prints one line
 starting with `ready:` once every model is ready; SIGINT or SIGTERM stops the server and every
-stub process it started.
+stub process it started. Triton's management APIs (shared memory, logging,
+trace, model repository, model config) answer only requests with the admin key: `--admin-key`,
+else QWEN3VL_ADMIN_KEY, else a random key written to <build-dir>/admin-key (mode 0600).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 from dataclasses import fields
 from pathlib import Path
 
+from . import admin
 from .check import check_checkpoint
 from .checkpoint import CheckpointError
 from .repository import TOPOLOGIES, RenderError, Settings, render
@@ -62,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--openai-port", type=int, default=0,
                     help="also serve the OpenAI-compatible API (/v1/chat/completions, /v1/models) on this port, "
                          "same address (topologies with qwen3vl: all, single)")
+    ap.add_argument("--admin-key", default=os.environ.get(admin.ENV),
+                    help="the key Triton's management APIs require (header admin-key; gRPC: "
+                         f"{admin.GRPC_HEADER}); default ${admin.ENV}, else a random one written to "
+                         "<build-dir>/admin-key")
     ap.add_argument("--exit-timeout", type=int, default=30,
                     help="seconds a stop waits for in-flight requests (tritonserver --exit-timeout-secs)")
     return ap.parse_args(argv)
@@ -101,9 +108,14 @@ def main(argv=None) -> int:
             raise SystemExit(f"DeepStack plugin {args.plugin} not found: build it (builders/plugin) or pass --plugin")
         preload.append(args.plugin)
     log_file = Path(args.log_file) if args.log_file else build / f"tritonserver-{args.topology}.log"
+    try:
+        key, key_note = admin_key(args.admin_key, build)
+    except ValueError as exc:
+        print(f"error: --admin-key: {exc}", file=sys.stderr)
+        return 2
     server = TritonServer(repo, Ports(args.http_port, args.grpc_port, args.metrics_port), build_dir=build,
                           address=args.address, log_file=log_file, preload=preload,
-                          extra_args=[f"--exit-timeout-secs={args.exit_timeout}"])
+                          extra_args=[f"--exit-timeout-secs={args.exit_timeout}"], admin_key=key)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -124,7 +136,7 @@ def main(argv=None) -> int:
         return 1
     models = ",".join(sorted(p.name for p in repo.iterdir() if p.is_dir()))
     print(f"ready: http={server.http_url} grpc={server.grpc_url} metrics={args.address}:{args.metrics_port} "
-          f"models={models}" + (f" openai=http://{openai.url}/v1" if openai else ""), flush=True)
+          f"models={models} admin-key={key_note}" + (f" openai=http://{openai.url}/v1" if openai else ""), flush=True)
     try:
         while not stop.wait(0.5):
             for name, proc, log in (("tritonserver", server.process, log_file),
@@ -138,6 +150,21 @@ def main(argv=None) -> int:
         server.stop()
     print("stopped", flush=True)
     return 0
+
+
+def admin_key(given: str | None, build: Path) -> tuple[str, str]:
+    """The admin key and how to find it: the one given, or a new random one written to
+    <build>/admin-key, readable by this user only (never printed: logs are read by others)."""
+    if given:
+        return admin.check(given), "given"
+    key = admin.default_key()
+    path = build / "admin-key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(key + "\n")
+    return key, str(path)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class Settings:
     vision_queue_delay_us: int = 0
     preprocessing_instances: int = 1
     stream_idle_seconds: int = 300  # postprocessing drops a stream state idle this long
+    # requests waiting in the queue of each batched model (preprocessing, vision_encoder,
+    # postprocessing; tensorrt_llm on GPU); past it a request is refused at once with UNAVAILABLE
+    max_queue_size: int = 64
     # as the tensorrtllm backend's parameters: how soon a cancelled request stops, and how often
     # the engine's metrics are sent (each check or update is a round trip to the server)
     cancellation_check_period_ms: int = 100
@@ -74,7 +77,7 @@ class Settings:
     # disaggregated language server
     language_state_bytes: int = 2 * 2**30  # bound on the tables held by `language` sequences
     sequence_idle_us: int = 60_000_000  # sequence batcher max_sequence_idle_microseconds
-    language_max_sequences: int = 256  # concurrent `language` sequences (sequence-batcher slots)
+    language_max_sequences: int = 256  # open `language` sequences; a start past it is refused (UNAVAILABLE)
     # encoder server: where qwen3vl_disagg sends tables (HOST:PORT, gRPC); empty: no qwen3vl_disagg
     language_url: str = ""
     chunk_rows: int = 256  # table rows per chunk sent by qwen3vl_disagg
@@ -86,7 +89,7 @@ class Settings:
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 problems.append(f"{f.name} must be >= 0, got {value}")
         for name in ("max_batch_size", "engine_max_batch", "engine_max_queue", "max_output_len", "max_num_tokens", "max_images",
-                     "preprocessing_instances", "language_max_sequences", "chunk_rows",
+                     "preprocessing_instances", "language_max_sequences", "chunk_rows", "max_queue_size",
                      "cancellation_check_period_ms", "stats_check_period_ms", "max_image_bytes",
                      "max_request_bytes", "image_url_max_bytes", "image_url_timeout_ms"):
             if getattr(self, name) < 1:
@@ -133,7 +136,8 @@ def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -
     if settings.max_seq_len > facts.mrope_positions:
         raise RenderError(f"max_seq_len {settings.max_seq_len} exceeds the engine's {facts.mrope_positions} positions")
     vals = facts.config_values(engine_dir, cancellation_check_period_ms=settings.cancellation_check_period_ms,
-                               stats_check_period_ms=settings.stats_check_period_ms)
+                               stats_check_period_ms=settings.stats_check_period_ms,
+                               max_queue_size=settings.max_queue_size)
     vals.update(dtype=facts.dtype, table_stride=str(facts.table_stride),
                 mrope_positions=str(facts.mrope_positions))
     return vals
@@ -156,6 +160,9 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
         # postprocessing holds a worker per running generation: room for a full engine batch and
         # as many waiting for a place
         generate_workers=str(2 * settings.engine_max_batch),
+        # Triton's sequence slots for `language`: room beyond the model's own bound, so a start past
+        # it reaches the model and is refused at once (see model_repository/language/config.pbtxt)
+        language_sequence_slots=str(2 * settings.language_max_sequences),
         # CPU: each table and rotary table sized to its request (GPU: engine_values fixes both)
         mrope_positions="0",
         table_stride="0",

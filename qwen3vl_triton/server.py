@@ -4,7 +4,7 @@ Here the server is the one shipped in the `nvidia-pytriton` wheel (Triton 2.51 w
 backend); in the Triton container it is the image's own `/opt/tritonserver`. The Python
 backend's stub runs Python in isolated mode, so models get their packages through the
 `EXECUTION_ENV_PATH` parameter (the virtual environment) and libpython through
-LD_LIBRARY_PATH.
+LD_LIBRARY_PATH. Its management APIs are closed to clients without the admin key (admin.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from . import admin
 
 IMAGE_ROOT = Path("/opt/tritonserver")
 
@@ -101,7 +103,9 @@ class Ports:
 
 @dataclass
 class TritonServer:
-    """One tritonserver process. `start()` returns once every model is ready."""
+    """One tritonserver process. `start()` returns once every model is ready.
+
+    `admin_key` opens the restricted management APIs (admin.py); default: admin.default_key()."""
 
     repository: Path
     ports: Ports = field(default_factory=Ports)
@@ -110,7 +114,11 @@ class TritonServer:
     log_file: Path | None = None
     preload: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
+    admin_key: str | None = None
     process: subprocess.Popen | None = None
+
+    def __post_init__(self):
+        self.admin_key = admin.check(self.admin_key) if self.admin_key else admin.default_key()
 
     @property
     def http_url(self) -> str:
@@ -131,6 +139,7 @@ class TritonServer:
             "--disable-auto-complete-config",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            *admin.server_args(self.admin_key),
             *self.extra_args,
         ]
 

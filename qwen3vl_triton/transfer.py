@@ -6,9 +6,10 @@ the encoder host. Transports:
 
 - `grpc`: chunks travel as binary tensor payloads (remote servers);
 - `shm`: co-located servers; one system shared-memory region, created once and reused: the
-  encoder writes `prompt_embedding_table` straight into it (a Triton-registered output region)
-  and the language server copies each chunk's rows out of it into the sequence state (the chunk
-  request names the region and the rows; the language model maps the region itself), so no
+  encoder writes `prompt_embedding_table` straight into it (a Triton-registered output region,
+  registered with the admin key) and the language server copies each chunk's rows out of it into
+  the sequence state (the chunk request names the region, the rows, and the secret the sender
+  wrote into the region's header, which proves the sequence may read it: `REGION_*` below), so no
   table byte passes through this process or through Triton's request path;
 - `cuda_shm`: the same with a CUDA shared-memory region, on a GPU host.
 
@@ -27,17 +28,29 @@ from typing import Iterator
 
 import numpy as np
 
+from . import admin
 from .backend import BFLOAT16
 from .grpc_stream import GrpcStream, StreamError
 
-_RECEIVED = re.compile(r"received_rows=(\d+)")
+# The shm transport's region: REGION_MAGIC and the sender's secret (32 random bytes) in the first
+# bytes, the table from REGION_HEADER on (page-aligned). Names: REGION_KEY, 128 random bits.
+REGION_KEY = re.compile(r"^/qwen3vl_table_[0-9a-f]{32}$")
+REGION_MAGIC = b"qwen3vl-table\x00v1"  # 16 bytes
+REGION_HEADER = 4096
+
+
+def region_header(secret: str) -> bytes:
+    """The bytes a sender writes at the start of its region: the magic, then the secret."""
+    return REGION_MAGIC + bytes.fromhex(secret)
+
 _NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", BFLOAT16: "BF16", np.dtype(np.int32): "INT32",
                  np.dtype(np.int64): "INT64", np.dtype(np.uint64): "UINT64", np.dtype(np.bool_): "BOOL",
                  np.dtype(np.object_): "BYTES"}
 
 
 class TransferError(RuntimeError):
-    """A request of the disaggregated path failed; `received_rows` is set when the server said it."""
+    """A request of the disaggregated path failed; `received_rows` is set when the server sent it
+    (the `received_rows` output that comes before a refusal's error)."""
 
     def __init__(self, message: str, received_rows: int | None = None):
         super().__init__(message)
@@ -85,13 +98,19 @@ class LanguageClient:
         self.stream.close(cancel)
 
     def _results(self, rid: str) -> Iterator:
+        """The request's results; on an error, TransferError with the last `received_rows` the
+        request's responses carried (a refusal sends it as data before its error)."""
+        received = None
         try:
-            yield from self.stream.results(rid, self.model)
+            for r in self.stream.results(rid, self.model):
+                out = r.as_numpy("received_rows")
+                if out is not None:
+                    received = int(out.reshape(-1)[0])
+                yield r
         except StreamError as exc:
             if exc.broken:
                 raise StreamBroken(str(exc)) from None
-            m = _RECEIVED.search(str(exc))
-            raise TransferError(str(exc), int(m.group(1)) if m else None) from None
+            raise TransferError(str(exc), received) from None
 
     def _request(self, inputs, **kw) -> Iterator:
         yield from self._results(self.stream.submit(self.model, inputs, **kw))
@@ -113,6 +132,8 @@ class LanguageClient:
 
     def start(self, corrid: int, enc: Encoded, max_tokens: int, temperature=None, top_k=None, top_p=None,
               seed=None) -> int:
+        """Open the sequence; a refused start also ends it, so Triton's sequence slot is let go at
+        once rather than at the idle timeout."""
         inputs = [self._op("start"),
                   _tensor("input_ids", enc.input_ids.astype(np.int32)[None]),
                   _tensor("table_rows", np.array([[enc.rows]], np.int32)),
@@ -124,7 +145,13 @@ class LanguageClient:
                                    ("top_p", top_p, np.float32), ("seed", seed, np.uint64)):
             if value is not None:
                 inputs.append(_tensor(name, np.array([[value]], dtype)))
-        return self._rows(corrid, inputs, start=True)
+        try:
+            return self._rows(corrid, inputs, start=True)
+        except TransferError as exc:
+            # a refusal with received_rows: the id holds an open sequence, which is not ours to end
+            if exc.received_rows is None:
+                self.end(corrid)
+            raise
 
     def chunk(self, corrid: int, offset: int, chunk_inputs: list) -> int:
         return self.chunk_received(self.send_chunk(corrid, offset, chunk_inputs))
@@ -158,20 +185,21 @@ class LanguageClient:
         """Yield (text, token ids) per response; StreamBroken if the stream ends early."""
         inputs = [self._op("generate"), _tensor("from_token", np.array([[from_token]], np.int32))]
         for r in self._request(inputs, sequence_id=corrid):
-            if not r.get_response().outputs:
-                continue
             text = r.as_numpy("text_output")
+            if text is None:  # the empty final response, or received_rows before a refusal
+                continue
             ids = r.as_numpy("output_ids")
-            yield ("".join(t.decode("utf-8") for t in text.reshape(-1)) if text is not None else "",
-                   [] if ids is None else ids.reshape(-1).tolist())
+            yield "".join(t.decode("utf-8") for t in text.reshape(-1)), [] if ids is None else ids.reshape(-1).tolist()
 
 
 class ChunkSource:
     """Where chunk rows come from: the table in memory (grpc), a system shared-memory region the
-    language server maps itself (`shm_key`), or a Triton-registered (CUDA) region (`region`)."""
+    language server reads itself (`shm_key`, with the `secret` written into its header; the table
+    starts at REGION_HEADER), or a Triton-registered (CUDA) region (`region`)."""
 
-    def __init__(self, enc: Encoded, region: str | None = None, shm_key: str | None = None):
-        self.enc, self.region, self.shm_key = enc, region, shm_key
+    def __init__(self, enc: Encoded, region: str | None = None, shm_key: str | None = None,
+                 secret: str | None = None):
+        self.enc, self.region, self.shm_key, self.secret = enc, region, shm_key, secret
 
     def rows(self, start: int, count: int) -> list:
         """The request inputs that carry rows [start, start + count) of the table."""
@@ -180,7 +208,8 @@ class ChunkSource:
         row_bytes = self.enc.hidden * self.enc.dtype.itemsize
         if self.shm_key is not None:
             return [_tensor("chunk_region", np.array([[self.shm_key.encode()]], dtype=np.object_)),
-                    _tensor("region_offset", np.array([[start * row_bytes]], np.int64)),
+                    _tensor("region_secret", np.array([[self.secret.encode()]], dtype=np.object_)),
+                    _tensor("region_offset", np.array([[REGION_HEADER + start * row_bytes]], np.int64)),
                     _tensor("chunk_rows", np.array([[count]], np.int32))]
         if self.region is None:
             return [_tensor("chunk", self.enc.table[start:start + count][None])]
@@ -260,10 +289,12 @@ class Disaggregated:
     """Encode on one server, generate on another; resumable at every stage.
 
     transport: "grpc" (payloads), "shm" (system shared memory, co-located servers) or
-    "cuda_shm" (CUDA shared memory on a GPU host)."""
+    "cuda_shm" (CUDA shared memory on a GPU host). The shared-memory transports register their
+    region with the servers' admin key (`admin_key`, default: see admin.default_key)."""
 
     def __init__(self, encoder_url: str | None, language_url: str, transport: str = "grpc", chunk_rows: int = 1024,
-                 region_bytes: int = 64 * 2**20, timeout: float = 120.0, cuda_device: int = 0, chunk_window: int = 4):
+                 region_bytes: int = 64 * 2**20, timeout: float = 120.0, cuda_device: int = 0, chunk_window: int = 4,
+                 admin_key: str | None = None):
         """`encoder_url` None: the caller encodes (e.g. a BLS model on the encoder host) and calls `run`."""
         import tritonclient.grpc as grpcclient
 
@@ -280,7 +311,10 @@ class Disaggregated:
         self.stats = TransferStats()
         self.region = None
         self.shm_key = None
+        self.secret = None
+        self.table_offset = 0
         self._shm = None
+        self._admin_key = admin_key
         # where the shared region is registered: each server once (they may be the same server)
         self._servers = [c for c in [self.encoder] if c] + ([grpcclient.InferenceServerClient(language_url)]
                                                             if language_url != encoder_url else [])
@@ -288,24 +322,39 @@ class Disaggregated:
             self._register(region_bytes, cuda_device)
 
     # -- shared memory (registered once, reused by every request) -------------------------------
+    @property
+    def _admin(self) -> dict:
+        return admin.grpc_headers(self._admin_key or admin.default_key())
+
     def _register(self, nbytes: int, device: int) -> None:
-        self.region = f"qwen3vl_table_{secrets.token_hex(6)}"
+        self.region = f"qwen3vl_table_{secrets.token_hex(16)}"
         self.region_bytes = nbytes
-        if self.transport == "shm":
-            import tritonclient.utils.shared_memory as shm
+        try:
+            if self.transport == "shm":
+                import tritonclient.utils.shared_memory as shm
 
-            self.shm_key = f"/{self.region}"
-            self._shm = shm.create_shared_memory_region(self.region, self.shm_key, nbytes)
-            # only the encoder writes through Triton; the language server maps the region itself
-            self._servers = [self.encoder]
-            self.encoder.register_system_shared_memory(self.region, self.shm_key, nbytes)
-        else:
-            import tritonclient.utils.cuda_shared_memory as cudashm
+                self.shm_key = f"/{self.region}"
+                self.secret = secrets.token_hex(32)
+                self.table_offset = REGION_HEADER
+                # create_only: a file already there under this name is someone else's, never reused
+                self._shm = shm.create_shared_memory_region(self.region, self.shm_key, nbytes, create_only=True)
+                shm.set_shared_memory_region(self._shm, [np.frombuffer(region_header(self.secret), np.uint8)])
+                # only the encoder writes through Triton; the language server reads the region itself
+                self._servers = [self.encoder]
+                self.encoder.register_system_shared_memory(self.region, self.shm_key, nbytes, headers=self._admin)
+            else:
+                import tritonclient.utils.cuda_shared_memory as cudashm
 
-            self._shm = cudashm.create_shared_memory_region(self.region, nbytes, device)
-            handle = cudashm.get_raw_handle(self._shm)
-            for server in self._servers:
-                server.register_cuda_shared_memory(self.region, handle, device, nbytes)
+                self.table_offset = 0
+                self._shm = cudashm.create_shared_memory_region(self.region, nbytes, device)
+                handle = cudashm.get_raw_handle(self._shm)
+                for server in self._servers:
+                    server.register_cuda_shared_memory(self.region, handle, device, nbytes, headers=self._admin)
+        except Exception as exc:
+            self.close()
+            raise TransferError(f"registering the {self.transport} region failed: {_message(exc)} (the servers "
+                                f"need their admin key: pass admin_key, or set {admin.ENV}; qwen3vl-serve writes "
+                                "a key it generated to <build-dir>/admin-key)") from None
 
     def close(self) -> None:
         try:
@@ -313,20 +362,20 @@ class Disaggregated:
                 for server in self._servers:
                     try:
                         if self.transport == "shm":
-                            server.unregister_system_shared_memory(self.region)
+                            server.unregister_system_shared_memory(self.region, headers=self._admin)
                         else:
-                            server.unregister_cuda_shared_memory(self.region)
+                            server.unregister_cuda_shared_memory(self.region, headers=self._admin)
                     except Exception:  # noqa: BLE001 -- the server may already be gone
                         pass
-                if self.transport == "shm":
+                if self._shm is not None and self.transport == "shm":
                     import tritonclient.utils.shared_memory as shm
 
                     shm.destroy_shared_memory_region(self._shm)
-                else:
+                elif self._shm is not None:
                     import tritonclient.utils.cuda_shared_memory as cudashm
 
                     cudashm.destroy_shared_memory_region(self._shm)
-                self.region = None
+                self.region = self._shm = None
         finally:
             self.lang.close()
             for server in self._servers:
@@ -359,11 +408,11 @@ class Disaggregated:
                  "mrope_position_deltas"]
         outputs = [grpcclient.InferRequestedOutput(n) for n in names]
         if self.region is not None:  # the encoder writes the table straight into the shared region
-            outputs[1].set_shared_memory(self.region, self.region_bytes)
+            outputs[1].set_shared_memory(self.region, self.region_bytes - self.table_offset, offset=self.table_offset)
         try:
             result = self.encoder.infer("encode", inputs, outputs=outputs, client_timeout=self.timeout)
         except Exception as exc:
-            raise TransferError(exc.message() if hasattr(exc, "message") else str(exc)) from None
+            raise TransferError(_message(exc)) from None
         table_meta = result.get_output("prompt_embedding_table")
         hidden = int(table_meta.shape[2])
         dtype = np.dtype({"FP32": np.float32, "FP16": np.float16, "BF16": BFLOAT16}[table_meta.datatype])
@@ -379,7 +428,7 @@ class Disaggregated:
 
     def source(self, enc: Encoded) -> ChunkSource:
         if self.transport == "shm":
-            return ChunkSource(enc, shm_key=self.shm_key)
+            return ChunkSource(enc, shm_key=self.shm_key, secret=self.secret)
         return ChunkSource(enc, self.region)
 
     def transfer(self, corrid: int, enc: Encoded, max_tokens: int, resume: bool = False, plan=None,
@@ -418,3 +467,8 @@ class Disaggregated:
                  messages=None, **sampling) -> Iterator[str]:
         """Text pieces of the whole disaggregated request (a prompt and images, or `messages`)."""
         yield from self.run(self.encode(prompt, images, max_tokens, messages), max_tokens, sequence_id, **sampling)
+
+
+def _message(exc: Exception) -> str:
+    msg = getattr(exc, "message", None)
+    return msg() if callable(msg) else str(exc)

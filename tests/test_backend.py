@@ -183,3 +183,43 @@ def test_errors_map_to_triton_codes():
     bad = error(pb, InputError("end_id", "must be a vocabulary id"))
     assert (bad.code, bad.message) == ("INVALID_ARG", "end_id: must be a vocabulary id")
     assert error(pb, ZeroDivisionError("x")).code == "INTERNAL"
+
+
+def test_a_stream_that_fails_midway_sends_the_error_then_the_end_apart():
+    # Triton 2.51 never hands a BLS caller an error response that follows earlier responses: an
+    # error that also carried FINAL left postprocessing and language waiting for ever. The error
+    # goes out on its own, then an empty final response that does reach the caller.
+    from qwen3vl_triton.backend import TokenStream
+
+    FINAL = 1
+
+    class pb:  # noqa: N801 -- stands in for the module
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+
+        class TritonError:
+            def __init__(self, message, code=None):
+                self.message = message
+
+        class Tensor:
+            def __init__(self, name, value):
+                self.name, self.value = name, value
+
+        class InferenceResponse:
+            def __init__(self, output_tensors=(), error=None):
+                self.output_tensors, self.error = list(output_tensors), error
+
+    sent = []
+
+    class Sender:
+        def send(self, response=None, flags=0):
+            kind = None if response is None else ("error:" + response.error.message if response.error
+                                                  else [t.name for t in response.output_tensors])
+            sent.append((kind, flags))
+
+        def is_cancelled(self):
+            return False
+
+    stream = TokenStream(pb, Sender(), engine=None, streaming=True, logger=None, cancel_check_seconds=10)
+    stream.on_tokens([5], None, None)
+    stream.on_tokens([], "error", "non-finite logits")
+    assert sent == [(["output_ids", "sequence_length"], 0), ("error:non-finite logits", 0), (None, FINAL)]

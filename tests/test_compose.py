@@ -211,15 +211,38 @@ def test_ports_healthchecks_and_published_ports_agree(services):
         http, grpc, metrics = (int(option(argv, f"--{p}-port")) for p in ("http", "grpc", "metrics"))
         probe = " ".join(svc["healthcheck"]["test"])
         assert f":{http}{READY}" in probe, f"{name}: the healthcheck must ask {READY} on the HTTP port {http}"
+        if name == "language":
+            assert "ports" not in svc, "the language server is reached on the compose network only"
+            continue
         openai = option(argv, "--openai-port")
         targets = {}
         for mapping in svc["ports"]:
-            host, container = (int(x) for x in str(mapping).split(":")[-2:])  # [address:]host:container
+            address, host, container = str(mapping).split(":")
+            assert address == "127.0.0.1", f"{name}: {mapping} must listen on the host's loopback by default"
+            host, container = int(host), int(container)
             assert host not in published, f"host port {host} published by {published.get(host)} and {name}"
             published[host] = name
             targets[container] = host
         assert set(targets) == {http, grpc, metrics} | ({int(openai)} if openai else set()), name
     assert published[8000] == "triton" and published[8001] == "triton"
+
+
+def test_published_ports_open_to_other_hosts_only_when_asked():
+    text = COMPOSE.read_text()
+    mappings = re.findall(r"^\s*- (\S+:\d+:\d+)$", text, re.M)
+    assert mappings and all(m.startswith("${QWEN3VL_PUBLISH_ADDRESS:-127.0.0.1}:") for m in mappings), mappings
+
+
+def test_servers_get_the_admin_key_from_the_environment(services):
+    for name, svc in server_services(services).items():
+        assert svc["environment"] == {"QWEN3VL_ADMIN_KEY": ""}, name  # empty: each server generates its own
+
+
+def test_services_run_as_the_images_unprivileged_user(services):
+    users = re.findall(r"^USER (\S+)$", DOCKERFILE.read_text(), re.M)
+    assert users and users[-1] not in ("root", "0"), "the image's last USER is its runtime user"
+    for name, svc in services.items():
+        assert svc.get("user") in (None, users[-1]), f"{name} runs as {svc.get('user')}"
 
 
 def test_healthcheck_gives_loading_time(services):

@@ -1,69 +1,121 @@
-"""The language model's sequence state, without a server: resumable chunks, bounds, expiry."""
+"""The language model's sequence state, without a server: phases, resumable chunks, bounds, expiry,
+and shared-memory regions read only by the sequences that prove they own them."""
+
+import os
+import secrets
+import threading
 
 import numpy as np
 import pytest
 
-from qwen3vl_triton.errors import InputError
-from qwen3vl_triton.language import Listener, SequenceError, SequenceStore, attach, record
+from qwen3vl_triton.errors import InputError, Unavailable
+from qwen3vl_triton.language import (Listener, Phase, RowsRefused, SequenceError, SequenceStore, SharedRegions)
 from qwen3vl_triton.sampling import SamplingParams
+from qwen3vl_triton.transfer import REGION_HEADER, region_header
 
 H, VOCAB, LEVELS = 4, 100, 3
 
 
-def store(max_bytes=1 << 20, idle=10.0, clock=None):
+def store(max_bytes=1 << 20, idle=10.0, clock=None, **kw):
     now = clock or [0.0]
-    return SequenceStore(H, np.float32, max_bytes, idle, VOCAB, LEVELS, clock=lambda: now[0]), now
+    return SequenceStore(H, np.float32, max_bytes, idle, VOCAB, LEVELS, clock=lambda: now[0], **kw), now
 
 
-def start(st, corrid=7, n=3):
+def start(st, corrid=7, n=3, **kw):
     ids = np.array([1, 2] + [VOCAB + j for j in range(n)] + [3], np.int32)
-    return st.start(corrid, ids, 4 * n, 4 * n, None, 0, 8, SamplingParams())
+    args = dict(mrope_cos_sin=None, mrope_delta=0, max_tokens=8)
+    args.update(kw)
+    return st.start(corrid, ids, 4 * n, 4 * n, args["mrope_cos_sin"], args["mrope_delta"], args["max_tokens"],
+                    SamplingParams())
 
 
 def rows(a, b):
     return np.arange(a * H, b * H, dtype=np.float32).reshape(b - a, H)
 
 
+def fill(st, corrid=7):
+    """A started sequence with every row held."""
+    seq = start(st, corrid)
+    st.chunk(corrid, 0, rows(0, seq.rows))
+    return seq
+
+
+class Stream:
+    """A generate stream that records what it was sent."""
+
+    def __init__(self, tokenizer=None, cancelled=False):
+        self.sent, self.errors = [], []
+        self.listener = Listener(lambda text, ids, final: self.sent.append((text, ids, final)), self.errors.append,
+                                 lambda: cancelled, tokenizer or _Ids())
+
+    @property
+    def ids(self):
+        return [i for _, ids, _ in self.sent for i in ids]
+
+    @property
+    def final(self):
+        return bool(self.sent) and self.sent[-1][2]
+
+
+class _Ids:
+    """A tokenizer whose text is the ids themselves (enough for the detokenizer)."""
+
+    def decode(self, ids, **_):
+        return "".join(f"<{i}>" for i in ids)
+
+    def convert_ids_to_tokens(self, ids):
+        return [f"<{i}>" for i in ids]
+
+
+# -- chunks ------------------------------------------------------------------------------------------
 def test_chunks_fill_in_order_and_duplicates_are_acknowledged_not_reapplied():
     st, _ = store()
     seq = start(st)
+    assert seq.phase is Phase.RECEIVING
     assert st.chunk(7, 0, rows(0, 4)) == 4
     assert st.chunk(7, 0, np.zeros((4, H), np.float32)) == 4  # duplicate: acknowledged
     assert st.chunk(7, 2, rows(2, 8)) == 8  # overlaps the held prefix: only rows 4..7 applied
     assert st.chunk(7, 8, rows(8, 12)) == 12
     np.testing.assert_array_equal(seq.table, rows(0, 12))
+    assert seq.phase is Phase.READY
 
 
-def test_a_chunk_past_a_gap_is_refused_naming_received_rows():
+def test_a_chunk_past_a_gap_is_refused_with_received_rows_as_data():
     st, _ = store()
     start(st)
     st.chunk(7, 0, rows(0, 4))
-    with pytest.raises(SequenceError, match=r"chunk_offset: 8 is past received_rows=4: resend from row 4"):
+    with pytest.raises(RowsRefused, match=r"chunk_offset: 8 is past received_rows=4: resend from row 4") as err:
         st.chunk(7, 8, rows(8, 12))
+    assert err.value.received_rows == 4
     assert st.status(7).received == 4
 
 
 def test_generate_before_all_rows_is_refused_the_same_way():
     st, _ = store()
-    start(st)
+    seq = start(st)
     st.chunk(7, 0, rows(0, 5))
-    with pytest.raises(SequenceError, match=r"generate refused: received_rows=5 of 12; send the rest from row 5"):
-        st.ready_to_generate(7, 0)
+    with pytest.raises(RowsRefused, match=r"generate refused: received_rows=5 of 12; send the rest from row 5") as err:
+        seq.generate(Stream().listener, 0)
+    assert err.value.received_rows == 5 and seq.phase is Phase.RECEIVING
 
 
-@pytest.mark.parametrize("bad, name", [
-    (dict(table_rows=10), "table_rows"),
-    (dict(input_ids=np.array([1, VOCAB + 5], np.int32)), "input_ids"),
-    (dict(input_ids=np.array([], np.int32)), "input_ids"),
-    (dict(prompt_vocab_size=12), "prompt_vocab_size"),
-    (dict(max_tokens=0), "max_tokens"),
+@pytest.mark.parametrize("bad, name, message", [
+    (dict(table_rows=10), "table_rows", "is not 4 stacked blocks"),
+    (dict(input_ids=np.array([1, VOCAB + 5], np.int32)), "input_ids", "image rows of the table"),
+    (dict(input_ids=np.array([], np.int32)), "input_ids", "is empty"),
+    (dict(prompt_vocab_size=12), "prompt_vocab_size", "is 12 but table_rows is 8"),
+    (dict(max_tokens=0), "max_tokens", "must be >= 1"),
+    (dict(mrope_delta=2**63 - 1), "mrope_position_deltas", "must be in [-3, 1021] for a prompt of 3 tokens"),
+    (dict(mrope_delta=-4), "mrope_position_deltas", "must be in [-3, 1021]"),
+    (dict(mrope_cos_sin=np.zeros(5, np.float32)), "mrope_rotary_cos_sin", "at least 3 positions of 2 values"),
+    (dict(mrope_cos_sin=np.full(6, np.nan, np.float32)), "mrope_rotary_cos_sin", "holds NaN or Inf"),
 ])
-def test_start_validates_its_inputs(bad, name):
-    st, _ = store()
+def test_start_validates_its_inputs(bad, name, message):
+    st, _ = store(max_positions=1028, rotary_dim=2)
     args = dict(corrid=1, input_ids=np.array([1, VOCAB, VOCAB + 1], np.int32), table_rows=8, prompt_vocab_size=None,
                 mrope_cos_sin=None, mrope_delta=0, max_tokens=4, sampling=SamplingParams())
     args.update(bad)
-    with pytest.raises(InputError) as err:
+    with pytest.raises(InputError, match=rf"^{name}: .*{__import__('re').escape(message)}") as err:
         st.start(**args)
     assert err.value.input == name and len(st) == 0
 
@@ -79,16 +131,41 @@ def test_bad_chunks_name_the_input():
         st.chunk(7, 10, np.zeros((4, H), np.float32))
 
 
+# -- bounds, reuse, expiry ---------------------------------------------------------------------------
 def test_memory_bound_refuses_new_sequences_until_others_end():
     one = 12 * H * 4 + 6 * 4  # table + ids of one sequence
     st, _ = store(max_bytes=2 * one)
     start(st, 1)
     start(st, 2)
-    with pytest.raises(SequenceError, match=r"start refused: the language server holds \d+ bytes .*\(bound \d+\)"):
+    with pytest.raises(Unavailable, match=r"start refused: the language server holds \d+ bytes .*\(bound \d+\)"):
         start(st, 3)
-    st.drop(1)
+    st.end(1, "test")
     start(st, 3)
     assert len(st) == 2 and st.bytes_held == 2 * one
+
+
+def test_the_sequence_bound_refuses_a_start_at_once():
+    st, _ = store(max_sequences=2)
+    start(st, 1)
+    start(st, 2)
+    with pytest.raises(Unavailable, match=r"start refused: the language server holds its bound of 2 open sequences"):
+        start(st, 3)
+    st.end(2, "test")
+    assert start(st, 3).phase is Phase.RECEIVING
+
+
+def test_start_on_an_open_id_is_refused_and_an_ended_id_starts_again_at_once():
+    st, _ = store()
+    old = start(st)
+    st.chunk(7, 0, rows(0, 4))
+    with pytest.raises(RowsRefused, match=r"start refused: sequence 7 is still open \(receiving rows, "
+                                          r"received_rows=4\)") as err:
+        start(st)
+    assert err.value.received_rows == 4 and st.get(7) is old  # the open one is untouched
+    assert st.end(7, "END") is None  # it was not generating: nothing to stop
+    assert old.phase is Phase.ENDED and old.table.size == 0
+    new = start(st)
+    assert new is not old and st.get(7) is new
 
 
 def test_idle_sequences_expire_on_the_store_clock():
@@ -106,84 +183,205 @@ def test_idle_sequences_expire_on_the_store_clock():
     assert len(st) == 0 and st.bytes_held == 0
 
 
+def test_a_running_generation_keeps_its_sequence_alive_and_the_idle_clock_restarts_when_it_ends():
+    st, now = store(idle=5.0)
+    seq = fill(st)
+    stream = Stream()
+    assert seq.generate(stream.listener, 0) is True
+    now[0] = 60.0  # far past the idle timeout, still generating
+    assert st.expire() == [] and seq.phase is Phase.GENERATING
+    seq.record([5, 6], final=False)
+    seq.record([7], final=True)
+    assert stream.ids == [5, 6, 7] and stream.final  # the final response was sent
+    now[0] = 64.0
+    assert st.expire() == []  # idle for 4 s since the generation ended
+    now[0] = 66.0
+    assert st.expire() == [seq] and seq.phase is Phase.ENDED
+
+
+# -- generate ------------------------------------------------------------------------------------------
 def test_a_resumed_stream_continues_the_text_exactly(preprocessor, spec):
-    """Tokens stay in the state; a second listener from token k gets the rest, text aligned."""
+    """Tokens stay in the state; a second stream from token k gets the rest, text aligned."""
     tok = preprocessor.tokenizer
     ids = tok("Caf\u00e9 \U0001f600 ok", add_special_tokens=False)["input_ids"]
     st = SequenceStore(spec.hidden_size, np.float32, 1 << 20, 10, spec.vocab_size, spec.deepstack_levels)
     seq = st.start(1, np.array([1, 2], np.int32), 4, None, None, 0, 50, SamplingParams())
-    got = {"first": [], "second": []}
-
-    def listener(name, prior):
-        return Listener(lambda text, new, final: got[name].append((text, new, final)), lambda m: None,
-                        lambda: False, tok, prior)
-
-    assert attach(seq, listener("first", []), 0) is True  # the first generate starts the LLM
+    st.chunk(1, 0, np.zeros((4, spec.hidden_size), np.float32))
+    first = Stream(tok, cancelled=False)
+    assert seq.generate(first.listener, 0) is True  # the first generate starts the LLM
     cut = 4  # the first stream breaks after 4 tokens
     for i in ids[:cut]:
-        record(seq, [i], final=False)
-    assert attach(seq, listener("second", seq.tokens[:cut]), cut) is False  # no second generation
+        seq.record([i], final=False)
+    second = Stream(tok)
+    assert seq.generate(second.listener, cut) is False  # no second generation
     for i in ids[cut:]:
-        record(seq, [i], final=False)
-    record(seq, [], final=True)
-    first = "".join(t for t, _, _ in got["first"])
-    second = "".join(t for t, _, _ in got["second"])
-    assert first + second == tok.decode(ids)
-    assert [i for _, new, _ in got["second"] for i in new] == ids[cut:]
-    assert got["first"][-1][2] is True and got["second"][-1][2] is True  # both streams were closed
+        seq.record([i], final=False)
+    seq.record([], final=True)
+    text = "".join(t for t, _, _ in first.sent) + "".join(t for t, _, _ in second.sent)
+    assert text == tok.decode(ids)
+    assert second.ids == ids[cut:] and second.final
 
 
-def test_a_resume_is_not_stopped_by_a_broken_stream_that_cannot_be_told(preprocessor, spec):
-    """The cancellation check is rate-limited, so the broken stream may still look alive: ending it
-    fails, and the resume must go on regardless."""
-    tok = preprocessor.tokenizer
-    st = SequenceStore(spec.hidden_size, np.float32, 1 << 20, 10, spec.vocab_size, spec.deepstack_levels)
-    seq = st.start(1, np.array([1, 2], np.int32), 4, None, None, 0, 50, SamplingParams())
+def test_a_later_generate_takes_the_stream_over_and_the_earlier_one_ends_with_an_error():
+    st, _ = store()
+    seq = fill(st)
+    first, second = Stream(), Stream()
+    assert seq.generate(first.listener, 0) is True
+    seq.record([5], final=False)
+    assert seq.generate(second.listener, 1) is False
+    seq.record([6], final=True)
+    assert first.ids == [5] and not first.final
+    assert first.errors == ["generate stream replaced: a later generate on sequence 7 (from_token=1) took it over"]
+    assert second.ids == [6] and second.final and second.errors == []
+
+
+def test_a_takeover_is_not_stopped_by_a_stream_that_cannot_be_told():
+    """The cancellation check is rate-limited, so a broken stream may still look alive: telling it
+    fails, and the new stream must go on regardless."""
+    st, _ = store()
+    seq = fill(st)
     sent = []
 
-    def gone(text, new, final):
-        if final:
-            raise RuntimeError("the response sender of a cancelled request")
-        sent.append(("old", new))
+    def gone(message):
+        raise RuntimeError("the response sender of a cancelled request")
 
-    assert attach(seq, Listener(gone, lambda m: None, lambda: False, tok, []), 0) is True
-    record(seq, [5], final=False)
-    resumed = Listener(lambda text, new, final: sent.append(("new", new)), lambda m: None, lambda: False, tok, [5])
-    assert attach(seq, resumed, 1) is False
-    record(seq, [6], final=False)
+    old = Listener(lambda text, ids, final: sent.append(("old", ids)), gone, lambda: False, _Ids())
+    assert seq.generate(old, 0) is True
+    seq.record([5], final=False)
+    new = Listener(lambda text, ids, final: sent.append(("new", ids)), gone, lambda: False, _Ids())
+    assert seq.generate(new, 1) is False
+    seq.record([6], final=False)
     assert sent == [("old", [5]), ("new", [6])]
 
 
-def test_shared_regions_read_rows_in_place_and_refuse_foreign_keys():
-    import secrets
+@pytest.mark.parametrize("from_token", [-1, 2])
+def test_from_token_must_be_a_token_generated_so_far(from_token):
+    st, _ = store()
+    seq = fill(st)
+    assert seq.generate(Stream().listener, 0) is True
+    seq.record([5], final=False)
+    with pytest.raises(InputError, match=rf"^from_token: must be in \[0, 1\] \(the tokens generated so far\), got "
+                                         rf"{from_token}"):
+        seq.generate(Stream().listener, from_token)
+    assert seq.phase is Phase.GENERATING
 
-    import tritonclient.utils.shared_memory as shm
 
-    from qwen3vl_triton.language import SharedRegions
+def test_a_failed_generation_keeps_its_error_for_a_resume_and_drops_its_table():
+    st, _ = store()
+    seq = fill(st)
+    stream = Stream()
+    seq.generate(stream.listener, 0)
+    seq.record([], final=True, error="generation failed: boom")
+    assert stream.errors == ["generation failed: boom"] and seq.phase is Phase.FAILED and seq.table.size == 0
+    with pytest.raises(SequenceError, match=r"^op: generation failed: generation failed: boom"):
+        seq.generate(Stream().listener, 0)
 
-    name = f"qwen3vl_table_{secrets.token_hex(6)}"
-    region = shm.create_shared_memory_region(name, f"/{name}", 64 * H * 4)
-    try:
-        table = np.arange(64 * H, dtype=np.float32).reshape(64, H)
-        shm.set_shared_memory_region(region, [table])
-        now = [0.0]
-        regions = SharedRegions(max_regions=1, idle_seconds=10, clock=lambda: now[0])
-        got = regions.rows(f"/{name}", 8 * H * 4, 4, H, np.float32)
-        np.testing.assert_array_equal(got, table[8:12])
-        st, _ = store()
-        seq = start(st)
-        st.chunk(7, 0, regions.rows(f"/{name}", 0, 12, H, np.float32))  # the store copies out of the region
-        np.testing.assert_array_equal(seq.table, table[:12])
-        del got
-        with pytest.raises(InputError, match=r"^region_offset: rows \[1000, 1256\) fall outside region"):
-            regions.rows(f"/{name}", 1000, 16, H, np.float32)
-        with pytest.raises(InputError, match=r"^chunk_region: '/etc/passwd' is not a region key of this project"):
-            regions.rows("/etc/passwd", 0, 1, H, np.float32)
-        with pytest.raises(InputError, match=r"^chunk_region: no shared-memory region /qwen3vl_table_0000aa"):
-            regions.rows("/qwen3vl_table_0000aa", 0, 1, H, np.float32)
-        assert len(regions) == 1
-        now[0] = 20.0
-        regions.expire()
-        assert len(regions) == 0  # idle mappings are let go
-    finally:
-        shm.destroy_shared_memory_region(region)
+
+def test_end_during_a_generation_stops_it_and_nothing_of_it_reaches_the_next_sequence_of_the_id():
+    st, _ = store()
+    old = fill(st)
+    stream = Stream()
+    assert old.generate(stream.listener, 0) is True
+    old.record([5], final=False)
+    assert st.end(7, "generation cancelled: sequence 7 got the END flag") == old.generation_id  # stop it
+    assert stream.errors == ["generation cancelled: sequence 7 got the END flag"]
+    new = fill(st)  # the id starts again at once
+    second = Stream()
+    assert new.generate(second.listener, 0) is True
+    old.record([9, 9], final=False)  # the old generation's last tokens and its end
+    old.record([], final=True)
+    st.release(old)  # what the old generation's thread does when it ends: forgets only itself
+    assert st.get(7) is new and new.tokens == [] and second.sent == [] and stream.ids == [5]
+    assert new.generation_id != old.generation_id
+
+
+def test_generate_with_end_releases_the_sequence_when_the_generation_ends():
+    st, _ = store()
+    seq = fill(st)
+    stream = Stream()
+    assert seq.generate(stream.listener, 0, release_when_done=True) is True
+    seq.record([5], final=True)
+    assert stream.final and seq.phase is Phase.ENDED
+    st.release(seq)
+    assert len(st) == 0
+
+
+# -- shared-memory regions ---------------------------------------------------------------------------
+@pytest.fixture
+def region(tmp_path):
+    """A region as a sender makes it: the header with its secret, then a 64-row table."""
+    key, secret = f"/qwen3vl_table_{secrets.token_hex(16)}", secrets.token_hex(32)
+    table = np.arange(64 * H, dtype=np.float32).reshape(64, H)
+    path = tmp_path / key[1:]
+    path.write_bytes(region_header(secret).ljust(REGION_HEADER, b"\0") + table.tobytes())
+    return SharedRegions(root=str(tmp_path)), key, secret, table, path
+
+
+def test_a_sequence_reads_region_rows_once_it_proves_the_secret(region):
+    regions, key, secret, table, _ = region
+    st, _ = store()
+    seq = start(st)
+    assert st.chunk_from_region(7, 0, 12, regions, key, secret, REGION_HEADER) == 12
+    np.testing.assert_array_equal(seq.table, table[:12])
+    assert len(regions) == 1  # held by the sequence ...
+    st.end(7, "END")
+    assert len(regions) == 0  # ... until it ends
+
+
+def test_a_region_is_refused_to_a_sequence_without_its_secret(region):
+    regions, key, _, _, _ = region
+    st, _ = store()
+    seq = start(st)
+    with pytest.raises(InputError, match=rf"^region_secret: does not match region {key}: a sequence reads only a "
+                                         "region whose secret its sender wrote"):
+        st.chunk_from_region(7, 0, 12, regions, key, secrets.token_hex(32), REGION_HEADER)
+    assert seq.received == 0 and not seq.table.any() and len(regions) == 0 and seq.open
+
+
+def test_region_offsets_outside_the_region_are_refused(region):
+    regions, key, secret, _, _ = region
+    st, _ = store()
+    start(st)
+    size = REGION_HEADER + 64 * H * 4
+    with pytest.raises(InputError, match=rf"^region_offset: bytes \[{size - 16}, {size + 176}\) fall outside region "):
+        st.chunk_from_region(7, 0, 12, regions, key, secret, size - 16)
+
+
+def test_a_region_truncated_after_it_was_opened_gives_an_error_not_a_signal(region):
+    regions, key, secret, table, path = region
+    st, _ = store()
+    seq = start(st)
+    assert st.chunk_from_region(7, 0, 4, regions, key, secret, REGION_HEADER) == 4
+    os.truncate(path, REGION_HEADER + 6 * H * 4)  # its owner shrinks it under the reader
+    with pytest.raises(InputError, match=r"^region_offset: bytes \[4160, 4288\) fall outside region .* of 4192 bytes"):
+        st.chunk_from_region(7, 4, 8, regions, key, secret, REGION_HEADER + 4 * H * 4)
+    assert seq.received == 4 and seq.open  # the sequence is intact and can resume from row 4
+
+
+def test_links_fifos_foreign_names_and_missing_regions_are_refused_without_blocking(region, tmp_path):
+    regions, key, secret, _, path = region
+    link = f"/qwen3vl_table_{secrets.token_hex(16)}"
+    os.symlink(path, tmp_path / link[1:])
+    fifo = f"/qwen3vl_table_{secrets.token_hex(16)}"
+    os.mkfifo(tmp_path / fifo[1:])
+    cases = [
+        (link, secret, rf"^chunk_region: {link} is not a regular file of the language server's user"),
+        (fifo, secret, rf"^chunk_region: {fifo} is not a regular file of the language server's user"),
+        ("/etc/passwd", secret, r"^chunk_region: '/etc/passwd' is not a region key of this project"),
+        ("/qwen3vl_table_00aa", secret, r"^chunk_region: '/qwen3vl_table_00aa' is not a region key"),
+        (f"/qwen3vl_table_{'0' * 32}", secret, r"^chunk_region: no shared-memory region /qwen3vl_table_0{32} on"),
+        (key, "not-hex", r"^region_secret: must be the 64 hex digits"),
+    ]
+    done = threading.Event()
+
+    def run():
+        for name, sec, message in cases:
+            with pytest.raises(InputError, match=message):
+                regions.open(name, sec)
+        done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(10)
+    assert done.is_set(), "opening a region blocked (a FIFO?)"
+    assert len(regions) == 0

@@ -1,8 +1,12 @@
 """qwen3vl-serve: renders, waits for readiness, prints `ready:`, and stops everything on a signal."""
 
+import os
 import signal
+import stat
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import psutil
 import pytest
@@ -18,7 +22,8 @@ def test_serve_prints_ready_and_stops_the_server_and_its_stubs(sig, tiny_checkpo
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint), "--topology", "language",
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-         "--build-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--build-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items() if k != "QWEN3VL_ADMIN_KEY"})
     try:
         lines = []
         for line in proc.stdout:
@@ -27,6 +32,14 @@ def test_serve_prints_ready_and_stops_the_server_and_its_stubs(sig, tiny_checkpo
                 break
         assert lines and lines[-1].startswith(f"ready: http=127.0.0.1:{http} grpc=127.0.0.1:{grpc}"), "".join(lines)
         assert "models=language,postprocessing,tensorrt_llm" in lines[-1]
+        # no key given: a random one, in a file only this user can read, and the ready line says where
+        key_file = tmp_path / "admin-key"
+        assert lines[-1].rstrip().endswith(f"admin-key={key_file}")
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = key_file.read_text().strip()
+        assert len(key) >= 32 and key not in "".join(lines)  # never printed
+        assert _get(http, "/v2/logging") == 403
+        assert _get(http, "/v2/logging", {"admin-key": key}) == 200
         server = [p for p in psutil.Process(proc.pid).children() if "tritonserver" in p.name()]
         assert len(server) == 1
         stubs = server[0].children(recursive=True)
@@ -39,6 +52,26 @@ def test_serve_prints_ready_and_stops_the_server_and_its_stubs(sig, tiny_checkpo
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _get(port, path, headers=None):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {}),
+                                    timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_serve_refuses_an_admin_key_triton_cannot_take(tiny_checkpoint, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "QWEN3VL_ADMIN_KEY"}
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint),
+                          "--build-dir", str(tmp_path), "--admin-key", "short:key=1"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2
+    assert ("error: --admin-key: an admin key is 16 to 256 characters from A-Z, a-z, 0-9, '_' and '-'"
+            in out.stderr)
+    assert not (tmp_path / "admin-key").exists()
 
 
 def test_serve_reports_a_bad_setting_clearly(tiny_checkpoint, tmp_path):

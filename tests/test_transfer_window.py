@@ -11,7 +11,7 @@ import pytest
 
 from qwen3vl_triton.language import SequenceStore
 from qwen3vl_triton.sampling import SamplingParams
-from qwen3vl_triton.transfer import _RECEIVED, Encoded, TransferError, TransferStats, send_table
+from qwen3vl_triton.transfer import Encoded, TransferError, TransferStats, send_table
 
 H, VOCAB, LEVELS, CORRID = 8, 100, 3, 11
 
@@ -43,9 +43,8 @@ class InOrderStream:
                 self.answers[h] = exc
         self.outstanding -= 1
         answer = self.answers.pop(handle)
-        if isinstance(answer, Exception):
-            m = _RECEIVED.search(str(answer))
-            raise TransferError(str(answer), int(m.group(1)) if m else None)
+        if isinstance(answer, Exception):  # as LanguageClient: received_rows from the refusal's data
+            raise TransferError(str(answer), getattr(answer, "received_rows", None))
         return answer
 
     def abandon(self, handle):
@@ -110,7 +109,7 @@ def test_chunks_sent_out_of_order_inside_the_window_still_fill_the_table():
 def test_a_failure_without_received_rows_raises_and_forgets_the_chunks_in_flight():
     store, _, source = started()
     lang = InOrderStream(store)
-    store.drop(CORRID)  # the sequence expired or failed on the server
+    store.end(CORRID, "expired")  # the sequence expired or failed on the server
     with pytest.raises(TransferError, match="has no state") as err:
         send_table(lang, CORRID, source, 8, window=4)
     assert err.value.received_rows is None

@@ -65,7 +65,7 @@ def _values(engine_dir) -> dict:
     serving = Settings()
     return EngineFacts.load(engine_dir).config_values(
         engine_dir, cancellation_check_period_ms=serving.cancellation_check_period_ms,
-        stats_check_period_ms=serving.stats_check_period_ms)
+        stats_check_period_ms=serving.stats_check_period_ms, max_queue_size=serving.max_queue_size)
 
 
 def _render(values: dict) -> str:

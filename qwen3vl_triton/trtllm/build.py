@@ -167,9 +167,9 @@ class EngineFacts:
         )
 
     def config_values(self, engine_dir: str | Path, *, cancellation_check_period_ms: int, stats_check_period_ms: int,
-                      kv_cache_free_gpu_mem_fraction: float = 0.9) -> dict[str, str]:
+                      max_queue_size: int, kv_cache_free_gpu_mem_fraction: float = 0.9) -> dict[str, str]:
         """Values for every placeholder of model_repository/tensorrt_llm/config.gpu.pbtxt; the two
-        periods are the serving settings' (repository.Settings)."""
+        periods and the queue bound are the serving settings' (repository.Settings)."""
         return {
             "engine_dir": str(engine_dir),
             "max_batch_size": str(self.max_batch_size),
@@ -178,4 +178,5 @@ class EngineFacts:
             "kv_cache_free_gpu_mem_fraction": str(kv_cache_free_gpu_mem_fraction),
             "cancellation_check_period_ms": str(cancellation_check_period_ms),
             "stats_check_period_ms": str(stats_check_period_ms),
+            "max_queue_size": str(max_queue_size),
         }

@@ -2,7 +2,8 @@
 
 Every input is read here in `execute`; generation threads get plain values and the response
 sender only. State lives in the package's SequenceStore (bounded, expiring on the sequence
-batcher's idle clock); see DESIGN §5 for the ops.
+batcher's idle clock, never while generating); see DESIGN §5 for the ops and
+qwen3vl_triton/language.py for a sequence's phases.
 """
 
 import threading
@@ -13,20 +14,38 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_triton.backend import (CancelPoll, Gauges, error_response, model_params, numpy_dtype, output_tensor,
                                     read_inputs, scalar, send_response, single_sequence)
 from qwen3vl_triton.checkpoint import ModelSpec
-from qwen3vl_triton.errors import InputError
-from qwen3vl_triton.language import OPS, Listener, SequenceStore, SharedRegions, attach, record
+from qwen3vl_triton.errors import InputError, Unavailable
+from qwen3vl_triton.language import OPS, Listener, RowsRefused, SequenceStore, SharedRegions
 from qwen3vl_triton.sampling import SamplingParams
 from qwen3vl_triton.stop_words import stop_words_list
 
 INPUTS = ("op", "input_ids", "table_rows", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
           "max_tokens", "temperature", "top_k", "top_p", "seed", "chunk", "chunk_offset", "chunk_region",
-          "region_offset", "chunk_rows", "from_token")
+          "region_secret", "region_offset", "chunk_rows", "from_token")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 
 
-def _send_rows(sender, received):
-    send_response(pb_utils, sender, [pb_utils.Tensor("received_rows", np.array([[received]], np.int32))], FINAL)
+def _rows_response(received):
+    return [pb_utils.Tensor("received_rows", np.array([[received]], np.int32))]
+
+
+def _text(name):
+    def read(value):
+        if not isinstance(value, bytes):
+            return str(value)
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(name, "must be UTF-8 text") from None
+    return read
+
+
+def _op(value):
+    op = _text("op")(value)
+    if op not in OPS:
+        raise InputError("op", f"must be one of {', '.join(OPS)}, got {op!r}")
+    return op
 
 
 class TritonPythonModel:
@@ -41,13 +60,16 @@ class TritonPythonModel:
         self.store = SequenceStore(self.spec.hidden_size, numpy_dtype(params["table_dtype"]),
                                    max_bytes=int(params["state_bytes"]),
                                    idle_seconds=int(params["sequence_idle_us"]) / 1e6,
-                                   vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels)
-        self.regions = SharedRegions(idle_seconds=self.store.idle_seconds)
+                                   vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels,
+                                   max_sequences=int(params["max_sequences"]),
+                                   max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim)
+        self.regions = SharedRegions()
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.families = {
             name: pb_utils.MetricFamily(f"qwen3vl_language_{name}", text, kind) for name, text, kind in (
-                ("sequences", "sequences holding state", pb_utils.MetricFamily.GAUGE),
+                ("sequences", "open sequences", pb_utils.MetricFamily.GAUGE),
                 ("state_bytes", "bytes of sequence state", pb_utils.MetricFamily.GAUGE),
+                ("regions", "shared-memory regions open for sequences", pb_utils.MetricFamily.GAUGE),
                 ("prefills_total", "generations started (each prefills its prompt once)",
                  pb_utils.MetricFamily.COUNTER))}
         self.metrics = {name: family.Metric(labels=labels) for name, family in self.families.items()}
@@ -59,14 +81,8 @@ class TritonPythonModel:
     # -- housekeeping ------------------------------------------------------------------------------
     def _expire_loop(self):
         while not self._stop.wait(0.5):
-            self._expire()
-
-    def _expire(self):
-        self.regions.expire()
-        for seq in self.store.expire():
-            with seq.cond:
-                seq.listener = None  # an abandoned stream: keep nothing, send nothing
-        self._update_gauges()
+            self.store.expire()
+            self._update_gauges()
 
     def _update_gauges(self):
         """Send the gauges that changed: each update is a round trip to the server, and a chunk
@@ -74,35 +90,44 @@ class TritonPythonModel:
         with self._gauge_lock:  # the janitor thread updates them too
             self.gauges.set("sequences", len(self.store))
             self.gauges.set("state_bytes", self.store.bytes_held)
+            self.gauges.set("regions", len(self.regions))
 
     # -- requests ------------------------------------------------------------------------------------
     def execute(self, requests):
-        self._expire()
+        self.store.expire()
         for request in requests:
             sender = request.get_response_sender()
             corrid = request.correlation_id()
             flags = request.flags()
+            end_now = bool(flags & END)  # Triton ends the sequence after this request: so does the model
             try:
                 x = read_inputs(pb_utils, request, INPUTS)
-                op = scalar(x, "op", lambda b: b.decode() if isinstance(b, bytes) else str(b), required=True)
-                if op not in OPS:
-                    raise InputError("op", f"must be one of {', '.join(OPS)}, got {op!r}")
+                op = scalar(x, "op", _op, required=True)
                 if (op == "start") != bool(flags & START):
                     raise InputError("op", "a sequence begins with op=start carrying the sequence START flag"
                                      if op != "start" else "op=start must carry the sequence START flag")
-                if op == "generate":
-                    self._generate(sender, corrid, x, end=bool(flags & END))
-                    continue
-                received = self._control(op, corrid, x)
-                if flags & END:
-                    self.store.drop(corrid)
-                _send_rows(sender, received)
-            except Exception as exc:
-                if not isinstance(exc, InputError):  # an internal failure frees the sequence
-                    self.store.drop(corrid)
+                if op == "generate":  # with END, the sequence is released once its generation ends
+                    self._generate(sender, corrid, x, release_when_done=end_now)
+                    end_now = False
+                else:
+                    send_response(pb_utils, sender, _rows_response(self._control(op, corrid, x)), FINAL)
+            except RowsRefused as exc:  # received_rows as data first, then the error for people
+                send_response(pb_utils, sender, _rows_response(exc.received_rows))
+                sender.send(error_response(pb_utils, exc), flags=FINAL)
+            except (InputError, Unavailable) as exc:
+                sender.send(error_response(pb_utils, exc), flags=FINAL)
+            except Exception as exc:  # an internal failure frees the sequence
+                end_now = True
                 sender.send(error_response(pb_utils, exc, pb_utils.Logger), flags=FINAL)
+            if end_now:
+                self._end(corrid, f"generation cancelled: sequence {corrid} got the END flag")
         self._update_gauges()
         return None
+
+    def _end(self, corrid, reason):
+        generation = self.store.end(corrid, reason)
+        if generation is not None:
+            self._stop_generation(generation)
 
     def _control(self, op, corrid, x):
         if op == "start":
@@ -125,19 +150,19 @@ class TritonPythonModel:
             )
             return seq.received
         if op == "chunk":
-            if x.get("chunk_region") is not None:  # co-located sender: rows read in place
-                rows = self.regions.rows(scalar(x, "chunk_region", lambda b: b.decode(errors="replace")),
-                                         scalar(x, "region_offset", int, required=True),
-                                         scalar(x, "chunk_rows", int, required=True),
-                                         self.spec.hidden_size, self.store.table_dtype)
-            else:
-                rows = single_sequence(x, "chunk")
-            return self.store.chunk(corrid, scalar(x, "chunk_offset", int, required=True), rows)
+            offset = scalar(x, "chunk_offset", int, required=True)
+            if x.get("chunk_region") is not None:  # co-located sender: rows read from its region
+                return self.store.chunk_from_region(
+                    corrid, offset, scalar(x, "chunk_rows", int, required=True), self.regions,
+                    scalar(x, "chunk_region", _text("chunk_region"), required=True),
+                    scalar(x, "region_secret", _text("region_secret"), required=True),
+                    scalar(x, "region_offset", int, required=True))
+            return self.store.chunk(corrid, offset, single_sequence(x, "chunk"))
         return self.store.status(corrid).received
 
-    def _generate(self, sender, corrid, x, end):
+    def _generate(self, sender, corrid, x, release_when_done):
         from_token = scalar(x, "from_token", int, default=0)
-        seq = self.store.ready_to_generate(corrid, from_token)
+        seq = self.store.get(corrid)
 
         def send(text, ids, final):
             send_response(pb_utils, sender, [
@@ -148,17 +173,17 @@ class TritonPythonModel:
         def fail(message):
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
-        listener = Listener(send, fail, CancelPoll(sender.is_cancelled, self.cancel_check_seconds), self.tokenizer,
-                            seq.tokens[:from_token])
-        seq.end_requested = seq.end_requested or end
-        if attach(seq, listener, from_token):
+        listener = Listener(send, fail, CancelPoll(sender.is_cancelled, self.cancel_check_seconds), self.tokenizer)
+        if seq.generate(listener, from_token, release_when_done):
             self.metrics["prefills_total"].increment(1)
             threading.Thread(target=self._run, args=(seq,), daemon=True).start()
-        elif seq.done and seq.end_requested:
-            self.store.drop(corrid)
+        elif not seq.open:
+            self.store.release(seq)
 
     def _run(self, seq):
-        """Stream the LLM's tokens into the sequence state (one tensorrt_llm request per sequence)."""
+        """Stream the LLM's tokens into the sequence state (one tensorrt_llm request per sequence).
+        Once the sequence has ended (END flag), the LLM request is stopped and what it still sends
+        is dropped."""
         s = seq.sampling
         tensors = {
             "input_ids": seq.input_ids[None],
@@ -179,26 +204,49 @@ class TritonPythonModel:
             tensors["seed"] = np.array([[s.seed]], np.uint64)
         if seq.mrope_cos_sin is not None:
             tensors["mrope_rotary_cos_sin"] = seq.mrope_cos_sin[None]
+        if not seq.open:  # ended before the LLM was asked
+            return
         request = pb_utils.InferenceRequest(
-            model_name="tensorrt_llm", requested_output_names=["output_ids"],
+            model_name="tensorrt_llm", request_id=seq.generation_id, requested_output_names=["output_ids"],
             inputs=[output_tensor(pb_utils, k, v) for k, v in tensors.items()])
+        stopped = False
         try:
             for response in request.exec(decoupled=True):
+                if not seq.open:  # END came while the request was on its way: stop it (again)
+                    if not stopped:
+                        self._stop_generation(seq.generation_id)
+                        stopped = True
+                    continue
                 if response.has_error():
                     raise RuntimeError(response.error().message())
                 out = pb_utils.get_output_tensor_by_name(response, "output_ids")
                 if out is not None:
-                    record(seq, out.as_numpy().reshape(-1).tolist(), final=False)
-            record(seq, [], final=True)
+                    seq.record(out.as_numpy().reshape(-1).tolist(), final=False)
+            seq.record([], final=True)
         except Exception as exc:
-            record(seq, [], final=True, error=f"generation failed: {exc}")
-            self.store.drop(seq.corrid)
-        if seq.end_requested:
-            self.store.drop(seq.corrid)
+            seq.record([], final=True, error=f"generation failed: {exc}")
+        if not seq.open:
+            self.store.release(seq)
+        self._update_gauges()
+
+    def _stop_generation(self, generation_id):
+        """Cancel a running tensorrt_llm request the way the tensorrtllm backend does: a request
+        with `stop` set and the same request id (Triton 2.51's BLS cannot cancel its own requests)."""
+        stop = pb_utils.InferenceRequest(
+            model_name="tensorrt_llm", request_id=generation_id, requested_output_names=["output_ids"],
+            inputs=[pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
+                    pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
+                    pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
+                    pb_utils.Tensor("stop", np.ones((1, 1), np.bool_))])
+        try:
+            for response in stop.exec(decoupled=True):
+                if response.has_error():
+                    pb_utils.Logger.log_warn(f"stopping generation {generation_id}: {response.error().message()}")
+        except Exception as exc:  # the sequence is released regardless; the LLM ends at max_tokens
+            pb_utils.Logger.log_warn(f"stopping generation {generation_id}: {exc}")
 
     def finalize(self):
         self._stop.set()
         self._janitor.join(timeout=5)
-        self.regions.close()
         self.metrics.clear()  # each Metric before its MetricFamily, or the stub crashes on exit
         self.families.clear()

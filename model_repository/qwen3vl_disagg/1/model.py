@@ -1,11 +1,13 @@
 """qwen3vl_disagg: the disaggregated request driven from the encoder host (BLS + the package's sender)."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.backend import CancelPoll, error_response, model_params, read_inputs, scalar, send_response
+from qwen3vl_triton.errors import Unavailable
 from qwen3vl_triton.transfer import Disaggregated, Encoded
 
 INPUTS = ("text_input", "messages", "image", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream")
@@ -25,7 +27,11 @@ class TritonPythonModel:
         self.language_url = params["language_url"]
         self.chunk_rows = int(params["chunk_rows"])
         self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
-        self.pool = ThreadPoolExecutor(max_workers=int(params["workers"]), thread_name_prefix="disagg")
+        workers, queued = int(params["workers"]), int(params["max_queue_size"])
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="disagg")
+        # requests running or waiting for a worker: past the bound one is refused, as a full queue is
+        self.slots = threading.BoundedSemaphore(workers + queued)
+        self.max_queue_size = queued
 
     def execute(self, requests):
         for request in requests:
@@ -34,6 +40,8 @@ class TritonPythonModel:
                 x = read_inputs(pb_utils, request, INPUTS)  # tensors are read here, not in the worker
                 sampling = {"temperature": scalar(x, "temperature", float), "top_k": scalar(x, "top_k", int),
                             "top_p": scalar(x, "top_p", float), "seed": scalar(x, "seed", int)}
+                if not self.slots.acquire(blocking=False):
+                    raise Unavailable(f"Exceeds maximum queue size ({self.max_queue_size} requests wait for a worker)")
                 self.pool.submit(self._run, sender, x, {k: v for k, v in sampling.items() if v is not None},
                                  scalar(x, "stream", bool, default=False))
             except Exception as exc:
@@ -69,6 +77,8 @@ class TritonPythonModel:
                 _send_text(sender, "".join(pieces), FINAL)
         except Exception as exc:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
+        finally:
+            self.slots.release()
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -2,11 +2,10 @@
 
 `execute` only validates and queues; the engine's delivery thread streams tokens back through each
 request's response sender, so requests that arrive while others decode join the running batch.
-Engine counters are exported on the server's /metrics endpoint.
+Engine counters are exported on the server's /metrics endpoint. As in the tensorrtllm backend, a
+request with `stop` set cancels the running requests that carry its request id.
 """
 
-import collections
-import itertools
 import threading
 
 import torch
@@ -15,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_triton.backend import EngineMetrics, TokenStream, error, model_params, read_inputs
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.engine import CONTRACT_INPUTS, Engine, request_from_contract
+from qwen3vl_triton.errors import InputError
 
 
 class TritonPythonModel:
@@ -30,44 +30,21 @@ class TritonPythonModel:
         # every op, which made the engine's prefill 1.6x slower.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        self.running, self._lock = {}, threading.Lock()  # Triton request id -> its running TokenStreams
+        self.stopped = set()  # TokenStreams a `stop` request ended
         self.engine = Engine(spec, dtype=params["dtype"], max_batch=int(params["max_batch"]),
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
                              max_num_tokens=int(params["max_num_tokens"]), max_queue=int(params["max_queue"]),
                              on_step=self.metrics.on_step, threads=threads)
-        # `stop` (as in the tensorrtllm backend): a request with stop=true ends the running requests
-        # that carry its request id. Triton request id -> engine ids of the running ones.
-        self.running: dict[str, set[str]] = collections.defaultdict(set)
-        self.running_lock = threading.Lock()
-        self.ids = itertools.count()
-
-    def _stop(self, request_id: str) -> None:
-        with self.running_lock:
-            for engine_id in self.running.get(request_id, ()):
-                self.engine.cancel(engine_id)
-
-    def _untrack(self, request_id: str, engine_id: str) -> None:
-        with self.running_lock:
-            ids = self.running.get(request_id)
-            if ids is not None:
-                ids.discard(engine_id)
-                if not ids:
-                    del self.running[request_id]
-
-    def _track(self, request_id: str, engine_id: str, stream: TokenStream):
-        def on_tokens(tokens, finish, err):
-            stream.on_tokens(tokens, finish, err)
-            if finish is not None:
-                self._untrack(request_id, engine_id)
-        with self.running_lock:
-            self.running[request_id].add(engine_id)
-        return on_tokens
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
-                stop = read_inputs(pb_utils, request, ("stop",))["stop"]
-                if stop is not None and bool(stop.reshape(-1)[0]):
+                stop = pb_utils.get_input_tensor_by_name(request, "stop")
+                if stop is not None and stop.as_numpy().any():
+                    if not request.request_id():
+                        raise InputError("stop", "needs the request id of the requests to stop")
                     self._stop(request.request_id())
                     sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     continue
@@ -75,18 +52,53 @@ class TritonPythonModel:
                                                        self.engine.spec)
                 stream = TokenStream(pb_utils, sender, self.engine, streaming, pb_utils.Logger,
                                      cancel_check_seconds=self.cancel_check_seconds)
-                req.request_id = f"t{next(self.ids)}"
-                req.on_tokens = self._track(request.request_id(), req.request_id, stream) if request.request_id() \
-                    else stream.on_tokens
+                req.on_tokens = self._track(request.request_id(), stream)
                 try:
                     stream.request_id = self.engine.submit(req)
-                except Exception:
-                    self._untrack(request.request_id(), req.request_id)
+                except BaseException:
+                    self._untrack(request.request_id(), stream)
                     raise
             except Exception as exc:
                 sender.send(pb_utils.InferenceResponse(error=error(pb_utils, exc, pb_utils.Logger)),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
+
+    def _track(self, triton_id, stream):
+        """Keep `stream` under its Triton request id while it runs (for `stop`); returns the
+        engine callback that forgets it when the request finishes."""
+        if not triton_id:
+            return stream.on_tokens
+        with self._lock:
+            self.running.setdefault(triton_id, set()).add(stream)
+
+        def on_tokens(tokens, finish, err):
+            if finish is not None and self._untrack(triton_id, stream) and finish == "cancelled":
+                # stopped: the request ends as an ordinary one does, as in the tensorrtllm backend (and
+                # an error response sent here never reaches a BLS caller on Triton 2.51: it would wait)
+                finish = "stopped"
+            stream.on_tokens(tokens, finish, err)
+
+        return on_tokens
+
+    def _untrack(self, triton_id, stream) -> bool:
+        """Forget `stream`; True if a `stop` request ended it."""
+        with self._lock:
+            streams = self.running.get(triton_id)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self.running[triton_id]
+            if stream in self.stopped:
+                self.stopped.discard(stream)
+                return True
+            return False
+
+    def _stop(self, triton_id):
+        with self._lock:
+            streams = self.running.get(triton_id, set())
+            self.stopped |= streams
+        for stream in streams:
+            self.engine.cancel(stream.request_id)
 
     def finalize(self):
         self.engine.shutdown()

@@ -1,0 +1,54 @@
+"""The admin key: Triton's management APIs are closed to clients that do not send it.
+
+Every server the project starts restricts shared-memory registration and status, logging, trace,
+model-repository (load, unload, index) and model-config (which shows host paths) to requests with
+the header `admin-key: <key>` (HTTP) or `triton-grpc-protocol-admin-key: <key>` (gRPC, Triton's
+prefix for restricted protocols). Inference, health, metadata and statistics stay open.
+
+The key comes from `--admin-key`, else QWEN3VL_ADMIN_KEY, else it is generated: once per process,
+so servers and clients started by one process (tests, benchmarks, the demo) share it; the launcher
+writes a generated key to a file only its user can read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+
+ENV = "QWEN3VL_ADMIN_KEY"
+HEADER = "admin-key"
+GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
+RESTRICTED = ("shared-memory", "logging", "trace", "model-repository", "model-config")
+_VALID = re.compile(r"^[A-Za-z0-9_-]{16,256}$")  # no ',', ':' or '=': they delimit Triton's flag
+_generated: str | None = None
+
+
+def check(key: str) -> str:
+    if not _VALID.match(key):
+        raise ValueError("an admin key is 16 to 256 characters from A-Z, a-z, 0-9, '_' and '-'")
+    return key
+
+
+def default_key() -> str:
+    """QWEN3VL_ADMIN_KEY, else a random key generated once for this process."""
+    global _generated
+    if os.environ.get(ENV):
+        return check(os.environ[ENV])
+    if _generated is None:
+        _generated = secrets.token_urlsafe(32)
+    return _generated
+
+
+def server_args(key: str) -> list[str]:
+    """tritonserver flags that restrict the management APIs to requests carrying `key`."""
+    apis = ",".join(RESTRICTED)
+    return [f"--http-restricted-api={apis}:{HEADER}={check(key)}", f"--grpc-restricted-protocol={apis}:{HEADER}={key}"]
+
+
+def grpc_headers(key: str) -> dict[str, str]:
+    return {GRPC_HEADER: key}
+
+
+def http_headers(key: str) -> dict[str, str]:
+    return {HEADER: key}
