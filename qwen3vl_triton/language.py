@@ -441,7 +441,7 @@ class Region:
             if byte_offset < 0 or byte_offset + need > size:
                 raise InputError("region_offset", f"bytes [{byte_offset}, {byte_offset + need}) fall outside region "
                                                   f"{self.key} of {size} bytes")
-            view = memoryview(dest).cast("B")
+            view = memoryview(dest.reshape(-1).view(np.uint8))  # bytes of any dtype, bfloat16 included
             done = 0
             while done < need:
                 n = os.preadv(self.fd, [view[done:]], byte_offset + done)

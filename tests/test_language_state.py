@@ -60,6 +60,8 @@ class Stream:
 class _Ids:
     """A tokenizer whose text is the ids themselves (enough for the detokenizer)."""
 
+    added_tokens_decoder: dict = {}  # no special tokens to skip
+
     def decode(self, ids, **_):
         return "".join(f"<{i}>" for i in ids)
 
