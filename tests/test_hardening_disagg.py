@@ -227,7 +227,8 @@ def test_end_during_generations_stops_them_in_the_engine(lang_server, long_job):
         streams = [lang.generate(cid) for lang, cid in zip(langs, cids)]
         for s in streams:
             next(s)  # each generation runs
-        assert engine(lang_server, "running_sequences") >= 1
+        # the gauge is exported every stats period: wait for the first export of a running step
+        assert wait_for(lambda: engine(lang_server, "running_sequences") >= 1, 5)
         for lang, cid in zip(langs, cids):
             lang.end(cid)
         assert wait_for(lambda: engine(lang_server, "running_sequences") == 0, 5), "generations still running"
