@@ -100,6 +100,7 @@ def decode_step(checkpoint, context: int, batch: int = 8, repeats: int = 20, log
 
     from qwen3vl_triton import mrope
     from qwen3vl_triton.checkpoint import ModelSpec
+    from qwen3vl_triton.engine import DECODE_THREADS
     from qwen3vl_triton.lm import LanguageModel, StepSeq
 
     spec = ModelSpec.load(checkpoint)
@@ -130,6 +131,16 @@ def decode_step(checkpoint, context: int, batch: int = 8, repeats: int = 20, log
         seqs = [StepSeq(s, nxt[s], context, dcos, dsin) for s in range(b)]
         out[f"engine_b{b}_ms"] = 1e3 * _median_seconds(lambda: lm.forward(seqs), repeats, warmup=3)
         log(f"[bench] engine decode step b{b}: {out[f'engine_b{b}_ms']:.2f} ms")
+    # the served engine decodes on DECODE_THREADS: its step, for what serving adds to a token
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DECODE_THREADS)
+    try:
+        seqs = [StepSeq(0, nxt[0], context, dcos, dsin)]
+        out["engine_b1_served_threads_ms"] = 1e3 * _median_seconds(lambda: lm.forward(seqs), repeats, warmup=3)
+    finally:
+        torch.set_num_threads(threads)
+    log(f"[bench] engine decode step b1 on {DECODE_THREADS} thread(s), as served: "
+        f"{out['engine_b1_served_threads_ms']:.2f} ms")
     out["decode_step_b8_ratio"] = out[f"engine_b{batch}_ms"] / out[f"transformers_b{batch}_ms"]
     out["transformers_b8_over_b1"] = out[f"transformers_b{batch}_ms"] / out["transformers_b1_ms"]
     out["engine_b8_over_b1"] = out[f"engine_b{batch}_ms"] / out["engine_b1_ms"]

@@ -269,6 +269,10 @@ class Scheduler:
             self.emit(req.on_tokens, (tokens, finish, error))
 
 
+# torch threads of every step but a lone prompt's prefill (see Runner); the bench times the
+# in-process decode step with it too
+DECODE_THREADS = 1
+
 class Runner:
     """Runs a plan: one forward for the whole batch, then a token for every sequence whose prompt
     is complete. When the batched forward raises, each sequence runs alone, so only the one at
@@ -330,7 +334,7 @@ class Engine:
     def __init__(self, spec: ModelSpec, dtype: str = "float32", max_batch: int = 16,
                  max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
                  on_step: Callable[["StepReport"], None] | None = None, threads: int | None = None,
-                 shared_threads: int = 1, parallel_min_tokens: int = 64, max_queue: int = 128):
+                 shared_threads: int = DECODE_THREADS, parallel_min_tokens: int = 64, max_queue: int = 128):
         """`on_step` is called after every step, e.g. to export metrics, and with a report of zero
         sequences when cancellations empty the batch without a step. `max_queue` bounds the
         requests waiting for a place in the running batch; past it `submit` raises Unavailable.

@@ -33,7 +33,7 @@ def _peer_runs():
 
 
 MICRO = {"shm_vs_memcpy_ratio": 0.3, "overhead_above_floor_ms": 0.8, "decode_step_b8_ratio": 0.45,
-         "decode_step": {"engine_b1_ms": 9.7}}
+         "decode_step": {"engine_b1_ms": 7.1, "engine_b1_served_threads_ms": 9.7}}
 TARGET_KEYS = {"itl_c1_vs_llamacpp", "throughput_c8_vs_llamacpp", "ttft_c1_vs_llamacpp", "ttft_c1_bf16_vs_llamacpp",
                "itl_c1_bf16_vs_llamacpp", "throughput_c8_ratio", "ttft_c1_ratio", "decode_step_b8_ratio",
                "serving_ms_per_token", "shm_vs_memcpy_ratio", "overhead_above_floor_ms"}
@@ -126,7 +126,7 @@ def test_flop_counter_counts_a_matmul():
 
 def test_decode_step_comparison_runs_on_the_tiny_checkpoint(tiny_checkpoint):
     out = bench_micro.decode_step(tiny_checkpoint, context=16, batch=8, repeats=2, log=lambda *_: None)
-    for key in ("engine_b8_ms", "transformers_b8_ms", "engine_b1_ms", "transformers_b1_ms"):
+    for key in ("engine_b8_ms", "transformers_b8_ms", "engine_b1_ms", "transformers_b1_ms", "engine_b1_served_threads_ms"):
         assert out[key] > 0 and math.isfinite(out[key])
     assert out["decode_step_b8_ratio"] == pytest.approx(out["engine_b8_ms"] / out["transformers_b8_ms"])
 
