@@ -198,8 +198,8 @@ class EnsembleSession:
 
 
 class OpenStream:
-    """One gRPC stream kept open across requests to `qwen3vl` (the overhead figure must not
-    include opening a stream per request, which the client library does)."""
+    """One gRPC stream kept open across requests (the overhead figure must not include opening a
+    stream per request, which the client library does)."""
 
     def __init__(self, url: str):
         import queue
@@ -208,34 +208,41 @@ class OpenStream:
 
         self.results: queue.Queue = queue.Queue()
         self.client = grpcclient.InferenceServerClient(url)
-        self.client.start_stream(callback=lambda result, error: self.results.put((result, error)))
+        self.client.start_stream(callback=lambda result, error: self.results.put((time.perf_counter(), result, error)))
 
-    def generate(self, prompt: str, images: list[bytes], max_tokens: int) -> int:
-        """Send one request, wait for its final response; return the number of token responses."""
-        import numpy as np
+    def stream(self, model: str, inputs: dict, timeout: float = 60) -> list[float]:
+        """Send one request of numpy `inputs` to `model`, wait for its final response; return the
+        arrival times of the responses that carry outputs (its tokens)."""
         import tritonclient.grpc as grpcclient
+        from tritonclient.utils import np_to_triton_dtype
 
-        def tensor(name, array, dtype):
-            t = grpcclient.InferInput(name, list(array.shape), dtype)
-            t.set_data_from_numpy(array)
-            return t
-
-        inputs = [tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
-                  tensor("image", np.array([images], dtype=np.object_), "BYTES"),
-                  tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
-                  tensor("stream", np.array([[True]]), "BOOL")]
-        self.client.async_stream_infer("qwen3vl", inputs, request_id=secrets.token_hex(8),
+        tensors = []
+        for name, value in inputs.items():
+            t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            t.set_data_from_numpy(value)
+            tensors.append(t)
+        self.client.async_stream_infer(model, tensors, request_id=secrets.token_hex(8),
                                        enable_empty_final_response=True)
-        tokens = 0
+        times = []
         while True:
-            result, error = self.results.get(timeout=60)
+            at, result, error = self.results.get(timeout=timeout)
             if error is not None:
                 raise RuntimeError(str(error))
             response = result.get_response()
-            tokens += bool(response.outputs)
+            if response.outputs:
+                times.append(at)
             final = response.parameters.get("triton_final_response")
             if final is not None and final.bool_param:
-                return tokens
+                return times
+
+    def generate(self, prompt: str, images: list[bytes], max_tokens: int, timeout: float = 60) -> list[float]:
+        """One streamed `qwen3vl` request; the arrival times of its token responses."""
+        import numpy as np
+
+        return self.stream("qwen3vl", {"text_input": np.array([[prompt.encode()]], dtype=np.object_),
+                                       "image": np.array([images], dtype=np.object_),
+                                       "max_tokens": np.array([[max_tokens]], dtype=np.int32),
+                                       "stream": np.array([[True]])}, timeout)
 
     def close(self):
         self.client.stop_stream()

@@ -12,8 +12,6 @@ minus the in-process step p50. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import queue
-import secrets
 import statistics
 import sys
 import threading
@@ -30,85 +28,6 @@ if str(ROOT) not in sys.path:
 
 def gaps_ms(times: list[float]) -> list[float]:
     return [1e3 * (b - a) for a, b in zip(times, times[1:])]
-
-
-class DirectStream:
-    """`tensorrt_llm` over one open gRPC stream: the contract's inputs, streaming."""
-
-    def __init__(self, url: str):
-        import tritonclient.grpc as grpcclient
-
-        self.results: queue.Queue = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(url)
-        self.client.start_stream(callback=lambda result, error: self.results.put((time.perf_counter(), result, error)))
-
-    def generate(self, inputs: dict, max_tokens: int) -> list[float]:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import np_to_triton_dtype
-
-        tensors = []
-        for name, value in {**inputs, "request_output_len": np.array([[max_tokens]], np.int32),
-                            "streaming": np.array([[True]])}.items():
-            t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            t.set_data_from_numpy(value)
-            tensors.append(t)
-        self.client.async_stream_infer("tensorrt_llm", tensors, request_id=secrets.token_hex(8),
-                                       enable_empty_final_response=True)
-        times = []
-        while True:
-            at, result, error = self.results.get(timeout=120)
-            if error is not None:
-                raise RuntimeError(str(error))
-            response = result.get_response()
-            if response.outputs:
-                times.append(at)
-            final = response.parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                return times
-
-    def close(self):
-        self.client.stop_stream()
-        self.client.close()
-
-
-class EnsembleStream:
-    """`qwen3vl` over one open gRPC stream."""
-
-    def __init__(self, url: str):
-        import tritonclient.grpc as grpcclient
-
-        self.results: queue.Queue = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(url)
-        self.client.start_stream(callback=lambda result, error: self.results.put((time.perf_counter(), result, error)))
-
-    def generate(self, prompt: str, image: bytes, max_tokens: int) -> list[float]:
-        import tritonclient.grpc as grpcclient
-
-        inputs = []
-        for name, value, dtype in (("text_input", np.array([[prompt.encode()]], dtype=np.object_), "BYTES"),
-                                   ("image", np.array([[image]], dtype=np.object_), "BYTES"),
-                                   ("max_tokens", np.array([[max_tokens]], np.int32), "INT32"),
-                                   ("stream", np.array([[True]]), "BOOL")):
-            t = grpcclient.InferInput(name, list(value.shape), dtype)
-            t.set_data_from_numpy(value)
-            inputs.append(t)
-        self.client.async_stream_infer("qwen3vl", inputs, request_id=secrets.token_hex(8),
-                                       enable_empty_final_response=True)
-        times = []
-        while True:
-            at, result, error = self.results.get(timeout=120)
-            if error is not None:
-                raise RuntimeError(str(error))
-            response = result.get_response()
-            if response.outputs:
-                times.append(at)
-            final = response.parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                return times
-
-    def close(self):
-        self.client.stop_stream()
-        self.client.close()
 
 
 def main(argv=None) -> int:
@@ -170,9 +89,11 @@ def main(argv=None) -> int:
     server = None
     if not args.no_server:
         server = start_server(args.checkpoint, "single", "serving-cost", dtype=args.dtype)
-        direct, ensemble = DirectStream(server.grpc_url), EnsembleStream(server.grpc_url)
-        kinds["direct"] = lambda: direct.generate(contract, args.tokens)
-        kinds["ensemble"] = lambda: ensemble.generate(item.prompt, item.image, args.tokens)
+        direct, ensemble = load.OpenStream(server.grpc_url), load.OpenStream(server.grpc_url)
+        direct_inputs = {**contract, "request_output_len": np.array([[args.tokens]], np.int32),
+                         "streaming": np.array([[True]])}
+        kinds["direct"] = lambda: direct.stream("tensorrt_llm", direct_inputs, timeout=120)
+        kinds["ensemble"] = lambda: ensemble.generate(item.prompt, [item.image], args.tokens, timeout=120)
     itl: dict[str, list[float]] = {k: [] for k in kinds}
     tokens: dict[str, list[int]] = {k: [] for k in kinds}
     try:

@@ -158,7 +158,7 @@ def test_the_overhead_floor_serves_the_ensemble_while_its_models_do_no_work(tiny
         assert all((repo / m / "1" / "real_model.py").is_file() for m in ("preprocessing", "vision_encoder"))
         stream = OpenStream(server.grpc_url)
         try:
-            counts = [stream.generate(f"Request {i}.", [image_bytes(64, 64, i)], 1) for i in range(3)]
+            counts = [len(stream.generate(f"Request {i}.", [image_bytes(64, 64, i)], 1)) for i in range(3)]
         finally:
             stream.close()
         assert counts == [1, 1, 1]  # one token response each, through all four steps
