@@ -22,6 +22,7 @@ module, in two layouts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -219,6 +220,21 @@ def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
     return torch.randn(shape, generator=gen) * (scale / math.sqrt(fan_in))
 
 
+@contextlib.contextmanager
+def _written_whole(out: Path):
+    """A new folder beside `out` to write a checkpoint into: renamed to `out` (replacing an older
+    one) when the block completes, removed when it fails, so no reader sees half a checkpoint."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtype: str = "float32",
                      log=print) -> Path:
     """Write the checkpoint directory `out` (replaced if present) and return its path."""
@@ -230,8 +246,7 @@ def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtyp
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     out = Path(out)
     t0 = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with _written_whole(out) as tmp:
         log(f"[checkpoint] profile={profile} seed={seed} dtype={dtype} -> {out}")
         tok = _train_tokenizer(vocab_target=1000)
         tok.save(str(tmp / "tokenizer.json"))
@@ -295,12 +310,6 @@ def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtyp
         for f in tmp.iterdir():
             f.chmod(0o644)
         tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"[checkpoint] wrote {total / 1e6:.1f}M parameters, {size / 2**20:.1f} MiB in {time.time() - t0:.1f}s")
     return out
@@ -329,8 +338,7 @@ def build_saved_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0
         prof["vision"]["deepstack_visual_indexes"] = deepstack_visual_indexes
     out = Path(out)
     t0 = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with _written_whole(out) as tmp:
         log(f"[checkpoint] save_pretrained layout, profile={profile} seed={seed} dtype={dtype} -> {out}")
         tok = _train_tokenizer(vocab_target=1000)
         tokenizer = Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -368,12 +376,6 @@ def build_saved_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0
         Qwen2VLImageProcessorPil(size={"shortest_edge": min_px, "longest_edge": max_px}, patch_size=16,
                                  temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
                                  image_std=[0.5, 0.5, 0.5]).save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"[checkpoint] wrote {len(list(out.iterdir()))} files, {size / 2**20:.1f} MiB in {time.time() - t0:.1f}s")
     return out
