@@ -305,7 +305,7 @@ def floor_repository(repo: Path) -> Path:
     import shutil
 
     here = Path(__file__).resolve().parent / "floor"
-    # postprocessing stays real: it is the hop that runs tensorrt_llm (BLS) for the request, and its
+    # postprocessing stays real: it is the hop that runs tensorrt_llm for the request, and its
     # own work for one token (a detokenizer step) is what the floor keeps of it
     for model in ("preprocessing", "vision_encoder"):
         version = repo / model / "1"

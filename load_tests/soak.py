@@ -472,6 +472,10 @@ def soak(servers: dict, sequences: int = 1000, workers: int = 6, seed: int = 0, 
     time.sleep(1.0)
     snaps["end"] = snapshot(servers)
     good = sum(tally.count[k] for k in GOOD)
+    # a server one of whose processes died: the end of its log (a stub's fatal signal and stacks)
+    died = {name: servers[name].log_tail(60) for name in servers
+            if any(v is None for v in snaps["end"][name]["processes"].values())
+            or set(snaps["end"][name]["processes"]) != set(snaps["start"][name]["processes"])}
     return {
         "sequences": sequences, "workers": workers, "seconds": round(seconds, 1), "seed": seed,
         "by_kind": {k: {"count": tally.count[k], "wrong": tally.wrong[k], "failed": tally.failed[k]} for k in KINDS},
@@ -482,6 +486,7 @@ def soak(servers: dict, sequences: int = 1000, workers: int = 6, seed: int = 0, 
         "examples": tally.examples,
         "snapshots": snaps,
         "growth": growth(snaps),
+        "logs_of_servers_with_a_process_gone": died,
     }
 
 
@@ -554,6 +559,10 @@ def table(report: dict) -> str:
     problems = verdict(report)
     lines.append("")
     lines.append("PASS" if not problems else "FAIL: " + "; ".join(problems))
+    if problems and report["examples"]:
+        lines += ["", "first errors:", *report["examples"]]
+    for server, tail in report.get("logs_of_servers_with_a_process_gone", {}).items():
+        lines += ["", f"{server} server's log (end):", tail]
     return "\n".join(lines)
 
 

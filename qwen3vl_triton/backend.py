@@ -6,9 +6,12 @@ backend's stub process.
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -19,6 +22,10 @@ from .errors import InputError, Unavailable
 # numpy arrays. They cross the Python backend through DLPack: the stub refuses as_numpy() and
 # pb.Tensor(name, array) for BF16.
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+# A stub that dies of a signal (SIGSEGV, SIGBUS, SIGABRT) writes every thread's Python stack to
+# its stderr, which is the server's log: Triton itself only notices later that the stub is gone.
+faulthandler.enable()
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -129,6 +136,17 @@ def output_tensor(pb, name: str, value):
             return pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
         value = value.numpy()
     return pb.Tensor(name, np.ascontiguousarray(value))
+
+
+def worker_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose `workers` threads all start now. A pool otherwise adds threads as load
+    rises, so a stub's thread count would depend on the traffic it has seen; fixed from the start,
+    a thread that leaks stands out."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    started = threading.Barrier(workers)  # each task holds its thread until all have one
+    for task in [pool.submit(started.wait) for _ in range(workers)]:
+        task.result()
+    return pool
 
 
 class CancelPoll:
@@ -269,9 +287,9 @@ class TokenStream:
                 self._send_cancelled()
             return
         if finish == "error":
-            # The error, then the end on its own: Triton 2.51 never hands a BLS caller (postprocessing,
-            # language) an error response that follows earlier responses, and one that also carried
-            # the FINAL flag would leave that caller waiting for ever; the empty final one reaches it.
+            # The error, then the end on its own: Triton 2.51 never hands a decoupled BLS caller an
+            # error response that follows earlier responses, and one that also carried the FINAL flag
+            # would leave that caller waiting for ever; the empty final one reaches it.
             self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(err or "generation failed")))
             self.sender.send(flags=final)
             return

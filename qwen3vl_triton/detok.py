@@ -121,7 +121,7 @@ class StreamDetokenizers:
         return text
 
 
-# postprocessing's inputs that it forwards to `tensorrt_llm` (BLS) -> the tensorrt_llm input names (DESIGN §3);
+# postprocessing's inputs that it forwards to `tensorrt_llm` -> the tensorrt_llm input names (DESIGN §3);
 # it adds `streaming`, and `stop` to end a request
 LLM_INPUT_NAMES = {
     "input_ids": "input_ids", "input_lengths": "input_lengths", "request_output_len": "request_output_len",

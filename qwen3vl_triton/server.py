@@ -166,14 +166,14 @@ class TritonServer:
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise ServerError(f"tritonserver exited with code {code} while starting{self._log_tail()}")
+                raise ServerError(f"tritonserver exited with code {code} while starting{_tail(self.log_tail())}")
             if self._get("/v2/health/ready") == 200:
                 return
             if time.monotonic() - last > 10:
                 log(f"waiting for tritonserver on {self.http_url} ...")
                 last = time.monotonic()
             time.sleep(0.25)
-        raise ServerError(f"tritonserver was not ready after {timeout:.0f}s{self._log_tail()}")
+        raise ServerError(f"tritonserver was not ready after {timeout:.0f}s{_tail(self.log_tail())}")
 
     def _get(self, path: str) -> int | None:
         try:
@@ -184,11 +184,11 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return None
 
-    def _log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server's log ("" without a log file)."""
         if not self.log_file or not Path(self.log_file).is_file():
             return ""
-        text = Path(self.log_file).read_text(errors="replace").splitlines()[-lines:]
-        return "\n--- server log (tail) ---\n" + "\n".join(text)
+        return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
 
     def children(self) -> list[psutil.Process]:
         """The Python-backend stub processes (and anything else) the server started."""
@@ -225,6 +225,10 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _tail(text: str) -> str:
+    return "\n--- server log (tail) ---\n" + text if text else ""
 
 
 def _stop_with_parent() -> None:

@@ -8,7 +8,7 @@ import weakref
 
 import numpy as np
 
-from qwen3vl_triton.backend import CancelPoll, EngineMetrics, error, send_response
+from qwen3vl_triton.backend import CancelPoll, EngineMetrics, error, send_response, worker_pool
 from qwen3vl_triton.engine import Engine, StepReport
 from qwen3vl_triton.errors import InputError, Unavailable
 
@@ -186,8 +186,8 @@ def test_errors_map_to_triton_codes():
 
 
 def test_a_stream_that_fails_midway_sends_the_error_then_the_end_apart():
-    # Triton 2.51 never hands a BLS caller an error response that follows earlier responses: an
-    # error that also carried FINAL left postprocessing and language waiting for ever. The error
+    # Triton 2.51 never hands a decoupled BLS caller an error response that follows earlier
+    # responses: an error that also carried FINAL left such a caller waiting for ever. The error
     # goes out on its own, then an empty final response that does reach the caller.
     from qwen3vl_triton.backend import TokenStream
 
@@ -223,3 +223,19 @@ def test_a_stream_that_fails_midway_sends_the_error_then_the_end_apart():
     stream.on_tokens([5], None, None)
     stream.on_tokens([], "error", "non-finite logits")
     assert sent == [(["output_ids", "sequence_length"], 0), ("error:non-finite logits", 0), (None, FINAL)]
+
+
+def test_a_worker_pool_starts_all_its_threads_at_once_and_keeps_that_count_under_load():
+    before = threading.active_count()
+    pool = worker_pool(5, "test-pool")
+    try:
+        assert threading.active_count() - before == 5
+        gate = threading.Event()
+        busy = [pool.submit(gate.wait, 5) for _ in range(12)]  # more tasks than threads
+        assert threading.active_count() - before == 5
+        gate.set()
+        assert all(f.result() for f in busy)
+        assert threading.active_count() - before == 5
+    finally:
+        pool.shutdown(wait=True)
+    assert threading.active_count() == before

@@ -286,7 +286,7 @@ def test_end_ids_travel_as_the_tensorrtllm_backends_stop_words_list(spec):
 
 def test_the_ensemble_sends_the_end_ids_to_tensorrt_llm_on_cpu_and_gpu(tiny_checkpoint, tmp_path, engine_dir):
     """preprocessing's stop_words_list goes to postprocessing, which forwards it to tensorrt_llm
-    (its BLS request), whose CPU and GPU configurations both take it (tests/test_layouts.py serves
+    (its own request), whose CPU and GPU configurations both take it (tests/test_layouts.py serves
     it, and the language model's own request)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc

@@ -93,7 +93,7 @@ def test_gpu_repository_takes_the_engine_facts(tiny_checkpoint, tmp_path, engine
     assert vision.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     table = [o for o in vision.output if o.name == "prompt_embedding_table"][0]
     assert mc.DataType.Name(table.data_type) == "TYPE_BF16"
-    # postprocessing runs tensorrt_llm through BLS: every input it sends exists on the engine
+    # postprocessing runs its request on tensorrt_llm: every input it sends exists on the engine
     from qwen3vl_triton.detok import LLM_INPUT_NAMES
 
     assert LLM_INPUT_NAMES["seed"] == "seed"  # TensorRT-LLM 1.2's name

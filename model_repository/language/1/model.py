@@ -1,4 +1,4 @@
-"""language: resumable table transfer into sequence state, then generation through tensorrt_llm (BLS).
+"""language: resumable table transfer into sequence state, then generation on tensorrt_llm.
 
 Every input is read here in `execute`; generation threads get plain values and the response
 sender only. State lives in the package's SequenceStore (bounded, expiring on the sequence
@@ -11,8 +11,9 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import (CancelPoll, Gauges, error_response, model_params, numpy_dtype, output_tensor,
-                                    read_inputs, scalar, send_response, single_sequence)
+from qwen3vl_triton import llm_client
+from qwen3vl_triton.backend import (CancelPoll, Gauges, error_response, model_params, numpy_dtype, read_inputs, scalar,
+                                    send_response, single_sequence)
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.errors import InputError, Unavailable
 from qwen3vl_triton.language import OPS, Listener, RowsRefused, SequenceStore, SharedRegions
@@ -64,6 +65,7 @@ class TritonPythonModel:
                                    max_sequences=int(params["max_sequences"]),
                                    max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim)
         self.regions = SharedRegions()
+        self.llm_url = llm_client.server_grpc_url()
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.families = {
             name: pb_utils.MetricFamily(f"qwen3vl_language_{name}", text, kind) for name, text, kind in (
@@ -181,9 +183,9 @@ class TritonPythonModel:
             self.store.release(seq)
 
     def _run(self, seq):
-        """Stream the LLM's tokens into the sequence state (one tensorrt_llm request per sequence).
-        Once the sequence has ended (END flag), the LLM request is stopped and what it still sends
-        is dropped."""
+        """Stream the LLM's tokens into the sequence state (one tensorrt_llm request per sequence,
+        over the server's own gRPC endpoint: see qwen3vl_triton/llm_client.py). Once the sequence
+        has ended (END flag), the LLM request is stopped and what it still sends is dropped."""
         s = seq.sampling
         tensors = {
             "input_ids": seq.input_ids[None],
@@ -206,22 +208,15 @@ class TritonPythonModel:
             tensors["mrope_rotary_cos_sin"] = seq.mrope_cos_sin[None]
         if not seq.open:  # ended before the LLM was asked
             return
-        request = pb_utils.InferenceRequest(
-            model_name="tensorrt_llm", request_id=seq.generation_id, requested_output_names=["output_ids"],
-            inputs=[output_tensor(pb_utils, k, v) for k, v in tensors.items()])
         stopped = False
         try:
-            for response in request.exec(decoupled=True):
+            for ids in llm_client.generate(self.llm_url, tensors, seq.generation_id):
                 if not seq.open:  # END came while the request was on its way: stop it (again)
                     if not stopped:
                         self._stop_generation(seq.generation_id)
                         stopped = True
                     continue
-                if response.has_error():
-                    raise RuntimeError(response.error().message())
-                out = pb_utils.get_output_tensor_by_name(response, "output_ids")
-                if out is not None:
-                    seq.record(out.as_numpy().reshape(-1).tolist(), final=False)
+                seq.record(ids.tolist(), final=False)
             seq.record([], final=True)
         except Exception as exc:
             seq.record([], final=True, error=f"generation failed: {exc}")
@@ -231,17 +226,9 @@ class TritonPythonModel:
 
     def _stop_generation(self, generation_id):
         """Cancel a running tensorrt_llm request the way the tensorrtllm backend does: a request
-        with `stop` set and the same request id (Triton 2.51's BLS cannot cancel its own requests)."""
-        stop = pb_utils.InferenceRequest(
-            model_name="tensorrt_llm", request_id=generation_id, requested_output_names=["output_ids"],
-            inputs=[pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
-                    pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
-                    pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
-                    pb_utils.Tensor("stop", np.ones((1, 1), np.bool_))])
+        with `stop` set and the same request id."""
         try:
-            for response in stop.exec(decoupled=True):
-                if response.has_error():
-                    pb_utils.Logger.log_warn(f"stopping generation {generation_id}: {response.error().message()}")
+            llm_client.stop(self.llm_url, generation_id)
         except Exception as exc:  # the sequence is released regardless; the LLM ends at max_tokens
             pb_utils.Logger.log_warn(f"stopping generation {generation_id}: {exc}")
 

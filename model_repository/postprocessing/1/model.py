@@ -1,5 +1,6 @@
-"""postprocessing: runs one request's generation on `tensorrt_llm` (BLS, streamed) and turns its
-token ids into text, with stop strings and the finish reason.
+"""postprocessing: runs one request's generation on `tensorrt_llm` (streamed, over the server's
+own gRPC endpoint: see qwen3vl_triton/llm_client.py for why not BLS) and turns its token ids into
+text, with stop strings and the finish reason.
 
 Every request has its own detokenizer in its own worker, so no stream state is keyed by anything
 a client chooses. The `tensorrt_llm` request gets a random id; a client that goes away (seen
@@ -7,14 +8,16 @@ within the cancellation period) or a stop string ends the generation with a `sto
 that id, as the tensorrtllm backend cancels."""
 
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import CancelPoll, error, model_params, read_inputs, scalar, send_response
+from qwen3vl_triton import llm_client
+from qwen3vl_triton.backend import (CancelPoll, as_numpy, error, model_params, read_inputs, scalar, send_response,
+                                    worker_pool)
 from qwen3vl_triton.checkpoint import ModelSpec
 from qwen3vl_triton.detok import LLM_INPUT_NAMES, TextStream
+from qwen3vl_triton.grpc_stream import StreamError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TO_LLM = LLM_INPUT_NAMES  # this model's input -> tensorrt_llm's input
@@ -28,16 +31,16 @@ class TritonPythonModel:
         self.spec = ModelSpec.load(params["checkpoint"])
         self.tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
         self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
-        self.pool = ThreadPoolExecutor(max_workers=int(params["workers"]), thread_name_prefix="generate")
+        self.llm_url = llm_client.server_grpc_url()
+        self.pool = worker_pool(int(params["workers"]), "generate")
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
-                # read here, not in the worker; the LLM's inputs go on as the tensors they are (a
-                # bfloat16 table has no numpy form)
-                llm = [t if t.name() == TO_LLM[t.name()] else pb_utils.Tensor(TO_LLM[t.name()], t.as_numpy())
-                       for t in (pb_utils.get_input_tensor_by_name(request, k) for k in TO_LLM) if t is not None]
+                # read here, not in the worker (a bfloat16 table through DLPack)
+                llm = {TO_LLM[k]: as_numpy(t) for k, t in
+                       ((k, pb_utils.get_input_tensor_by_name(request, k)) for k in TO_LLM) if t is not None}
                 x = read_inputs(pb_utils, request, ("input_lengths", "request_output_len", "stream", "stop_words"))
                 stops = [] if x["stop_words"] is None else [
                     s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in x["stop_words"].reshape(-1)]
@@ -59,40 +62,29 @@ class TritonPythonModel:
 
     def _stop(self, rid: str) -> None:
         """End the `tensorrt_llm` request `rid` (the tensorrtllm backend's `stop` input)."""
-        one = np.ones((1, 1), np.int32)
-        inputs = [pb_utils.Tensor("input_ids", one), pb_utils.Tensor("input_lengths", one),
-                  pb_utils.Tensor("request_output_len", one), pb_utils.Tensor("stop", np.ones((1, 1), bool))]
-        for _ in pb_utils.InferenceRequest(model_name="tensorrt_llm", inputs=inputs, request_id=rid,
-                                           requested_output_names=["output_ids"]).exec(decoupled=True):
-            pass
+        llm_client.stop(self.llm_url, rid)
 
-    def _run(self, sender, inputs: list, stream: TextStream, streaming: bool) -> None:
+    def _run(self, sender, inputs: dict, stream: TextStream, streaming: bool) -> None:
         rid = uuid.uuid4().hex
-        inputs = [*inputs, pb_utils.Tensor("streaming", np.ones((1, 1), bool))]  # always: stop strings, cancelling
+        inputs = {**inputs, "streaming": np.ones((1, 1), bool)}  # always: stop strings, cancelling
         cancelled = CancelPoll(sender.is_cancelled, self.cancel_check_seconds)
         pieces, all_ids, stopped = [], [], False
         try:
-            llm = pb_utils.InferenceRequest(model_name="tensorrt_llm", inputs=inputs, request_id=rid,
-                                            requested_output_names=["output_ids"])
-            for response in llm.exec(decoupled=True):
+            for out in llm_client.generate(self.llm_url, inputs, rid):
                 if stream.finish is not None or stopped:
                     if not stopped:  # an end id the engine does not stop at: it would go on
                         self._stop(rid)
                         stopped = True
                     continue  # what the engine still sends is dropped
-                if response.has_error():
-                    sender.send(pb_utils.InferenceResponse(error=response.error()), flags=FINAL)
-                    return
                 if cancelled():
                     self._stop(rid)
                     stopped = True
                     sender.send(flags=FINAL)
                     return
-                out = pb_utils.get_output_tensor_by_name(response, "output_ids")
-                if out is None:
+                if out.size == 0:
                     continue
                 before = len(stream.ids)
-                text, finish = stream.add(out.as_numpy().reshape(-1).tolist())
+                text, finish = stream.add(out.tolist())
                 ids = stream.ids[before:]
                 if stream.stopped_by_string:
                     self._stop(rid)  # the engine would go on
@@ -108,6 +100,8 @@ class TritonPythonModel:
                 text = stream.close("length")
                 self._respond(sender, stream, text if streaming else "".join(pieces) + text,
                               [] if streaming else all_ids, FINAL)
+        except StreamError as exc:  # tensorrt_llm's own error, passed on as it is
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 -- the request fails alone, with a message
             sender.send(pb_utils.InferenceResponse(error=error(pb_utils, exc, pb_utils.Logger)), flags=FINAL)
 

@@ -1,12 +1,12 @@
 """qwen3vl_disagg: the disaggregated request driven from the encoder host (BLS + the package's sender)."""
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import CancelPoll, error_response, model_params, read_inputs, scalar, send_response
+from qwen3vl_triton.backend import (CancelPoll, error_response, model_params, read_inputs, scalar, send_response,
+                                    worker_pool)
 from qwen3vl_triton.errors import Unavailable
 from qwen3vl_triton.transfer import Disaggregated, Encoded
 
@@ -28,7 +28,7 @@ class TritonPythonModel:
         self.chunk_rows = int(params["chunk_rows"])
         self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
         workers, queued = int(params["workers"]), int(params["max_queue_size"])
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="disagg")
+        self.pool = worker_pool(workers, "disagg")
         # requests running or waiting for a worker: past the bound one is refused, as a full queue is
         self.slots = threading.BoundedSemaphore(workers + queued)
         self.max_queue_size = queued

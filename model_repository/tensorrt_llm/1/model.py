@@ -74,7 +74,7 @@ class TritonPythonModel:
         def on_tokens(tokens, finish, err):
             if finish is not None and self._untrack(triton_id, stream) and finish == "cancelled":
                 # stopped: the request ends as an ordinary one does, as in the tensorrtllm backend (and
-                # an error response sent here never reaches a BLS caller on Triton 2.51: it would wait)
+                # an error response sent here never reaches a decoupled BLS caller on Triton 2.51)
                 finish = "stopped"
             stream.on_tokens(tokens, finish, err)
 
