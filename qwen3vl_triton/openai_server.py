@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import re
 import time
 import urllib.error
@@ -34,18 +35,30 @@ _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 _ENSEMBLE = re.compile(r"^in ensemble '[^']*', ")
 
 
+# Request fields this server does not implement, each with the values that ask for nothing (those
+# are accepted, as clients send them by default); any other value is a 400 naming the field rather
+# than an answer that silently ignores it.
+UNSUPPORTED = {
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "response_format": (None, {"type": "text"}), "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "modalities": (None, ["text"]),
+    "audio": (None,), "prediction": (None,),
+}
+
+
 class APIError(Exception):
     """An OpenAI error object: HTTP status, message, the request field it names (param)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.kind = kind or {400: "invalid_request_error", 404: "not_found_error",
-                             503: "service_unavailable"}.get(status, "server_error")
+        self.kind = kind or ("server_error" if status >= 500 and status != 503 else
+                             {404: "not_found_error", 503: "service_unavailable"}.get(status, "invalid_request_error"))
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": None if self.status != 404 else "model_not_found"}}
+                          "code": "model_not_found" if self.status == 404 and self.param == "model" else None}}
 
 
 @dataclass
@@ -142,13 +155,18 @@ class Params:
         if n is not None and n != 1:
             raise APIError(400, f"n: only 1 choice per request is supported, got {n!r}", "n")
 
+        for name, ignored in UNSUPPORTED.items():
+            if body.get(name) not in ignored:
+                raise APIError(400, f"{name}: not supported by this server (got {body[name]!r}); "
+                                    f"leave it out", name)
+
         def number(name, low, high, integer=False, low_open=False):
             value = body.get(name)
             if value is None:
                 return None
             kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or value < low or value > high \
-                    or (low_open and value == low):
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+                    or value < low or value > high or (low_open and value == low):
                 bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
                 raise APIError(400, f"{name}: must be {'an integer' if integer else 'a number'} in {bound}, "
                                     f"got {value!r}", name)
@@ -159,7 +177,7 @@ class Params:
         stop = body.get("stop")
         if stop is None:
             stop = []
-        elif isinstance(stop, str):
+        elif isinstance(stop, str) and stop:
             stop = [stop]
         elif not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
             raise APIError(400, "stop: must be a string or an array of up to 4 non-empty strings", "stop")
@@ -264,6 +282,7 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
                images: ImagePolicy | None = None):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     images = images or ImagePolicy()
 
@@ -272,17 +291,31 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
         yield
         await backend.close()
 
-    app = FastAPI(title="qwen3vl-triton OpenAI-compatible API", lifespan=lifespan)
+    # no interactive docs or schema: the API is OpenAI's, and a closed server publishes nothing else
+    app = FastAPI(title="qwen3vl-triton OpenAI-compatible API", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths, wrong methods
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    model_object = {"id": served_model, "object": "model", "created": created, "owned_by": "qwen3vl-triton"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created,
-                                            "owned_by": "qwen3vl-triton"}]}
+        return {"object": "list", "data": [model_object]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model != served_model:
+            raise APIError(404, f"The model '{model}' does not exist (this server serves '{served_model}')", "model")
+        return model_object
 
     @app.get("/health")
     async def health():

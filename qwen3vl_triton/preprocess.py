@@ -261,8 +261,9 @@ def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[bytes], list[s
         if not isinstance(msg, dict):
             raise InputError(where, 'must be an object {"role": ..., "content": ...}')
         role = msg.get("role")
+        role = "system" if role == "developer" else role  # the OpenAI API's newer name for it
         if role not in ROLES:
-            raise InputError(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
+            raise InputError(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)} (or developer)")
         content = msg.get("content")
         if isinstance(content, str):
             text_bytes += len(content.encode("utf-8"))
@@ -282,7 +283,7 @@ def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[bytes], list[s
                 parts.append({"type": "text", "text": text})
             elif kind == "image_url":
                 if role != "user":
-                    raise InputError(name, f"images go in user messages, not in a {role} message")
+                    raise InputError(name, f"images go in user messages, not in {role} messages")
                 images.append(_image_url(part, name))
                 names.append(f"{name}.image_url")
                 parts.append({"type": "image"})

@@ -83,6 +83,31 @@ def test_streamed_chat_completion_equals_the_oracle(messages, n, oai, oracle, sp
 
 def test_models_lists_the_model(oai):
     assert [m.id for m in oai.models.list().data] == ["qwen3vl"]
+    assert oai.models.retrieve("qwen3vl").id == "qwen3vl"
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.models.retrieve("gpt-4o")
+    assert err.value.body["param"] == "model"
+
+
+def test_unknown_paths_answer_openai_errors_and_no_docs_are_published(api):
+    def get(path):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://{api.url}{path}", timeout=30)
+        return err.value.code, json.loads(err.value.read())["error"]
+
+    for path in ("/v1/completions", "/docs", "/openapi.json", "/redoc"):
+        status, error = get(path)
+        assert status == 404 and error["type"] == "not_found_error" and error["code"] is None, (path, error)
+    status, error = get("/v1/chat/completions")
+    assert status == 405 and error["type"] == "invalid_request_error", error
+
+
+def test_a_developer_message_is_a_system_message(oai, oracle):
+    """The OpenAI API's newer name for the system role is served as the system role."""
+    as_system = oracle.text(oracle.generate_messages([{"role": "system", "content": "Answer briefly."}, *ENDS], 8))
+    r = oai.chat.completions.create(model="qwen3vl", max_tokens=8,
+                                    messages=[{"role": "developer", "content": "Answer briefly."}, *ENDS])
+    assert r.choices[0].message.content == as_system
 
 
 def test_a_conversation_continued_turn_by_turn(oai, oracle):
@@ -148,7 +173,35 @@ BAD = {
         400, "messages[0].content[0].image_url"),
     "max_tokens 0": (dict(max_tokens=0), 400, "max_tokens"),
     "temperature out of range": (dict(temperature=3.5), 400, "temperature"),
+    "empty stop string": (dict(stop=""), 400, "stop"),
+    # features this server does not implement are refused, not silently ignored
+    "tools": (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+              400, "tools"),
+    "logprobs": (dict(logprobs=True, top_logprobs=2), 400, "logprobs"),
+    "json mode": (dict(response_format={"type": "json_object"}), 400, "response_format"),
+    "frequency penalty": (dict(frequency_penalty=0.5), 400, "frequency_penalty"),
 }
+
+
+@pytest.mark.parametrize("field, value", [("temperature", "NaN"), ("top_p", "Infinity"), ("max_tokens", "-Infinity")])
+def test_non_finite_numbers_are_refused_by_name(api, field, value):
+    """Python's JSON reader takes NaN and Infinity (the official client never sends them)."""
+    body = ('{"model": "qwen3vl", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, '
+            f'"{field}": {value}}}').encode()
+    request = urllib.request.Request(f"http://{api.url}/v1/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    error = json.loads(err.value.read())["error"]
+    assert err.value.code == 400 and error["param"] == field and error["message"].startswith(f"{field}: "), error
+
+
+def test_fields_clients_send_by_default_are_accepted(oai, oracle):
+    """The values that ask for nothing (LangChain and others send them) are not refused."""
+    r = oai.chat.completions.create(model="qwen3vl", messages=ENDS, max_tokens=6, n=1, logprobs=False,
+                                    frequency_penalty=0, presence_penalty=0.0, response_format={"type": "text"},
+                                    tool_choice="none", user="someone")
+    assert r.choices[0].message.content == oracle.text(oracle.generate_messages(ENDS, 6))
 
 
 @pytest.mark.parametrize("case", list(BAD))

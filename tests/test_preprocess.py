@@ -127,14 +127,14 @@ MESSAGE_ERRORS = {
     "not an array": (dict(messages='{"role": "user"}'), "messages: must be a non-empty JSON array"),
     "empty": (dict(messages="[]"), "messages: must be a non-empty JSON array"),
     "unknown role": (dict(messages='[{"role": "tool", "content": "x"}]'),
-                     "messages[0].role: 'tool' is not one of system, user, assistant"),
+                     "messages[0].role: 'tool' is not one of system, user, assistant (or developer)"),
     "content type": (dict(messages='[{"role": "user", "content": 3}]'),
                      "messages[0].content: must be a string or a list of parts"),
     "part type": (dict(messages='[{"role": "user", "content": [{"type": "audio"}]}]'),
                   "messages[0].content[0].type: 'audio' is not supported"),
     "image in an assistant turn": (
         dict(messages='[{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "eA=="}}]}]'),
-        "messages[0].content[0]: images go in user messages, not in a assistant message"),
+        "messages[0].content[0]: images go in user messages, not in assistant messages"),
     "remote URL": (
         dict(messages='[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://a.b/c.png"}}]}]'),
         "messages[0].content[0].image_url: remote URLs are not fetched here"),
