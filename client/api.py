@@ -157,15 +157,29 @@ class Client:
         from qwen3vl_triton.grpc_stream import GrpcStream, StreamError
 
         channel = GrpcStream(self._grpc, self.timeout, stream_timeout=self.timeout)
+        generation, finished = None, False
         try:
             for result in channel.request(self.model, self._grpc_inputs(first, images, max_tokens, stream, sampling),
                                           request_id=request_id):
                 if result.get_response().outputs:
+                    gid = result.as_numpy("generation_id")  # absent from qwen3vl_disagg
+                    generation = generation or (None if gid is None else gid.reshape(-1)[0].decode())
                     yield "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
+            finished = True
         except StreamError as exc:
+            finished = True
             raise ClientError(str(exc)) from None
         finally:
-            channel.close()  # cancels the request only if it is unfinished
+            if not finished and generation is not None:
+                # Triton 2.51 does not cancel an ensemble step already running: end the generation by
+                # its id first (closing the stream waits for the request's end)
+                from qwen3vl_triton import llm_client
+
+                try:
+                    llm_client.stop(self.url, generation)
+                except Exception:  # noqa: BLE001 -- it may have ended meanwhile
+                    pass
+            channel.close(cancel=not finished)  # a request left unfinished is cancelled, not waited for
 
     def _http_body(self, first, images, max_tokens, stream, sampling, request_id) -> dict:
         body = {"id": request_id, first[0]: first[1], "max_tokens": max_tokens, "stream": stream}

@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -250,25 +251,44 @@ class Backend:
             yield request
 
         stream = self.client.stream_infer(one())
+        generation, finished = None, False
         try:
             async for result, error in stream:
                 if error is not None:
+                    finished = True
                     raise triton_error(error.message())
                 if not result.get_response().outputs:
                     continue
                 text = "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
                 ids = result.as_numpy("output_ids")
                 finish = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
+                gid = result.as_numpy("generation_id")
+                generation = generation or (None if gid is None else gid.reshape(-1)[0].decode())
+                finished = finish is not None
                 yield (text, 0 if ids is None else ids.size, int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
                        finish)
-                if finish is not None:
+                if finished:
                     return
+            finished = True
         except grpc.aio.AioRpcError as exc:
+            finished = True
             code = exc.code()
             status = 503 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) else 500
             raise APIError(status, f"the model server at {self.url} failed: {exc.details()}") from None
         finally:
             stream.cancel()  # a no-op after the final response; otherwise Triton cancels the request
+            if not finished and generation is not None:
+                # Triton 2.51 does not cancel an ensemble step that is already running, so the
+                # generation itself is ended by its id (tensorrt_llm's `stop`), off the event loop
+                threading.Thread(target=self._stop, args=(generation,), name="stop", daemon=True).start()
+
+    def _stop(self, generation: str) -> None:
+        from . import llm_client
+
+        try:
+            llm_client.stop(self.url, generation)
+        except Exception as exc:  # noqa: BLE001 -- the generation may have ended meanwhile
+            print(f"openai: could not stop generation {generation}: {exc}", flush=True)
 
     async def close(self):
         await self.client.close()
@@ -281,7 +301,7 @@ def _usage(prompt: int, completion: int) -> dict:
 def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int = 1024,
                images: ImagePolicy | None = None):
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     images = images or ImagePolicy()
@@ -346,16 +366,35 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
             raise
 
         if not p.stream:
-            texts, completion, (text, n, prompt, finish) = [], 0, first
+            async def collect():
+                texts, completion, (text, n, prompt, finish) = [], 0, first
+                try:
+                    while True:
+                        texts.append(text)
+                        completion += n
+                        if finish is not None:
+                            return texts, completion, prompt, finish
+                        text, n, prompt, finish = await anext(pieces)
+                finally:
+                    await pieces.aclose()  # also when cancelled: Triton cancels the generation
+
+            async def disconnected():  # the body is read: the next ASGI message is the client leaving
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+
+            # a client that goes away before the whole answer is ready cancels its generation too
+            task, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
             try:
-                while True:
-                    texts.append(text)
-                    completion += n
-                    if finish is not None:
-                        break
-                    text, n, prompt, finish = await anext(pieces)
+                await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                await pieces.aclose()
+                gone.cancel()
+                if not task.done():  # the client left (or this handler was cancelled)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if task.cancelled():
+                return Response(status_code=499)  # nobody reads it
+            texts, completion, prompt, finish = task.result()
             return {"id": cid, "object": "chat.completion", "created": now, "model": served_model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(texts)},
                                  "logprobs": None, "finish_reason": finish or "length"}],

@@ -4,6 +4,7 @@ transformers' generate on the same conversation."""
 
 import base64
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -235,6 +236,9 @@ def test_a_repeated_image_is_a_cache_hit(server, oai):
 
 def test_a_client_that_drops_a_stream_frees_its_engine_slot(server, api):
     running = lambda: metric(server, "qwen3vl_engine_running_sequences", "tensorrt_llm")  # noqa: E731
+    generated = lambda: metric(server, "qwen3vl_engine_generated_tokens_total", "tensorrt_llm")  # noqa: E731
+    assert wait_for(lambda: running() == 0, timeout=30)
+    before = generated()
     # greedy, this one runs 243 tokens before an end token
     body = json.dumps({"model": "qwen3vl", "messages": [{"role": "user", "content": "Tell me about the ocean."}],
                        "max_tokens": 240, "stream": True}).encode()
@@ -249,6 +253,27 @@ def test_a_client_that_drops_a_stream_frees_its_engine_slot(server, api):
     assert wait_for(lambda: running() == 0, timeout=10), "the dropped stream still holds its engine slot"
     # the engine's gauges are sent every stats period: the slot was freed within a second or so
     assert time.monotonic() - t0 < 5
+    # and the generation stopped: it did not run on to its 240 tokens
+    assert wait_for(lambda: generated() > before, timeout=10)
+    assert generated() - before < 240, "the dropped stream's generation ran to its end"
+
+
+def test_a_client_that_leaves_a_non_streamed_request_frees_its_engine_slot(server, api):
+    running = lambda: metric(server, "qwen3vl_engine_running_sequences", "tensorrt_llm")  # noqa: E731
+    generated = lambda: metric(server, "qwen3vl_engine_generated_tokens_total", "tensorrt_llm")  # noqa: E731
+    assert wait_for(lambda: running() == 0, timeout=30)
+    before = generated()
+    body = json.dumps({"model": "qwen3vl", "messages": [{"role": "user", "content": "Tell me about the ocean."}],
+                       "max_tokens": 240}).encode()  # greedy, this one runs 243 tokens before an end token
+    host, port = api.url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: running() >= 1, timeout=10)
+    # the client is gone before its answer: the generation stops long before its 240 tokens
+    assert wait_for(lambda: running() == 0, timeout=10), "the abandoned request still holds its engine slot"
+    assert wait_for(lambda: generated() > before, timeout=10)
+    assert generated() - before < 240, "the abandoned request's generation ran to its end"
 
 
 def test_concurrent_conversations_each_equal_their_oracle(oai, oracle):

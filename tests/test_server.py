@@ -93,24 +93,65 @@ def test_eight_concurrent_requests_each_equal_their_oracle_and_are_batched(serve
     assert metric(server, "qwen3vl_engine_batched_steps_total", "tensorrt_llm") > steps_before
 
 
-def test_a_cancelled_stream_frees_its_place(server):
+LONG = "Tell me about the ocean."  # greedy on the tiny checkpoint, it runs past 240 tokens
+
+
+def engine_counts(server):
     running = lambda: metric(server, "qwen3vl_engine_running_sequences", "tensorrt_llm")  # noqa: E731
+    generated = lambda: metric(server, "qwen3vl_engine_generated_tokens_total", "tensorrt_llm")  # noqa: E731
+    assert wait_for(lambda: running() == 0, timeout=60)
+    return running, generated, generated()
+
+
+def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
+    """Triton 2.51 does not cancel an ensemble step that is already running: a tritonclient caller
+    that leaves a `qwen3vl` stream ends the generation with tensorrt_llm's `stop`, sent with the
+    stream's `generation_id` as the request id."""
+    assert len(oracle.generate(LONG, [], 240)) == 240  # it would run all 240 tokens
+    running, generated, before = engine_counts(server)
     client = grpcclient.InferenceServerClient(server.grpc_url)
     got = queue.Queue()
     client.start_stream(callback=lambda result, error: got.put((result, error)))
-    prompt = np.array([[b"Write a very long story."]], dtype=np.object_)
     inputs = [grpcclient.InferInput("text_input", [1, 1], "BYTES"), grpcclient.InferInput("max_tokens", [1, 1], "INT32"),
               grpcclient.InferInput("stream", [1, 1], "BOOL")]
-    inputs[0].set_data_from_numpy(prompt)
-    inputs[1].set_data_from_numpy(np.array([[250]], np.int32))
+    inputs[0].set_data_from_numpy(np.array([[LONG.encode()]], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.array([[240]], np.int32))
     inputs[2].set_data_from_numpy(np.array([[True]]))
     client.async_stream_infer("qwen3vl", inputs, request_id="to-cancel")
-    got.get(timeout=60)  # the first token arrived: it is running
+    result, error = got.get(timeout=60)  # the first token arrived: it is running
+    assert error is None
+    generation = result.as_numpy("generation_id").reshape(-1)[0].decode()
     client.stop_stream(cancel_requests=True)
     client.close()
-    assert wait_for(lambda: running() == 0, timeout=60), "the cancelled sequence still holds its place"
+    stop = [grpcclient.InferInput(name, [1, 1], "INT32") for name in ("input_ids", "input_lengths", "request_output_len")]
+    for t in stop:
+        t.set_data_from_numpy(np.ones((1, 1), np.int32))
+    stop.append(grpcclient.InferInput("stop", [1, 1], "BOOL"))
+    stop[-1].set_data_from_numpy(np.array([[True]]))
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        done = queue.Queue()
+        c.start_stream(callback=lambda result, error: done.put(error))
+        c.async_stream_infer("tensorrt_llm", stop, request_id=generation, enable_empty_final_response=True)
+        assert done.get(timeout=30) is None
+        c.stop_stream()
+    assert wait_for(lambda: running() == 0, timeout=10), "the stopped sequence still holds its place"
+    assert wait_for(lambda: generated() > before, timeout=10)
+    assert generated() - before < 240, "the generation ran to its end"
     with Client(server.grpc_url, "grpc") as c:
         assert c.generate_text("Next one.", max_tokens=4) is not None
+
+
+def test_the_client_library_stops_a_generation_it_leaves(server, oracle):
+    assert len(oracle.generate(LONG, [], 240)) == 240
+    running, generated, before = engine_counts(server)
+    with Client(server.grpc_url, "grpc") as c:
+        pieces = c.generate(LONG, max_tokens=240)
+        for _ in range(3):
+            next(pieces)
+        pieces.close()  # the caller leaves after three pieces
+    assert wait_for(lambda: running() == 0, timeout=10)
+    assert wait_for(lambda: generated() > before, timeout=10)
+    assert generated() - before < 240, "the generation ran to its end"
 
 
 def test_metrics_count_successes_and_failures(server):

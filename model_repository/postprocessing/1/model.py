@@ -52,12 +52,13 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=error(pb_utils, exc, pb_utils.Logger)), flags=FINAL)
         return None
 
-    def _respond(self, sender, stream: TextStream, text: str, ids: list[int], flags: int = 0) -> None:
+    def _respond(self, sender, rid: str, stream: TextStream, text: str, ids: list[int], flags: int = 0) -> None:
         send_response(pb_utils, sender, [
             pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], np.object_)),
             pb_utils.Tensor("output_ids", np.asarray(ids, np.int32).reshape(1, -1)),
             pb_utils.Tensor("prompt_tokens", np.array([[stream.prompt_tokens]], np.int32)),
             pb_utils.Tensor("finish_reason", np.array([[(stream.finish or "").encode()]], np.object_)),
+            pb_utils.Tensor("generation_id", np.array([[rid.encode()]], np.object_)),
         ], flags)
 
     def _stop(self, rid: str) -> None:
@@ -90,15 +91,15 @@ class TritonPythonModel:
                     self._stop(rid)  # the engine would go on
                     stopped = True
                 if streaming:
-                    self._respond(sender, stream, text, ids, FINAL if finish else 0)
+                    self._respond(sender, rid, stream, text, ids, FINAL if finish else 0)
                 else:
                     pieces.append(text)
                     all_ids.extend(ids)
                     if finish:
-                        self._respond(sender, stream, "".join(pieces), all_ids, FINAL)
+                        self._respond(sender, rid, stream, "".join(pieces), all_ids, FINAL)
             if stream.finish is None:  # the engine ended first (e.g. at its context limit)
                 text = stream.close("length")
-                self._respond(sender, stream, text if streaming else "".join(pieces) + text,
+                self._respond(sender, rid, stream, text if streaming else "".join(pieces) + text,
                               [] if streaming else all_ids, FINAL)
         except StreamError as exc:  # tensorrt_llm's own error, passed on as it is
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=FINAL)
