@@ -97,10 +97,18 @@ LONG = "Tell me about the ocean."  # greedy on the tiny checkpoint, it runs past
 
 
 def engine_counts(server):
+    """(running sequences, generated tokens so far, generated tokens now) of the engine, once idle."""
     running = lambda: metric(server, "qwen3vl_engine_running_sequences", "tensorrt_llm")  # noqa: E731
     generated = lambda: metric(server, "qwen3vl_engine_generated_tokens_total", "tensorrt_llm")  # noqa: E731
     assert wait_for(lambda: running() == 0, timeout=60)
     return running, generated, generated()
+
+
+def assert_stopped_before_its_end(running, generated, before, length=240):
+    """The one generation since `before` freed its place and did not run all `length` tokens."""
+    assert wait_for(lambda: running() == 0, timeout=10), "the sequence still holds its engine slot"
+    assert wait_for(lambda: generated() > before, timeout=10)  # the counters are sent when idle
+    assert generated() - before < length, f"the generation ran to its end ({generated() - before} tokens)"
 
 
 def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
@@ -134,9 +142,7 @@ def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
         c.async_stream_infer("tensorrt_llm", stop, request_id=generation, enable_empty_final_response=True)
         assert done.get(timeout=30) is None
         c.stop_stream()
-    assert wait_for(lambda: running() == 0, timeout=10), "the stopped sequence still holds its place"
-    assert wait_for(lambda: generated() > before, timeout=10)
-    assert generated() - before < 240, "the generation ran to its end"
+    assert_stopped_before_its_end(running, generated, before)
     with Client(server.grpc_url, "grpc") as c:
         assert c.generate_text("Next one.", max_tokens=4) is not None
 
@@ -149,9 +155,7 @@ def test_the_client_library_stops_a_generation_it_leaves(server, oracle):
         for _ in range(3):
             next(pieces)
         pieces.close()  # the caller leaves after three pieces
-    assert wait_for(lambda: running() == 0, timeout=10)
-    assert wait_for(lambda: generated() > before, timeout=10)
-    assert generated() - before < 240, "the generation ran to its end"
+    assert_stopped_before_its_end(running, generated, before)
 
 
 def test_metrics_count_successes_and_failures(server):
