@@ -171,15 +171,18 @@ class Client:
             raise ClientError(str(exc)) from None
         finally:
             if not finished and generation is not None:
-                # Triton 2.51 does not cancel an ensemble step already running: end the generation by
-                # its id first (closing the stream waits for the request's end)
-                from qwen3vl_triton import llm_client
-
-                try:
-                    llm_client.stop(self.url, generation)
-                except Exception:  # noqa: BLE001 -- it may have ended meanwhile
-                    pass
+                self._stop_generation(generation)  # first: closing the stream waits for the request's end
             channel.close(cancel=not finished)  # a request left unfinished is cancelled, not waited for
+
+    def _stop_generation(self, generation: str) -> None:
+        """End the generation of a `qwen3vl` stream this client left: Triton 2.51 does not cancel
+        an ensemble step already running, so it goes to `tensorrt_llm` `stop` by its id."""
+        from qwen3vl_triton import llm_client
+
+        try:
+            (llm_client.stop if self.protocol == "grpc" else llm_client.stop_http)(self.url, generation)
+        except Exception:  # noqa: BLE001 -- it may have ended meanwhile
+            pass
 
     def _http_body(self, first, images, max_tokens, stream, sampling, request_id) -> dict:
         body = {"id": request_id, first[0]: first[1], "max_tokens": max_tokens, "stream": stream}
@@ -197,17 +200,25 @@ class Client:
                                  stream=True, timeout=self.timeout)
         except requests.RequestException as exc:
             raise ClientError(f"cannot reach the server at {self.url} (http): {message_of(exc)}") from None
+        generation, finished = None, False
         with resp:
             if resp.status_code != 200:
                 raise ClientError(_http_error(resp.text))
-            for line in resp.iter_lines(decode_unicode=False):
-                if not line.startswith(b"data:"):
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise ClientError(event["error"])
-                text = event.get("text_output", "")
-                yield "".join(text) if isinstance(text, list) else text
+            try:
+                for line in resp.iter_lines(decode_unicode=False):
+                    if not line.startswith(b"data:"):
+                        continue
+                    event = json.loads(line[5:])
+                    if "error" in event:
+                        finished = True
+                        raise ClientError(event["error"])
+                    generation = generation or event.get("generation_id")
+                    text = event.get("text_output", "")
+                    yield "".join(text) if isinstance(text, list) else text
+                finished = True
+            finally:
+                if not finished and generation:
+                    self._stop_generation(generation)
 
 
 class Conversation:

@@ -79,14 +79,28 @@ def generate(url: str, tensors: dict[str, np.ndarray], request_id: str,
         stream.close(cancel=not finished)
 
 
+def _stop_inputs() -> dict[str, np.ndarray]:
+    one = np.ones((1, 1), np.int32)
+    return {"input_ids": one, "input_lengths": one, "request_output_len": one, "stop": np.ones((1, 1), np.bool_)}
+
+
 def stop(url: str, request_id: str, timeout: float = 30.0) -> None:
     """End the running `tensorrt_llm` request `request_id` (the tensorrtllm backend's `stop`
     input): it finishes as an ordinary request does, with the tokens it has."""
-    one = np.ones((1, 1), np.int32)
     stream = GrpcStream(url, timeout)
     try:
-        for _ in stream.request(MODEL, _inputs({"input_ids": one, "input_lengths": one, "request_output_len": one,
-                                                "stop": np.ones((1, 1), np.bool_)}), request_id=request_id):
+        for _ in stream.request(MODEL, _inputs(_stop_inputs()), request_id=request_id):
             pass
     finally:
         stream.close(cancel=False)
+
+
+def stop_http(url: str, request_id: str, timeout: float = 30.0) -> None:
+    """`stop` through the server's HTTP endpoint `url` (HOST:PORT): Triton's generate_stream, as
+    `tensorrt_llm` is decoupled."""
+    import requests
+
+    body = {"id": request_id, **{name: value.reshape(-1).tolist() for name, value in _stop_inputs().items()}}
+    resp = requests.post(f"http://{url}/v2/models/{MODEL}/generate_stream", json=body, timeout=timeout)
+    if resp.status_code != 200:
+        raise RuntimeError(f"stop of {request_id} failed: HTTP {resp.status_code} {resp.text[:200]}")

@@ -147,10 +147,11 @@ def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
         assert c.generate_text("Next one.", max_tokens=4) is not None
 
 
-def test_the_client_library_stops_a_generation_it_leaves(server, oracle):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_client_library_stops_a_generation_it_leaves(protocol, server, oracle):
     assert len(oracle.generate(LONG, [], 240)) == 240
     running, generated, before = engine_counts(server)
-    with Client(server.grpc_url, "grpc") as c:
+    with Client(server.grpc_url if protocol == "grpc" else server.http_url, protocol) as c:
         pieces = c.generate(LONG, max_tokens=240)
         for _ in range(3):
             next(pieces)
