@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from qwen3vl_triton import llm_client
 from qwen3vl_triton.grpc_stream import message_of
 
 MODEL = "qwen3vl"
@@ -162,8 +163,7 @@ class Client:
             for result in channel.request(self.model, self._grpc_inputs(first, images, max_tokens, stream, sampling),
                                           request_id=request_id):
                 if result.get_response().outputs:
-                    gid = result.as_numpy("generation_id")  # absent from qwen3vl_disagg
-                    generation = generation or (None if gid is None else gid.reshape(-1)[0].decode())
+                    generation = generation or llm_client.generation_id(result)
                     yield "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
             finished = True
         except StreamError as exc:
@@ -171,18 +171,9 @@ class Client:
             raise ClientError(str(exc)) from None
         finally:
             if not finished and generation is not None:
-                self._stop_generation(generation)  # first: closing the stream waits for the request's end
+                # first: closing the stream waits for the request's end
+                llm_client.stop_left(self.url, generation, self.protocol)
             channel.close(cancel=not finished)  # a request left unfinished is cancelled, not waited for
-
-    def _stop_generation(self, generation: str) -> None:
-        """End the generation of a `qwen3vl` stream this client left: Triton 2.51 does not cancel
-        an ensemble step already running, so it goes to `tensorrt_llm` `stop` by its id."""
-        from qwen3vl_triton import llm_client
-
-        try:
-            (llm_client.stop if self.protocol == "grpc" else llm_client.stop_http)(self.url, generation)
-        except Exception:  # noqa: BLE001 -- it may have ended meanwhile
-            pass
 
     def _http_body(self, first, images, max_tokens, stream, sampling, request_id) -> dict:
         body = {"id": request_id, first[0]: first[1], "max_tokens": max_tokens, "stream": stream}
@@ -218,7 +209,7 @@ class Client:
                 finished = True
             finally:
                 if not finished and generation:
-                    self._stop_generation(generation)
+                    llm_client.stop_left(self.url, generation, self.protocol)
 
 
 class Conversation:

@@ -104,3 +104,21 @@ def stop_http(url: str, request_id: str, timeout: float = 30.0) -> None:
     resp = requests.post(f"http://{url}/v2/models/{MODEL}/generate_stream", json=body, timeout=timeout)
     if resp.status_code != 200:
         raise RuntimeError(f"stop of {request_id} failed: HTTP {resp.status_code} {resp.text[:200]}")
+
+
+def generation_id(result) -> str | None:
+    """The `generation_id` of a `qwen3vl` response (a tritonclient result), None where the model
+    sends none (qwen3vl_disagg)."""
+    gid = result.as_numpy("generation_id")
+    return None if gid is None else gid.reshape(-1)[0].decode()
+
+
+def stop_left(url: str, generation: str, protocol: str = "grpc") -> str | None:
+    """End the generation of a `qwen3vl` stream its caller left (Triton 2.51 does not cancel an
+    ensemble step already running): `stop` by its `generation_id`, over `protocol` to the server
+    at `url`. Returns why it failed, or None (a generation that ended meanwhile is no error)."""
+    try:
+        (stop if protocol == "grpc" else stop_http)(url, generation)
+    except Exception as exc:  # noqa: BLE001 -- reported to the caller, who only logs it
+        return f"could not stop generation {generation}: {exc}"
+    return None

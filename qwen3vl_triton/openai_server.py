@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import llm_client
+
 MODEL = "qwen3vl"
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 _ENSEMBLE = re.compile(r"^in ensemble '[^']*', ")
@@ -262,8 +264,7 @@ class Backend:
                 text = "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
                 ids = result.as_numpy("output_ids")
                 finish = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
-                gid = result.as_numpy("generation_id")
-                generation = generation or (None if gid is None else gid.reshape(-1)[0].decode())
+                generation = generation or llm_client.generation_id(result)
                 finished = finish is not None
                 yield (text, 0 if ids is None else ids.size, int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
                        finish)
@@ -283,12 +284,9 @@ class Backend:
                 threading.Thread(target=self._stop, args=(generation,), name="stop", daemon=True).start()
 
     def _stop(self, generation: str) -> None:
-        from . import llm_client
-
-        try:
-            llm_client.stop(self.url, generation)
-        except Exception as exc:  # noqa: BLE001 -- the generation may have ended meanwhile
-            print(f"openai: could not stop generation {generation}: {exc}", flush=True)
+        problem = llm_client.stop_left(self.url, generation)
+        if problem:
+            print(f"openai: {problem}", flush=True)
 
     async def close(self):
         await self.client.close()
