@@ -61,7 +61,7 @@ soak: venv
 	$(BIN)/python -m load_tests.soak --sequences $(SEQUENCES)
 
 checkpoint: venv
-	$(BIN)/python -m qwen3vl_triton.tiny --profile $(PROFILE) --out checkpoints/$(PROFILE)
+	$(BIN)/python -m qwen3vl_triton.model.tiny --profile $(PROFILE) --out checkpoints/$(PROFILE)
 
 serve: venv
 	$(BIN)/qwen3vl-serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) --topology $(TOPOLOGY) \

@@ -3,7 +3,7 @@
 
     python builders/make_checkpoint.py --profile tiny --out checkpoints/tiny
 
-Same profile and seed -> the same bytes. See qwen3vl_triton/tiny.py.
+Same profile and seed -> the same bytes. See qwen3vl_triton/model/tiny.py.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwen3vl_triton.tiny import main  # noqa: E402
+from qwen3vl_triton.model.tiny import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

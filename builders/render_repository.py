@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwen3vl_triton.checkpoint import CheckpointError  # noqa: E402
-from qwen3vl_triton.launcher import settings_from  # noqa: E402
-from qwen3vl_triton.repository import TOPOLOGIES, RenderError, render  # noqa: E402
+from qwen3vl_triton.model.checkpoint import CheckpointError  # noqa: E402
+from qwen3vl_triton.serve.launcher import settings_from  # noqa: E402
+from qwen3vl_triton.serve.repository import TOPOLOGIES, RenderError, render  # noqa: E402
 
 
 def main(argv=None) -> int:

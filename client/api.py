@@ -11,8 +11,8 @@ from typing import Iterator
 
 import numpy as np
 
-from qwen3vl_triton import llm_client
-from qwen3vl_triton.grpc_stream import message_of
+from qwen3vl_triton.clients import llm as llm_client
+from qwen3vl_triton.clients.grpc_stream import message_of
 
 MODEL = "qwen3vl"
 
@@ -155,7 +155,7 @@ class Client:
         return inputs
 
     def _grpc_generate(self, first, images, max_tokens, stream, sampling, request_id) -> Iterator[str]:
-        from qwen3vl_triton.grpc_stream import GrpcStream, StreamError
+        from qwen3vl_triton.clients.grpc_stream import GrpcStream, StreamError
 
         channel = GrpcStream(self._grpc, self.timeout, stream_timeout=self.timeout)
         generation, finished = None, False

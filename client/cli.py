@@ -159,7 +159,7 @@ def cmd_generate(args, out=None, err=None) -> int:
 
 def cmd_disagg(args, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
-    from qwen3vl_triton.transfer import Disaggregated, TransferError
+    from qwen3vl_triton.transfer.sender import Disaggregated, TransferError
 
     images = _read_images(args.image)
     conv = _conversation(args, images)

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from qwen3vl_triton.repository import Settings, render
-from qwen3vl_triton.server import Ports, ServerError, TritonServer, free_ports
-from qwen3vl_triton.tiny import ensure_checkpoint
+from qwen3vl_triton.model.tiny import ensure_checkpoint
+from qwen3vl_triton.serve.repository import Settings, render
+from qwen3vl_triton.serve.server import Ports, ServerError, TritonServer, free_ports
 
 from .api import Client, ClientError, GenerationStats
 

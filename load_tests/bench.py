@@ -10,7 +10,7 @@ Rows (warm-up excluded, closed loop, 128 greedy output tokens per request):
   qwen3vl-bf16: the same served with `dtype=bfloat16`, at concurrency 1 and 8;
 - llama.cpp-f32 / llama.cpp-bf16: llama-server (`-np 8 -cb`) on GGUF files converted from the
   same checkpoint, through its OpenAI endpoint (bench_llamacpp.py), at concurrency 1 and 8;
-- disagg-shm / disagg-grpc: qwen3vl_triton.transfer.Disaggregated (encode on the encoder server,
+- disagg-shm / disagg-grpc: qwen3vl_triton.transfer.sender.Disaggregated (encode on the encoder server,
   table moved through system shared memory or gRPC payloads, generation on the language server)
   at concurrency 1 and 8.
 At concurrency 1 the rows of a phase take turns request by request. Plus the micro-benchmarks
@@ -42,8 +42,7 @@ from load_tests import bench_llamacpp as peer  # noqa: E402
 from load_tests import bench_load as load  # noqa: E402
 from load_tests import bench_micro as micro  # noqa: E402
 from load_tests import bench_report as report  # noqa: E402
-from load_tests.bench_report import (BASELINE, LLAMACPP, LLAMACPP_BF16, SERVED, SERVED_BF16,  # noqa: E402
-                                     Run)
+from load_tests.bench_report import BASELINE, LLAMACPP, LLAMACPP_BF16, SERVED, SERVED_BF16, Run  # noqa: E402
 
 TARGET_SIZE = (448, 448)  # the image size the targets are stated for
 
@@ -171,8 +170,8 @@ def baseline_jitter_warnings(table: list[dict], limit: float = 1.25) -> list[str
 
 # -- servers ------------------------------------------------------------------------------------------
 def start_server(checkpoint: Path, topology: str, name: str, prepare=None, **settings):
-    from qwen3vl_triton.repository import Settings, render
-    from qwen3vl_triton.server import Ports, TritonServer, free_ports
+    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     base = ROOT / "build" / "bench" / name
     base.mkdir(parents=True, exist_ok=True)
@@ -259,7 +258,7 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
     import numpy as np
     import tritonclient.utils.shared_memory as shm
 
-    from qwen3vl_triton.transfer import Disaggregated, Encoded, TransferStats, send_table
+    from qwen3vl_triton.transfer.sender import Disaggregated, Encoded, TransferStats, send_table
 
     def timed(d, enc, rows, first_corrid):
         times = []
@@ -332,11 +331,12 @@ def overhead(checkpoint: Path, url: str, requests: int) -> dict:
     import torch
 
     from client import Client
-    from qwen3vl_triton.checkpoint import ModelSpec
-    from qwen3vl_triton.detok import IncrementalDetokenizer
-    from qwen3vl_triton.engine import Engine, Request
-    from qwen3vl_triton.preprocess import Preprocessor
-    from qwen3vl_triton.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.engine.engine import Engine
+    from qwen3vl_triton.engine.scheduler import Request
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.model.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.text.detok import IncrementalDetokenizer
+    from qwen3vl_triton.text.preprocess import Preprocessor
 
     prompt, image = "Describe this image in short.", load.seeded_image(64, 64, seed=0)
     spec = ModelSpec.load(checkpoint)
@@ -400,12 +400,12 @@ def roofline(cfg: Config, checkpoint: Path, rates: dict, prompt_len: dict, decod
     reads, against the machine's measured matmul rate and read bandwidth."""
     import torch
 
-    from qwen3vl_triton.checkpoint import ModelSpec
-    from qwen3vl_triton.engine import Request  # noqa: F401 -- engine import keeps lm's deps loaded
-    from qwen3vl_triton.lm import LanguageModel, StepSeq
-    from qwen3vl_triton import mrope
-    from qwen3vl_triton.preprocess import Preprocessor
-    from qwen3vl_triton.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.engine.scheduler import Request  # noqa: F401 -- engine import keeps lm's deps loaded
+    from qwen3vl_triton.model import mrope
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.model.lm import LanguageModel, StepSeq
+    from qwen3vl_triton.model.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.text.preprocess import Preprocessor
 
     spec = ModelSpec.load(checkpoint)
     pre, enc = Preprocessor(spec, max_images=2), VisionEncoder(spec)
@@ -455,9 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny-checkpoint", help="the `tiny` checkpoint for the overhead figure")
     args = ap.parse_args(argv)
 
-    from qwen3vl_triton.checkpoint import ModelSpec
-    from qwen3vl_triton.preprocess import Preprocessor
-    from qwen3vl_triton.tiny import ensure_checkpoint
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.model.tiny import ensure_checkpoint
+    from qwen3vl_triton.text.preprocess import Preprocessor
 
     cfg = Config.make(args.quick)
     t_start = time.perf_counter()

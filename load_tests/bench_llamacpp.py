@@ -189,7 +189,7 @@ class LlamaServer:
         return ":\n" + "".join(tail).rstrip() if tail else ""
 
     def start(self, timeout: float = 300.0, log=print) -> "LlamaServer":
-        from qwen3vl_triton.server import free_ports
+        from qwen3vl_triton.serve.server import free_ports
 
         (self.port,) = free_ports(1)
         cmd = server_command(self.binary, self.model, self.mmproj, self.port, self.threads, self.slots)
@@ -324,5 +324,10 @@ def greedy_check(session: LlamaCppSession, oracle, prompt: str, images: list[byt
     ids, prompt_tokens = session.token_ids(prompt, images, max_tokens)
     expected = oracle_ids(oracle, prompt, images, max_tokens)
     diff = first_difference(ids, expected)
-    return {"equal": diff is None, "first_difference": diff, "tokens": len(expected),
-            "prompt_tokens": prompt_tokens, "oracle_prompt_tokens": int(oracle.inputs(prompt, images).input_ids.shape[1])}
+    return {
+        "equal": diff is None,
+        "first_difference": diff,
+        "tokens": len(expected),
+        "prompt_tokens": prompt_tokens,
+        "oracle_prompt_tokens": int(oracle.inputs(prompt, images).input_ids.shape[1]),
+    }

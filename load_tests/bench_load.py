@@ -251,11 +251,11 @@ class OpenStream:
 
 # -- the disaggregated path ---------------------------------------------------------------------------------
 class DisaggSession:
-    """qwen3vl_triton.transfer.Disaggregated: encode on the encoder server, move the table (shm or
+    """qwen3vl_triton.transfer.sender.Disaggregated: encode on the encoder server, move the table (shm or
     grpc), stream the generation from the language server. TTFT counts all three stages."""
 
     def __init__(self, encoder_url: str, language_url: str, transport: str, chunk_rows: int, prompt_lengths: dict):
-        from qwen3vl_triton.transfer import Disaggregated
+        from qwen3vl_triton.transfer.sender import Disaggregated
 
         self.d = Disaggregated(encoder_url, language_url, transport=transport, chunk_rows=chunk_rows)
         self.prompt_lengths = prompt_lengths

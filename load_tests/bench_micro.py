@@ -98,10 +98,10 @@ def decode_step(checkpoint, context: int, batch: int = 8, repeats: int = 20, log
     sees the same context length; the engine overwrites the same cache position."""
     from transformers import DynamicCache, Qwen3VLMoeForConditionalGeneration
 
-    from qwen3vl_triton import mrope
-    from qwen3vl_triton.checkpoint import ModelSpec
-    from qwen3vl_triton.engine import DECODE_THREADS
-    from qwen3vl_triton.lm import LanguageModel, StepSeq
+    from qwen3vl_triton.engine.runner import DECODE_THREADS
+    from qwen3vl_triton.model import mrope
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.model.lm import LanguageModel, StepSeq
 
     spec = ModelSpec.load(checkpoint)
     gen = torch.Generator().manual_seed(0)
@@ -121,7 +121,7 @@ def decode_step(checkpoint, context: int, batch: int = 8, repeats: int = 20, log
 
             out[f"transformers_b{b}_ms"] = 1e3 * _median_seconds(step, repeats, warmup=3)
         log(f"[bench] transformers decode step b{b}: {out[f'transformers_b{b}_ms']:.2f} ms")
-    del model
+    model = None  # free the oracle's weights before the engine loads
 
     lm = LanguageModel(spec, slots=batch, max_len=context + 8)
     cos, sin = mrope.text_cos_sin(torch.arange(context), spec)

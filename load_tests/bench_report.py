@@ -211,9 +211,11 @@ def format_machine(rates: dict) -> str:
         return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
 
     nan = float("nan")
-    return (f"machine: memory read {rates.get('read_gbps', nan):.1f} GB/s, copy {rates.get('copy_gbps', nan):.1f} GB/s; "
-            f"matmul fp32 {num('matmul_gflops')} GFLOP/s, bf16 {num('matmul_bf16_gflops')} GFLOP/s; "
-            f"{rates.get('torch_threads', '?')} torch threads")
+    return (
+        f"machine: memory read {rates.get('read_gbps', nan):.1f} GB/s, copy {rates.get('copy_gbps', nan):.1f} GB/s; "
+        f"matmul fp32 {num('matmul_gflops')} GFLOP/s, bf16 {num('matmul_bf16_gflops')} GFLOP/s; "
+        f"{rates.get('torch_threads', '?')} torch threads"
+    )
 
 
 def format_roofline(roof: dict) -> str:

@@ -85,9 +85,9 @@ def main(argv=None) -> int:
     servers = []
     try:
         if args.openai_url is None:
-            from qwen3vl_triton.repository import Settings, render
-            from qwen3vl_triton.server import OpenAIServer, Ports, TritonServer, free_ports
-            from qwen3vl_triton.tiny import ensure_checkpoint
+            from qwen3vl_triton.model.tiny import ensure_checkpoint
+            from qwen3vl_triton.serve.repository import Settings, render
+            from qwen3vl_triton.serve.server import OpenAIServer, Ports, TritonServer, free_ports
 
             checkpoint = Path(args.checkpoint)
             if not checkpoint.is_dir():
@@ -96,7 +96,9 @@ def main(argv=None) -> int:
             settings = Settings()
             repo = render(checkpoint, build / "repository", topology="single", settings=settings)
             http, grpc, metrics, port = free_ports(4)
-            triton = TritonServer(repo, Ports(http, grpc, metrics), build_dir=build, log_file=build / "tritonserver.log")
+            triton = TritonServer(
+                repo, Ports(http, grpc, metrics), build_dir=build, log_file=build / "tritonserver.log"
+            )
             servers.append(triton.start(timeout=900))
             servers.append(OpenAIServer(triton.grpc_url, "127.0.0.1", port, settings,
                                         log_file=build / "openai.log").start())

@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true")
     args = ap.parse_args(argv)
 
-    from qwen3vl_triton import mrope
-    from qwen3vl_triton.checkpoint import ModelSpec, torch_dtype
-    from qwen3vl_triton.lm import LanguageModel, StepSeq
+    from qwen3vl_triton.model import mrope
+    from qwen3vl_triton.model.checkpoint import ModelSpec, torch_dtype
+    from qwen3vl_triton.model.lm import LanguageModel, StepSeq
 
     rates = machine_rates()
     rates["bf16_matmul_gflops"] = bf16_matmul_gflops()

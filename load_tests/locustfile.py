@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-import locust  # noqa: F401 -- monkey-patches the standard library first (it is already imported under locust)
 import grpc.experimental.gevent as grpc_gevent
+import locust  # noqa: F401 -- monkey-patches the standard library first (it is already imported under locust)
 
 grpc_gevent.init_gevent()  # after gevent's patching, before any gRPC object exists
 
@@ -131,7 +131,7 @@ class _GenerateUser(User):
         responses = 0
         error = None
         try:
-            for piece in self.client.generate(case.prompt, list(case.images), case.max_tokens, stats=stats):
+            for _piece in self.client.generate(case.prompt, list(case.images), case.max_tokens, stats=stats):
                 responses += 1
         except Exception as exc:  # noqa: BLE001 -- every failure is a failed request in the report
             error = exc

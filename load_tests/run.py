@@ -137,8 +137,8 @@ def failures(prefix: Path, limit: int = 5) -> list[str]:
 # -- a local server --------------------------------------------------------------------------------
 def start_local_server(checkpoint: Path, build: Path, log=print):
     """tritonserver (single topology) and the OpenAI endpoint beside it."""
-    from qwen3vl_triton.repository import Settings, render
-    from qwen3vl_triton.server import OpenAIServer, Ports, TritonServer, free_ports
+    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.server import OpenAIServer, Ports, TritonServer, free_ports
 
     settings = Settings()
     repo = render(checkpoint, build / "repository", topology="single", settings=settings)
@@ -205,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.max_pixels or args.url is None:
-        from qwen3vl_triton.tiny import ensure_checkpoint
+        from qwen3vl_triton.model.tiny import ensure_checkpoint
 
         args.checkpoint_path = (Path(args.checkpoint) if args.checkpoint
                                 else ensure_checkpoint(ROOT / "checkpoints" / "tiny"))

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -44,11 +43,12 @@ def main(argv=None) -> int:
     from load_tests import bench_load as load
     from load_tests.bench import SERVER_SETTINGS, start_server
     from load_tests.bench_micro import machine_rates
-    from qwen3vl_triton.backend import numpy_dtype
-    from qwen3vl_triton.checkpoint import ModelSpec
-    from qwen3vl_triton.engine import Engine, Request
-    from qwen3vl_triton.preprocess import Preprocessor
-    from qwen3vl_triton.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.arrays import numpy_dtype
+    from qwen3vl_triton.engine.engine import Engine
+    from qwen3vl_triton.engine.scheduler import Request
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.model.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.text.preprocess import Preprocessor
 
     rates = machine_rates()
     print("machine: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in rates.items()))

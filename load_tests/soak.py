@@ -12,7 +12,7 @@ be 0 -- and shows, for every server process (tritonserver and each Python-backen
 memory (RSS), threads, file descriptors and open shared-memory files at the start (after the solo
 runs), in the middle and at the end (after abandoned sequences have expired), plus the regions
 Triton has registered and the sequences the language model holds. Only public interfaces are used:
-the ensemble's tensors over gRPC, and the disaggregated client (transfer.py).
+the ensemble's tensors over gRPC, and the disaggregated client (qwen3vl_triton/transfer/sender.py).
 """
 
 from __future__ import annotations
@@ -81,19 +81,19 @@ class Unexpected(AssertionError):
 
 
 # -- clients ------------------------------------------------------------------------------------------
-def _tensor(name, array):
-    from qwen3vl_triton.transfer import _tensor as t
+def infer_input(name, array):
+    from qwen3vl_triton.clients.grpc_stream import infer_input as t
 
     return t(name, array)
 
 
 def ensemble_inputs(job: Job, max_tokens: int | None = None, images=None) -> list:
-    inputs = [_tensor("text_input", np.array([[job.prompt.encode()]], dtype=np.object_)),
-              _tensor("max_tokens", np.array([[job.max_tokens if max_tokens is None else max_tokens]], np.int32)),
-              _tensor("stream", np.array([[True]]))]
+    inputs = [infer_input("text_input", np.array([[job.prompt.encode()]], dtype=np.object_)),
+              infer_input("max_tokens", np.array([[job.max_tokens if max_tokens is None else max_tokens]], np.int32)),
+              infer_input("stream", np.array([[True]]))]
     images = job.images if images is None else images
     if images:
-        inputs.append(_tensor("image", np.array([list(images)], dtype=np.object_)))
+        inputs.append(infer_input("image", np.array([list(images)], dtype=np.object_)))
     return inputs
 
 
@@ -116,8 +116,8 @@ class Worker:
     (one per transport), reused for every sequence it drives, as a real client would."""
 
     def __init__(self, urls: dict, timeout: float = 120.0):
-        from qwen3vl_triton.grpc_stream import GrpcStream
-        from qwen3vl_triton.transfer import Disaggregated
+        from qwen3vl_triton.clients.grpc_stream import GrpcStream
+        from qwen3vl_triton.transfer.sender import Disaggregated
 
         self.urls, self.timeout = urls, timeout
         self.stream = GrpcStream(urls["single"], timeout)
@@ -131,13 +131,13 @@ class Worker:
 
     def fresh_stream(self):
         """After a cancel the stream is gone: a new one, as a client reconnecting."""
-        from qwen3vl_triton.grpc_stream import GrpcStream
+        from qwen3vl_triton.clients.grpc_stream import GrpcStream
 
         self.stream.close(cancel=True)
         self.stream = GrpcStream(self.urls["single"], self.timeout)
 
     def fresh_language(self, d):
-        from qwen3vl_triton.transfer import LanguageClient
+        from qwen3vl_triton.transfer.sender import LanguageClient
 
         d.lang.close(cancel=True)
         d.lang = LanguageClient(self.urls["language"], timeout=self.timeout)
@@ -160,7 +160,8 @@ def _expect_error(fn, *needles) -> str:
 
 def run_one(kind: str, job: Job, w: Worker, solo: dict, rng: random.Random) -> None:
     """Drive one sequence of `kind`; raise Wrong or Unexpected (or any error) when it goes wrong."""
-    from qwen3vl_triton.transfer import LanguageClient, TransferError, _tensor as t
+    from qwen3vl_triton.clients.grpc_stream import infer_input as t
+    from qwen3vl_triton.transfer.sender import LanguageClient, TransferError
 
     expected = solo["qwen3vl" if kind.startswith("qwen3vl") else "disagg"][job]
     if kind == "qwen3vl good":
@@ -304,8 +305,8 @@ def run_one(kind: str, job: Job, w: Worker, solo: dict, rng: random.Random) -> N
 
 # -- the servers and their processes ----------------------------------------------------------------
 def start_servers(checkpoint: Path, build: Path, log=print) -> dict:
-    from qwen3vl_triton.repository import Settings, render
-    from qwen3vl_triton.server import Ports, TritonServer, free_ports
+    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     servers = {}
     for name, topology, extra in (("single", "single", {}), ("encoder", "encoder", {}),
@@ -343,7 +344,7 @@ def _label(p: psutil.Process) -> str:
 def snapshot(servers: dict) -> dict:
     """Per server process: RSS (MiB), threads, file descriptors, /dev/shm files; per server: the
     regions Triton has registered, and the language model's gauges."""
-    from qwen3vl_triton import admin
+    from qwen3vl_triton.serve import admin
 
     out = {}
     for name, srv in servers.items():
@@ -401,8 +402,8 @@ def solo_runs(servers: dict, log=print) -> dict:
     """Each job alone, through the ensemble and through the disaggregated path: the reference
     text of every good request of that path; both paths see their stream end, so they give the
     same text (a character that max_tokens cuts in two ends both as U+FFFD)."""
-    from qwen3vl_triton.grpc_stream import GrpcStream
-    from qwen3vl_triton.transfer import Disaggregated
+    from qwen3vl_triton.clients.grpc_stream import GrpcStream
+    from qwen3vl_triton.transfer.sender import Disaggregated
 
     solo = {"qwen3vl": {}, "disagg": {}}
     stream = GrpcStream(servers["single"].grpc_url, 120)
@@ -578,7 +579,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report", default=str(REPORTS / "soak-latest.json"))
     args = ap.parse_args(argv)
 
-    from qwen3vl_triton.tiny import ensure_checkpoint
+    from qwen3vl_triton.model.tiny import ensure_checkpoint
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(ROOT / "checkpoints" / "tiny")
     servers = start_servers(checkpoint, Path(args.build_dir).resolve())

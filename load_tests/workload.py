@@ -46,7 +46,7 @@ class Case:
 
 def pixel_limits(checkpoint: str | Path) -> tuple[int, int]:
     """(min_pixels, max_pixels) from the checkpoint's preprocessor_config.json."""
-    from qwen3vl_triton.checkpoint import ModelSpec
+    from qwen3vl_triton.model.checkpoint import ModelSpec
 
     spec = ModelSpec.load(checkpoint)
     return spec.min_pixels, spec.max_pixels

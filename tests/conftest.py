@@ -13,14 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """The tiny checkpoint, built once per test session from the default seed."""
-    from qwen3vl_triton.tiny import build_checkpoint
+    from qwen3vl_triton.model.tiny import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", profile="tiny", seed=0, log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
 def spec(tiny_checkpoint):
-    from qwen3vl_triton.checkpoint import ModelSpec
+    from qwen3vl_triton.model.checkpoint import ModelSpec
 
     return ModelSpec.load(tiny_checkpoint)
 
@@ -34,21 +34,21 @@ def oracle(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def preprocessor(spec):
-    from qwen3vl_triton.preprocess import Preprocessor
+    from qwen3vl_triton.text.preprocess import Preprocessor
 
     return Preprocessor(spec, max_images=4, max_input_len=2048)
 
 
 @pytest.fixture(scope="session")
 def encoder(spec):
-    from qwen3vl_triton.vision import VisionEncoder
+    from qwen3vl_triton.model.vision import VisionEncoder
 
     return VisionEncoder(spec)
 
 
 @pytest.fixture(scope="session")
 def engine(spec):
-    from qwen3vl_triton.engine import Engine
+    from qwen3vl_triton.engine.engine import Engine
 
     eng = Engine(spec, max_batch=8, max_seq_len=2048, max_output_len=256)
     yield eng
@@ -58,8 +58,8 @@ def engine(spec):
 @pytest.fixture(scope="session")
 def pipeline(preprocessor, encoder, spec):
     """prompt + images -> engine Request, through the package's preprocessing and encoder."""
-    from qwen3vl_triton.engine import Request
-    from qwen3vl_triton.vision import EncodeRequest
+    from qwen3vl_triton.engine.scheduler import Request
+    from qwen3vl_triton.model.vision import EncodeRequest
 
     def make(prompt, images, max_new_tokens=24, **kw):
         p = preprocessor(prompt, images)
@@ -78,9 +78,9 @@ def assert_prefill_matches(spec, preprocessor, encoder, oracle):
     import numpy as np
     import torch
 
-    from qwen3vl_triton import mrope
-    from qwen3vl_triton.lm import StepSeq
-    from qwen3vl_triton.vision import EncodeRequest
+    from qwen3vl_triton.model import mrope
+    from qwen3vl_triton.model.lm import StepSeq
+    from qwen3vl_triton.model.vision import EncodeRequest
     from tests.oracle import image_bytes
 
     def check(lm, tol=1e-4):
@@ -104,8 +104,8 @@ SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=4, max_i
 
 
 def start_server(checkpoint, tmp_path_factory, topology, name, prepare=None, **overrides):
-    from qwen3vl_triton.repository import Settings, render
-    from qwen3vl_triton.server import Ports, TritonServer, free_ports
+    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     base = tmp_path_factory.mktemp(name)
     settings = Settings(**{**SERVER_SETTINGS, **overrides})

@@ -8,8 +8,11 @@ import weakref
 
 import numpy as np
 
-from qwen3vl_triton.backend import CancelPoll, EngineMetrics, error, send_response, worker_pool
-from qwen3vl_triton.engine import Engine, StepReport
+from qwen3vl_triton.backend.metrics import EngineMetrics
+from qwen3vl_triton.backend.responses import error, send_response
+from qwen3vl_triton.backend.workers import CancelPoll, worker_pool
+from qwen3vl_triton.engine.engine import Engine
+from qwen3vl_triton.engine.scheduler import StepReport
 from qwen3vl_triton.errors import InputError, Unavailable
 
 
@@ -189,7 +192,7 @@ def test_a_stream_that_fails_midway_sends_the_error_then_the_end_apart():
     # Triton 2.51 never hands a decoupled BLS caller an error response that follows earlier
     # responses: an error that also carried FINAL left such a caller waiting for ever. The error
     # goes out on its own, then an empty final response that does reach the caller.
-    from qwen3vl_triton.backend import TokenStream
+    from qwen3vl_triton.backend.token_stream import TokenStream
 
     FINAL = 1
 

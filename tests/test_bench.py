@@ -126,7 +126,13 @@ def test_flop_counter_counts_a_matmul():
 
 def test_decode_step_comparison_runs_on_the_tiny_checkpoint(tiny_checkpoint):
     out = bench_micro.decode_step(tiny_checkpoint, context=16, batch=8, repeats=2, log=lambda *_: None)
-    for key in ("engine_b8_ms", "transformers_b8_ms", "engine_b1_ms", "transformers_b1_ms", "engine_b1_served_threads_ms"):
+    for key in (
+        "engine_b8_ms",
+        "transformers_b8_ms",
+        "engine_b1_ms",
+        "transformers_b1_ms",
+        "engine_b1_served_threads_ms",
+    ):
         assert out[key] > 0 and math.isfinite(out[key])
     assert out["decode_step_b8_ratio"] == pytest.approx(out["engine_b8_ms"] / out["transformers_b8_ms"])
 

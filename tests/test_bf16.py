@@ -12,9 +12,9 @@ import torch
 import tritonclient.grpc as grpcclient
 
 from client import Client
-from qwen3vl_triton import mrope
-from qwen3vl_triton.backend import BFLOAT16
-from qwen3vl_triton.transfer import Disaggregated
+from qwen3vl_triton.arrays import BFLOAT16
+from qwen3vl_triton.model import mrope
+from qwen3vl_triton.transfer.sender import Disaggregated
 from tests.conftest import start_server
 from tests.oracle import image_bytes
 
@@ -94,7 +94,9 @@ def reference_argmax(model, oracle, prompt, images, forced, dtype):
     kw = inp.kwargs()
     kw["input_ids"] = torch.cat([inp.input_ids, torch.tensor([forced[:-1]])], dim=1)
     kw["attention_mask"] = torch.ones_like(kw["input_ids"])
-    kw["mm_token_type_ids"] = torch.cat([inp.mm_token_type_ids, torch.zeros((1, len(forced) - 1), dtype=torch.int32)], 1)
+    kw["mm_token_type_ids"] = torch.cat(
+        [inp.mm_token_type_ids, torch.zeros((1, len(forced) - 1), dtype=torch.int32)], 1
+    )
     if "pixel_values" in kw:
         kw["pixel_values"] = kw["pixel_values"].to(dtype)
     with torch.inference_mode():

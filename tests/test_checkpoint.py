@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qwen3vl_triton.check import check_checkpoint, expected_tensors, parameter_counts, tensor_problems
-from qwen3vl_triton.checkpoint import CheckpointError, ModelSpec, Tensors, experts_out_in, iter_tensors
-from qwen3vl_triton.known import PUBLISHED
-from qwen3vl_triton.tiny import build_checkpoint, build_saved_checkpoint, checkpoint_digest
+from qwen3vl_triton.model.check import check_checkpoint, expected_tensors, parameter_counts, tensor_problems
+from qwen3vl_triton.model.checkpoint import CheckpointError, ModelSpec, Tensors, experts_out_in, iter_tensors
+from qwen3vl_triton.model.known import PUBLISHED
+from qwen3vl_triton.model.tiny import build_checkpoint, build_saved_checkpoint, checkpoint_digest
 
 
 def test_same_seed_same_bytes_and_other_seed_differs(tmp_path, tiny_checkpoint):
@@ -124,7 +124,7 @@ def _rewrite(path, change):
 
 def _serve(capsys, *args):
     """qwen3vl-serve with `args`, in this process: (exit status, stdout, stderr)."""
-    from qwen3vl_triton.launcher import main
+    from qwen3vl_triton.serve.launcher import main
 
     capsys.readouterr()
     code = main([str(a) for a in args])
@@ -209,11 +209,17 @@ def test_quantized_checkpoints_are_refused_with_the_reason(tiny_checkpoint, tmp_
     assert "quant_method 'fp8'" in check_checkpoint(config).problems[0]
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model_type="qwen2_vl_unknown"), "config.json cannot be read by transformers"),
-    (dict(model_type="qwen2_vl"), "has model_type 'qwen2_vl'; this server runs 'qwen3_vl_moe'"),
-    (dict(architectures=["Qwen3VLMoeForSomethingElse"]), "names architecture\\(s\\) \\['Qwen3VLMoeForSomethingElse'\\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_type="qwen2_vl_unknown"), "config.json cannot be read by transformers"),
+        (dict(model_type="qwen2_vl"), "has model_type 'qwen2_vl'; this server runs 'qwen3_vl_moe'"),
+        (
+            dict(architectures=["Qwen3VLMoeForSomethingElse"]),
+            "names architecture\\(s\\) \\['Qwen3VLMoeForSomethingElse'\\]",
+        ),
+    ],
+)
 def test_unknown_architectures_are_refused_with_the_reason(change, message, tiny_checkpoint, tmp_path, capsys):
     bad = _copy(tiny_checkpoint, tmp_path / "bad")
     cfg = json.loads((bad / "config.json").read_text())
@@ -240,8 +246,8 @@ def test_published_configurations_match_the_model_transformers_builds(name):
     derives from the config are exactly the model's, and the facts give its memory needs."""
     from transformers import Qwen3VLMoeForConditionalGeneration
 
-    from qwen3vl_triton.check import Report, facts
-    from qwen3vl_triton.known import published_config, published_spec
+    from qwen3vl_triton.model.check import Report, facts
+    from qwen3vl_triton.model.known import published_config, published_spec
 
     spec = published_spec(name)
     with torch.device("meta"):
@@ -263,9 +269,8 @@ def test_published_configurations_match_the_model_transformers_builds(name):
 
 # -- end ids as stop words -----------------------------------------------------------------------------
 def test_end_ids_travel_as_the_tensorrtllm_backends_stop_words_list(spec):
-    from qwen3vl_triton.engine import request_from_contract
+    from qwen3vl_triton.contract import request_from_contract, stop_word_ids, stop_words_list
     from qwen3vl_triton.errors import InputError
-    from qwen3vl_triton.stop_words import stop_word_ids, stop_words_list
 
     words = stop_words_list([651, 649, 17])
     # the backend's _to_word_list_format for three one-token words: ids, then cumulative end offsets
@@ -291,8 +296,8 @@ def test_the_ensemble_sends_the_end_ids_to_tensorrt_llm_on_cpu_and_gpu(tiny_chec
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from qwen3vl_triton.detok import LLM_INPUT_NAMES
-    from qwen3vl_triton.repository import render
+    from qwen3vl_triton.contract import LLM_INPUT_NAMES
+    from qwen3vl_triton.serve.repository import render
 
     for device in ("cpu", "gpu"):
         repo = render(tiny_checkpoint, tmp_path / device, device=device, topology="single",
@@ -312,7 +317,7 @@ def test_the_ensemble_sends_the_end_ids_to_tensorrt_llm_on_cpu_and_gpu(tiny_chec
 
 # -- one dtype setting ------------------------------------------------------------------------------------
 def test_dtype_auto_is_the_checkpoints_dtype(tiny_checkpoint, tmp_path):
-    from qwen3vl_triton.repository import RenderError, Settings, render
+    from qwen3vl_triton.serve.repository import RenderError, Settings, render
 
     repo = render(tiny_checkpoint, tmp_path / "repo", topology="single", settings=Settings(dtype="auto"))
     assert 'key: "dtype" value: { string_value: "float32" }' in (repo / "tensorrt_llm" / "config.pbtxt").read_text()

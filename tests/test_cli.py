@@ -10,7 +10,7 @@ import pytest
 
 from client import Client
 from client.cli import main
-from qwen3vl_triton.server import free_ports
+from qwen3vl_triton.serve.server import free_ports
 from tests.oracle import image_bytes
 
 pytestmark = pytest.mark.server

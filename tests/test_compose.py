@@ -8,10 +8,10 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def server_services(services):
 
 def test_qwen3vl_serve_is_a_console_script():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["qwen3vl-serve"] == "qwen3vl_triton.launcher:main"
+    assert scripts["qwen3vl-serve"] == "qwen3vl_triton.serve.launcher:main"
 
 
 def test_servers_are_the_expected_topologies(services):
@@ -186,7 +186,7 @@ def test_servers_are_the_expected_topologies(services):
 
 @pytest.mark.parametrize("name", ["triton", "encoder", "language", "triton-cpu"])
 def test_qwen3vl_serve_accepts_every_flag_and_setting(name, services):
-    from qwen3vl_triton.launcher import parse_args, settings_from
+    from qwen3vl_triton.serve.launcher import parse_args, settings_from
 
     argv = serve_argv(services[name])
     args = parse_args(argv[1:])  # SystemExit on an unknown flag or a bad choice
@@ -196,7 +196,7 @@ def test_qwen3vl_serve_accepts_every_flag_and_setting(name, services):
 
 
 def test_encoder_sends_tables_to_the_language_service(services):
-    from qwen3vl_triton.launcher import parse_args, settings_from
+    from qwen3vl_triton.serve.launcher import parse_args, settings_from
 
     encoder = parse_args(serve_argv(services["encoder"])[1:])
     language = serve_argv(services["language"])
@@ -285,7 +285,7 @@ def test_locust_points_at_its_server(name, target, model, services):
 
 # -- the engine build ------------------------------------------------------------------------------------
 def test_engine_build_runs_the_builders_with_flags_they_have(services):
-    from qwen3vl_triton.launcher import DEFAULT_PLUGIN
+    from qwen3vl_triton.serve.launcher import DEFAULT_PLUGIN
 
     lines = argv_of(services["engine-build"])
     scripts = [argv for argv in lines if argv[:1] == ["python3"]]
@@ -308,7 +308,7 @@ def test_engine_build_runs_the_builders_with_flags_they_have(services):
 
 
 def test_gpu_servers_mount_the_built_plugin_and_engine(services):
-    from qwen3vl_triton.launcher import DEFAULT_PLUGIN
+    from qwen3vl_triton.serve.launcher import DEFAULT_PLUGIN
 
     build = services["engine-build"]
     build_argv = [a for a in argv_of(build) if a[1:2] == ["builders/trtllm/build_engine.py"]][0]

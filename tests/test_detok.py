@@ -2,7 +2,7 @@
 
 import random
 
-from qwen3vl_triton.detok import IncrementalDetokenizer
+from qwen3vl_triton.text.detok import IncrementalDetokenizer
 
 
 def _stream(tokenizer, ids, chunk=1):
@@ -26,7 +26,7 @@ def test_random_token_streams_concatenate_to_decode(preprocessor, spec):
     tok = preprocessor.tokenizer
     rng = random.Random(0)
     real_vocab = len(tok)
-    for trial in range(20):
+    for _trial in range(20):
         ids = [rng.randrange(real_vocab) for _ in range(rng.randrange(1, 60))]
         pieces, rest = _stream(tok, ids, chunk=rng.choice([1, 2, 3]))
         assert "".join(pieces) + rest == tok.decode(ids, skip_special_tokens=True)
@@ -40,7 +40,7 @@ def test_special_tokens_are_skipped(preprocessor, spec):
 
 
 def test_stream_detokenizers_hold_split_characters_per_key(preprocessor, spec):
-    from qwen3vl_triton.detok import StreamDetokenizers
+    from qwen3vl_triton.text.detok import StreamDetokenizers
 
     tok = preprocessor.tokenizer
     streams = StreamDetokenizers(tok, end_ids=spec.end_ids)
@@ -56,7 +56,7 @@ def test_stream_detokenizers_hold_split_characters_per_key(preprocessor, spec):
 
 
 def test_stream_state_expires_and_keyless_chunks_decode_alone(preprocessor, spec):
-    from qwen3vl_triton.detok import StreamDetokenizers
+    from qwen3vl_triton.text.detok import StreamDetokenizers
 
     tok = preprocessor.tokenizer
     now = [0.0]
@@ -73,7 +73,7 @@ def test_stream_state_expires_and_keyless_chunks_decode_alone(preprocessor, spec
 def test_invalid_bytes_are_sent_at_once_and_unfinished_ones_held(preprocessor, spec):
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from qwen3vl_triton.detok import StreamDetokenizers
+    from qwen3vl_triton.text.detok import StreamDetokenizers
 
     tok = preprocessor.tokenizer
     byte_token = {b: tok.convert_tokens_to_ids(c) for b, c in bytes_to_unicode().items()}
@@ -93,7 +93,7 @@ def test_a_special_token_between_the_bytes_of_a_character_does_not_cut_it(tiny_c
     """decode(skip_special_tokens=True) joins the bytes on both sides of a skipped special token."""
     from transformers import AutoTokenizer
 
-    from qwen3vl_triton.detok import IncrementalDetokenizer
+    from qwen3vl_triton.text.detok import IncrementalDetokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
     raw = "畯".encode()  # three bytes: the first two in one token, the last after a special token
@@ -115,7 +115,7 @@ def _byte_tokens(raw: bytes) -> list[str]:
 
 
 def test_stop_strings_are_matched_across_pieces_and_cut_before():
-    from qwen3vl_triton.detok import StopMatcher
+    from qwen3vl_triton.text.detok import StopMatcher
 
     m = StopMatcher(["STOP", "xyz"])
     sent = []
@@ -133,7 +133,7 @@ def test_stop_strings_are_matched_across_pieces_and_cut_before():
 def test_text_stream_ends_at_an_end_id_a_stop_string_or_max_tokens(tiny_checkpoint):
     from transformers import AutoTokenizer
 
-    from qwen3vl_triton.detok import TextStream
+    from qwen3vl_triton.text.detok import TextStream
 
     tok = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
     ids = tok("the picture shows a house", add_special_tokens=False)["input_ids"]

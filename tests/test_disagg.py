@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from client import Client, ClientError
-from qwen3vl_triton.transfer import Disaggregated, LanguageClient, TransferError
+from qwen3vl_triton.transfer.sender import Disaggregated, LanguageClient, TransferError
 from tests.conftest import ROOT, start_server
 from tests.oracle import image_bytes
 from tests.test_server import metric, wait_for
@@ -82,7 +82,7 @@ def test_reordered_chunks_end_with_every_row_held(encoder_server, language_serve
 SENDER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from qwen3vl_triton.transfer import Disaggregated
+    from qwen3vl_triton.transfer.sender import Disaggregated
     from tests.oracle import image_bytes
     d = Disaggregated({enc!r}, {lang!r}, chunk_rows=8)
     enc = d.encode("Compare the two images.", [image_bytes(200, 64, 2), image_bytes(64, 96, 3, fmt="JPEG")], 30)
@@ -134,7 +134,10 @@ def test_a_cut_generate_stream_resumes_from_token_without_a_second_prefill(encod
         d.lang.end(corrid)
     assert "".join(first + rest) == oracle.text(oracle.generate(prompt, images, n))
     assert metric(language_server, "qwen3vl_language_prefills_total", "language") == prefills + 1
-    assert metric(language_server, "qwen3vl_engine_prompt_tokens_total", "tensorrt_llm") == prompt_tokens + enc.input_ids.size
+    assert (
+        metric(language_server, "qwen3vl_engine_prompt_tokens_total", "tensorrt_llm")
+        == prompt_tokens + enc.input_ids.size
+    )
 
 
 def test_generate_before_the_table_is_complete_is_refused(encoder_server, language_server):

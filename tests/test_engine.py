@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3vl_triton import mrope
-from qwen3vl_triton.detok import IncrementalDetokenizer
-from qwen3vl_triton.engine import Engine
+from qwen3vl_triton.engine.engine import Engine
 from qwen3vl_triton.errors import InputError, Unavailable
-from qwen3vl_triton.lm import LanguageModel, StepSeq
-from qwen3vl_triton.vision import EncodeRequest
-from qwen3vl_triton.sampling import SamplingParams
+from qwen3vl_triton.model import mrope
+from qwen3vl_triton.model.lm import LanguageModel, StepSeq
+from qwen3vl_triton.model.sampling import SamplingParams
+from qwen3vl_triton.model.vision import EncodeRequest
+from qwen3vl_triton.text.detok import IncrementalDetokenizer
 from tests.oracle import image_bytes
 
 CASES = [
@@ -248,7 +248,7 @@ def test_the_kv_cache_starts_zeroed_whatever_the_memory_held(spec):
     # masked position still multiplies its V row by 0: a NaN left in memory no sequence wrote
     # turns that sequence's output into NaN (it did: token 0 under batching, in CI). The cache
     # must not inherit what the allocator's memory held before.
-    from qwen3vl_triton.lm import KVCache
+    from qwen3vl_triton.model.lm import KVCache
 
     slots, max_len = 2, 16
     numel = slots * spec.num_kv_heads * max_len * spec.head_dim
@@ -337,7 +337,7 @@ def test_nothing_left_in_a_kv_cache_slot_reaches_the_next_sequence(spec, pipelin
             t.fill_(float("nan"))
         jobs = [("Hi.", [], 20), ("Describe this image in detail.", [image_bytes(96, 64, 12)], 20)]
         results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs])
-        for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+        for (prompt, images, n), (ids, _finish, error) in zip(jobs, results):
             assert error is None and ids == oracle.generate(prompt, images, n)
         assert engine.stats.batched_steps > 0
     finally:
@@ -358,7 +358,7 @@ def test_a_request_whose_numbers_overflow_fails_alone_and_leaves_nothing_behind(
         assert results[1][1] != "error" and results[1][0] == oracle.generate(*good)
         jobs = [("Hi.", [], 20), ("Describe this image in detail.", [image_bytes(96, 64, 12)], 20)]
         results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs])
-        for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+        for (prompt, images, n), (ids, _finish, error) in zip(jobs, results):
             assert error is None and ids == oracle.generate(prompt, images, n)
     finally:
         engine.shutdown()
@@ -372,7 +372,7 @@ def test_a_vanishing_temperature_is_greedy_and_fails_nobody(engine, pipeline, or
     requests.append(pipeline("Tiny temperature.", [], max_new_tokens=30,
                              sampling=SamplingParams(temperature=1e-45, seed=1)))
     results = run_together(engine, requests)
-    for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+    for (prompt, images, n), (ids, _finish, error) in zip(jobs, results):
         assert error is None and ids == oracle.generate(prompt, images, n)
     assert results[3][2] is None and results[3][0] == oracle.generate("Tiny temperature.", [], 30)
 
@@ -391,7 +391,7 @@ def test_a_step_fault_fails_only_the_sequence_at_fault(spec, pipeline, oracle):
         engine.lm.forward = failing_forward
         jobs = [(f"Good {i}.", [image_bytes(64, 48, 15 + i)] * (i % 2), 20) for i in range(2)]
         results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs] + [bad])
-        for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+        for (prompt, images, n), (ids, _finish, error) in zip(jobs, results):
             assert error is None and ids == oracle.generate(prompt, images, n)
         assert results[2][1] == "error" and "injected fault" in results[2][2]
         assert engine.stats.batched_steps > 0
@@ -420,7 +420,10 @@ def test_a_full_queue_refuses_with_unavailable(spec, pipeline, oracle):
             time.sleep(0.01)
         engine.submit(requests[1])
         engine.submit(requests[2])  # two waiting: the bound
-        with pytest.raises(Unavailable, match=r"engine queue full: the 2 places for requests waiting to join the running batch are taken"):
+        with pytest.raises(
+            Unavailable,
+            match=r"engine queue full: the 2 places for requests waiting to join the running batch are taken",
+        ):
             engine.submit(requests[3])
         release.set()
         deadline = time.monotonic() + 30

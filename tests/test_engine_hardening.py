@@ -6,7 +6,6 @@ import threading
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from client import Client
 from tests.test_server_errors import stream_once, tensor

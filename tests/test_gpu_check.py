@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.gpu import bundle, deepstack_gpu, serving, timing
-from tests.gpu.deepstack_gpu import Case, cases, reference
+from tests.gpu.deepstack_gpu import cases, reference
 from tests.gpu.report import Part
 from tests.test_trtllm_plugin import _batch, _reference
 
@@ -366,7 +366,7 @@ def test_the_bundled_server_serves_bytes_from_a_python_312_stub_environment(tmp_
     (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
     (repo / "echo" / "config.pbtxt").write_text(ECHO_CONFIG % (work / "stubenv"))
 
-    from qwen3vl_triton.server import Ports, TritonServer, free_ports
+    from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     libdir = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                             capture_output=True, text=True, check=True).stdout.strip()

@@ -12,9 +12,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from qwen3vl_triton import admin
-from qwen3vl_triton.grpc_stream import StreamError
-from qwen3vl_triton.transfer import REGION_HEADER, Disaggregated, LanguageClient, TransferError, _tensor
+from qwen3vl_triton.clients.grpc_stream import StreamError, _tensor
+from qwen3vl_triton.serve import admin
+from qwen3vl_triton.transfer.region import REGION_HEADER
+from qwen3vl_triton.transfer.sender import Disaggregated, LanguageClient, TransferError
 from tests.conftest import start_server
 from tests.oracle import image_bytes
 from tests.test_server import metric, wait_for
@@ -430,7 +431,7 @@ def test_links_and_fifos_in_dev_shm_are_refused_without_blocking_anyone(lang_ser
 def test_a_region_truncated_after_it_was_opened_gives_an_error_and_the_server_serves_on(lang_server, encoded):
     import tritonclient.utils.shared_memory as shm
 
-    from qwen3vl_triton.transfer import region_header
+    from qwen3vl_triton.transfer.region import region_header
 
     enc = encoded["image"]
     key, secret = f"/qwen3vl_table_{secrets.token_hex(16)}", secrets.token_hex(32)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from qwen3vl_triton.errors import InputError, Unavailable
-from qwen3vl_triton.language import (Listener, Phase, RowsRefused, SequenceError, SequenceStore, SharedRegions)
-from qwen3vl_triton.sampling import SamplingParams
-from qwen3vl_triton.transfer import REGION_HEADER, region_header
+from qwen3vl_triton.model.sampling import SamplingParams
+from qwen3vl_triton.transfer.receiver import Listener, Phase, RowsRefused, SequenceError, SequenceStore
+from qwen3vl_triton.transfer.region import REGION_HEADER, SharedRegions, region_header
 
 H, VOCAB, LEVELS = 4, 100, 3
 

@@ -11,7 +11,7 @@ import urllib.request
 import psutil
 import pytest
 
-from qwen3vl_triton.server import free_ports
+from qwen3vl_triton.serve.server import free_ports
 
 pytestmark = pytest.mark.server
 
@@ -20,10 +20,28 @@ pytestmark = pytest.mark.server
 def test_serve_prints_ready_and_stops_the_server_and_its_stubs(sig, tiny_checkpoint, tmp_path):
     http, grpc, metrics = free_ports(3)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint), "--topology", "language",
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-         "--build-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={k: v for k, v in os.environ.items() if k != "QWEN3VL_ADMIN_KEY"})
+        [
+            sys.executable,
+            "-m",
+            "qwen3vl_triton.serve.launcher",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--topology",
+            "language",
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--build-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "QWEN3VL_ADMIN_KEY"},
+    )
     try:
         lines = []
         for line in proc.stdout:
@@ -65,7 +83,7 @@ def _get(port, path, headers=None):
 
 def test_serve_refuses_an_admin_key_triton_cannot_take(tiny_checkpoint, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "QWEN3VL_ADMIN_KEY"}
-    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint),
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.serve.launcher", "--checkpoint", str(tiny_checkpoint),
                           "--build-dir", str(tmp_path), "--admin-key", "short:key=1"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2
@@ -75,7 +93,7 @@ def test_serve_refuses_an_admin_key_triton_cannot_take(tiny_checkpoint, tmp_path
 
 
 def test_serve_reports_a_bad_setting_clearly(tiny_checkpoint, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint),
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.serve.launcher", "--checkpoint", str(tiny_checkpoint),
                           "--build-dir", str(tmp_path), "--set", "max_output_len=99999"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
@@ -91,9 +109,26 @@ def test_serve_refuses_a_port_in_use(tiny_checkpoint, tmp_path):
         s.listen()
         busy = s.getsockname()[1]
         http, metrics = free_ports(2)
-        out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint),
-                              "--build-dir", str(tmp_path), "--http-port", str(http), "--grpc-port", str(busy),
-                              "--metrics-port", str(metrics)], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qwen3vl_triton.serve.launcher",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--build-dir",
+                str(tmp_path),
+                "--http-port",
+                str(http),
+                "--grpc-port",
+                str(busy),
+                "--metrics-port",
+                str(metrics),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert out.returncode == 1
     assert f"error: grpc port {busy} on 127.0.0.1 is already in use" in out.stderr
 
@@ -104,10 +139,29 @@ def test_serve_with_openai_port_starts_and_stops_the_openai_endpoint(tiny_checkp
 
     http, grpc, metrics, openai = free_ports(4)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint), "--topology", "single",
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-         "--openai-port", str(openai), "--build-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "qwen3vl_triton.serve.launcher",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--topology",
+            "single",
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--openai-port",
+            str(openai),
+            "--build-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = []
         for line in proc.stdout:
@@ -130,7 +184,7 @@ def test_serve_with_openai_port_starts_and_stops_the_openai_endpoint(tiny_checkp
 
 
 def test_serve_refuses_openai_port_without_qwen3vl(tiny_checkpoint, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.launcher", "--checkpoint", str(tiny_checkpoint),
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.serve.launcher", "--checkpoint", str(tiny_checkpoint),
                           "--topology", "language", "--openai-port", "9", "--build-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "error: --openai-port needs the qwen3vl model; topology language" in out.stderr

@@ -15,9 +15,9 @@ import pytest
 from transformers import GenerationConfig
 
 from client import Client
-from qwen3vl_triton.check import check_checkpoint
-from qwen3vl_triton.tiny import build_saved_checkpoint
-from qwen3vl_triton.transfer import Disaggregated
+from qwen3vl_triton.model.check import check_checkpoint
+from qwen3vl_triton.model.tiny import build_saved_checkpoint
+from qwen3vl_triton.transfer.sender import Disaggregated
 from tests.conftest import start_server
 from tests.oracle import Oracle, image_bytes
 

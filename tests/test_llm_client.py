@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from qwen3vl_triton.llm_client import server_grpc_url
+from qwen3vl_triton.clients.llm import server_grpc_url
 
 
 @pytest.fixture

@@ -66,7 +66,9 @@ def test_run_bounded_stops_a_process_that_overruns():
 
 
 def test_run_bounded_kills_a_process_that_ignores_sigterm():
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
     t0 = time.monotonic()
     done = run_bounded([sys.executable, "-c", code], timeout=1.5, term_grace=1)
     assert done.timed_out and done.returncode == -signal.SIGKILL

@@ -13,12 +13,13 @@ import openai
 import pytest
 
 from client import Client, Conversation
-from qwen3vl_triton.repository import Settings
-from qwen3vl_triton.server import OpenAIServer, free_ports
-from qwen3vl_triton.transfer import Disaggregated
+from qwen3vl_triton.serve.repository import Settings
+from qwen3vl_triton.serve.server import OpenAIServer, free_ports
+from qwen3vl_triton.transfer.sender import Disaggregated
 from tests.conftest import SERVER_SETTINGS
 from tests.oracle import data_url, image_bytes, openai_to_template
-from tests.test_server import LONG as LONG_PROMPT, assert_stopped_before_its_end, engine_counts, metric, wait_for
+from tests.test_server import LONG as LONG_PROMPT
+from tests.test_server import assert_stopped_before_its_end, engine_counts, metric, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -139,7 +140,9 @@ def relay_encoder(tiny_checkpoint, tmp_path_factory, language_server):
     """An encoder server whose qwen3vl_disagg sends tables to the language server itself."""
     from tests.conftest import start_server
 
-    srv = start_server(tiny_checkpoint, tmp_path_factory, "encoder", "relay-chat", language_url=language_server.grpc_url)
+    srv = start_server(
+        tiny_checkpoint, tmp_path_factory, "encoder", "relay-chat", language_url=language_server.grpc_url
+    )
     yield srv
     srv.stop()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qwen3vl_triton.errors import InputError
-from qwen3vl_triton.preprocess import decode_image
+from qwen3vl_triton.text.preprocess import decode_image
 from tests.oracle import image_bytes
 
 
@@ -51,8 +51,15 @@ def test_image_above_the_pixel_limit_is_refused_before_decoding():
 def test_prompt_layout_is_images_then_text_in_one_user_turn(preprocessor, oracle):
     text = preprocessor.chat_text("What is this?", 2)
     expected = oracle.tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What is this?"}]}],
-        tokenize=False, add_generation_prompt=True)
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What is this?"}],
+            }
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert text == expected
     assert text.index("<|image_pad|>") < text.rindex("<|image_pad|>") < text.index("What is this?")
     assert text.endswith("<|im_start|>assistant\n")
@@ -93,7 +100,9 @@ def test_too_many_images(preprocessor):
 
 
 def test_prompt_longer_than_the_context(preprocessor):
-    with pytest.raises(InputError, match=r"^text_input: the prompt is \d+ tokens \(images included\), the context limit is 2048"):
+    with pytest.raises(
+        InputError, match=r"^text_input: the prompt is \d+ tokens \(images included\), the context limit is 2048"
+    ):
         preprocessor("word " * 3000, [])
 
 
@@ -147,7 +156,7 @@ MESSAGE_ERRORS = {
 @pytest.mark.parametrize("case", list(MESSAGE_ERRORS))
 def test_a_bad_request_names_its_input(case):
     from qwen3vl_triton.errors import InputError
-    from qwen3vl_triton.preprocess import parse_request
+    from qwen3vl_triton.text.preprocess import parse_request
 
     kw, message = MESSAGE_ERRORS[case]
     with pytest.raises(InputError) as err:
@@ -159,7 +168,7 @@ def test_byte_bounds_come_before_parsing():
     import time
 
     from qwen3vl_triton.errors import InputError
-    from qwen3vl_triton.preprocess import Limits, parse_request
+    from qwen3vl_triton.text.preprocess import Limits, parse_request
 
     limits = Limits(text_bytes=100, image_bytes=1000, request_bytes=10_000)
     t0 = time.perf_counter()
@@ -176,7 +185,7 @@ def test_byte_bounds_come_before_parsing():
 def test_messages_render_with_the_checkpoint_template(preprocessor, spec):
     import json
 
-    from qwen3vl_triton.preprocess import parse_request
+    from qwen3vl_triton.text.preprocess import parse_request
     from tests.oracle import data_url, image_bytes
 
     img = image_bytes(64, 64, 5)

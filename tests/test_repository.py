@@ -7,7 +7,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from qwen3vl_triton.repository import TEMPLATES, TOPOLOGIES, RenderError, Settings, render
+from qwen3vl_triton.serve.repository import TEMPLATES, TOPOLOGIES, RenderError, Settings, render
 
 
 def load(repo, model):
@@ -94,7 +94,7 @@ def test_gpu_repository_takes_the_engine_facts(tiny_checkpoint, tmp_path, engine
     table = [o for o in vision.output if o.name == "prompt_embedding_table"][0]
     assert mc.DataType.Name(table.data_type) == "TYPE_BF16"
     # postprocessing runs its request on tensorrt_llm: every input it sends exists on the engine
-    from qwen3vl_triton.detok import LLM_INPUT_NAMES
+    from qwen3vl_triton.contract import LLM_INPUT_NAMES
 
     assert LLM_INPUT_NAMES["seed"] == "seed"  # TensorRT-LLM 1.2's name
     llm_inputs = {i.name for i in llm.input}

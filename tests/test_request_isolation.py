@@ -66,7 +66,7 @@ def test_a_request_with_permuted_image_ids_fails_alone_in_its_batch(server, spec
 
 def test_a_batch_that_fails_inside_the_encoder_is_retried_request_by_request(encoder, spec, preprocessor):
     """A failure the per-request checks did not catch (here: checks bypassed) reaches its request only."""
-    from qwen3vl_triton.vision import EncodeRequest, encode_request_from_arrays
+    from qwen3vl_triton.model.vision import EncodeRequest, encode_request_from_arrays
 
     p = preprocessor("Look.", [image_bytes(64, 64, 41)])
     good = encode_request_from_arrays({"input_ids": p.input_ids, "pixel_values": p.pixel_values,

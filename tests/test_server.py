@@ -120,8 +120,11 @@ def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     got = queue.Queue()
     client.start_stream(callback=lambda result, error: got.put((result, error)))
-    inputs = [grpcclient.InferInput("text_input", [1, 1], "BYTES"), grpcclient.InferInput("max_tokens", [1, 1], "INT32"),
-              grpcclient.InferInput("stream", [1, 1], "BOOL")]
+    inputs = [
+        grpcclient.InferInput("text_input", [1, 1], "BYTES"),
+        grpcclient.InferInput("max_tokens", [1, 1], "INT32"),
+        grpcclient.InferInput("stream", [1, 1], "BOOL"),
+    ]
     inputs[0].set_data_from_numpy(np.array([[LONG.encode()]], dtype=np.object_))
     inputs[1].set_data_from_numpy(np.array([[240]], np.int32))
     inputs[2].set_data_from_numpy(np.array([[True]]))
@@ -131,7 +134,9 @@ def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
     generation = result.as_numpy("generation_id").reshape(-1)[0].decode()
     client.stop_stream(cancel_requests=True)
     client.close()
-    stop = [grpcclient.InferInput(name, [1, 1], "INT32") for name in ("input_ids", "input_lengths", "request_output_len")]
+    stop = [
+        grpcclient.InferInput(name, [1, 1], "INT32") for name in ("input_ids", "input_lengths", "request_output_len")
+    ]
     for t in stop:
         t.set_data_from_numpy(np.ones((1, 1), np.int32))
     stop.append(grpcclient.InferInput("stop", [1, 1], "BOOL"))

@@ -83,14 +83,21 @@ def test_bad_input_gets_one_invalid_arg_error_naming_it(case, server, oracle):
     assert message in errors[0].message()
 
     with Client(server.grpc_url, "grpc") as c:  # the server keeps serving
-        oracle.assert_served(c.generate_text("After an error.", max_tokens=6), oracle.generate("After an error.", [], 6))
+        oracle.assert_served(
+            c.generate_text("After an error.", max_tokens=6), oracle.generate("After an error.", [], 6)
+        )
 
 
 HTTP_BAD = {
     "max_tokens zero": ({"text_input": "x", "max_tokens": 0}, "max_tokens: must be in [1, 256], got 0"),
-    "corrupt base64 image": ({"text_input": "x", "max_tokens": 4, "image": ["bm9wZQ=="]}, "image[0]: cannot be decoded"),
-    "bad data URL": ({"text_input": "x", "max_tokens": 4, "image": ["data:image/png,xyz"]},
-                     "image[0]: a data URL must look like"),
+    "corrupt base64 image": (
+        {"text_input": "x", "max_tokens": 4, "image": ["bm9wZQ=="]},
+        "image[0]: cannot be decoded",
+    ),
+    "bad data URL": (
+        {"text_input": "x", "max_tokens": 4, "image": ["data:image/png,xyz"]},
+        "image[0]: a data URL must look like",
+    ),
     "too many images": ({"text_input": "x", "max_tokens": 4, "image": ["eA=="] * 5}, "image: 5 images given"),
     "missing text_input": ({"max_tokens": 4}, "text_input: is required (or messages)"),
 }

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from qwen3vl_triton.language import SequenceStore
-from qwen3vl_triton.sampling import SamplingParams
-from qwen3vl_triton.transfer import Encoded, TransferError, TransferStats, send_table
+from qwen3vl_triton.model.sampling import SamplingParams
+from qwen3vl_triton.transfer.receiver import SequenceStore
+from qwen3vl_triton.transfer.sender import Encoded, TransferError, TransferStats, send_table
 
 H, VOCAB, LEVELS, CORRID = 8, 100, 3, 11
 

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from qwen3vl_triton.repository import Settings
+from qwen3vl_triton.serve.repository import Settings
 from qwen3vl_triton.trtllm.build import EngineFacts, EngineSettings, build_config_fields
 from qwen3vl_triton.trtllm.convert import trtllm_config
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qwen3vl_triton import mrope
-from qwen3vl_triton.checkpoint import iter_tensors
-from qwen3vl_triton.lm import LanguageModel, StepSeq
+from qwen3vl_triton.model import mrope
+from qwen3vl_triton.model.checkpoint import iter_tensors
+from qwen3vl_triton.model.lm import LanguageModel, StepSeq
 from qwen3vl_triton.trtllm.convert import convert_checkpoint, hf_tensors, load_hf_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

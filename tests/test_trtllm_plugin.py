@@ -1,6 +1,6 @@
 """The DeepstackAdd plugin on the CPU: its CUDA translation unit compiles, its index arithmetic and
 per-token add (the shared __host__ __device__ header, built for the host) and the stock-ops graph
-agree with qwen3vl_triton.table over random batches, laid out as TensorRT-LLM's runtime lays them."""
+agree with qwen3vl_triton.model.table over random batches, laid out as TensorRT-LLM's runtime lays them."""
 
 import ctypes
 import os
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3vl_triton.table import deepstack_add_reference, deepstack_row, pack_table
+from qwen3vl_triton.model.table import deepstack_add_reference, deepstack_row, pack_table
 from qwen3vl_triton.trtllm import deepstack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,11 @@ CXX = shutil.which("g++") or shutil.which("c++")
 
 
 def _tensorrt_include() -> Path | None:
-    candidates = [os.environ.get("TENSORRT_INCLUDE_DIR"), "/usr/local/tensorrt/include", "/usr/include/x86_64-linux-gnu"]
+    candidates = [
+        os.environ.get("TENSORRT_INCLUDE_DIR"),
+        "/usr/local/tensorrt/include",
+        "/usr/include/x86_64-linux-gnu",
+    ]
     for c in candidates:
         if c and (Path(c) / "NvInferRuntime.h").is_file():
             return Path(c)
@@ -139,7 +143,9 @@ def test_header_table_row_equals_deepstack_row_in_the_batched_table(host, vocab,
     for level in range(levels):
         local = deepstack_row(ids.astype(np.int64), vocab, stride, level)
         want = np.where(local >= 0, tasks.astype(np.int64) * p + local, -1)
-        got = [host.qwen3vl_deepstack_table_row(int(i), int(t), p, rows, vocab, levels, level) for i, t in zip(ids, tasks)]
+        got = [
+            host.qwen3vl_deepstack_table_row(int(i), int(t), p, rows, vocab, levels, level) for i, t in zip(ids, tasks)
+        ]
         np.testing.assert_array_equal(got, want)
 
 

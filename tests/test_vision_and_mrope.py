@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from qwen3vl_triton import mrope
-from qwen3vl_triton.table import deepstack_add_reference, deepstack_row, pack_table, stride_of
-from qwen3vl_triton.vision import EncodeRequest
+from qwen3vl_triton.model import mrope
+from qwen3vl_triton.model.table import deepstack_add_reference, deepstack_row, pack_table, stride_of
+from qwen3vl_triton.model.vision import EncodeRequest
 from tests.oracle import image_bytes
 
 CASES = {
@@ -118,7 +118,7 @@ def test_deepstack_indexing_reads_the_right_rows():
 
 
 def test_patch_linear_computes_the_convolution():
-    from qwen3vl_triton.vision import PatchLinear
+    from qwen3vl_triton.model.vision import PatchLinear
 
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(3, 24, kernel_size=(2, 4, 4), stride=(2, 4, 4), bias=True)
@@ -129,7 +129,7 @@ def test_patch_linear_computes_the_convolution():
 
 
 def test_image_size_inputs_are_computed_once_per_size(spec, preprocessor):
-    from qwen3vl_triton.vision import VisionEncoder
+    from qwen3vl_triton.model.vision import VisionEncoder
 
     encoder = VisionEncoder(spec)  # its own cache
     p = preprocessor("a", CASES["one image"])

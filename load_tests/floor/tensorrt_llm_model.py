@@ -4,8 +4,8 @@ and streams one token back with the final flag from `execute` -- the LLM hop wit
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import read_inputs
-from qwen3vl_triton.engine import CONTRACT_INPUTS
+from qwen3vl_triton.backend.tensors import read_inputs
+from qwen3vl_triton.contract import CONTRACT_INPUTS
 
 
 class TritonPythonModel:
@@ -17,7 +17,12 @@ class TritonPythonModel:
             read_inputs(pb_utils, request, CONTRACT_INPUTS)
             ids = np.array([[[0]]], np.int32)
             request.get_response_sender().send(
-                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("output_ids", ids),
-                                                           pb_utils.Tensor("sequence_length", np.array([[1]], np.int32))]),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("output_ids", ids),
+                        pb_utils.Tensor("sequence_length", np.array([[1]], np.int32)),
+                    ]
+                ),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+            )
         return None

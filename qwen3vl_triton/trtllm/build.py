@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .deepstack import IMPLEMENTATIONS, PLUGIN_LIBRARY
+from qwen3vl_triton.trtllm.deepstack import IMPLEMENTATIONS, PLUGIN_LIBRARY
 
 _TABLE_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
 
@@ -108,7 +108,7 @@ def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, settings: E
     from tensorrt_llm.models.qwen.config import QWenConfig
     from tensorrt_llm.plugin import PluginConfig
 
-    from .model import Qwen3VLForCausalLM
+    from qwen3vl_triton.trtllm.model import Qwen3VLForCausalLM
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     checkpoint_config = json.loads((checkpoint_dir / "config.json").read_text())

@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import CheckpointError, ModelSpec, Tensors, experts_out_in, torch_dtype
+from qwen3vl_triton.model.checkpoint import CheckpointError, ModelSpec, Tensors, experts_out_in, torch_dtype
 
 ARCHITECTURE = "QWenForCausalLM"
 QWEN_TYPE = "qwen3_moe"
@@ -91,7 +91,7 @@ def trtllm_config(spec: ModelSpec, dtype: str, max_position_embeddings: int | No
         "rotary_embedding_dim": spec.rotary_dim,
         "rotary_base": spec.rope_theta,
         # "type" selects RotaryScalingType.mrope; the sections are informative only, because the
-        # engine takes the rotary table precomputed (qwen3vl_triton.mrope).
+        # engine takes the rotary table precomputed (qwen3vl_triton.model.mrope).
         "rotary_scaling": {
             "type": "mrope",
             "mrope_section": list(spec.mrope_section),
@@ -182,7 +182,11 @@ class _SafetensorsWriter:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, shape, dt in layout:
             size = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dt],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned

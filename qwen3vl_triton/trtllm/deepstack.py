@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..table import deepstack_row
+from qwen3vl_triton.model.table import deepstack_row
 
 # The plugin's identity; builders/plugin/src/deepstack_plugin.cpp registers the same.
 PLUGIN_NAME = "DeepstackAdd"

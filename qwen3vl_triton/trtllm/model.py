@@ -25,8 +25,14 @@ from tensorrt_llm.layers import GatedMLP
 from tensorrt_llm.models.modeling_utils import DecoderLayerList
 from tensorrt_llm.models.qwen.model import QWenDecoderLayer, QWenForCausalLM, QWenModel
 
-from .deepstack import (PLUGIN_FIELDS, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, deepstack_add_graph,
-                        local_rows)
+from qwen3vl_triton.trtllm.deepstack import (
+    PLUGIN_FIELDS,
+    PLUGIN_NAME,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    deepstack_add_graph,
+    local_rows,
+)
 
 
 def _is_moe_layer(config, layer_idx: int) -> bool:

@@ -6,7 +6,7 @@ compared with `reference`: the batched DeepStack add of DESIGN section 3 as Tens
 lays the batch out (request b's row-stacked table at rows [b P, (b + 1) P), `tasks[t]` the slot of
 token t; fake id vocab + j of a slot reads row b P + (level + 1) S + j; text ids, prompt-table ids
 past the image block and slots past the table add nothing). The row of each token comes from
-qwen3vl_triton.table.deepstack_row, the one statement of the indexing; the add is torch's
+qwen3vl_triton.model.table.deepstack_row, the one statement of the indexing; the add is torch's
 elementwise add in the tensor's dtype, which computes in float and rounds once, as the kernel does
 (deepstack_add.h: addToken) -- so every dtype must match bit for bit.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3vl_triton.table import deepstack_row
+from qwen3vl_triton.model.table import deepstack_row
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "builders" / "plugin"

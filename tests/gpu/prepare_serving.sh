@@ -15,7 +15,7 @@
 set -eu
 BUNDLE=$1 WORK=$2 PY=$3
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-IMPORTS=${PREPARE_IMPORTS:-numpy torch transformers transformers.generation transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe tritonclient.grpc tritonclient.utils.cuda_shared_memory qwen3vl_triton.server}
+IMPORTS=${PREPARE_IMPORTS:-numpy torch transformers transformers.generation transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe tritonclient.grpc tritonclient.utils.cuda_shared_memory qwen3vl_triton.serve.server}
 # Host packages built against numpy 2 that transformers imports when it finds them (scikit-learn,
 # through transformers.generation, pulls scipy): with the stubs' numpy 1.26 they fail at import, so
 # the environment hides them (None in sys.modules: find_spec answers None, as if not installed).

@@ -2,7 +2,7 @@
 
 An encoder server (`encode`) and a language server (`language` -> `tensorrt_llm`, the CPU engine)
 run as two real tritonserver processes on the tiny checkpoint. For each request the client
-(qwen3vl_triton.transfer.Disaggregated, transport `cuda_shm`) registers one CUDA shared-memory
+(qwen3vl_triton.transfer.sender.Disaggregated, transport `cuda_shm`) registers one CUDA shared-memory
 region with both servers; the encoder server writes the prompt table into it and the language
 server reads its chunks from it. Checked against the CPU path:
 
@@ -38,8 +38,8 @@ SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=4, max_image_pi
 def start_servers(checkpoint: Path, work: Path, log) -> dict:
     """The encoder and the language server, one after the other (each from this thread: a server
     stops when the thread that started it ends); {topology: TritonServer}."""
-    from qwen3vl_triton.repository import Settings, render
-    from qwen3vl_triton.server import Ports, TritonServer, free_ports
+    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     servers = {}
     try:
@@ -76,7 +76,7 @@ def run_case(part, oracle, enc_url: str, lang_url: str, name: str, prompt: str, 
              transport: str = "cuda_shm") -> None:
     import numpy as np
 
-    from qwen3vl_triton.transfer import Disaggregated
+    from qwen3vl_triton.transfer.sender import Disaggregated
 
     want_ids = oracle.generate(prompt, images, n)
     want_text = oracle.text(want_ids)
@@ -89,9 +89,16 @@ def run_case(part, oracle, enc_url: str, lang_url: str, name: str, prompt: str, 
         encode_s = time.perf_counter() - t0
         region = region_contents(d, enc)
         same_bytes = (enc.rows, enc.hidden) == ref.table.shape and region.tobytes() == ref.table.tobytes()
-        part.check(f"{name}: the region holds the encoder's table byte for byte", same_bytes,
-                   f"{enc.rows} rows x {enc.hidden} {enc.dtype} ({enc.table_bytes} bytes)"
-                   + ("" if same_bytes else f", max |diff| {np.abs(region - ref.table).max() if region.shape == ref.table.shape else 'shape'}"))
+        part.check(
+            f"{name}: the region holds the encoder's table byte for byte",
+            same_bytes,
+            f"{enc.rows} rows x {enc.hidden} {enc.dtype} ({enc.table_bytes} bytes)"
+            + (
+                ""
+                if same_bytes
+                else f", max |diff| {np.abs(region - ref.table).max() if region.shape == ref.table.shape else 'shape'}"
+            ),
+        )
         part.check(f"{name}: same prompt ids through both transports",
                    np.array_equal(enc.input_ids, ref.input_ids))
         corrid = secrets.randbits(62) or 1
@@ -137,8 +144,8 @@ def run(work: Path, report: str | None, checkpoint: str | None = None, transport
         import torch
         import transformers
 
-        from qwen3vl_triton.server import find_tritonserver
-        from qwen3vl_triton.tiny import build_checkpoint
+        from qwen3vl_triton.model.tiny import build_checkpoint
+        from qwen3vl_triton.serve.server import find_tritonserver
         from tests.oracle import Oracle, image_bytes
 
         f.update(torch=torch.__version__, transformers=transformers.__version__, tritonserver=str(find_tritonserver()))

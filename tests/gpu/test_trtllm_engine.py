@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen3vl_triton import mrope
-from qwen3vl_triton.table import pack_table, stride_of
-from qwen3vl_triton.vision import EncodeRequest
+from qwen3vl_triton.model import mrope
+from qwen3vl_triton.model.table import pack_table, stride_of
+from qwen3vl_triton.model.vision import EncodeRequest
 from tests.oracle import image_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +116,9 @@ def _run(engine_dir, requests):
 
 
 @pytest.mark.parametrize("impl", ["plugin", "stock"])
-def test_batched_engine_greedy_and_prefill_logits_equal_transformers(impl, engines, spec, preprocessor, encoder, oracle):
+def test_batched_engine_greedy_and_prefill_logits_equal_transformers(
+    impl, engines, spec, preprocessor, encoder, oracle
+):
     from qwen3vl_triton.trtllm.build import EngineFacts
 
     facts = EngineFacts.load(engines[impl])

@@ -263,7 +263,7 @@ def run(lib: str | None, report: str | None, prefill_tokens: int = 4096, decode_
                       "decode_batch": decode_batch, "decode_context": decode_context, "shape": vars(shape)}
         f["layer_prefill_ms"] = round(layer_prefill["median_ms"], 4)
         f["layer_decode_ms"] = round(layer_decode["median_ms"], 4)
-        del cache, layer
+        cache = layer = None  # free the layer's GPU memory before the next part
         torch.cuda.empty_cache()
 
         if lib is None:

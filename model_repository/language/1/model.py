@@ -3,7 +3,7 @@
 Every input is read here in `execute`; generation threads get plain values and the response
 sender only. State lives in the package's SequenceStore (bounded, expiring on the sequence
 batcher's idle clock, never while generating); see DESIGN §5 for the ops and
-qwen3vl_triton/language.py for a sequence's phases.
+qwen3vl_triton/transfer/receiver.py for a sequence's phases.
 """
 
 import threading
@@ -11,14 +11,18 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton import llm_client
-from qwen3vl_triton.backend import (CancelPoll, Gauges, error_response, model_params, numpy_dtype, read_inputs, scalar,
-                                    send_response, single_sequence)
-from qwen3vl_triton.checkpoint import ModelSpec
+from qwen3vl_triton.arrays import numpy_dtype, scalar, single_sequence
+from qwen3vl_triton.backend.metrics import Gauges
+from qwen3vl_triton.backend.responses import error_response, send_response
+from qwen3vl_triton.backend.tensors import model_params, read_inputs
+from qwen3vl_triton.backend.workers import CancelPoll
+from qwen3vl_triton.clients import llm as llm_client
+from qwen3vl_triton.contract import stop_words_list
 from qwen3vl_triton.errors import InputError, Unavailable
-from qwen3vl_triton.language import OPS, Listener, RowsRefused, SequenceStore, SharedRegions
-from qwen3vl_triton.sampling import SamplingParams
-from qwen3vl_triton.stop_words import stop_words_list
+from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.model.sampling import SamplingParams
+from qwen3vl_triton.transfer.receiver import OPS, Listener, RowsRefused, SequenceStore
+from qwen3vl_triton.transfer.region import SharedRegions
 
 INPUTS = ("op", "input_ids", "table_rows", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
           "max_tokens", "temperature", "top_k", "top_p", "seed", "chunk", "chunk_offset", "chunk_region",
@@ -184,7 +188,7 @@ class TritonPythonModel:
 
     def _run(self, seq):
         """Stream the LLM's tokens into the sequence state (one tensorrt_llm request per sequence,
-        over the server's own gRPC endpoint: see qwen3vl_triton/llm_client.py). Once the sequence
+        over the server's own gRPC endpoint: see qwen3vl_triton/clients/llm.py). Once the sequence
         has ended (END flag), the LLM request is stopped and what it still sends is dropped."""
         s = seq.sampling
         tensors = {

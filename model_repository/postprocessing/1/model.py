@@ -1,5 +1,5 @@
 """postprocessing: runs one request's generation on `tensorrt_llm` (streamed, over the server's
-own gRPC endpoint: see qwen3vl_triton/llm_client.py for why not BLS) and turns its token ids into
+own gRPC endpoint: see qwen3vl_triton/clients/llm.py for why not BLS) and turns its token ids into
 text, with stop strings and the finish reason.
 
 Every request has its own detokenizer in its own worker, so no stream state is keyed by anything
@@ -12,12 +12,15 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton import llm_client
-from qwen3vl_triton.backend import (CancelPoll, as_numpy, error, model_params, read_inputs, scalar, send_response,
-                                    worker_pool)
-from qwen3vl_triton.checkpoint import ModelSpec
-from qwen3vl_triton.detok import LLM_INPUT_NAMES, TextStream
-from qwen3vl_triton.grpc_stream import StreamError
+from qwen3vl_triton.arrays import scalar
+from qwen3vl_triton.backend.responses import error, send_response
+from qwen3vl_triton.backend.tensors import as_numpy, model_params, read_inputs
+from qwen3vl_triton.backend.workers import CancelPoll, worker_pool
+from qwen3vl_triton.clients import llm as llm_client
+from qwen3vl_triton.clients.grpc_stream import StreamError
+from qwen3vl_triton.contract import LLM_INPUT_NAMES
+from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.text.detok import TextStream
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TO_LLM = LLM_INPUT_NAMES  # this model's input -> tensorrt_llm's input

@@ -3,10 +3,11 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import error_response, model_params, read_inputs
-from qwen3vl_triton.checkpoint import ModelSpec
-from qwen3vl_triton.preprocess import Limits, Preprocessor, parse_request
-from qwen3vl_triton.stop_words import stop_words_list
+from qwen3vl_triton.backend.responses import error_response
+from qwen3vl_triton.backend.tensors import model_params, read_inputs
+from qwen3vl_triton.contract import stop_words_list
+from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.text.preprocess import Limits, Preprocessor, parse_request
 
 INPUTS = ("text_input", "messages", "image", "max_tokens")
 

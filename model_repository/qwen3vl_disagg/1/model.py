@@ -5,10 +5,12 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import (CancelPoll, error_response, model_params, read_inputs, scalar, send_response,
-                                    worker_pool)
+from qwen3vl_triton.arrays import scalar
+from qwen3vl_triton.backend.responses import error_response, send_response
+from qwen3vl_triton.backend.tensors import model_params, read_inputs
+from qwen3vl_triton.backend.workers import CancelPoll, worker_pool
 from qwen3vl_triton.errors import Unavailable
-from qwen3vl_triton.transfer import Disaggregated, Encoded
+from qwen3vl_triton.transfer.sender import Disaggregated, Encoded
 
 INPUTS = ("text_input", "messages", "image", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream")
 ENCODE_OUTPUTS = ["input_ids", "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin",

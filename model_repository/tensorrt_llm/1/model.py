@@ -11,10 +11,14 @@ import threading
 import torch
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import EngineMetrics, TokenStream, error, model_params, read_inputs
-from qwen3vl_triton.checkpoint import ModelSpec
-from qwen3vl_triton.engine import CONTRACT_INPUTS, Engine, request_from_contract
+from qwen3vl_triton.backend.metrics import EngineMetrics
+from qwen3vl_triton.backend.responses import error
+from qwen3vl_triton.backend.tensors import model_params, read_inputs
+from qwen3vl_triton.backend.token_stream import TokenStream
+from qwen3vl_triton.contract import CONTRACT_INPUTS, request_from_contract
+from qwen3vl_triton.engine.engine import Engine
 from qwen3vl_triton.errors import InputError
+from qwen3vl_triton.model.checkpoint import ModelSpec
 
 
 class TritonPythonModel:

@@ -15,9 +15,12 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_triton.backend import Gauges, error_response, model_params, output_tensor, read_inputs, single_sequence
-from qwen3vl_triton.checkpoint import ModelSpec
-from qwen3vl_triton.vision import VisionEncoder, encode_request_from_arrays
+from qwen3vl_triton.arrays import single_sequence
+from qwen3vl_triton.backend.metrics import Gauges
+from qwen3vl_triton.backend.responses import error_response
+from qwen3vl_triton.backend.tensors import model_params, output_tensor, read_inputs
+from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.model.vision import VisionEncoder, encode_request_from_arrays
 
 INPUTS = ("input_ids", "pixel_values", "image_grid_thw")
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import mrope
-from .checkpoint import ModelSpec, load_state, torch_dtype
-from .lm import warn_if_slow_bf16
-from .table import pack_table
+from qwen3vl_triton.model import mrope
+from qwen3vl_triton.model.checkpoint import ModelSpec, load_state, torch_dtype
+from qwen3vl_triton.model.lm import warn_if_slow_bf16
+from qwen3vl_triton.model.table import pack_table
 
 
 @dataclass
@@ -241,7 +241,7 @@ def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int 
     """Validate one request's `vision_encoder` inputs (batch dimension removed): anything the
     ensemble's preprocessing would never send is refused here, so a direct call cannot make the
     tower do more work than the checkpoint allows or fail inside a batch."""
-    from .errors import InputError
+    from qwen3vl_triton.errors import InputError
 
     ids = np.asarray(arrays["input_ids"]).reshape(-1)
     pixels = np.asarray(arrays["pixel_values"], dtype=np.float32)

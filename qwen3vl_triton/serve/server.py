@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from . import admin
+from qwen3vl_triton.serve import admin
 
 IMAGE_ROOT = Path("/opt/tritonserver")
 
@@ -272,7 +272,7 @@ def free_ports(count: int, address: str = "127.0.0.1") -> list[int]:
 
 @dataclass
 class OpenAIServer:
-    """The OpenAI-compatible endpoint (qwen3vl_triton.openai_server) for a running tritonserver,
+    """The OpenAI-compatible endpoint (qwen3vl_triton.api.openai_server) for a running tritonserver,
     as a child process on the same address; `start()` returns once it answers."""
 
     grpc_url: str
@@ -288,7 +288,7 @@ class OpenAIServer:
 
     def command(self) -> list[str]:
         s = self.settings
-        return [sys.executable, "-m", "qwen3vl_triton.openai_server", "--grpc-url", self.grpc_url,
+        return [sys.executable, "-m", "qwen3vl_triton.api.openai_server", "--grpc-url", self.grpc_url,
                 "--host", self.address, "--port", str(self.port), "--max-output-len", str(s.max_output_len),
                 "--image-url-hosts", s.image_url_hosts, "--image-url-max-bytes", str(s.image_url_max_bytes),
                 "--image-url-timeout-ms", str(s.image_url_timeout_ms)]

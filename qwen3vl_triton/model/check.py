@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import SAFETENSORS_DTYPES, CheckpointError, ModelSpec, Tensors
+from qwen3vl_triton.model.checkpoint import SAFETENSORS_DTYPES, CheckpointError, ModelSpec, Tensors
 
 LM = "model.language_model."
 VISUAL = "model.visual."

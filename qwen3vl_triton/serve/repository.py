@@ -15,9 +15,9 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .checkpoint import ModelSpec
+from qwen3vl_triton.model.checkpoint import ModelSpec
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
+TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository"
 
 TOPOLOGIES = {
     # one server with every model: the qwen3vl ensemble and both disaggregated entry points
@@ -88,10 +88,24 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 problems.append(f"{f.name} must be >= 0, got {value}")
-        for name in ("max_batch_size", "engine_max_batch", "engine_max_queue", "max_output_len", "max_num_tokens", "max_images",
-                     "preprocessing_instances", "language_max_sequences", "chunk_rows", "max_queue_size",
-                     "cancellation_check_period_ms", "stats_check_period_ms", "max_image_bytes",
-                     "max_request_bytes", "image_url_max_bytes", "image_url_timeout_ms"):
+        for name in (
+            "max_batch_size",
+            "engine_max_batch",
+            "engine_max_queue",
+            "max_output_len",
+            "max_num_tokens",
+            "max_images",
+            "preprocessing_instances",
+            "language_max_sequences",
+            "chunk_rows",
+            "max_queue_size",
+            "cancellation_check_period_ms",
+            "stats_check_period_ms",
+            "max_image_bytes",
+            "max_request_bytes",
+            "image_url_max_bytes",
+            "image_url_timeout_ms",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len > spec.max_position_embeddings:
@@ -122,11 +136,13 @@ def _python_env_block() -> str:
 
 def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -> dict[str, str]:
     """GPU: what the built TensorRT-LLM engine fixes (batch, dtype, table stride, M-RoPE rows)."""
-    from .trtllm.build import EngineFacts
+    from qwen3vl_triton.trtllm.build import EngineFacts
 
     engine_dir = Path(engine_dir).resolve()
     if not (engine_dir / "config.json").is_file():
-        raise RenderError(f"engine directory {engine_dir} has no config.json: build it with builders/trtllm/build_engine.py")
+        raise RenderError(
+            f"engine directory {engine_dir} has no config.json: build it with builders/trtllm/build_engine.py"
+        )
     facts = EngineFacts.load(engine_dir)
     problems = [f"{name}: engine {got}, checkpoint {want}" for name, got, want in (
         ("hidden_size", facts.hidden_size, spec.hidden_size), ("vocab_size", facts.vocab_size, spec.vocab_size),

@@ -15,8 +15,8 @@ module, in two layouts:
   (`num_local_experts`, `rope_parameters`, `[E, out, in]` experts, `chat_template.jinja`,
   sharded safetensors with an index), with options for the variations such checkpoints have.
 
-    python -m qwen3vl_triton.tiny --profile tiny --out checkpoints/tiny
-    python -m qwen3vl_triton.tiny --layout transformers --dtype bfloat16 --out checkpoints/tiny-saved
+    python -m qwen3vl_triton.model.tiny --profile tiny --out checkpoints/tiny
+    python -m qwen3vl_triton.model.tiny --layout transformers --dtype bfloat16 --out checkpoints/tiny-saved
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u00fcber gro\u00df \u4f60\u597d\u4e16\u75
 
 
 def _train_tokenizer(vocab_target: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

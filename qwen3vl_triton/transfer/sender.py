@@ -20,7 +20,6 @@ server applies them in the order sent (send_table).
 from __future__ import annotations
 
 import collections
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -28,24 +27,9 @@ from typing import Iterator
 
 import numpy as np
 
-from . import admin
-from .backend import BFLOAT16
-from .grpc_stream import GrpcStream, StreamError
-
-# The shm transport's region: REGION_MAGIC and the sender's secret (32 random bytes) in the first
-# bytes, the table from REGION_HEADER on (page-aligned). Names: REGION_KEY, 128 random bits.
-REGION_KEY = re.compile(r"^/qwen3vl_table_[0-9a-f]{32}$")
-REGION_MAGIC = b"qwen3vl-table\x00v1"  # 16 bytes
-REGION_HEADER = 4096
-
-
-def region_header(secret: str) -> bytes:
-    """The bytes a sender writes at the start of its region: the magic, then the secret."""
-    return REGION_MAGIC + bytes.fromhex(secret)
-
-_NP_TO_TRITON = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", BFLOAT16: "BF16", np.dtype(np.int32): "INT32",
-                 np.dtype(np.int64): "INT64", np.dtype(np.uint64): "UINT64", np.dtype(np.bool_): "BOOL",
-                 np.dtype(np.object_): "BYTES"}
+from qwen3vl_triton.clients.grpc_stream import GrpcStream, StreamError, infer_input
+from qwen3vl_triton.serve import admin
+from qwen3vl_triton.transfer.region import REGION_HEADER, region_header
 
 
 class TransferError(RuntimeError):
@@ -56,19 +40,8 @@ class TransferError(RuntimeError):
         super().__init__(message)
         self.received_rows = received_rows
 
-
 class StreamBroken(TransferError):
     """The response stream ended before its final response (network, client cancel, timeout)."""
-
-
-def _tensor(name: str, array: np.ndarray):
-    import tritonclient.grpc as grpcclient
-
-    array = np.ascontiguousarray(array)
-    t = grpcclient.InferInput(name, list(array.shape), _NP_TO_TRITON[array.dtype])
-    t.set_data_from_numpy(array)
-    return t
-
 
 @dataclass
 class Encoded:
@@ -85,7 +58,6 @@ class Encoded:
     @property
     def table_bytes(self) -> int:
         return self.rows * self.hidden * self.dtype.itemsize
-
 
 class LanguageClient:
     """The `language` model's ops over one gRPC stream (one sequence at a time per client)."""
@@ -128,23 +100,23 @@ class LanguageClient:
 
     @staticmethod
     def _op(name: str):
-        return _tensor("op", np.array([[name.encode()]], dtype=np.object_))
+        return infer_input("op", np.array([[name.encode()]], dtype=np.object_))
 
     def start(self, corrid: int, enc: Encoded, max_tokens: int, temperature=None, top_k=None, top_p=None,
               seed=None) -> int:
         """Open the sequence; a refused start also ends it, so Triton's sequence slot is let go at
         once rather than at the idle timeout."""
         inputs = [self._op("start"),
-                  _tensor("input_ids", enc.input_ids.astype(np.int32)[None]),
-                  _tensor("table_rows", np.array([[enc.rows]], np.int32)),
-                  _tensor("prompt_vocab_size", np.array([[enc.rows]], np.int32)),
-                  _tensor("mrope_rotary_cos_sin", enc.mrope_cos_sin.astype(np.float32)[None]),
-                  _tensor("mrope_position_deltas", np.array([[enc.mrope_delta]], np.int64)),
-                  _tensor("max_tokens", np.array([[max_tokens]], np.int32))]
+                  infer_input("input_ids", enc.input_ids.astype(np.int32)[None]),
+                  infer_input("table_rows", np.array([[enc.rows]], np.int32)),
+                  infer_input("prompt_vocab_size", np.array([[enc.rows]], np.int32)),
+                  infer_input("mrope_rotary_cos_sin", enc.mrope_cos_sin.astype(np.float32)[None]),
+                  infer_input("mrope_position_deltas", np.array([[enc.mrope_delta]], np.int64)),
+                  infer_input("max_tokens", np.array([[max_tokens]], np.int32))]
         for name, value, dtype in (("temperature", temperature, np.float32), ("top_k", top_k, np.int32),
                                    ("top_p", top_p, np.float32), ("seed", seed, np.uint64)):
             if value is not None:
-                inputs.append(_tensor(name, np.array([[value]], dtype)))
+                inputs.append(infer_input(name, np.array([[value]], dtype)))
         try:
             return self._rows(corrid, inputs, start=True)
         except TransferError as exc:
@@ -159,7 +131,7 @@ class LanguageClient:
     def send_chunk(self, corrid: int, offset: int, chunk_inputs: list) -> str:
         """Send a chunk without waiting for its answer (see `chunk_received`)."""
         return self.stream.submit(self.model, [self._op("chunk"), *chunk_inputs,
-                                               _tensor("chunk_offset", np.array([[offset]], np.int32))],
+                                               infer_input("chunk_offset", np.array([[offset]], np.int32))],
                                   sequence_id=corrid)
 
     def chunk_received(self, handle: str) -> int:
@@ -183,14 +155,13 @@ class LanguageClient:
 
     def generate(self, corrid: int, from_token: int = 0) -> Iterator[tuple[str, list[int]]]:
         """Yield (text, token ids) per response; StreamBroken if the stream ends early."""
-        inputs = [self._op("generate"), _tensor("from_token", np.array([[from_token]], np.int32))]
+        inputs = [self._op("generate"), infer_input("from_token", np.array([[from_token]], np.int32))]
         for r in self._request(inputs, sequence_id=corrid):
             text = r.as_numpy("text_output")
             if text is None:  # the empty final response, or received_rows before a refusal
                 continue
             ids = r.as_numpy("output_ids")
             yield "".join(t.decode("utf-8") for t in text.reshape(-1)), [] if ids is None else ids.reshape(-1).tolist()
-
 
 class ChunkSource:
     """Where chunk rows come from: the table in memory (grpc), a system shared-memory region the
@@ -207,16 +178,17 @@ class ChunkSource:
 
         row_bytes = self.enc.hidden * self.enc.dtype.itemsize
         if self.shm_key is not None:
-            return [_tensor("chunk_region", np.array([[self.shm_key.encode()]], dtype=np.object_)),
-                    _tensor("region_secret", np.array([[self.secret.encode()]], dtype=np.object_)),
-                    _tensor("region_offset", np.array([[REGION_HEADER + start * row_bytes]], np.int64)),
-                    _tensor("chunk_rows", np.array([[count]], np.int32))]
+            return [infer_input("chunk_region", np.array([[self.shm_key.encode()]], dtype=np.object_)),
+                    infer_input("region_secret", np.array([[self.secret.encode()]], dtype=np.object_)),
+                    infer_input("region_offset", np.array([[REGION_HEADER + start * row_bytes]], np.int64)),
+                    infer_input("chunk_rows", np.array([[count]], np.int32))]
         if self.region is None:
-            return [_tensor("chunk", self.enc.table[start:start + count][None])]
-        t = grpcclient.InferInput("chunk", [1, count, self.enc.hidden], _NP_TO_TRITON[self.enc.dtype])
+            return [infer_input("chunk", self.enc.table[start:start + count][None])]
+        from tritonclient.utils import np_to_triton_dtype
+
+        t = grpcclient.InferInput("chunk", [1, count, self.enc.hidden], np_to_triton_dtype(self.enc.dtype))
         t.set_shared_memory(self.region, count * row_bytes, offset=start * row_bytes)
         return [t]
-
 
 @dataclass
 class TransferStats:
@@ -225,7 +197,6 @@ class TransferStats:
     payload_bytes: int = 0  # table bytes moved into the language server
     resumes: int = 0  # times the sender resynchronised from received_rows
     seconds: float = 0.0
-
 
 def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_rows: int, received: int = 0,
                stats: TransferStats | None = None, max_resumes: int = 8, plan=None, window: int = 4) -> int:
@@ -283,7 +254,6 @@ def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_row
             stats.resumes += 1
     stats.seconds += time.perf_counter() - t0
     return received
-
 
 class Disaggregated:
     """Encode on one server, generate on another; resumable at every stage.
@@ -396,14 +366,14 @@ class Disaggregated:
 
         if messages is not None:
             text = messages if isinstance(messages, (str, bytes)) else json.dumps(messages)
-            first = _tensor("messages", np.array([[text.encode("utf-8") if isinstance(text, str) else text]],
+            first = infer_input("messages", np.array([[text.encode("utf-8") if isinstance(text, str) else text]],
                                                  dtype=np.object_))
         else:
-            first = _tensor("text_input", np.array([[prompt.encode("utf-8")]], dtype=np.object_))
-        inputs = [first, _tensor("max_tokens", np.array([[max_tokens]], np.int32))]
+            first = infer_input("text_input", np.array([[prompt.encode("utf-8")]], dtype=np.object_))
+        inputs = [first, infer_input("max_tokens", np.array([[max_tokens]], np.int32))]
         if images:
             raw = [i.encode() if isinstance(i, str) else i for i in images]
-            inputs.append(_tensor("image", np.array([raw], dtype=np.object_)))
+            inputs.append(infer_input("image", np.array([raw], dtype=np.object_)))
         names = ["input_ids", "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin",
                  "mrope_position_deltas"]
         outputs = [grpcclient.InferRequestedOutput(n) for n in names]
@@ -415,7 +385,9 @@ class Disaggregated:
             raise TransferError(_message(exc)) from None
         table_meta = result.get_output("prompt_embedding_table")
         hidden = int(table_meta.shape[2])
-        dtype = np.dtype({"FP32": np.float32, "FP16": np.float16, "BF16": BFLOAT16}[table_meta.datatype])
+        from tritonclient.utils import triton_to_np_dtype
+
+        dtype = np.dtype(triton_to_np_dtype(table_meta.datatype))
         return Encoded(
             input_ids=result.as_numpy("input_ids").reshape(-1),
             rows=int(result.as_numpy("prompt_vocab_size").reshape(-1)[0]),
@@ -467,7 +439,6 @@ class Disaggregated:
                  messages=None, **sampling) -> Iterator[str]:
         """Text pieces of the whole disaggregated request (a prompt and images, or `messages`)."""
         yield from self.run(self.encode(prompt, images, max_tokens, messages), max_tokens, sequence_id, **sampling)
-
 
 def _message(exc: Exception) -> str:
     msg = getattr(exc, "message", None)

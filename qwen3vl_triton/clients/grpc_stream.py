@@ -6,6 +6,8 @@ import queue
 import uuid
 from typing import Iterator
 
+import numpy as np
+
 # gRPC statuses that mean the stream itself broke, not that the server refused the request
 BROKEN = ("StatusCode.CANCELLED", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
@@ -134,3 +136,14 @@ class GrpcStream:
         finally:
             if self.own:
                 self.client.close()
+
+
+def infer_input(name: str, array: np.ndarray):
+    """A tritonclient gRPC input holding `array` (bfloat16 as ml_dtypes' type, as tritonclient wants)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    array = np.ascontiguousarray(array)
+    t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    t.set_data_from_numpy(array)
+    return t

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .checkpoint import ModelSpec
-from .errors import InputError
+from qwen3vl_triton.errors import InputError
+from qwen3vl_triton.model.checkpoint import ModelSpec
 
 # Decoding a bigger image than this is refused before its pixels are decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
@@ -225,7 +225,9 @@ class Preprocessor:
 
 def single_turn(text: str, num_images: int) -> list[dict]:
     """The `text_input` prompt layout: one user message, the images in order, then the text."""
-    return [{"role": "user", "content": [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]}]
+    return [
+        {"role": "user", "content": [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]}
+    ]
 
 
 def _image_url(part: dict, name: str) -> bytes:
@@ -321,7 +323,7 @@ def _nbytes(value) -> int:
 
 def parse_request(arrays: dict, max_output_len: int, limits: Limits | None = None) -> Request:
     """The `qwen3vl` inputs of one request, bounded and validated before any work is done on them."""
-    from .backend import scalar
+    from qwen3vl_triton.arrays import scalar
 
     limits = limits or Limits()
     total = sum(_nbytes(v) for v in arrays.values())

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .grpc_stream import GrpcStream
+from qwen3vl_triton.clients.grpc_stream import GrpcStream
 
 MODEL = "tensorrt_llm"
 # the longest wait for the next response of a generation (a request queued behind a full batch
@@ -56,9 +56,9 @@ def server_grpc_url(pid: int | None = None) -> str:
 
 
 def _inputs(tensors: dict[str, np.ndarray]):
-    from .transfer import _tensor
+    from qwen3vl_triton.clients.grpc_stream import infer_input
 
-    return [_tensor(name, value) for name, value in tensors.items()]
+    return [infer_input(name, value) for name, value in tensors.items()]
 
 
 def generate(url: str, tensors: dict[str, np.ndarray], request_id: str,

@@ -19,12 +19,12 @@ import threading
 from dataclasses import fields
 from pathlib import Path
 
-from . import admin
-from .check import check_checkpoint
-from .checkpoint import CheckpointError
-from .repository import TOPOLOGIES, RenderError, Settings, render
-from .server import OpenAIServer, Ports, ServerError, TritonServer
-from .tiny import ensure_checkpoint
+from qwen3vl_triton.model.check import check_checkpoint
+from qwen3vl_triton.model.checkpoint import CheckpointError
+from qwen3vl_triton.model.tiny import ensure_checkpoint
+from qwen3vl_triton.serve import admin
+from qwen3vl_triton.serve.repository import TOPOLOGIES, RenderError, Settings, render
+from qwen3vl_triton.serve.server import OpenAIServer, Ports, ServerError, TritonServer
 
 DEFAULT_PLUGIN = "/opt/qwen3vl/lib/libqwen3vl_deepstack_plugin.so"
 

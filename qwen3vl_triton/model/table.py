@@ -24,7 +24,9 @@ def stride_of(rows: int, levels: int) -> int:
     return rows // (levels + 1)
 
 
-def pack_table(embeds: torch.Tensor, deepstack: list[torch.Tensor] | torch.Tensor, stride: int | None = None) -> torch.Tensor:
+def pack_table(
+    embeds: torch.Tensor, deepstack: list[torch.Tensor] | torch.Tensor, stride: int | None = None
+) -> torch.Tensor:
     """Stack E `[n, H]` and D_k `[n, H]` into `[(levels+1) S, H]`; S = max(stride or n, 1)."""
     n, hidden = embeds.shape
     levels = len(deepstack)

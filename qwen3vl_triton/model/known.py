@@ -21,7 +21,7 @@ published on the Hugging Face hub, transcribed from these sources:
   model cards: "Instruct and reasoning-enhanced Thinking editions"); their config.json values
   are the Instruct ones.
 
-    python -m qwen3vl_triton.known      # the pre-flight facts of every published size
+    python -m qwen3vl_triton.model.known      # the pre-flight facts of every published size
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def published_config(name: str):
 
 
 def published_spec(name: str):
-    from .checkpoint import ModelSpec
+    from qwen3vl_triton.model.checkpoint import ModelSpec
 
     return ModelSpec.from_config(published_config(name), dtype=PUBLISHED_DTYPE)
 
@@ -112,7 +112,7 @@ def published_spec(name: str):
 def main() -> int:
     import psutil
 
-    from .check import Report, config_problems, facts
+    from qwen3vl_triton.model.check import Report, config_problems, facts
 
     for name in PUBLISHED:
         spec = published_spec(name)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from qwen3vl_triton.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,10 @@ import time
 
 _REPLACEMENT = "\ufffd"
 
-
 def _byte_decoder() -> dict[str, int]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode  # the GPT-2 byte-level alphabet
 
     return {c: b for b, c in bytes_to_unicode().items()}
-
 
 class IncrementalDetokenizer:
     _bytes_of_char: dict[str, int] | None = None
@@ -83,7 +81,6 @@ class IncrementalDetokenizer:
         self.start, self.sent = len(self.ids), 0
         return piece
 
-
 class StreamDetokenizers:
     """Detokenizers of many concurrent streams whose token chunks arrive one by one, by key.
 
@@ -120,18 +117,6 @@ class StreamDetokenizers:
             self._streams[key] = (detok, now)
         return text
 
-
-# postprocessing's inputs that it forwards to `tensorrt_llm` -> the tensorrt_llm input names (DESIGN §3);
-# it adds `streaming`, and `stop` to end a request
-LLM_INPUT_NAMES = {
-    "input_ids": "input_ids", "input_lengths": "input_lengths", "request_output_len": "request_output_len",
-    "end_id": "end_id", "pad_id": "pad_id", "stop_words_list": "stop_words_list", "temperature": "temperature", "top_k": "runtime_top_k",
-    "top_p": "runtime_top_p", "seed": "seed", "prompt_embedding_table": "prompt_embedding_table",
-    "prompt_vocab_size": "prompt_vocab_size", "mrope_rotary_cos_sin": "mrope_rotary_cos_sin",
-    "mrope_position_deltas": "mrope_position_deltas",
-}
-
-
 class StopMatcher:
     """Stop strings matched in generated text across piece (token) boundaries.
 
@@ -159,7 +144,6 @@ class StopMatcher:
                     break
         self.held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep], False
-
 
 class TextStream:
     """One generation's token ids -> text pieces, with its end: an end id ("stop"), a stop string

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import mrope
-from .checkpoint import ModelSpec, experts_out_in, iter_tensors, torch_dtype
-from .table import deepstack_row, stride_of
+from qwen3vl_triton.model import mrope
+from qwen3vl_triton.model.checkpoint import ModelSpec, experts_out_in, iter_tensors, torch_dtype
+from qwen3vl_triton.model.table import deepstack_row, stride_of
 
 
 def warn_if_slow_bf16(dtype: torch.dtype, what: str) -> None:
@@ -281,7 +281,9 @@ class LanguageModel:
         self._bags_h, self._bags_i = torch.arange(0, e * h, h), torch.arange(0, e * i, i)
 
     # -- embedding and DeepStack gather ------------------------------------------------------
-    def _embed(self, batch: list[StepSeq], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _embed(
+        self, batch: list[StepSeq], ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Packed input embeddings `[T, H]` and the DeepStack (token index, rows `[levels, m, H]`)."""
         vocab = self.spec.vocab_size
         text = ids < vocab
@@ -361,7 +363,7 @@ class LanguageModel:
 
     def _expert_rows(self, layer: Layer, x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         """`(T k, H)`: x[token] @ gate_up[e], then @ down[e], for each pair as bags of weight rows."""
-        n, (experts, hidden, inter2) = pairs.numel(), layer.gate_up.shape
+        n, (_experts, hidden, inter2) = pairs.numel(), layer.gate_up.shape
         rows = (pairs[:, None] * hidden + self._rows_h).view(-1)
         scale = x.repeat_interleave(self.spec.experts_per_token, dim=0).view(-1)
         h = F.embedding_bag(rows, layer.gate_up.view(-1, inter2), self._bags_h[:n], mode="sum",

@@ -8,7 +8,7 @@ away mid-stream cancels its request (Triton cancels the generation). Remote imag
 fetched only from hosts the operator allowed, within a size and a time limit; every other image
 must come as a data URL or base64.
 
-    python -m qwen3vl_triton.openai_server --grpc-url 127.0.0.1:8001 --port 9000
+    python -m qwen3vl_triton.api.openai_server --grpc-url 127.0.0.1:8001 --port 9000
 
 (`qwen3vl-serve --openai-port 9000` starts it beside tritonserver.)
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import llm_client
+from qwen3vl_triton.clients import llm as llm_client
 
 MODEL = "qwen3vl"
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
@@ -440,7 +440,9 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
 def main(argv=None) -> int:
     import uvicorn
 
-    ap = argparse.ArgumentParser(prog="python -m qwen3vl_triton.openai_server", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m qwen3vl_triton.api.openai_server", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--grpc-url", default="127.0.0.1:8001", help="HOST:PORT of Triton's gRPC endpoint")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9000)

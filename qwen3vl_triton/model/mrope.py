@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .checkpoint import ModelSpec
+from qwen3vl_triton.model.checkpoint import ModelSpec
 
 
 def position_ids(input_ids: np.ndarray, image_grid_thw: np.ndarray, spec: ModelSpec) -> tuple[np.ndarray, int]:

@@ -1,0 +1,34 @@
+"""Errors as Triton errors, and responses sent safely from any thread.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+from qwen3vl_triton.errors import InputError, Unavailable
+
+
+def error(pb, exc: BaseException, logger=None):
+    """A TritonError for `exc`: INVALID_ARG with the message for bad input, UNAVAILABLE for a server at
+    a bound, INTERNAL otherwise."""
+    if isinstance(exc, InputError):
+        return pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
+    if isinstance(exc, Unavailable):
+        return pb.TritonError(str(exc), pb.TritonError.UNAVAILABLE)
+    if logger is not None:
+        logger.log_error(f"internal error: {''.join(traceback.format_exception(exc))}")
+    return pb.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL)
+
+def error_response(pb, exc: BaseException, logger=None):
+    return pb.InferenceResponse(error=error(pb, exc, logger))
+
+def send_response(pb, sender, tensors: list, flags: int = 0) -> None:
+    """`sender.send` of a response with `tensors`, which stay referenced here until it returns.
+
+    Triton 2.51's Python backend drops the outputs a request did not ask for inside `send`,
+    after releasing the GIL, and so freed the numpy arrays of those tensors without the GIL
+    (python_backend #390, fixed in 24.12). With another Python thread running, that corrupts
+    the interpreter's memory: the `tensorrt_llm` stub crashed in torch ops on the engine thread
+    while `language`, which asks it for `output_ids` only, was being answered. Held here, the
+    arrays are freed after `send`, with the GIL."""
+    sender.send(pb.InferenceResponse(output_tensors=tensors), flags=flags)

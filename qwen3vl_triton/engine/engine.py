@@ -1,0 +1,175 @@
+"""The engine's public API and its two threads (plan -> run -> update, and delivery).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from qwen3vl_triton.engine.runner import DECODE_THREADS, Runner
+from qwen3vl_triton.engine.scheduler import Request, Scheduler, StepReport
+from qwen3vl_triton.errors import InputError
+from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.model.lm import LanguageModel
+from qwen3vl_triton.model.table import stride_of
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, dtype: str = "float32", max_batch: int = 16,
+                 max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
+                 on_step: Callable[["StepReport"], None] | None = None, threads: int | None = None,
+                 shared_threads: int = DECODE_THREADS, parallel_min_tokens: int = 64, max_queue: int = 128):
+        """`on_step` is called after every step, e.g. to export metrics, and with a report of zero
+        sequences when cancellations empty the batch without a step. `max_queue` bounds the
+        requests waiting for a place in the running batch; past it `submit` raises Unavailable.
+
+        Callbacks (each request's `on_tokens`, and `on_step`) run on one delivery thread, in the
+        order the engine produced them, while the engine thread goes on with the next step: in
+        the server they hand responses to Triton, and each `send` waits for the server. Only
+        that thread calls them, so a consumer never sees two callbacks at once. (In a Triton
+        2.51 stub, a send beside the engine's torch work needs `backend.send_response`: without
+        it the stub crashed, see there.) `threads`, `shared_threads`, `parallel_min_tokens`: see
+        `Runner`."""
+        self.spec = spec
+        self.max_seq_len = min(max_seq_len or 4096, spec.max_position_embeddings)
+        self.max_output_len = max_output_len or self.max_seq_len
+        self.lm = LanguageModel(spec, dtype=dtype, slots=max_batch, max_len=self.max_seq_len)
+        threads = threads or torch.get_num_threads()
+        self.runner = Runner(self.lm, threads, min(shared_threads, threads), parallel_min_tokens)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.scheduler = Scheduler(spec, self.lm.cache, max_batch, self.max_seq_len, max_num_tokens, max_queue,
+                                   emit=lambda callback, args: self._outbox.put((callback, args)), on_step=on_step)
+        self.stats = self.scheduler.stats
+        self._ids = itertools.count()
+        self._delivery = threading.Thread(target=self._deliver, name="engine-delivery", daemon=True)
+        self._delivery.start()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------------------
+    def validate(self, req: Request) -> None:
+        """Raise InputError naming the contract input that is wrong."""
+        spec = self.spec
+        ids = np.asarray(req.input_ids).reshape(-1)
+        if ids.dtype.kind not in "iu":
+            raise InputError("input_ids", f"must be integer token ids, got {ids.dtype}")
+        if ids.size == 0:
+            raise InputError("input_ids", "is empty")
+        if ids.size >= self.max_seq_len:
+            raise InputError("input_ids", f"{ids.size} tokens, the context limit is {self.max_seq_len}")
+        if not 1 <= req.max_new_tokens <= self.max_output_len:
+            raise InputError("request_output_len", f"must be in [1, {self.max_output_len}], got {req.max_new_tokens}")
+        if ids.min() < 0:
+            raise InputError("input_ids", f"negative token id {int(ids.min())}")
+        rows = 0 if req.table is None else req.table.shape[0]
+        if req.table is not None:
+            if not req.table.is_floating_point():
+                raise InputError("prompt_embedding_table", f"must be a floating-point tensor, got {req.table.dtype}")
+            if req.table.ndim != 2 or req.table.shape[1] != spec.hidden_size:
+                raise InputError(
+                    "prompt_embedding_table", f"must be [rows, {spec.hidden_size}], got {list(req.table.shape)}"
+                )
+            try:
+                stride = stride_of(rows, spec.deepstack_levels)
+            except ValueError as exc:
+                raise InputError("prompt_embedding_table", str(exc)) from None
+            if not bool(torch.isfinite(req.table).all()):
+                raise InputError("prompt_embedding_table", "holds NaN or infinite values")
+        else:
+            stride = 0
+        if int(ids.max()) >= spec.vocab_size + stride:
+            raise InputError(
+                "input_ids",
+                f"id {int(ids.max())} is neither a vocabulary id (< {spec.vocab_size}) nor one of the "
+                f"{stride} image rows of the prompt table",
+            )
+        if req.mrope_cos_sin is not None:
+            flat = np.asarray(req.mrope_cos_sin).reshape(-1)
+            if flat.size % spec.rotary_dim or flat.size // spec.rotary_dim < ids.size:
+                raise InputError(
+                    "mrope_rotary_cos_sin",
+                    f"must hold at least {ids.size} positions of {spec.rotary_dim} values, got {flat.size} values",
+                )
+            if not np.isfinite(flat).all() or np.abs(flat).max(initial=0) > 1:
+                raise InputError("mrope_rotary_cos_sin", "must hold cosines and sines: finite values in [-1, 1]")
+        # decode positions (cache length + delta) must lie in [0, max_position_embeddings)
+        low, high = -ids.size, spec.max_position_embeddings - self.max_seq_len
+        if not low <= req.mrope_delta <= high:
+            raise InputError("mrope_position_deltas", f"must be in [{low}, {high}] (decode positions within the "
+                                                      f"model's {spec.max_position_embeddings}), got {req.mrope_delta}")
+        if req.end_id is not None and not 0 <= req.end_id < spec.vocab_size:
+            raise InputError("end_id", f"must be a vocabulary id, got {req.end_id}")
+
+    def submit(self, req: Request) -> str:
+        """Queue a request (validated) and return its id; tokens arrive through `req.on_tokens`.
+        Raises InputError for a bad request, Unavailable when the queue is full."""
+        self.validate(req)
+        if not req.request_id:
+            req.request_id = f"r{next(self._ids)}"
+        self.scheduler.add(req)
+        return req.request_id
+
+    def cancel(self, request_id: str) -> None:
+        self.scheduler.cancel(request_id)
+
+    def generate(self, req: Request, timeout: float | None = None) -> tuple[list[int], str]:
+        """Blocking helper: all generated ids and the finish reason."""
+        out: list[int] = []
+        done = threading.Event()
+        result: dict = {}
+
+        def on_tokens(tokens, finish, error):
+            out.extend(tokens)
+            if finish is not None:
+                result["finish"], result["error"] = finish, error
+                done.set()
+
+        req.on_tokens = on_tokens
+        self.submit(req)
+        if not done.wait(timeout):
+            self.cancel(req.request_id)
+            raise TimeoutError("generation did not finish in time")
+        if result["finish"] == "error":
+            raise RuntimeError(result["error"])
+        return out, result["finish"]
+
+    def load(self) -> int:
+        """Sequences running or waiting."""
+        return self.scheduler.load()
+
+    def shutdown(self) -> None:
+        self.scheduler.stop()
+        self._thread.join(timeout=10)
+        self._outbox.put(None)  # after everything the engine thread queued: that still goes out
+        self._delivery.join(timeout=10)
+
+    # -- the two threads -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        """The engine thread: plan, run, update."""
+        while True:
+            try:
+                plan = self.scheduler.next_plan()
+                if plan is None:
+                    return
+                if not plan:
+                    continue
+                t0 = time.perf_counter()
+                results = self.runner.run(plan)
+                self.scheduler.update(plan, results, time.perf_counter() - t0)
+            except Exception as exc:  # a scheduler bug must fail requests, never hang them
+                self.scheduler.fail_all(f"engine failure: {type(exc).__name__}: {exc}")
+
+    def _deliver(self) -> None:
+        """The delivery thread: call the callbacks the engine queued, in order."""
+        while (item := self._outbox.get()) is not None:
+            callback, args = item
+            try:
+                callback(*args)
+            except Exception:  # a broken consumer (or metrics) must never stop the others
+                pass

@@ -1,0 +1,243 @@
+"""Admission, KV-cache slots, cancellation, the plan of each step, what a step's results do
+to its sequences, and the statistics (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from qwen3vl_triton.errors import Unavailable
+from qwen3vl_triton.model import mrope
+from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.model.lm import KVCache
+from qwen3vl_triton.model.sampling import SamplingParams, make_generator
+
+# on_tokens(new_token_ids, finish_reason, error): finish_reason is None while the sequence runs,
+# then one of "stop" (end token), "length" (max tokens or context), "cancelled", "error".
+Callback = Callable[[list[int], "str | None", "str | None"], None]
+
+@dataclass(eq=False)
+class Request:
+    """One generation, in the units of the `tensorrt_llm` contract."""
+
+    input_ids: np.ndarray  # (L,) prompt; ids >= vocab_size read the prompt table
+    max_new_tokens: int  # request_output_len
+    end_id: int | None = None  # generation also stops at every end id of the checkpoint
+    stop_ids: tuple[int, ...] = ()  # stop_words_list's one-token words (the contract's stop words)
+    table: torch.Tensor | None = None  # prompt_embedding_table (rows, H)
+    mrope_cos_sin: np.ndarray | None = None  # mrope_rotary_cos_sin, flat
+    mrope_delta: int = 0  # mrope_position_deltas
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    on_tokens: Callback | None = None
+    request_id: str = ""
+
+@dataclass(eq=False)
+class _Seq:
+    req: Request
+    slot: int
+    tokens: list[int]
+    prompt_len: int
+    cos: torch.Tensor  # (prompt_len, d/2) prompt rotary angles
+    sin: torch.Tensor
+    gen: torch.Generator | None
+    end_ids: frozenset[int]
+    cached: int = 0  # tokens in the KV cache
+    generated: int = 0
+    cancelled: bool = False
+
+@dataclass
+class StepReport:
+    sequences: int  # sequences advanced by the step
+    prompt_tokens: int  # prompt tokens prefilled
+    decode_tokens: int  # sequences that decoded one token
+    generated: int  # tokens chosen by the step (decodes and prompts that completed)
+    seconds: float
+    running: int  # sequences running after the step
+    waiting: int  # requests queued for a place
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    batched_steps: int = 0  # steps that advanced more than one sequence
+    max_batch: int = 0
+    mixed_steps: int = 0  # steps where a prompt chunk shared the forward with decoding sequences
+    tokens_in: int = 0  # prompt tokens prefilled
+    tokens_out: int = 0  # tokens generated
+    requests: int = 0
+    step_seconds: float = 0.0
+    batch_histogram: dict = field(default_factory=lambda: collections.Counter())
+
+    def add(self, report: StepReport) -> None:
+        if not report.sequences:
+            return
+        self.steps += 1
+        self.step_seconds += report.seconds
+        self.max_batch = max(self.max_batch, report.sequences)
+        self.batched_steps += report.sequences > 1
+        self.mixed_steps += 0 < report.decode_tokens < report.sequences
+        self.batch_histogram[report.sequences] += 1
+        self.tokens_in += report.prompt_tokens
+        self.tokens_out += report.generated
+
+Plan = list[tuple[_Seq, int]]  # (sequence, new tokens) of one step
+
+class Scheduler:
+    """Admission, slots, cancellation, plans, and what step results do. Requests arrive from any
+    thread (`add`, `cancel`); everything else runs on the engine thread."""
+
+    def __init__(self, spec: ModelSpec, cache: KVCache, max_batch: int, max_seq_len: int, max_num_tokens: int,
+                 max_queue: int, emit: Callable, on_step: Callable[[StepReport], None] | None):
+        self.spec, self.cache = spec, cache
+        self.max_batch, self.max_seq_len, self.max_num_tokens, self.max_queue = (
+            max_batch, max_seq_len, max_num_tokens, max_queue)
+        self.emit = emit  # emit(callback, args): hand a consumer call to the delivery thread
+        self.on_step = on_step
+        self.stats = EngineStats()
+        self._pending: collections.deque[Request] = collections.deque()
+        self._active: list[_Seq] = []
+        self._cancel: set[str] = set()
+        self._cv = threading.Condition()
+        self._stopped = False
+
+    # -- any thread ----------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("engine is stopped")
+            if len(self._pending) >= self.max_queue:
+                raise Unavailable(f"engine queue full: the {self.max_queue} places for requests waiting to "
+                                  f"join the running batch are taken; retry later")
+            self._pending.append(req)
+            self._cv.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            self._cancel.add(request_id)
+            self._cv.notify()
+
+    def load(self) -> int:
+        with self._cv:
+            return len(self._active) + len(self._pending)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    # -- engine thread --------------------------------------------------------------------------
+    def next_plan(self) -> Plan | None:
+        """Wait for work; take new requests and cancellations; return the next step's plan
+        (empty when cancellations left nothing to run), or None once stopped."""
+        with self._cv:
+            while not self._stopped and not self._pending and not self._active:
+                self._cv.wait()
+            if self._stopped:
+                return None
+            for seq in self._active:
+                if seq.req.request_id in self._cancel:
+                    seq.cancelled = True
+            # keep only cancellations of requests still waiting; one for a request that has
+            # already finished would otherwise stay here forever
+            self._cancel &= {r.request_id for r in self._pending}
+            self._admit()
+        cancelled = [s for s in self._active if s.cancelled]
+        for seq in cancelled:
+            self.finish(seq, "cancelled")
+        if not self._active:
+            if cancelled:  # no step follows: say that the batch emptied
+                self._report(StepReport(0, 0, 0, 0, 0.0, 0, len(self._pending)))
+            return []
+        self._compact()
+        plan, budget = [], self.max_num_tokens
+        for seq in self._active:  # every decode first, then prompt chunks within the budget
+            if seq.cached >= seq.prompt_len:
+                plan.append((seq, 1))
+                budget -= 1
+        for seq in self._active:
+            if seq.cached < seq.prompt_len and budget > 0:
+                n = min(seq.prompt_len - seq.cached, budget)
+                plan.append((seq, n))
+                budget -= n
+        return plan
+
+    def update(self, plan: Plan, results: list, seconds: float) -> None:
+        """Apply a step's results (`Runner.run`): tokens out, sequences finished, statistics."""
+        decode = sum(1 for seq, _ in plan if seq.cached >= seq.prompt_len)
+        generated = 0
+        for (seq, n), result in zip(plan, results):
+            if isinstance(result, Exception):
+                self.finish(seq, "error", f"generation failed: {result}")
+                continue
+            seq.cached += n
+            if result is not None:
+                generated += 1
+                self._advance(seq, result)
+        self._report(StepReport(len(plan), sum(n for _, n in plan) - decode, decode, generated, seconds,
+                                len(self._active), len(self._pending)))
+
+    def fail_all(self, message: str) -> None:
+        for seq in list(self._active):
+            self.finish(seq, "error", message)
+
+    def finish(self, seq: _Seq, reason: str, error: str | None = None, tokens: list[int] | None = None) -> None:
+        if seq in self._active:
+            self._active.remove(seq)
+        self._emit(seq.req, tokens or [], reason, error)
+
+    def _admit(self) -> None:
+        while self._pending and len(self._active) < self.max_batch:
+            req = self._pending.popleft()
+            if req.request_id in self._cancel:
+                self._cancel.discard(req.request_id)
+                self._emit(req, [], "cancelled")
+                continue
+            try:
+                ids = [int(x) for x in np.asarray(req.input_ids).reshape(-1)]
+                if req.mrope_cos_sin is not None:
+                    cos, sin = mrope.unpack_cos_sin(req.mrope_cos_sin, self.spec, len(ids))
+                else:  # text positions 0..L-1
+                    cos, sin = mrope.text_cos_sin(torch.arange(len(ids)), self.spec)
+                gen = make_generator(req.sampling)
+            except Exception as exc:  # validation let through something that cannot run: this request only
+                self._emit(req, [], "error", f"request refused: {type(exc).__name__}: {exc}")
+                continue
+            used = {s.slot for s in self._active}
+            slot = next(i for i in range(self.max_batch) if i not in used)
+            self.cache.claim(slot)
+            end_ids = (frozenset(self.spec.end_ids) | frozenset(req.stop_ids)
+                       | ({req.end_id} if req.end_id is not None else set()))
+            self._active.append(_Seq(req, slot, ids, len(ids), cos, sin, gen, end_ids))
+            self.stats.requests += 1
+
+    def _compact(self) -> None:
+        """Keep occupied slots dense from 0 so decode attention reads a view of the cache."""
+        for target, seq in enumerate(sorted(self._active, key=lambda s: s.slot)):
+            if seq.slot != target:
+                self.cache.move(seq.slot, target)
+                seq.slot = target
+
+    def _advance(self, seq: _Seq, token: int) -> None:
+        seq.generated += 1
+        seq.tokens.append(token)
+        # Like TensorRT-LLM, the end token is part of the output: consumers see where it stopped.
+        if token in seq.end_ids:
+            self.finish(seq, "stop", tokens=[token])
+        elif seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
+            self.finish(seq, "length", tokens=[token])
+        else:
+            self._emit(seq.req, [token], None)
+
+    def _report(self, report: StepReport) -> None:
+        self.stats.add(report)
+        if self.on_step is not None:
+            self.emit(self.on_step, (report,))
+
+    def _emit(self, req: Request, tokens: list[int], finish: str | None, error: str | None = None) -> None:
+        if req.on_tokens is not None:
+            self.emit(req.on_tokens, (tokens, finish, error))
