@@ -18,7 +18,7 @@ USERS       ?= 4
 DURATION    ?= 30
 URL         ?=
 
-.PHONY: venv demo test serve checkpoint clean load-test tools gpu-bundle soak
+.PHONY: venv demo test lint serve checkpoint clean load-test tools gpu-bundle soak
 
 venv: $(BIN)/.installed
 
@@ -35,8 +35,12 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 demo: venv
 	$(BIN)/python -m client.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
-test: venv tools
+test: venv tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+# ruff, pinned in requirements.txt, configured in pyproject.toml: 0 findings
+lint: venv
+	$(BIN)/ruff check .
 
 # System tools the tests use: docker-compose (1.29, Debian's package) validates docker-compose.yml
 # offline. Installed when missing, as root with apt-get; otherwise the compose test says why it skips.
