@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from qwen3vl_triton.clients.grpc_stream import StreamError, _tensor
+from qwen3vl_triton.clients.grpc_stream import StreamError, infer_input
 from qwen3vl_triton.serve import admin
 from qwen3vl_triton.transfer.region import REGION_HEADER
 from qwen3vl_triton.transfer.sender import Disaggregated, LanguageClient, TransferError
@@ -80,14 +80,14 @@ def answers(lang: LanguageClient, inputs, **kw) -> list:
 
 
 def op(name: bytes):
-    return _tensor("op", np.array([[name]], dtype=np.object_))
+    return infer_input("op", np.array([[name]], dtype=np.object_))
 
 
 def started(lang, enc, max_tokens, cid=None):
     """A sequence with its whole table held, ready to generate."""
     cid = cid or corrid()
     lang.start(cid, enc, max_tokens)
-    assert lang.chunk(cid, 0, [_tensor("chunk", enc.table[None])]) == enc.rows
+    assert lang.chunk(cid, 0, [infer_input("chunk", enc.table[None])]) == enc.rows
     return cid
 
 
@@ -258,7 +258,7 @@ def test_an_ended_id_starts_again_at_once_and_the_old_generation_never_touches_i
         lang.end(cid)  # END while generating, then the same id at once
         enc = encoded["text"]
         assert lang.start(cid, enc, 12) == 0
-        assert lang.chunk(cid, 0, [_tensor("chunk", enc.table[None])]) == enc.rows
+        assert lang.chunk(cid, 0, [infer_input("chunk", enc.table[None])]) == enc.rows
         # the old generation is over (stopped; before, it ran on to its end and then dropped the new one)
         assert wait_for(lambda: engine(lang_server, "running_sequences") == 0, 60)
         time.sleep(0.5)
@@ -275,7 +275,7 @@ def test_start_on_an_open_id_is_refused_and_leaves_it_open(lang_server, encoded)
     try:
         cid = corrid()
         lang.start(cid, encoded["image"], 4)
-        lang.chunk(cid, 0, [_tensor("chunk", encoded["image"].table[None, :8])])
+        lang.chunk(cid, 0, [infer_input("chunk", encoded["image"].table[None, :8])])
         with pytest.raises(TransferError, match=rf"^op: start refused: sequence {cid} is still open \(receiving rows, "
                                                 r"received_rows=8\); end it") as err:
             lang.start(cid, encoded["text"], 4)
@@ -292,8 +292,8 @@ def test_a_refusal_sends_received_rows_as_an_output_before_its_error(lang_server
     try:
         cid = corrid()
         lang.start(cid, enc, 4)
-        gap = [op(b"chunk"), _tensor("chunk", enc.table[None, 16:24]),
-               _tensor("chunk_offset", np.array([[16]], np.int32))]
+        gap = [op(b"chunk"), infer_input("chunk", enc.table[None, 16:24]),
+               infer_input("chunk_offset", np.array([[16]], np.int32))]
         assert answers(lang, gap, sequence_id=cid) == [
             ("received_rows", 0), ("error", "chunk_offset: 16 is past received_rows=0: resend from row 0")]
         assert answers(lang, [op(b"generate")], sequence_id=cid) == [
@@ -369,12 +369,12 @@ def test_generations_longer_than_the_idle_timeout_finish_with_their_final_respon
 
 # -- finding 7: shared memory ----------------------------------------------------------------------------
 def region_chunk(key, offset, rows, region_offset, secret=None):
-    inputs = [op(b"chunk"), _tensor("chunk_region", np.array([[key.encode()]], dtype=np.object_)),
-              _tensor("region_offset", np.array([[region_offset]], np.int64)),
-              _tensor("chunk_rows", np.array([[rows]], np.int32)),
-              _tensor("chunk_offset", np.array([[offset]], np.int32))]
+    inputs = [op(b"chunk"), infer_input("chunk_region", np.array([[key.encode()]], dtype=np.object_)),
+              infer_input("region_offset", np.array([[region_offset]], np.int64)),
+              infer_input("chunk_rows", np.array([[rows]], np.int32)),
+              infer_input("chunk_offset", np.array([[offset]], np.int32))]
     if secret is not None:
-        inputs.append(_tensor("region_secret", np.array([[secret.encode()]], dtype=np.object_)))
+        inputs.append(infer_input("region_secret", np.array([[secret.encode()]], dtype=np.object_)))
     return inputs
 
 
@@ -450,7 +450,7 @@ def test_a_region_truncated_after_it_was_opened_gives_an_error_and_the_server_se
             ("error", f"region_offset: bytes [{REGION_HEADER + 8 * row}, {REGION_HEADER + 16 * row}) fall outside "
                       f"region {key} of {size} bytes")]
         assert lang.status(cid) == 8  # the sequence, and the stub, are alive
-        assert lang.chunk(cid, 8, [_tensor("chunk", enc.table[None, 8:])]) == enc.rows
+        assert lang.chunk(cid, 8, [infer_input("chunk", enc.table[None, 8:])]) == enc.rows
         assert "".join(t for t, _ in lang.generate(cid))
         lang.end(cid)
     finally:
@@ -475,9 +475,9 @@ def test_a_full_model_queue_refuses_at_once_with_unavailable(one_slot_queue_serv
     def encode():
         with grpcclient.InferenceServerClient(one_slot_queue_server.grpc_url) as c:
             try:
-                c.infer("encode", [_tensor("text_input", np.array([[b"Describe."]], dtype=np.object_)),
-                                   _tensor("image", np.array([[image]], dtype=np.object_)),
-                                   _tensor("max_tokens", np.array([[4]], np.int32))])
+                c.infer("encode", [infer_input("text_input", np.array([[b"Describe."]], dtype=np.object_)),
+                                   infer_input("image", np.array([[image]], dtype=np.object_)),
+                                   infer_input("max_tokens", np.array([[4]], np.int32))])
                 outcomes.append("ok")
             except Exception as exc:  # noqa: BLE001 -- sorted below
                 outcomes.append(str(exc))
