@@ -82,7 +82,7 @@ def test_a_save_pretrained_checkpoint_reads_as_the_hub_one(saved, spec):
     differ = {f for f in ModelSpec.__dataclass_fields__ if f not in ("path", "config")
               and getattr(ours, f) != getattr(spec, f)}
     assert not differ, {f: (getattr(ours, f), getattr(spec, f)) for f in differ}
-    assert ours.moe_layers == (0, 1, 2)  # not "every layer dense"
+    assert ours.moe_layers == (0, 1, 2, 3)  # not "every layer dense"
 
 
 def test_the_same_weights_in_either_expert_layout_and_shards(saved, spec):
@@ -137,11 +137,11 @@ def test_check_passes_on_the_hub_and_saved_layouts_and_reports_the_facts(tiny_ch
         report = check_checkpoint(path)
         assert report.ok, report.text()
         facts = dict(report.facts)
-        assert facts["MoE layers"].startswith("3 of 4: 0-2; dense: 3")
+        assert facts["MoE layers"].startswith("4 of 4: 0-3; dense: none")
         assert facts["experts"].startswith("8 per MoE layer, 2 per token")
         assert facts["DeepStack"].startswith("3 levels from vision blocks [1, 2, 3]")
         assert facts["end ids"] == "651 <|im_end|>, 649 <|endoftext|>"
-        assert facts["dtype"] == "float32 (stored: F32 0.59M)"
+        assert facts["dtype"] == "float32 (stored: F32 0.64M)"
     code, out, err = _serve(capsys, "--check", "--checkpoint", saved)
     assert code == 0, out + err
     assert "OK: every tensor the config implies is present with its shape" in out
@@ -178,7 +178,7 @@ def test_check_explains_a_config_that_disagrees_with_the_layers(tiny_checkpoint,
     (bad / "config.json").write_text(json.dumps(cfg))
     problems = check_checkpoint(bad).problems
     assert ("model.language_model.layers.0.mlp.gate_proj.weight is missing (layer 0 is dense by "
-            "text_config.num_experts=0, text_config.decoder_sparse_step=1, text_config.mlp_only_layers=[3]; "
+            "text_config.num_experts=0, text_config.decoder_sparse_step=1, text_config.mlp_only_layers=[]; "
             "text_config.intermediate_size=128)") in problems
     assert any(p.startswith("model.language_model.layers.0.mlp.experts.down_proj is not part of the model this "
                             "config describes; layer 0 is dense") for p in problems)

@@ -54,9 +54,29 @@ def test_names_shapes_and_dtypes_are_tensorrt_llm_qwen_layout(converted, spec):
                              p + "mlp.gate.weight": (spec.intermediate_size, h),
                              p + "mlp.proj.weight": (h, spec.intermediate_size)})
     assert {n: tuple(t.shape) for n, t in tensors.items()} == expected
-    assert spec.mlp_only_layers, "the tiny profile has a dense layer, so both MLP layouts are covered"
     for name, t in tensors.items():
         assert t.dtype == (torch.float32 if name.endswith("mlp.router.weight") else torch.bfloat16), name
+
+
+def test_a_dense_layer_among_moe_layers_converts_to_a_gated_mlp(tmp_path):
+    # The tiny profile is all-MoE (the published layout); a checkpoint with a dense layer
+    # (mlp_only_layers, as fine-tuned variants have) covers the other MLP layout.
+    from qwen3vl_triton.checkpoint import ModelSpec
+    from qwen3vl_triton.tiny import build_saved_checkpoint
+
+    path = build_saved_checkpoint(tmp_path / "dense", mlp_only_layers=[1], log=lambda *_: None)
+    spec = ModelSpec.load(path)
+    out = convert_checkpoint(path, tmp_path / "trtllm", "float32", log=lambda *_: None)
+    assert json.loads((out / "config.json").read_text())["mlp_only_layers"] == [1]
+    tensors, h, inter = _read(out), spec.hidden_size, spec.intermediate_size
+    assert {n: tuple(t.shape) for n, t in tensors.items() if n.startswith("transformer.layers.1.mlp.")} == {
+        "transformer.layers.1.mlp.fc.weight": (inter, h), "transformer.layers.1.mlp.gate.weight": (inter, h),
+        "transformer.layers.1.mlp.proj.weight": (h, inter)}
+    source = dict(iter_tensors(path, "model.language_model.layers.1.mlp."))
+    back = load_hf_tensors(out)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        full = f"model.language_model.layers.1.mlp.{name}.weight"
+        assert torch.equal(back[full], source[f"{name}.weight"]), full
 
 
 def test_expert_layout_up_then_gate_and_down_transposed(converted, tiny_checkpoint, spec):

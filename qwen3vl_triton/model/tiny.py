@@ -36,13 +36,16 @@ from pathlib import Path
 import torch
 
 # Profiles. `tiny` keeps the test suite fast; `small` is the benchmark model
-# (hidden 512, 8 layers, 32 experts top-4, vision depth 8).
+# (hidden 512, 8 layers, 32 experts top-4, vision depth 8). Both are all-MoE, the layout of every
+# published Qwen3-VL-MoE checkpoint and the one llama.cpp's model (the ggml runner) serves; layouts
+# with dense layers (mlp_only_layers, decoder_sparse_step) are written by build_saved_checkpoint
+# for the tests that cover them (tests/test_layouts.py, tests/test_trtllm_convert.py).
 PROFILES: dict[str, dict] = {
     "tiny": {
         "text": dict(
             hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, mrope_section=[4, 2, 2], num_experts=8, num_experts_per_tok=2,
-            moe_intermediate_size=48, intermediate_size=128, mlp_only_layers=[3],
+            moe_intermediate_size=48, intermediate_size=128, mlp_only_layers=[],
             max_position_embeddings=4096,
         ),
         "vision": dict(
