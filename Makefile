@@ -20,7 +20,7 @@ URL         ?=
 
 .PHONY: venv demo test lint serve checkpoint clean load-test tools gpu-bundle soak
 
-venv: $(BIN)/.installed
+venv: $(BIN)/.installed $(BIN)/.llama_cpp
 
 # torch goes in first and alone, as a CPU build; nothing installed after it may replace it.
 $(BIN)/.installed: requirements.txt pyproject.toml
@@ -30,6 +30,13 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt "$(TORCH)"
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "import numpy; assert numpy.__version__ < '2', 'numpy must be < 2 for the Triton 2.51 Python backend'"
+	touch $@
+
+# llama-cpp-python, the ggml runner's bindings to llama.cpp: built from its pinned source distribution
+# for this host's CPU (minutes on 2 cores, once: pip caches the wheel; builders/llamacpp/build.py).
+$(BIN)/.llama_cpp: $(BIN)/.installed builders/llamacpp/build.py builders/llamacpp/python_lib.cmake
+	$(BIN)/python builders/llamacpp/build.py --python-package
+	$(BIN)/python -c "import llama_cpp"
 	touch $@
 
 demo: venv

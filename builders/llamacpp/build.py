@@ -1,7 +1,20 @@
-"""Build llama.cpp's `llama-server` from the PyPI source distribution of `llama-cpp-python`.
+"""Build llama.cpp's `llama-server`, and the `llama-cpp-python` bindings the engine's ggml runner
+uses, from the PyPI source distribution of `llama-cpp-python`.
 
     python builders/llamacpp/build.py            # -> build/llamacpp/bin/llama-server
     python builders/llamacpp/build.py --print    # the binary's path, building it first if missing
+    python builders/llamacpp/build.py --python-package [--portable]   # llama-cpp-python into this venv
+
+The Python package (`make venv` installs it): pip builds the pinned sdist (sha256-checked, its
+own download) with scikit-build-core (pinned, no build isolation) and only what the runner
+loads: libllama and libggml with the CPU backend -- no llava/mtmd, no server, tools, tests or
+examples, and no `common` library (python_lib.cmake: it was 61% of the compile time). pip keeps
+the built wheel in its cache, keyed by the sdist's URL and hash, NOT by these flags: a changed
+flag needs `--no-cache-dir` (`--portable` always passes it). Flags:
+- host build (default): GGML_NATIVE, the build host's own instructions (AVX2, AVX-512, AMX ...);
+- `--portable` (a Docker image): GGML_NATIVE=OFF, GGML_BACKEND_DL=ON, GGML_CPU_ALL_VARIANTS=ON --
+  one libggml-cpu-<variant>.so per x86 level, the best one for the CPU loaded at run time (the
+  runner points ggml at the package's lib/ folder).
 
 The sdist carries the whole llama.cpp tree (vendor/llama.cpp); it is downloaded once with pip,
 checked against its sha256, unpacked under build/llamacpp/src and built with CMake: Release,
@@ -30,6 +43,23 @@ BUILD = ROOT / "build" / "llamacpp"
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is the llama.cpp that is built
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 CMAKE_WHEEL = "cmake==3.31.6"  # only when the machine has no CMake >= 3.14
+
+SCIKIT_BUILD_CORE = "scikit-build-core==1.1.2"  # llama-cpp-python's build backend, pinned (no build isolation)
+PYTHON_LIB_CMAKE = Path(__file__).resolve().parent / "python_lib.cmake"
+
+# llama-cpp-python's own CMakeLists.txt builds libllama and libggml (forced shared) and, unless
+# told otherwise, llava/mtmd and llama.cpp's `common`
+PYTHON_CMAKE_OPTIONS = {
+    "LLAVA_BUILD": "OFF",  # the vision tower is the project's
+    "LLAMA_BUILD_TESTS": "OFF",
+    "LLAMA_BUILD_TOOLS": "OFF",
+    "LLAMA_BUILD_EXAMPLES": "OFF",
+    "LLAMA_BUILD_SERVER": "OFF",
+    "LLAMA_OPENSSL": "OFF",
+    "CMAKE_PROJECT_llama.cpp_INCLUDE": str(PYTHON_LIB_CMAKE),  # no `common` (see python_lib.cmake)
+}
+NATIVE = {"GGML_NATIVE": "ON"}
+PORTABLE = {"GGML_NATIVE": "OFF", "GGML_BACKEND_DL": "ON", "GGML_CPU_ALL_VARIANTS": "ON"}
 
 CMAKE_OPTIONS = {
     "CMAKE_BUILD_TYPE": "Release",
@@ -88,15 +118,15 @@ def fetch_source(build: Path = BUILD) -> Path:
     return tree
 
 
-def find_cmake() -> str:
-    """The machine's CMake when it is new enough for llama.cpp (3.14), else the PyPI wheel's."""
+def find_cmake(minimum: tuple[int, int] = (3, 14)) -> str:
+    """The machine's CMake when it is new enough (llama.cpp: 3.14), else the PyPI wheel's."""
     for candidate in (shutil.which("cmake"), str(Path(sys.executable).parent / "cmake")):
         if candidate and Path(candidate).is_file():
             out = subprocess.run([candidate, "--version"], capture_output=True, text=True).stdout
             m = re.search(r"(\d+)\.(\d+)", out)
-            if m and (int(m[1]), int(m[2])) >= (3, 14):
+            if m and (int(m[1]), int(m[2])) >= minimum:
                 return candidate
-    log(f"no CMake >= 3.14 on this machine: installing {CMAKE_WHEEL} in {sys.prefix}")
+    log(f"no CMake >= {minimum[0]}.{minimum[1]} on this machine: installing {CMAKE_WHEEL} in {sys.prefix}")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", CMAKE_WHEEL], check=True)
     return str(Path(sys.executable).parent / "cmake")
 
@@ -122,6 +152,36 @@ def build_server(build: Path = BUILD, jobs: int | None = None) -> Path:
     return binary
 
 
+def python_cmake_args(portable: bool = False) -> str:
+    """CMAKE_ARGS of the llama-cpp-python build."""
+    options = {**PYTHON_CMAKE_OPTIONS, **(PORTABLE if portable else NATIVE)}
+    return " ".join(f"-D{k}={v}" for k, v in options.items())
+
+
+def install_python_package(portable: bool = False) -> None:
+    """Build and install llama-cpp-python (pinned, hash-checked) into this interpreter's
+    environment; pip reuses its cached wheel when it has one."""
+    import tempfile
+
+    find_cmake((3, 21))  # a CMake wheel when the machine has none new enough for llama-cpp-python
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", SCIKIT_BUILD_CORE], check=True)
+    env = {**os.environ, "CMAKE_ARGS": python_cmake_args(portable)}
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as req:
+        req.write(f"llama-cpp-python=={VERSION} --hash=sha256:{SHA256}\n")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+           "--no-binary", "llama-cpp-python", "-r", req.name]
+    if portable:
+        cmd.append("--no-cache-dir")  # never a wheel cached from a native build
+    log(f"installing llama-cpp-python {VERSION} (built from its source distribution once, then from pip's "
+        f"cache; minutes on a 2-core host): CMAKE_ARGS={env['CMAKE_ARGS']}")
+    t0 = time.perf_counter()
+    try:
+        subprocess.run(cmd, check=True, env=env)
+    finally:
+        os.unlink(req.name)
+    log(f"llama-cpp-python {VERSION} installed in {time.perf_counter() - t0:.0f}s")
+
+
 def ensure_server(build: Path = BUILD) -> Path:
     """The built binary; builds it when it is missing."""
     binary = server_binary(build)
@@ -133,7 +193,14 @@ def main(argv=None) -> int:
     ap.add_argument("--build-dir", type=Path, default=BUILD)
     ap.add_argument("--jobs", type=int, help="parallel compile jobs (default: every core)")
     ap.add_argument("--print", action="store_true", help="print the binary's path (building it if missing)")
+    ap.add_argument("--python-package", action="store_true",
+                    help="build and install llama-cpp-python (the ggml runner's bindings) into this environment")
+    ap.add_argument("--portable", action="store_true",
+                    help="with --python-package: CPU variants loaded at run time instead of this host's instructions")
     args = ap.parse_args(argv)
+    if args.python_package:
+        install_python_package(args.portable)
+        return 0
     binary = ensure_server(args.build_dir) if args.print else build_server(args.build_dir, args.jobs)
     if args.print:
         print(binary)
