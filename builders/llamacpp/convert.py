@@ -3,6 +3,12 @@ of the same llama.cpp tree that build.py builds (its `convert_hf_to_gguf.py` and
 
     python builders/llamacpp/convert.py checkpoints/small --outtype f32
     -> build/llamacpp/gguf/small-f32.gguf (the language model) and small-f32-mmproj.gguf (the vision tower)
+    python builders/llamacpp/convert.py --quantize small-f32.gguf --outtype q4_k --out small-q4_k.gguf
+
+Types: f32 and bf16 (the converter writes them), q8_0 (the converter quantizes the language model;
+the vision tower stays f16/f32 as the converter decides), q4_k (Q4_K_M: llama.cpp's quantizer,
+`llama_model_quantize` through llama-cpp-python's C API -- no other binary is built -- from an
+f32 conversion; the vision tower of a q4_k pair is the f32 one's).
 
 The converter names a BPE tokenizer's pre-tokenizer by the hash of its tokens for a fixed text
 and gives up on a hash it does not know. A tokenizer trained for a checkpoint (tiny.py) has a
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -27,7 +34,8 @@ if str(ROOT) not in sys.path:  # run as a script
 from builders.llamacpp import build as llamacpp_build  # noqa: E402
 
 GGUF_DIR = llamacpp_build.BUILD / "gguf"
-OUTTYPES = ("f32", "bf16")
+OUTTYPES = ("f32", "bf16", "q8_0", "q4_k")
+QUANTIZED = {"q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}  # types llama.cpp's quantizer writes (from f32)
 
 
 def gpt2_pre_tokenizer(tokenizer_json: dict) -> bool:
@@ -87,6 +95,37 @@ def convert(checkpoint: Path, outtype: str, mmproj: bool, out: Path, tree: Path 
     return out
 
 
+def quantize(source: Path, out: Path, outtype: str, threads: int | None = None) -> Path:
+    """`source` (an f32 or bf16 GGUF) quantized to `outtype` by llama.cpp's quantizer, in this process."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZED[outtype])
+    params.nthread = threads or os.cpu_count() or 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0 or not out.is_file():
+        raise SystemExit(f"llama_model_quantize({source} -> {out}, {outtype}) failed: {rc}")
+    return out
+
+
+def convert_any(checkpoint: Path, outtype: str, mmproj: bool, out: Path) -> Path:
+    """`convert`, and for a quantizer type an f32 conversion beside `out` quantized into it."""
+    if outtype not in QUANTIZED:
+        return convert(checkpoint, outtype, mmproj, out)
+    f32 = out.with_name(out.name + ".f32.tmp")
+    try:
+        convert(checkpoint, "f32", mmproj, f32)
+        if mmproj:  # the quantizer is for language models; the vision tower stays f32
+            f32.rename(out)
+            return out
+        return quantize(f32, out, outtype)
+    finally:
+        f32.unlink(missing_ok=True)
+
+
 def ensure_gguf(checkpoint: Path, outtype: str, out_dir: Path = GGUF_DIR, log=print) -> tuple[Path, Path]:
     """Both GGUF files of `checkpoint` at `outtype`, converted (each in its own process) when
     missing or older than the checkpoint's weights."""
@@ -108,13 +147,21 @@ def ensure_gguf(checkpoint: Path, outtype: str, out_dir: Path = GGUF_DIR, log=pr
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=Path, nargs="?")
     ap.add_argument("--outtype", choices=OUTTYPES, default="f32")
+    ap.add_argument("--quantize", type=Path, metavar="GGUF",
+                    help=f"quantize this f32/bf16 GGUF to --outtype ({', '.join(QUANTIZED)}) into --out")
     ap.add_argument("--mmproj", action="store_true", help="one file: the vision projector (with --out)")
     ap.add_argument("--out", type=Path, help="one file's path; without it, both files under build/llamacpp/gguf")
     args = ap.parse_args(argv)
-    if args.out is not None:
-        convert(args.checkpoint, args.outtype, args.mmproj, args.out)
+    if args.quantize is not None:
+        if args.outtype not in QUANTIZED or args.out is None:
+            ap.error(f"--quantize needs --outtype {'/'.join(QUANTIZED)} and --out")
+        quantize(args.quantize, args.out, args.outtype)
+    elif args.checkpoint is None:
+        ap.error("a checkpoint (or --quantize GGUF) is needed")
+    elif args.out is not None:
+        convert_any(args.checkpoint, args.outtype, args.mmproj, args.out)
     else:
         for path in ensure_gguf(args.checkpoint, args.outtype):
             print(path)
