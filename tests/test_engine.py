@@ -88,9 +88,9 @@ def test_a_new_request_joins_a_running_batch(engine, pipeline, oracle):
             long_done.set()
 
     short_req.on_tokens = on_short
-    long_req = pipeline("Write a long story.", [], max_new_tokens=120)
+    long_req = pipeline("Tell me a long story.", [], max_new_tokens=120)
     long_req.on_tokens = on_long
-    expected_long = oracle.generate("Write a long story.", [], 120)
+    expected_long = oracle.generate("Tell me a long story.", [], 120)
     assert len(expected_long) > 2  # the long one is still decoding when the short one arrives
     mixed_before = engine.stats.mixed_steps
     engine.submit(long_req)
@@ -440,7 +440,7 @@ def test_a_full_queue_refuses_with_unavailable(spec, pipeline, oracle):
 def test_generation_stops_at_any_end_id_of_the_checkpoint(spec, pipeline, oracle):
     # generation_config.json may list several end ids; the fifth token of a known generation
     # is declared one of them, and generation must stop right there.
-    prompt = "Tell me about the ocean."
+    prompt = "Tell me a story."
     expected = oracle.generate(prompt, [], 30)
     assert len(expected) > 5 and expected[4] not in expected[:4]
     engine = Engine(dataclasses.replace(spec, end_ids=(*spec.end_ids, expected[4])), max_batch=2,

@@ -24,7 +24,8 @@ class Engine:
     def __init__(self, spec: ModelSpec, dtype: str = "float32", max_batch: int = 16,
                  max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
                  on_step: Callable[["StepReport"], None] | None = None, threads: int | None = None,
-                 shared_threads: int = DECODE_THREADS, parallel_min_tokens: int = 64, max_queue: int = 128):
+                 shared_threads: int = DECODE_THREADS, parallel_min_tokens: int = 64, max_queue: int = 128,
+                 runner: str = "torch", gguf: str | None = None):
         """`on_step` is called after every step, e.g. to export metrics, and with a report of zero
         sequences when cancellations empty the batch without a step. `max_queue` bounds the
         requests waiting for a place in the running batch; past it `submit` raises Unavailable.
@@ -35,15 +36,37 @@ class Engine:
         that thread calls them, so a consumer never sees two callbacks at once. (In a Triton
         2.51 stub, a send beside the engine's torch work needs `backend.send_response`: without
         it the stub crashed, see there.) `threads`, `shared_threads`, `parallel_min_tokens`: see
-        `Runner`."""
+        `Runner`.
+
+        `runner`: "torch" (`Runner` over `lm.LanguageModel`, the exact reference), "ggml" (the step
+        on llama.cpp's kernels, `ggml_runner.GgmlRunner`; raises `ggml_runner.Unsupported` with the
+        reason for a checkpoint llama.cpp cannot serve) or "auto" (ggml where it can, else torch;
+        `runner_note` says why). `gguf`: the ggml runner's weights file (default: converted from
+        the checkpoint into build/ggml at the first start)."""
         self.spec = spec
         self.max_seq_len = min(max_seq_len or 4096, spec.max_position_embeddings)
         self.max_output_len = max_output_len or self.max_seq_len
-        self.lm = LanguageModel(spec, dtype=dtype, slots=max_batch, max_len=self.max_seq_len)
         threads = threads or torch.get_num_threads()
-        self.runner = Runner(self.lm, threads, min(shared_threads, threads), parallel_min_tokens)
+        self.runner_name, self.runner_note, self.lm = "torch", None, None
+        if runner not in ("torch", "ggml", "auto"):
+            raise ValueError(f"runner must be torch, ggml or auto, got {runner!r}")
+        if runner != "torch":
+            from qwen3vl_triton.engine.ggml_runner import GgmlRunner, Unsupported
+            try:
+                self.runner = GgmlRunner(spec, dtype, slots=max_batch, max_len=self.max_seq_len,
+                                         max_num_tokens=max_num_tokens, threads=threads, shared_threads=shared_threads,
+                                         parallel_min_tokens=parallel_min_tokens, gguf=gguf)
+                self.runner_name, cache = "ggml", self.runner.cache
+            except Unsupported as exc:
+                if runner == "ggml" or dtype not in ("float32", "bfloat16", "float16"):
+                    raise  # asked for ggml, or a dtype only the ggml runner serves (q8_0, q4_k)
+                self.runner_note = f"the torch runner serves: {exc}"
+        if self.runner_name == "torch":
+            self.lm = LanguageModel(spec, dtype=dtype, slots=max_batch, max_len=self.max_seq_len)
+            self.runner = Runner(self.lm, threads, min(shared_threads, threads), parallel_min_tokens)
+            cache = self.lm.cache
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.scheduler = Scheduler(spec, self.lm.cache, max_batch, self.max_seq_len, max_num_tokens, max_queue,
+        self.scheduler = Scheduler(spec, cache, max_batch, self.max_seq_len, max_num_tokens, max_queue,
                                    emit=lambda callback, args: self._outbox.put((callback, args)), on_step=on_step)
         self.stats = self.scheduler.stats
         self._ids = itertools.count()

@@ -188,6 +188,9 @@ class Scheduler:
     def finish(self, seq: _Seq, reason: str, error: str | None = None, tokens: list[int] | None = None) -> None:
         if seq in self._active:
             self._active.remove(seq)
+            release = getattr(self.cache, "release", None)  # a cache that frees a slot's memory (ggml)
+            if release is not None:
+                release(seq.slot)
         self._emit(seq.req, tokens or [], reason, error)
 
     def _admit(self) -> None:

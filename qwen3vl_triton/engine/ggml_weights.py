@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONVERTER = ROOT / "builders" / "llamacpp" / "convert.py"
 DEFAULT_DIR = ROOT / "build" / "ggml"
 LLAMA_CPP_VERSION = "0.3.36"  # builders/llamacpp/build.py pins the same source distribution
