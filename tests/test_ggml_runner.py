@@ -277,29 +277,37 @@ def test_a_request_whose_numbers_would_overflow_fails_alone(ggml_engine, pipelin
         assert error is None and ids == oracle.generate(prompt, images, n)
 
 
-def test_a_step_fault_fails_only_the_sequence_at_fault(spec, pipeline, oracle):
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_step_fault_fails_only_the_sequence_at_fault(when, spec, pipeline, oracle):
+    # a fault that only this request's data triggers, in its prompt's call or, once it decodes,
+    # in the one call of every decoding sequence (then each runs again alone)
     engine = Engine(spec, max_batch=4, max_seq_len=512, max_output_len=64, runner="ggml")
     try:
         bad = pipeline("Faulty.", [image_bytes(64, 64, 14)], max_new_tokens=20)
-        runner, segments, decode = engine.runner, engine.runner.segments, engine.runner.llama.decode
+        runner, decode = engine.runner, engine.runner.llama.decode
+        segments, decode_segment, bad_ids = runner.segments, runner.decode_segment, set()
 
-        def tagged(seq, n, seq_id=None):
-            segs = segments(seq, n, seq_id)
-            for s in segs:
-                s.bad = seq.req is bad
-            return segs
+        def tagged(seq, n, seq_id=None, outputs=None):
+            if seq.req is bad and when == "prefill":
+                bad_ids.add(runner.cache.seq_id(seq.slot))
+            return segments(seq, n, seq_id, outputs)
 
-        def failing_decode(segs):  # a fault that only this request's data triggers
-            if any(getattr(s, "bad", False) for s in segs):
+        def tagged_decodes(seqs):
+            bad_ids.update(runner.cache.seq_id(seq.slot) for seq in seqs if seq.req is bad and when == "decode")
+            return decode_segment(seqs)
+
+        def failing_decode(segs):
+            if any(bad_ids & set(s.seq.tolist()) for s in segs):
                 raise RuntimeError("injected fault")
             return decode(segs)
 
-        runner.segments, runner.llama.decode = tagged, failing_decode
+        runner.segments, runner.decode_segment, runner.llama.decode = tagged, tagged_decodes, failing_decode
         jobs = [(f"Good {i}.", [], 20) for i in range(2)]
         results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs] + [bad])
         for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
             assert error is None and ids == oracle.generate(prompt, images, n)
         assert results[2][1] == "error" and "injected fault" in results[2][2]
+        assert len(results[2][0]) == (0 if when == "prefill" else 1)  # the prompt's token, then the fault
         assert engine.stats.batched_steps > 0
     finally:
         engine.shutdown()
@@ -328,8 +336,8 @@ def test_quantized_weights_load_and_generate(spec, pipeline):
 
 
 def test_runs_of_ids_and_rows_cannot_share_a_call(runner):
-    ids = Segment(0, np.zeros(1, np.int32), ids=np.zeros(1, np.int32))
-    rows = Segment(0, np.zeros((4, 1), np.int32), rows=np.zeros((1, runner.llama.n_embd_inp), np.float32))
+    ids = Segment.of(0, np.zeros(1), ids=np.zeros(1, np.int32))
+    rows = Segment.of(0, np.zeros((4, 1)), rows=np.zeros((1, runner.llama.n_embd_inp), np.float32))
     with pytest.raises(ValueError, match="token ids or embedding rows, not both"):
         runner.llama.decode([ids, rows])
 

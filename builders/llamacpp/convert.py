@@ -101,6 +101,16 @@ def quantize(source: Path, out: Path, outtype: str, threads: int | None = None) 
 
     import llama_cpp
 
+    # llama.cpp logs a line per tensor: keep its warnings and errors (levels 3, 4; 5 continues a line)
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def keep_warnings(level, text, _user):
+        last[0] = last[0] if level == 5 else level
+        if last[0] in (3, 4) and text:
+            sys.stderr.write(text.decode(errors="replace"))
+
+    llama_cpp.llama_log_set(keep_warnings, ctypes.c_void_p())
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTIZED[outtype])
     params.nthread = threads or os.cpu_count() or 1
@@ -108,6 +118,8 @@ def quantize(source: Path, out: Path, outtype: str, threads: int | None = None) 
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0 or not out.is_file():
         raise SystemExit(f"llama_model_quantize({source} -> {out}, {outtype}) failed: {rc}")
+    print(f"[llamacpp] {source.name} ({source.stat().st_size / 2**20:.1f} MiB) quantized to {outtype}: {out.name} "
+          f"({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
     return out
 
 

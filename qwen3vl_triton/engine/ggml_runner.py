@@ -57,7 +57,7 @@ import torch
 from qwen3vl_triton.engine.ggml_weights import GGUF_TYPES, ensure_text_gguf
 from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec
-from qwen3vl_triton.model.sampling import sample
+from qwen3vl_triton.model.sampling import NonFiniteLogits, sample
 from qwen3vl_triton.model.table import stride_of
 
 log = logging.getLogger(__name__)
@@ -210,21 +210,31 @@ class DecodeError(RuntimeError):
 
 @dataclass
 class Segment:
-    """A run of one sequence's new tokens, all token ids or all embedding rows."""
+    """Tokens of one kind for one call: token ids, or embedding rows. One sequence's run of a
+    prompt chunk, or many sequences' decoded tokens at once (`seq` per token)."""
 
-    seq_id: int
-    pos: np.ndarray  # (n,) int32 for ids; (4, n) for rows
+    seq: np.ndarray  # (n,) int32 llama sequence id of each token
+    pos: np.ndarray  # (n,) int32 for ids; (4, n) section rows t, h, w, 0 for rows
     ids: np.ndarray | None = None  # (n,) int32
     rows: np.ndarray | None = None  # (n, n_embd_inp) float32
-    outputs: bool = False  # logits for the last token (all tokens when `all_outputs`)
-    all_outputs: bool = False
+    out: np.ndarray | None = None  # (n,) bool: logits for these tokens (None: none)
+
+    @classmethod
+    def of(cls, seq_id: int, pos, ids=None, rows=None, outputs: str = "none") -> "Segment":
+        """One sequence's run; `outputs`: "none", "last" or "all" tokens' logits."""
+        n = len(ids) if ids is not None else len(rows)
+        out = None if outputs == "none" else np.ones(n, bool) if outputs == "all" else np.arange(n) == n - 1
+        return cls(np.full(n, seq_id, np.int32), np.asarray(pos, np.int32), ids, rows, out)
 
     @property
     def embd(self) -> bool:
         return self.rows is not None
 
     def __len__(self) -> int:
-        return len(self.ids) if self.ids is not None else len(self.rows)
+        return len(self.seq)
+
+    def outputs(self) -> int:
+        return 0 if self.out is None else int(self.out.sum())
 
 
 class LlamaText:
@@ -241,7 +251,7 @@ class LlamaText:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         cparams = lib.llama_context_default_params()
         cparams.n_seq_max = seqs
-        cparams.n_ctx = seqs * max_len
+        cparams.n_ctx = seqs * -(-max_len // 256) * 256  # llama.cpp pads each sequence's cells to 256
         cparams.n_batch = n_batch
         cparams.n_ubatch = min(n_batch, n_ubatch)
         cparams.n_threads = cparams.n_threads_batch = threads
@@ -268,6 +278,7 @@ class LlamaText:
         self._seq_ptrs = (self._seq.ctypes.data + 4 * np.arange(n_batch, dtype=np.uint64)).astype(np.uint64)
         self._out = np.zeros(n_batch, np.int8)
         self._rows: np.ndarray | None = None  # (n_batch, n_embd_inp), at the first embedding call
+        self._batches: dict = {}
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -298,10 +309,31 @@ class LlamaText:
         self.clear(src)
 
     # -- one call -------------------------------------------------------------------------------
+    def _batch(self, embd: bool):
+        """The llama_batch over this context's buffers (built once per kind; n_tokens per call)."""
+        batch = self._batches.get(embd)
+        if batch is None:
+            lib = self.lib
+            if embd and self._rows is None:
+                self._rows = np.zeros((self.n_batch, self.n_embd_inp), np.float32)
+            batch = self._batches[embd] = lib.llama_batch(
+                n_tokens=0,
+                token=None if embd else self._ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                embd=self._rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if embd else None,
+                pos=self._pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                n_seq_id=self._nseq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                seq_id=ctypes.cast(self._seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))),
+                logits=self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+            )
+        return batch
+
     def decode(self, segments: list[Segment]) -> list:
-        """One `llama_decode` of `segments` (all ids or all rows, at most n_batch tokens); per
-        segment its logits `[k, vocab]` float32 (k = 1, or its length with `all_outputs`), or None."""
-        lib, n = self.lib, sum(len(s) for s in segments)
+        """One `llama_decode` of `segments` (all token ids or all embedding rows, at most n_batch
+        tokens); per segment the logits `[k, vocab]` (float32) of its k tokens marked `out`, or None.
+
+        The tokens go in ascending sequence id (stable): without a unified cache llama.cpp puts
+        sequences in one ubatch only in that order."""
+        n = sum(len(s) for s in segments)
         if n == 0:
             return [None] * len(segments)
         if n > self.n_batch:
@@ -309,47 +341,36 @@ class LlamaText:
         embd = segments[0].embd
         if any(s.embd != embd for s in segments):
             raise ValueError("a llama.cpp batch holds token ids or embedding rows, not both")
-        at = 0
-        self._out[:n] = 0
-        for s in segments:
-            k = len(s)
-            self._seq[at:at + k] = s.seq_id
-            if embd:
-                if self._rows is None:
-                    self._rows = np.zeros((self.n_batch, self.n_embd_inp), np.float32)
-                self._rows[at:at + k] = s.rows
-                for j in range(4):  # section-major: pos[j * n + i]
-                    self._pos[j * n + at:j * n + at + k] = s.pos[j]
-            else:
-                self._ids[at:at + k] = s.ids
-                self._pos[at:at + k] = s.pos
-            if s.all_outputs:
-                self._out[at:at + k] = 1
-            elif s.outputs:
-                self._out[at + k - 1] = 1
-            at += k
-        batch = lib.llama_batch(
-            n_tokens=n,
-            token=None if embd else self._ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            embd=self._rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if embd else None,
-            pos=self._pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            n_seq_id=self._nseq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=ctypes.cast(self._seq_ptrs.ctypes.data, ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))),
-            logits=self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
-        )
-        rc = lib.llama_decode(self.ctx, batch)
+        seq = np.concatenate([s.seq for s in segments])
+        out = np.concatenate([s.out if s.out is not None else np.zeros(len(s), bool) for s in segments])
+        order = np.argsort(seq, kind="stable")
+        batch = self._batch(embd)  # allocates the rows buffer at the first embedding call
+        self._seq[:n] = seq[order]
+        self._out[:n] = out[order]
+        if embd:
+            self._rows[:n] = np.concatenate([s.rows for s in segments])[order]
+            pos = np.concatenate([s.pos for s in segments], axis=1)[:, order]
+            self._pos[:4 * n] = pos.reshape(-1)  # section-major: pos[j * n + i]
+        else:
+            self._ids[:n] = np.concatenate([s.ids for s in segments])[order]
+            self._pos[:n] = np.concatenate([s.pos for s in segments])[order]
+        batch.n_tokens = n
+        rc = self.lib.llama_decode(self.ctx, batch)
         if rc != 0:
             raise DecodeError(rc)
+        n_out = int(out.sum())
+        if not n_out:
+            return [None] * len(segments)
+        # the outputs' logits, contiguous in batch order; back to the segments' order
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n)  # batch index of each segment token
+        out_index = np.cumsum(self._out[:n]) - 1  # output row of each batch index
+        rows = torch.from_numpy(logits[out_index[rank[out]]])  # fancy indexing copies out of llama.cpp's buffer
         results, at = [], 0
         for s in segments:
-            k = len(s)
-            if s.all_outputs or s.outputs:
-                first = at if s.all_outputs else at + k - 1
-                results.append(torch.from_numpy(np.stack([
-                    np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-                    for i in range(first, at + k)])))  # np.stack copies out of llama.cpp's buffer
-            else:
-                results.append(None)
+            k = s.outputs()
+            results.append(rows[at:at + k] if k else None)
             at += k
         return results
 
@@ -435,55 +456,101 @@ class GgmlRunner:
         alone = len(plan) == 1 and plan[0][1] >= self.parallel_min_tokens
         self.llama.set_threads(self.threads if alone else self.shared_threads)
         results: list = [None] * len(plan)
-        pending: dict[int, list[Segment]] = {}
-        for i, (seq, n) in enumerate(plan):
+        # decoding sequences (one new token each): one segment for all of them
+        decodes = [i for i, (seq, n) in enumerate(plan) if n == 1 and seq.cached >= seq.prompt_len]
+        pending: dict[tuple, list[Segment]] = {}
+        if decodes:
             try:
-                pending[i] = self.segments(seq, n)
+                pending[tuple(decodes)] = [self.decode_segment([plan[i][0] for i in decodes])]
+            except Exception:  # a sequence whose inputs cannot run: each alone, below
+                decodes = []
+        for i, (seq, n) in enumerate(plan):
+            if i in decodes:
+                continue
+            try:
+                pending[(i,)] = self.segments(seq, n)
             except Exception as exc:  # this request's inputs cannot run: it alone fails
                 results[i] = exc
         logits: dict[int, torch.Tensor] = {}
         embd = False  # token ids first: every decode and the text before a prompt's first image
         while pending:
-            call = [(i, segs.pop(0)) for i, segs in pending.items() if segs[0].embd == embd]
-            for i, _ in call:
-                if not pending[i]:
-                    del pending[i]
+            call = [(key, segs.pop(0)) for key, segs in pending.items() if segs[0].embd == embd]
+            for key, _ in call:
+                if not pending[key]:
+                    del pending[key]
             if call:
                 for i, out in self._decode(call).items():
                     if isinstance(out, Exception):
                         results[i] = RuntimeError(f"engine step failed: {type(out).__name__}: {out}")
-                        pending.pop(i, None)
+                        pending.pop((i,), None)
                     elif out is not None:
                         logits[i] = out
             embd = not embd
-        for i, (seq, n) in enumerate(plan):
-            if results[i] is not None or seq.cached + n < seq.prompt_len:
-                continue  # failed, or more prompt to prefill
-            try:
-                results[i] = sample(logits[i][-1], seq.req.sampling, seq.gen)
-            except Exception as exc:
-                results[i] = exc
+        chosen = [i for i, (seq, n) in enumerate(plan) if results[i] is None and seq.cached + n >= seq.prompt_len]
+        for i, token in zip(chosen, self._sample([plan[i][0] for i in chosen], [logits[i] for i in chosen])):
+            results[i] = token
         return results
 
-    def _decode(self, call: list[tuple[int, Segment]]) -> dict:
-        """One call; when it fails with the memory as before, each segment again alone, so only the
-        sequence at fault fails. A failure that left computed ubatches behind fails every
-        sequence of the call (each is then released, and its slot emptied)."""
-        call = sorted(call, key=lambda item: item[1].seq_id)  # a ubatch takes consecutive ids in order
+    @staticmethod
+    def _sample(seqs: list, logits: list) -> list:
+        """`sampling.sample` for each sequence; greedy ones at once (its rule: non-finite logits
+        fail the sequence, else the argmax), sampled ones by `sample` itself."""
+        out: list = [None] * len(seqs)
+        greedy = [k for k, seq in enumerate(seqs) if seq.req.sampling.greedy]
+        if greedy:
+            rows = torch.stack([logits[k] for k in greedy])
+            finite, best = torch.isfinite(rows).all(dim=1).tolist(), rows.argmax(dim=1).tolist()
+            for k, ok, token in zip(greedy, finite, best):
+                out[k] = token if ok else NonFiniteLogits("the model's logits for this request are not finite (NaN or Inf)")
+        for k, seq in enumerate(seqs):
+            if k not in greedy:
+                try:
+                    out[k] = sample(logits[k], seq.req.sampling, seq.gen)
+                except Exception as exc:
+                    out[k] = exc
+        return out
+
+    def _decode(self, call: list[tuple[tuple, Segment]]) -> dict:
+        """One call; per plan index its logits row `[vocab]` (None without one) or the exception.
+        When the call fails with the memory as before, each sequence's share runs again alone,
+        so only the sequence at fault fails. A failure that left computed ubatches behind fails
+        every sequence of the call (each is then released, and its slot emptied)."""
         try:
-            return dict(zip((i for i, _ in call), self.llama.decode([s for _, s in call])))
+            return self._spread(call, self.llama.decode([s for _, s in call]))
         except Exception as exc:
-            if len(call) == 1 or (isinstance(exc, DecodeError) and not exc.restored):
-                return {i: exc for i, _ in call}
+            if sum(len(key) for key, _ in call) == 1 or (isinstance(exc, DecodeError) and not exc.restored):
+                return {i: exc for key, _ in call for i in key}
         out = {}
-        for i, seg in call:
-            try:
-                out[i] = self.llama.decode([seg])[0]
-            except Exception as exc:
-                out[i] = exc
+        for key, seg in call:
+            for j, i in enumerate(key):  # a decode segment: one token per plan index
+                one = seg if len(key) == 1 else Segment(seg.seq[j:j + 1], seg.pos[j:j + 1], seg.ids[j:j + 1],
+                                                        out=seg.out[j:j + 1])
+                try:
+                    out.update(self._spread([((i,), one)], self.llama.decode([one])))
+                except Exception as exc:
+                    out[i] = exc
+        return out
+
+    @staticmethod
+    def _spread(call, results) -> dict:
+        """Per plan index, the last logits row of its share of the call."""
+        out = {}
+        for (key, _), rows in zip(call, results):
+            if len(key) == 1:
+                out[key[0]] = None if rows is None else rows[-1]
+            else:
+                out.update(zip(key, rows))
         return out
 
     # -- a sequence's share of a step ---------------------------------------------------------------
+    def decode_segment(self, seqs: list) -> Segment:
+        """One token each of decoding sequences, at `index + delta` on all M-RoPE rows."""
+        n = len(seqs)
+        ids = np.fromiter((seq.tokens[seq.cached] for seq in seqs), np.int32, n)
+        pos = np.fromiter((seq.cached + seq.req.mrope_delta for seq in seqs), np.int32, n)
+        seq_ids = np.fromiter((self.cache.seq_id(seq.slot) for seq in seqs), np.int32, n)
+        return Segment(seq_ids, pos, ids, out=np.ones(n, bool))
+
     def prompt_positions(self, seq) -> np.ndarray:
         """`[3, prompt_len]` M-RoPE positions of a sequence's prompt, recovered once."""
         pos = self._positions.get(seq)
@@ -491,9 +558,9 @@ class GgmlRunner:
             pos = self._positions[seq] = positions_from_cos_sin(seq.cos, seq.sin, self.spec)
         return pos
 
-    def segments(self, seq, n: int, seq_id: int | None = None) -> list[Segment]:
+    def segments(self, seq, n: int, seq_id: int | None = None, outputs: str | None = None) -> list[Segment]:
         """The runs (token ids / embedding rows) of a sequence's next `n` tokens, in order; the
-        last one asks for logits when the step chooses a token."""
+        last one asks for logits when the step chooses a token (`outputs` "all": every token's)."""
         start, spec = seq.cached, self.spec
         seq_id = self.cache.seq_id(seq.slot) if seq_id is None else seq_id
         ids = np.asarray(seq.tokens[start:start + n], dtype=np.int64)
@@ -506,8 +573,8 @@ class GgmlRunner:
         fake = ids >= spec.vocab_size
         text_moves = (pos[0] != pos[1]) | (pos[0] != pos[2])
         if (text_moves & ~fake).any():
-            at = int(np.flatnonzero(text_moves & ~fake)[0]) + start
-            raise ValueError(f"mrope_rotary_cos_sin: text token {at} has positions {pos[:, at - start].tolist()}; "
+            at = int(np.flatnonzero(text_moves & ~fake)[0])
+            raise ValueError(f"mrope_rotary_cos_sin: text token {at + start} has positions {pos[:, at].tolist()}; "
                              f"text tokens take one position on all three rows")
         rows = None
         if fake.any():
@@ -523,18 +590,18 @@ class GgmlRunner:
             if not np.abs(rows).max() <= TABLE_BOUND:
                 raise ValueError(f"prompt_embedding_table: values beyond +-{TABLE_BOUND:g} would overflow inside the "
                                  f"model and leave non-finite numbers in its KV cells")
-        segs, at = [], 0
+        segs, row_at = [], 0
         cuts = np.flatnonzero(np.diff(fake.astype(np.int8))) + 1
-        row_at = 0
         for lo, hi in zip([0, *cuts], [*cuts, n]):
             if fake[lo]:
                 p = np.zeros((4, hi - lo), dtype=np.int32)
                 p[:3] = pos[:, lo:hi]
-                segs.append(Segment(seq_id, p, rows=rows[row_at:row_at + hi - lo]))
+                segs.append(Segment.of(seq_id, p, rows=rows[row_at:row_at + hi - lo], outputs=outputs or "none"))
                 row_at += hi - lo
             else:
-                segs.append(Segment(seq_id, pos[0, lo:hi].astype(np.int32), ids=ids[lo:hi].astype(np.int32)))
-        segs[-1].outputs = start + n >= seq.prompt_len
+                segs.append(Segment.of(seq_id, pos[0, lo:hi], ids=ids[lo:hi].astype(np.int32), outputs=outputs or "none"))
+        if outputs is None and start + n >= seq.prompt_len:
+            segs[-1].out = np.arange(len(segs[-1])) == len(segs[-1]) - 1
         return segs
 
     # -- for checks ---------------------------------------------------------------------------
@@ -558,11 +625,11 @@ class GgmlRunner:
         self.llama.clear(seq_id)
         try:
             out = []
-            for seg in self.segments(seq, seq.prompt_len, seq_id):
+            for seg in self.segments(seq, seq.prompt_len, seq_id, outputs="all"):
                 for lo in range(0, len(seg), self.llama.n_batch):  # at most n_batch tokens a call
                     hi = lo + self.llama.n_batch
-                    part = Segment(seg.seq_id, seg.pos[..., lo:hi], None if seg.ids is None else seg.ids[lo:hi],
-                                   None if seg.rows is None else seg.rows[lo:hi], all_outputs=True)
+                    part = Segment(seg.seq[lo:hi], seg.pos[..., lo:hi], None if seg.ids is None else seg.ids[lo:hi],
+                                   None if seg.rows is None else seg.rows[lo:hi], seg.out[lo:hi])
                     out.append(self.llama.decode([part])[0])
             return torch.cat(out)
         finally:
