@@ -10,7 +10,8 @@ figure is one `llama_decode` of the batch with its logits copied out (LlamaText.
 is the whole runner step as the engine calls it (inputs, decode, sampling). The torch figure is
 `LanguageModel.forward`. The floor is the bytes a step must read (bench_micro.decode_step_bytes:
 weights at f32 4 bytes, q8_0 34/32; KV cells f32, or f16 for the quantized) over the measured
-read rate. Medians; nothing is asserted.
+read rate. Every configuration runs in interleaved rounds (a load that comes and goes on a shared
+host falls on all alike); medians; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -27,17 +28,28 @@ from load_tests.bench_micro import decode_step_bytes, machine_rates
 BYTES = {"float32": 4.0, "bfloat16": 2.0, "q8_0": 34 / 32, "q4_k": 4.5 / 8}
 
 
-def median_ms(fn, repeats: int, cold: bool, evict: torch.Tensor, warmup: int = 3) -> float:
-    for i in range(warmup):
-        fn(i)
-    times = []
-    for i in range(repeats):
-        if cold:
-            evict.add_(1.0)
-        t0 = time.perf_counter()
-        fn(warmup + i)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def interleaved(configs: dict, rounds: int, per_round: int, evict: torch.Tensor, warmup: int = 3) -> dict:
+    """Median ms of each config's step, warm and cold, measured in interleaved rounds (every
+    config `per_round` steps per round), so a load that comes and goes on a shared host falls on
+    all of them alike. configs: key -> (prepare(), step(i))."""
+    times = {(key, cold): [] for key in configs for cold in (False, True)}
+    for key, (prepare, step) in configs.items():
+        prepare()
+        for i in range(warmup):
+            step(i)
+    i = warmup
+    for _ in range(rounds):
+        for key, (prepare, step) in configs.items():
+            prepare()
+            for cold in (False, True):
+                for _ in range(per_round):
+                    if cold:
+                        evict.add_(1.0)
+                    t0 = time.perf_counter()
+                    step(i)
+                    times[(key, cold)].append(time.perf_counter() - t0)
+                    i += 1
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -47,15 +59,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--context", type=int, default=284)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--unified", action="store_true", help="one unified KV cache instead of a stream per sequence")
+    ap.add_argument("--kv", default="streams", help="streams (a KV stream per sequence, the runner's), unified, or both: streams,unified")
     args = ap.parse_args(argv)
 
     from qwen3vl_triton import mrope
     from qwen3vl_triton.checkpoint import ModelSpec
     from qwen3vl_triton.ggml_runner import GgmlRunner, Segment
     from qwen3vl_triton.lm import LanguageModel, StepSeq
+    from qwen3vl_triton.sampling import SamplingParams
 
     rates = machine_rates()
     print("machine: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in rates.items()))
@@ -66,30 +80,28 @@ def main(argv=None) -> int:
     ids = torch.randint(0, spec.vocab_size, (top, ctx), generator=gen)
     nexts = torch.randint(0, spec.vocab_size, (64, top), generator=gen)
     evict = torch.zeros(32 * 2**20)  # 128 MiB
-    rows = []
-
-    for dtype in args.dtypes.split(","):
+    configs, runners = {}, []
+    for dtype, kv in ((d, k) for d in args.dtypes.split(",") for k in args.kv.split(",")):
         runner = GgmlRunner(spec, dtype, slots=top, max_len=ctx + 8, max_num_tokens=ctx, threads=2,
-                            unified=args.unified, log=lambda *_: None)
+                            unified=kv == "unified", log=lambda *_: None)
+        name = f"ggml {dtype}" + (" unified" if kv == "unified" else "")
+        runners.append(runner)
         llama = runner.llama
         for s in range(top):
             llama.decode([Segment.of(s, np.arange(ctx), ids=ids[s].numpy().astype(np.int32))])
         for threads in (int(t) for t in args.threads.split(",")):
-            llama.set_threads(threads)
             for b in batches:
-                def step(i, b=b):
+                def step(i, b=b, llama=llama):
                     llama.decode([Segment(np.arange(b, dtype=np.int32), np.full(b, ctx, np.int32),
                                           nexts[i % 64, :b].numpy().astype(np.int32), out=np.ones(b, bool))])
                     for s in range(b):
                         llama.lib.llama_memory_seq_rm(llama.mem, s, ctx, -1)
 
-                for cold in (False, True):
-                    rows.append((f"ggml {dtype}", threads, b, cold, median_ms(step, args.repeats, cold, evict)))
-        # the whole runner step, as the engine calls it (1 thread, batch `top`)
-        runner.shared_threads = 1
+                configs[(name, threads, b)] = (lambda t=threads, llama=llama: llama.set_threads(t), step)
 
+        # the whole runner step, as the engine calls it (1 thread, batch `top`)
         class _Req:
-            sampling = __import__("qwen3vl_triton.sampling", fromlist=["SamplingParams"]).SamplingParams()
+            sampling = SamplingParams()
             mrope_delta, table = 0, None
 
         class _Seq:
@@ -103,15 +115,17 @@ def main(argv=None) -> int:
             runner.cache.ids[s] = s
             seqs.append(q)
 
-        def run_step(i):
+        def run_step(i, runner=runner, seqs=seqs):
             for s, q in enumerate(seqs):
                 q.tokens[-1] = int(nexts[i % 64, s])
             runner.run([(q, 1) for q in seqs])
             for s in range(top):
-                llama.lib.llama_memory_seq_rm(llama.mem, s, ctx, -1)
+                runner.llama.lib.llama_memory_seq_rm(runner.llama.mem, s, ctx, -1)
 
-        rows.append((f"ggml {dtype} +run", 1, top, False, median_ms(run_step, args.repeats, False, evict)))
-        runner.close()
+        def one_thread(runner=runner):
+            runner.shared_threads = 1
+
+        configs[(name + " +run", 1, top)] = (one_thread, run_step)
 
     if not args.no_torch:
         lm = LanguageModel(spec, dtype="float32", slots=top, max_len=ctx + 8)
@@ -119,15 +133,15 @@ def main(argv=None) -> int:
         lm.forward([StepSeq(s, ids[s], 0, cos, sin) for s in range(top)])
         dcos, dsin = mrope.text_cos_sin(torch.tensor([ctx]), spec)
         for threads in (int(t) for t in args.threads.split(",")):
-            torch.set_num_threads(threads)
             for b in batches:
                 steps = [[StepSeq(s, nexts[i, s:s + 1], ctx, dcos, dsin) for s in range(b)] for i in range(64)]
-                for cold in (False, True):
-                    rows.append(("torch float32", threads, b, cold,
-                                 median_ms(lambda i: lm.forward(steps[i % 64]), args.repeats, cold, evict)))
+                configs[("torch float32", threads, b)] = (lambda t=threads: torch.set_num_threads(t),
+                                                          lambda i, steps=steps: lm.forward(steps[i % 64]))
+    medians = interleaved(configs, args.rounds, args.per_round, evict)
+    rows = [(*key, cold, ms) for (key, cold), ms in medians.items()]
 
-    print(f"decode step, context {ctx}, median of {args.repeats}")
-    print(f"{'':22} {'threads':>7} {'batch':>5} {'warm ms':>8} {'cold ms':>8} {'floor ms':>9}")
+    print(f"decode step, context {ctx}, median of {args.rounds} interleaved rounds of {args.per_round} steps")
+    print(f"{'':26} {'threads':>7} {'batch':>5} {'warm ms':>8} {'cold ms':>8} {'floor ms':>9}")
     for who, threads, b in dict.fromkeys(r[:3] for r in rows):
         warm = next((r[4] for r in rows if r[:4] == (who, threads, b, False)), float("nan"))
         cold = next((r[4] for r in rows if r[:4] == (who, threads, b, True)), float("nan"))
@@ -135,7 +149,7 @@ def main(argv=None) -> int:
         kv = 4.0 if dtype == "float32" else 2.0  # the runner's cells: f32 for float32, f16 otherwise
         need = decode_step_bytes(spec, b, ctx, BYTES[dtype])["weights"] + decode_step_bytes(spec, b, ctx, kv)["kv_cache"]
         floor = 1e3 * need / (rates["read_gbps"] * 1e9)
-        print(f"{who:22} {threads:7d} {b:5d} {warm:8.2f} {cold:8.2f} {floor:9.2f}")
+        print(f"{who:26} {threads:7d} {b:5d} {warm:8.2f} {cold:8.2f} {floor:9.2f}")
     return 0
 
 
