@@ -33,6 +33,7 @@ def interleaved(configs: dict, rounds: int, per_round: int, evict: torch.Tensor,
     config `per_round` steps per round), so a load that comes and goes on a shared host falls on
     all of them alike. configs: key -> (prepare(), step(i))."""
     times = {(key, cold): [] for key in configs for cold in (False, True)}
+    cpu = {key: [] for key in configs}  # this thread's CPU time of the warm steps
     for key, (prepare, step) in configs.items():
         prepare()
         for i in range(warmup):
@@ -45,11 +46,15 @@ def interleaved(configs: dict, rounds: int, per_round: int, evict: torch.Tensor,
                 for _ in range(per_round):
                     if cold:
                         evict.add_(1.0)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     step(i)
                     times[(key, cold)].append(time.perf_counter() - t0)
+                    if not cold:
+                        cpu[key].append(time.thread_time() - c0)
                     i += 1
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    out.update({(key, "cpu"): 1e3 * statistics.median(v) for key, v in cpu.items()})
+    return out
 
 
 def main(argv=None) -> int:
@@ -138,18 +143,21 @@ def main(argv=None) -> int:
                 configs[("torch float32", threads, b)] = (lambda t=threads: torch.set_num_threads(t),
                                                           lambda i, steps=steps: lm.forward(steps[i % 64]))
     medians = interleaved(configs, args.rounds, args.per_round, evict)
-    rows = [(*key, cold, ms) for (key, cold), ms in medians.items()]
+    rows = [(*key, cold, ms) for (key, cold), ms in medians.items() if cold != "cpu"]
 
     print(f"decode step, context {ctx}, median of {args.rounds} interleaved rounds of {args.per_round} steps")
-    print(f"{'':26} {'threads':>7} {'batch':>5} {'warm ms':>8} {'cold ms':>8} {'floor ms':>9}")
+    print(f"{'':26} {'threads':>7} {'batch':>5} {'warm ms':>8} {'cold ms':>8} {'floor ms':>9} {'cpu ms':>7}")
     for who, threads, b in dict.fromkeys(r[:3] for r in rows):
+        cpu = medians[((who, threads, b), "cpu")]
         warm = next((r[4] for r in rows if r[:4] == (who, threads, b, False)), float("nan"))
         cold = next((r[4] for r in rows if r[:4] == (who, threads, b, True)), float("nan"))
         dtype = who.split()[1]
         kv = 4.0 if dtype == "float32" else 2.0  # the runner's cells: f32 for float32, f16 otherwise
         need = decode_step_bytes(spec, b, ctx, BYTES[dtype])["weights"] + decode_step_bytes(spec, b, ctx, kv)["kv_cache"]
         floor = 1e3 * need / (rates["read_gbps"] * 1e9)
-        print(f"{who:26} {threads:7d} {b:5d} {warm:8.2f} {cold:8.2f} {floor:9.2f}")
+        # cpu: the calling thread's CPU time of a warm step -- the whole step on 1 thread (ggml and
+        # torch compute on the calling thread then), robust to a busy host's preemption
+        print(f"{who:26} {threads:7d} {b:5d} {warm:8.2f} {cold:8.2f} {floor:9.2f} {cpu:7.2f}")
     return 0
 
 

@@ -93,7 +93,7 @@ def test_eight_concurrent_requests_each_equal_their_oracle_and_are_batched(serve
     assert metric(server, "qwen3vl_engine_batched_steps_total", "tensorrt_llm") > steps_before
 
 
-LONG = "Tell me about the ocean."  # greedy on the tiny checkpoint, it runs past 240 tokens
+LONG = "Tell me a long story."  # greedy on the tiny checkpoint, it runs past 240 tokens
 
 
 def engine_counts(server):
