@@ -34,7 +34,7 @@ def interleaved(configs: dict, rounds: int, per_round: int, evict: torch.Tensor,
     all of them alike. configs: key -> (prepare(), step(i))."""
     times = {(key, cold): [] for key in configs for cold in (False, True)}
     cpu = {key: [] for key in configs}  # this thread's CPU time of the warm steps
-    for key, (prepare, step) in configs.items():
+    for prepare, step in configs.values():
         prepare()
         for i in range(warmup):
             step(i)
@@ -67,14 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--kv", default="streams", help="streams (a KV stream per sequence, the runner's), unified, or both: streams,unified")
+    ap.add_argument("--kv", default="streams",
+                    help="streams (a KV stream per sequence, the runner's), unified, or both: streams,unified")
     args = ap.parse_args(argv)
 
-    from qwen3vl_triton import mrope
-    from qwen3vl_triton.checkpoint import ModelSpec
-    from qwen3vl_triton.ggml_runner import GgmlRunner, Segment
-    from qwen3vl_triton.lm import LanguageModel, StepSeq
-    from qwen3vl_triton.sampling import SamplingParams
+    from qwen3vl_triton.engine.ggml_runner import GgmlRunner, Segment
+    from qwen3vl_triton.model import mrope
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.model.lm import LanguageModel, StepSeq
+    from qwen3vl_triton.model.sampling import SamplingParams
 
     rates = machine_rates()
     print("machine: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in rates.items()))
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
         cold = next((r[4] for r in rows if r[:4] == (who, threads, b, True)), float("nan"))
         dtype = who.split()[1]
         kv = 4.0 if dtype == "float32" else 2.0  # the runner's cells: f32 for float32, f16 otherwise
-        need = decode_step_bytes(spec, b, ctx, BYTES[dtype])["weights"] + decode_step_bytes(spec, b, ctx, kv)["kv_cache"]
+        need = (decode_step_bytes(spec, b, ctx, BYTES[dtype])["weights"]
+                + decode_step_bytes(spec, b, ctx, kv)["kv_cache"])
         floor = 1e3 * need / (rates["read_gbps"] * 1e9)
         # cpu: the calling thread's CPU time of a warm step -- the whole step on 1 thread (ggml and
         # torch compute on the calling thread then), robust to a busy host's preemption

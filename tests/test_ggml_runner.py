@@ -114,8 +114,9 @@ def test_teacher_forced_argmax_agrees_on_image_prompts(name, prompt, images, run
     inp = oracle.inputs(prompt, images)
     full = torch.cat([inp.input_ids, torch.tensor([generated[:-1]])], dim=1)
     kw = inp.kwargs()
+    text_after = torch.zeros(1, len(generated) - 1, dtype=torch.int)
     kw.update(input_ids=full, attention_mask=torch.ones_like(full),
-              mm_token_type_ids=torch.cat([inp.mm_token_type_ids, torch.zeros(1, len(generated) - 1, dtype=torch.int)], 1))
+              mm_token_type_ids=torch.cat([inp.mm_token_type_ids, text_after], 1))
     with torch.inference_mode():
         ref = oracle.model(**kw).logits[0, inp.input_ids.shape[1] - 1:]  # the logits that chose each token
     ids, table, pos, delta, _ = encoded(prompt, images)
@@ -194,7 +195,7 @@ def test_slots_reused_and_compacted_keep_every_sequence_its_own(spec, pipeline, 
     try:
         jobs = [(f"Story {i} about things", [], 6 + 5 * (i % 3)) for i in range(7)]
         results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs])
-        for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+        for (prompt, images, n), (ids, _, error) in zip(jobs, results):
             assert error is None and ids == oracle.generate(prompt, images, n)
         assert engine.stats.max_batch == 3
     finally:
@@ -261,7 +262,8 @@ def test_cancel_mid_run_frees_the_place(ggml_engine, pipeline, oracle):
     assert done.wait(60) and finished["reason"] == "cancelled"
     assert 5 <= len(got) < 200
     assert ggml_engine.load() == 0
-    assert ggml_engine.generate(pipeline("Hello.", [], max_new_tokens=10), timeout=60)[0] == oracle.generate("Hello.", [], 10)
+    after = ggml_engine.generate(pipeline("Hello.", [], max_new_tokens=10), timeout=60)[0]
+    assert after == oracle.generate("Hello.", [], 10)
 
 
 def test_a_request_whose_numbers_would_overflow_fails_alone(ggml_engine, pipeline, oracle):
@@ -304,7 +306,7 @@ def test_a_step_fault_fails_only_the_sequence_at_fault(when, spec, pipeline, ora
         runner.segments, runner.decode_segment, runner.llama.decode = tagged, tagged_decodes, failing_decode
         jobs = [(f"Good {i}.", [], 20) for i in range(2)]
         results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs] + [bad])
-        for (prompt, images, n), (ids, finish, error) in zip(jobs, results):
+        for (prompt, images, n), (ids, _, error) in zip(jobs, results):
             assert error is None and ids == oracle.generate(prompt, images, n)
         assert results[2][1] == "error" and "injected fault" in results[2][2]
         assert len(results[2][0]) == (0 if when == "prefill" else 1)  # the prompt's token, then the fault

@@ -61,8 +61,8 @@ def test_names_shapes_and_dtypes_are_tensorrt_llm_qwen_layout(converted, spec):
 def test_a_dense_layer_among_moe_layers_converts_to_a_gated_mlp(tmp_path):
     # The tiny profile is all-MoE (the published layout); a checkpoint with a dense layer
     # (mlp_only_layers, as fine-tuned variants have) covers the other MLP layout.
-    from qwen3vl_triton.checkpoint import ModelSpec
-    from qwen3vl_triton.tiny import build_saved_checkpoint
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.model.tiny import build_saved_checkpoint
 
     path = build_saved_checkpoint(tmp_path / "dense", mlp_only_layers=[1], log=lambda *_: None)
     spec = ModelSpec.load(path)

@@ -48,7 +48,7 @@ import math
 import os
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +89,8 @@ def unsupported_reason(spec: ModelSpec) -> str | None:
         return "llama.cpp's Qwen3-VL-MoE model has no attention biases; this checkpoint's attention_bias is true"
     rope = getattr(text, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        return f"llama.cpp's Qwen3-VL-MoE path here takes default RoPE; this checkpoint's rope_type is {rope['rope_type']!r}"
+        return (f"llama.cpp's Qwen3-VL-MoE path here takes default RoPE; this checkpoint's rope_type is "
+                f"{rope['rope_type']!r}")
     if not _recoverable(spec):
         return (f"positions up to {spec.max_position_embeddings} cannot be recovered from mrope_rotary_cos_sin "
                 f"(rope_theta {spec.rope_theta}, head_dim {spec.head_dim}): the runner needs position ids")
@@ -257,7 +258,8 @@ class LlamaText:
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k = cparams.type_v = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16}[kv_type]
         # flash attention casts f32 cells to f16 (llama-graph.cpp build_attn_mha): off for f32 cells
-        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         cparams.kv_unified = unified
         cparams.no_perf = True
         self.ctx = lib.llama_init_from_model(self.model, cparams)
@@ -501,7 +503,8 @@ class GgmlRunner:
             rows = torch.stack([logits[k] for k in greedy])
             finite, best = torch.isfinite(rows).all(dim=1).tolist(), rows.argmax(dim=1).tolist()
             for k, ok, token in zip(greedy, finite, best):
-                out[k] = token if ok else NonFiniteLogits("the model's logits for this request are not finite (NaN or Inf)")
+                out[k] = token if ok else NonFiniteLogits(
+                    "the model's logits for this request are not finite (NaN or Inf)")
         for k, seq in enumerate(seqs):
             if k not in greedy:
                 try:
@@ -599,7 +602,8 @@ class GgmlRunner:
                 segs.append(Segment.of(seq_id, p, rows=rows[row_at:row_at + hi - lo], outputs=outputs or "none"))
                 row_at += hi - lo
             else:
-                segs.append(Segment.of(seq_id, pos[0, lo:hi], ids=ids[lo:hi].astype(np.int32), outputs=outputs or "none"))
+                segs.append(Segment.of(seq_id, pos[0, lo:hi], ids=ids[lo:hi].astype(np.int32),
+                                       outputs=outputs or "none"))
         if outputs is None and start + n >= seq.prompt_len:
             segs[-1].out = np.arange(len(segs[-1])) == len(segs[-1]) - 1
         return segs
