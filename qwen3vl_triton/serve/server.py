@@ -148,9 +148,10 @@ class TritonServer:
             if not port_free(self.address, port):
                 raise ServerError(f"{name} port {port} on {self.address} is already in use")
         out = open(self.log_file, "wb") if self.log_file else subprocess.DEVNULL
+        # in the repository: the tensorrtllm backend opens gpt_model_path, a link there, as given
         self.process = subprocess.Popen(self.command(), env=server_env(self.preload), stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_stop_with_parent)
+                                        preexec_fn=_stop_with_parent, cwd=self.repository)
         if self.log_file:
             out.close()
         try:
