@@ -145,6 +145,10 @@ def main(argv=None) -> int:
                     print(f"error: {name} exited with code {proc.returncode}; see {log}", file=sys.stderr)
                     return 1
     finally:
+        # both at once: the generations the OpenAI server relays end as soon as Triton ends them
+        for running in (openai, server):
+            if running is not None:
+                running.begin_stop()
         if openai is not None:
             openai.stop()
         server.stop()
