@@ -16,9 +16,9 @@ for the stub process to exit. Two things made a stop take the whole exit timeout
   ends that work with an error its clients receive.
 - After `finalize`, the stub ran CPython's own shutdown: it joins every non-daemon thread (a worker
   still waiting on a generation held the stub, and the server with it), then collects the
-  garbage of an interpreter holding torch and transformers: 5 to 10 s per stub on 2 cores, all
-  stubs at once. `exit_stub` ends the process from `finalize` instead: the stub has already
-  answered the finalize request, and the server only waits for the process to end.
+  garbage of an interpreter holding torch and transformers: seconds of CPU per stub, every stub
+  at once. `exit_stub` ends the process from `finalize` instead: the stub has already answered
+  the finalize request, and the server only waits for the process to end.
 """
 
 from __future__ import annotations
