@@ -18,7 +18,7 @@ USERS       ?= 4
 DURATION    ?= 30
 URL         ?=
 
-.PHONY: venv demo test lint serve checkpoint clean load-test tools gpu-bundle soak
+.PHONY: venv demo test lint serve checkpoint clean load-test tools gpu-bundle soak perf perf-analyzer
 
 venv: $(BIN)/.installed $(BIN)/.llama_cpp
 
@@ -42,7 +42,7 @@ $(BIN)/.llama_cpp: $(BIN)/.installed builders/llamacpp/build.py builders/llamacp
 demo: venv
 	$(BIN)/python -m client.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
-test: venv tools lint
+test: venv tools perf-analyzer lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 # ruff, pinned in requirements.txt, configured in pyproject.toml: 0 findings
@@ -50,13 +50,34 @@ lint: venv
 	$(BIN)/ruff check .
 
 # System tools the tests use: docker-compose (1.29, Debian's package) validates docker-compose.yml
-# offline. Installed when missing, as root with apt-get; otherwise the compose test says why it skips.
+# offline; libb64 (Debian's libb64-0d) is what perf_analyzer links. Installed when missing, as root
+# with apt-get; otherwise the tests that need them say why they skip.
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
 	      || echo "warning: could not install docker-compose; the compose validation test will not pass"; \
 	  else echo "note: docker-compose missing (install it as root with apt-get install docker-compose)"; fi; }
+	@ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d' || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null) \
+	      || echo "warning: could not install libb64-0d; perf_analyzer will not run"; \
+	  else echo "note: libb64-0d missing (install it as root with apt-get install libb64-0d)"; fi; }
+
+# perf_analyzer (Triton's load generator) in build/perf_analyzer: the tritonclient 2.51 wheel's binary,
+# the newest that runs on Debian 12 (load_tests/perf-analyzer-requirements.txt says why), fetched by
+# pip with pinned hashes, outside .venv.
+perf-analyzer: venv tools
+	$(BIN)/python -m load_tests.perf --install
+
+# perf_analyzer against qwen3vl with an image (a PNG as a data URL), no admin key: prints its table.
+# Without URL (a gRPC HOST:PORT) it serves the tiny checkpoint on free local ports for the run.
+# CONCURRENCY=N, MEASUREMENT_MS=N (per window; at most 3 windows).
+CONCURRENCY ?= 1
+MEASUREMENT_MS ?= 5000
+perf: perf-analyzer
+	$(BIN)/python -m load_tests.perf --concurrency $(CONCURRENCY) --measurement-ms $(MEASUREMENT_MS) \
+		$(if $(URL),--url $(URL),)
 
 # Locust, headless and bounded: make load-test USERS=8 DURATION=60 [URL=host:8000] (gRPC on the next port;
 # set QWEN3VL_GRPC_URL otherwise). Without URL it starts and stops a local server on the tiny checkpoint.

@@ -54,7 +54,7 @@ def stop_word_ids(words: np.ndarray | None) -> tuple[int, ...]:
 # The `tensorrt_llm` inputs (DESIGN §3), as the tensorrtllm backend names them.
 CONTRACT_INPUTS = (
     "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list", "streaming",
-    "temperature", "runtime_top_k", "runtime_top_p", "seed", "random_seed",
+    "temperature", "runtime_top_k", "runtime_top_p", "seed", "random_seed", "min_tokens",
     "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
 )
 
@@ -97,6 +97,7 @@ def request_from_contract(arrays: dict, spec: ModelSpec) -> tuple[Request, bool]
         mrope_cos_sin=cos_sin,
         mrope_delta=scalar(arrays, "mrope_position_deltas", int, default=0),
         sampling=sampling,
+        min_tokens=scalar(arrays, "min_tokens", int, default=0),
     )
     return req, scalar(arrays, "streaming", bool, default=False)
 
@@ -115,6 +116,8 @@ LLM_INPUT_NAMES = {
     "top_k": "runtime_top_k",
     "top_p": "runtime_top_p",
     "seed": "seed",
+    "min_length": "min_tokens",  # the TensorRT-LLM ensemble's older name of min_tokens
+    "min_tokens": "min_tokens",
     "prompt_embedding_table": "prompt_embedding_table",
     "prompt_vocab_size": "prompt_vocab_size",
     "mrope_rotary_cos_sin": "mrope_rotary_cos_sin",

@@ -65,18 +65,20 @@ class Oracle:
         return OracleInputs(ids, pixel_values, grid, mm)
 
     @torch.inference_mode()
-    def generate(self, prompt: str, images: list[bytes], max_new_tokens: int) -> list[int]:
-        """Greedy ids; a generation that stopped ends with the end token."""
-        return self._generate(self.inputs(prompt, images), max_new_tokens)
+    def generate(self, prompt: str, images: list[bytes], max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
+        """Greedy ids; a generation that stopped ends with the end token. `min_new_tokens`: no end
+        token before that many (transformers' min_new_tokens, TensorRT-LLM's min_tokens)."""
+        return self._generate(self.inputs(prompt, images), max_new_tokens, min_new_tokens)
 
     def generate_messages(self, messages: list[dict], max_new_tokens: int) -> list[int]:
         """Greedy ids for OpenAI chat messages (images as base64 data URLs in image_url parts)."""
         return self._generate(self.conversation_inputs(*openai_to_template(messages)), max_new_tokens)
 
     @torch.inference_mode()
-    def _generate(self, inp: OracleInputs, max_new_tokens: int) -> list[int]:
+    def _generate(self, inp: OracleInputs, max_new_tokens: int, min_new_tokens: int = 0) -> list[int]:
+        extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
         out = self.model.generate(**inp.kwargs(), max_new_tokens=max_new_tokens, do_sample=False,
-                                  eos_token_id=self.end_ids, pad_token_id=self.end_id)
+                                  eos_token_id=self.end_ids, pad_token_id=self.end_id, **extra)
         return out[0, inp.input_ids.shape[1]:].tolist()
 
     def text(self, ids: list[int]) -> str:

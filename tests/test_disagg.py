@@ -8,6 +8,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -277,6 +278,26 @@ def test_the_encoder_host_drives_the_transfer_through_bls(stream, relay_encoder_
         pieces = list(c.generate(prompt, images, max_tokens=n, stream=stream))
     assert "".join(pieces) == oracle.text(oracle.generate(prompt, images, n))
     assert len(pieces) > 1 if stream else len(pieces) == 1
+
+
+def test_the_encoder_host_takes_the_trtllm_ensembles_optional_inputs(relay_encoder_server, oracle):
+    from tests.test_tools import genai_perf_request, stream_infer
+
+    prompt, images, n = CASES[0][1:]
+    arrays = genai_perf_request(prompt, n, beam_width=1, return_log_probs=False)
+    arrays.pop("min_length")  # genai-perf without --output-tokens-mean-deterministic
+    arrays["image"] = np.array([[images[0]]], np.object_)
+    responses, error = stream_infer(relay_encoder_server, arrays, model="qwen3vl_disagg")
+    assert error is None, error
+    text = "".join(t.decode() for r in responses for t in r.as_numpy("text_output").reshape(-1))
+    assert text == oracle.text(oracle.generate(prompt, images, n))
+    for name, value, message in [("beam_width", 4, "beam_width: must be 1"),
+                                 ("min_length", 4, "min_length: a minimum output length is not implemented")]:
+        arrays = genai_perf_request("Hello", 8, **{name: value})
+        if name != "min_length":
+            arrays.pop("min_length")
+        responses, error = stream_infer(relay_encoder_server, arrays, model="qwen3vl_disagg")
+        assert not responses and error is not None and message in error.message(), error
 
 
 def test_the_encoder_host_reports_bad_input_by_name(relay_encoder_server):

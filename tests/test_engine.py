@@ -450,3 +450,44 @@ def test_generation_stops_at_any_end_id_of_the_checkpoint(spec, pipeline, oracle
         assert ids == expected[:5] and finish == "stop"
     finally:
         engine.shutdown()
+
+
+def test_min_tokens_holds_back_every_end_id_as_transformers_min_new_tokens(engine, pipeline, oracle):
+    prompt = "Prompt 6 about things"
+    natural = oracle.generate(prompt, [], 40)
+    assert natural[-1] in oracle.end_ids and len(natural) < 12  # it ends early on its own
+    expected = oracle.generate(prompt, [], 40, min_new_tokens=12)
+    assert len(expected) >= 12 and expected[:len(natural) - 1] == natural[:-1]
+    ids, _ = engine.generate(pipeline(prompt, [], max_new_tokens=40, min_tokens=12), timeout=120)
+    assert ids == expected
+    with pytest.raises(InputError, match=r"min_tokens: must be in \[0, request_output_len = 40\], got 41"):
+        engine.submit(pipeline(prompt, [], max_new_tokens=40, min_tokens=41))
+
+
+def test_close_ends_running_and_waiting_requests_with_its_reason_and_refuses_new_ones(spec, pipeline):
+    eng = Engine(spec, max_batch=1, max_seq_len=2048, max_output_len=256)
+    try:
+        ends = {}
+        done = threading.Event()
+
+        def collect(name):
+            def on_tokens(tokens, finish, error):
+                if finish is not None:
+                    ends[name] = (finish, error)
+                    if len(ends) == 2:
+                        done.set()
+            return on_tokens
+
+        running = pipeline("Tell me about the ocean.", [], max_new_tokens=256, min_tokens=256)
+        waiting = pipeline("Next.", [], max_new_tokens=8)
+        running.on_tokens, waiting.on_tokens = collect("running"), collect("waiting")
+        eng.submit(running)
+        eng.submit(waiting)  # max_batch 1: it waits for a place
+        time.sleep(0.3)
+        eng.close("the server is stopping")
+        assert done.wait(30)
+        assert ends == {"running": ("error", "the server is stopping"), "waiting": ("error", "the server is stopping")}
+        with pytest.raises(Unavailable, match="the server is stopping"):
+            eng.submit(pipeline("Later.", [], max_new_tokens=4))
+    finally:
+        eng.shutdown()

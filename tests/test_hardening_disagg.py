@@ -98,7 +98,7 @@ def engine(server, name):
 # -- finding 4: management APIs -----------------------------------------------------------------------
 HTTP_APIS = [("GET", "/v2/systemsharedmemory/status"), ("GET", "/v2/logging"), ("POST", "/v2/logging"),
              ("GET", "/v2/trace/setting"), ("POST", "/v2/trace/setting"), ("POST", "/v2/repository/index"),
-             ("POST", "/v2/repository/models/language/unload"), ("GET", "/v2/models/language/config")]
+             ("POST", "/v2/repository/models/language/unload")]
 
 
 def http(server, method, path, headers=None):

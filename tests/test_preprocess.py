@@ -202,3 +202,79 @@ def test_messages_render_with_the_checkpoint_template(preprocessor, spec):
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|>")
     assert text.endswith("<|im_start|>assistant\n")
     assert len(p.image_grid_thw) == 2 and p.num_image_tokens == int((p.input_ids >= spec.vocab_size).sum())
+
+
+# -- the TensorRT-LLM ensemble's optional inputs (genai-perf's TensorRT-LLM mode sends them) ----------
+def _options(**kw):
+    out = {}
+    for name, value in kw.items():
+        if isinstance(value, list):
+            kind = np.object_ if value and isinstance(value[0], bytes) else np.float32
+            out[name] = np.array([value], dtype=kind)
+        else:
+            kind = {bool: np.bool_, float: np.float32, int: np.int32}[type(value)]
+            out[name] = np.array([[value]], dtype=kind)
+    return out
+
+
+HONOURED = {
+    "genai-perf": dict(exclude_input_in_output=True, min_length=8),
+    "neutral values": dict(beam_width=1, num_return_sequences=1, return_log_probs=False,
+                           return_context_logits=False, return_generation_logits=False, presence_penalty=0.0,
+                           frequency_penalty=0.0, repetition_penalty=1.0, length_penalty=1.3, pad_id=0,
+                           bad_words=[], embedding_bias_words=[], embedding_bias_weights=[]),
+    "min_tokens equal to min_length": dict(min_length=3, min_tokens=3),
+    "an end id of the checkpoint": dict(end_id=7),
+}
+
+
+@pytest.mark.parametrize("case", list(HONOURED))
+def test_the_trtllm_ensembles_optional_inputs_that_ask_for_nothing_new_are_taken(case):
+    from qwen3vl_triton.text.preprocess import parse_options
+
+    options = parse_options(_options(**HONOURED[case]), max_tokens=16, end_ids=(7, 9))
+    assert options.min_tokens == HONOURED[case].get("min_length", 0)
+
+
+REFUSED = {
+    "beam_width": (dict(beam_width=4), "beam_width: must be 1 (beam search is not implemented here"),
+    "num_return_sequences": (dict(num_return_sequences=2), "num_return_sequences: must be 1"),
+    "exclude_input_in_output": (dict(exclude_input_in_output=False),
+                                "exclude_input_in_output: false is not supported: outputs here never include"),
+    "return_log_probs": (dict(return_log_probs=True), "return_log_probs: true is not supported"),
+    "return_generation_logits": (dict(return_generation_logits=True), "return_generation_logits: true is not"),
+    "presence_penalty": (dict(presence_penalty=0.5), "presence_penalty: must be 0.0 (penalties are not implemented"),
+    "repetition_penalty": (dict(repetition_penalty=1.2), "repetition_penalty: must be 1.0"),
+    "end_id": (dict(end_id=5), "end_id: must be one of the checkpoint's end ids [7, 9]"),
+    "bad_words": (dict(bad_words=[b"foo"]), "bad_words: is not implemented here"),
+    "embedding_bias_weights": (dict(embedding_bias_weights=[1.0]), "embedding_bias_weights: is not implemented"),
+    "min_length above max_tokens": (dict(min_length=17), "min_length: must be in [0, max_tokens = 16], got 17"),
+    "disagreeing minimums": (dict(min_length=3, min_tokens=4), "min_length: min_length 3 and min_tokens 4 disagree"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_the_trtllm_ensembles_optional_inputs_that_ask_for_more_are_refused_by_name(case):
+    from qwen3vl_triton.text.preprocess import parse_options
+
+    kw, message = REFUSED[case]
+    with pytest.raises(InputError) as err:
+        parse_options(_options(**kw), max_tokens=16, end_ids=(7, 9))
+    assert message in str(err.value)
+
+
+def test_a_model_without_a_minimum_length_refuses_one_and_takes_zero():
+    from qwen3vl_triton.text.preprocess import parse_options
+
+    assert parse_options(_options(min_length=0), 16, min_tokens=False).min_tokens == 0
+    with pytest.raises(InputError, match="min_tokens: a minimum output length is not implemented on this model"):
+        parse_options(_options(min_tokens=2), 16, min_tokens=False)
+    with pytest.raises(InputError, match="end_id: is not taken by this model"):
+        parse_options(_options(end_id=7), 16)
+
+
+def test_parse_request_carries_the_options():
+    from qwen3vl_triton.text.preprocess import parse_request
+
+    arrays = {**_arrays(text_input="Hi"), **_options(exclude_input_in_output=True, min_length=5)}
+    assert parse_request(arrays, 64).options.min_tokens == 5

@@ -30,7 +30,36 @@ def test_every_topology_renders_configs_triton_can_parse(topology, tiny_checkpoi
         assert (repo / model / "1").is_dir()  # Triton serves only versioned models
         if config.backend == "python":
             assert (repo / model / "1" / "model.py").is_file()
-            assert params(config)["EXECUTION_ENV_PATH"]  # the stub finds the virtual environment
+            # the stub finds the virtual environment, through the folder's link to it
+            assert params(config)["EXECUTION_ENV_PATH"] == "$$TRITON_MODEL_DIRECTORY/python_env"
+            assert (repo / model / "python_env" / "bin" / "activate").is_file()
+        if "checkpoint" in params(config):
+            assert params(config)["checkpoint"] == "checkpoint"
+            assert (repo / model / "checkpoint").resolve() == tiny_checkpoint.resolve()
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_no_rendered_configuration_names_a_host_path(device, tiny_checkpoint, tmp_path, engine_dir):
+    repo = render(tiny_checkpoint, tmp_path / "repo", device=device, topology="all",
+                  engine_dir=engine_dir if device == "gpu" else None,
+                  settings=Settings(max_seq_len=1024, max_output_len=256, language_url="h:1"))
+    for config in repo.glob("*/config.pbtxt"):
+        text = config.read_text()
+        for needle in (str(tmp_path), str(tiny_checkpoint.resolve()), str(engine_dir.resolve()), "/work", "/root"):
+            assert needle not in text, f"{config}: names {needle}"
+        for value in params(load(repo, config.parent.name)).values():
+            assert not value.startswith("/"), f"{config}: {value}"
+
+
+def test_a_tensor_declared_twice_fails_at_render_time(tiny_checkpoint, tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    path = templates / "tensorrt_llm" / "config.pbtxt"
+    text = path.read_text()
+    path.write_text(text.replace("input [\n", 'input [\n  { name: "stop" data_type: TYPE_BOOL dims: [ 1 ] '
+                                               'optional: true },\n', 1))
+    with pytest.raises(RenderError, match=r"input\(s\) stop declared more than once"):
+        render(tiny_checkpoint, tmp_path / "repo", templates=templates)
 
 
 def test_settings_and_checkpoint_facts_reach_the_configs(tiny_checkpoint, tmp_path, spec):
@@ -82,7 +111,9 @@ def test_gpu_repository_takes_the_engine_facts(tiny_checkpoint, tmp_path, engine
     repo = render(tiny_checkpoint, tmp_path / "repo", device="gpu", engine_dir=engine_dir, topology="single",
                   settings=Settings(max_seq_len=1024, max_output_len=256, cancellation_check_period_ms=50))
     llm = load(repo, "tensorrt_llm")
-    assert llm.backend == "tensorrtllm" and params(llm)["gpt_model_path"] == str(engine_dir.resolve())
+    # the engine by a link in the rendered folder, relative to the repository (tritonserver runs there)
+    assert llm.backend == "tensorrtllm" and params(llm)["gpt_model_path"] == "tensorrt_llm/engine"
+    assert (repo / "tensorrt_llm" / "engine").resolve() == engine_dir.resolve()
     assert (params(llm)["cancellation_check_period_ms"], params(llm)["stats_check_period_ms"]) == ("50", "100")
     for model in ("qwen3vl", "preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"):
         assert load(repo, model).max_batch_size == facts.max_batch_size

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
@@ -23,10 +24,20 @@ def as_numpy(tensor) -> np.ndarray:
 
     return torch.from_dlpack(tensor.to_dlpack()).view(torch.int16).numpy().view(BFLOAT16)
 
+# parameters that name a file or folder: a relative one is relative to the model's folder (the
+# rendered repository links what a model needs there, so no configuration shows a host path)
+PATH_PARAMS = ("checkpoint",)
+
+
 def model_params(args: dict) -> dict[str, str]:
-    """The `parameters { key: ... value: { string_value: ... } }` of a model's config."""
+    """The `parameters { key: ... value: { string_value: ... } }` of a model's config, with each of
+    PATH_PARAMS resolved against the model's folder (`args["model_repository"]`)."""
     config = json.loads(args["model_config"])
-    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    for name in PATH_PARAMS:
+        if params.get(name) and not os.path.isabs(params[name]):
+            params[name] = os.path.join(args["model_repository"], params[name])
+    return params
 
 def read_inputs(pb, request, names) -> dict[str, np.ndarray | None]:
     """Every named input as numpy (None when an optional input is absent). Read inside `execute`."""

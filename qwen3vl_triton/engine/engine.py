@@ -88,6 +88,9 @@ class Engine:
             raise InputError("input_ids", f"{ids.size} tokens, the context limit is {self.max_seq_len}")
         if not 1 <= req.max_new_tokens <= self.max_output_len:
             raise InputError("request_output_len", f"must be in [1, {self.max_output_len}], got {req.max_new_tokens}")
+        if not 0 <= req.min_tokens <= req.max_new_tokens:
+            raise InputError("min_tokens", f"must be in [0, request_output_len = {req.max_new_tokens}], "
+                                           f"got {req.min_tokens}")
         if ids.min() < 0:
             raise InputError("input_ids", f"negative token id {int(ids.min())}")
         rows = 0 if req.table is None else req.table.shape[0]
@@ -165,6 +168,10 @@ class Engine:
     def load(self) -> int:
         """Sequences running or waiting."""
         return self.scheduler.load()
+
+    def close(self, reason: str) -> None:
+        """End every request with the error `reason` and refuse new ones (the server is stopping)."""
+        self.scheduler.close(reason)
 
     def shutdown(self) -> None:
         self.scheduler.stop()

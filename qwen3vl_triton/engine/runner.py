@@ -64,7 +64,9 @@ class Runner:
             return RuntimeError(f"engine step failed: {type(logits).__name__}: {logits}")
         if seq.cached + n < seq.prompt_len:
             return None  # more prompt to prefill
+        # as TensorRT-LLM's min_tokens: no end token before that many tokens
+        banned = seq.end_ids if seq.generated < seq.req.min_tokens else ()
         try:
-            return sample(logits[-1], seq.req.sampling, seq.gen)
+            return sample(logits[-1], seq.req.sampling, seq.gen, banned)
         except Exception as exc:
             return exc

@@ -34,6 +34,7 @@ class Request:
     mrope_cos_sin: np.ndarray | None = None  # mrope_rotary_cos_sin, flat
     mrope_delta: int = 0  # mrope_position_deltas
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    min_tokens: int = 0  # min_tokens: no end token (end or stop id) before this many generated tokens
     on_tokens: Callback | None = None
     request_id: str = ""
 
@@ -104,12 +105,15 @@ class Scheduler:
         self._cancel: set[str] = set()
         self._cv = threading.Condition()
         self._stopped = False
+        self._closing: str | None = None  # close(): why every request ends and new ones are refused
 
     # -- any thread ----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         with self._cv:
             if self._stopped:
                 raise RuntimeError("engine is stopped")
+            if self._closing is not None:
+                raise Unavailable(self._closing)
             if len(self._pending) >= self.max_queue:
                 raise Unavailable(f"engine queue full: the {self.max_queue} places for requests waiting to "
                                   f"join the running batch are taken; retry later")
@@ -130,6 +134,13 @@ class Scheduler:
             self._stopped = True
             self._cv.notify()
 
+    def close(self, reason: str) -> None:
+        """End every request, waiting or running, with the error `reason` (on the engine thread's
+        next turn), and refuse new ones with Unavailable(reason): the server is stopping."""
+        with self._cv:
+            self._closing = reason
+            self._cv.notify()
+
     # -- engine thread --------------------------------------------------------------------------
     def next_plan(self) -> Plan | None:
         """Wait for work; take new requests and cancellations; return the next step's plan
@@ -139,6 +150,10 @@ class Scheduler:
                 self._cv.wait()
             if self._stopped:
                 return None
+            closing, refused = self._closing, []
+            if closing is not None:
+                refused = list(self._pending)
+                self._pending.clear()
             for seq in self._active:
                 if seq.req.request_id in self._cancel:
                     seq.cancelled = True
@@ -146,11 +161,16 @@ class Scheduler:
             # already finished would otherwise stay here forever
             self._cancel &= {r.request_id for r in self._pending}
             self._admit()
+        if closing is not None:
+            for req in refused:
+                self._emit(req, [], "error", closing)
+            for seq in list(self._active):
+                self.finish(seq, "error", closing)
         cancelled = [s for s in self._active if s.cancelled]
         for seq in cancelled:
             self.finish(seq, "cancelled")
         if not self._active:
-            if cancelled:  # no step follows: say that the batch emptied
+            if cancelled or closing is not None:  # no step follows: say that the batch emptied
                 self._report(StepReport(0, 0, 0, 0, 0.0, 0, len(self._pending)))
             return []
         self._compact()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -46,14 +47,18 @@ class NonFiniteLogits(ArithmeticError):
     """The model's logits for a request hold NaN or Inf: its tokens would be meaningless."""
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """One token from `[vocab]` float32 logits.
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None,
+           banned: Sequence[int] = ()) -> int:
+    """One token from `[vocab]` float32 logits, never one of `banned` (e.g. the end ids while a
+    request's min_tokens are not reached).
 
     The logits are shifted so that their maximum is 0 before dividing by the temperature: every
     scaled value is then <= 0 and the best token's is exactly 0, so no temperature, however
     small (1e-45 divides to -inf, not to a NaN), can overflow the softmax."""
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteLogits("the model's logits for this request are not finite (NaN or Inf)")
+    if banned:
+        logits = logits.index_fill(0, torch.tensor(sorted(banned)), float("-inf"))
     if params.greedy:
         return int(torch.argmax(logits))
     logits = (logits - logits.max()) / params.temperature

@@ -1,9 +1,11 @@
 """The admin key: Triton's management APIs are closed to clients that do not send it.
 
-Every server the project starts restricts shared-memory registration and status, logging, trace,
-model-repository (load, unload, index) and model-config (which shows host paths) to requests with
-the header `admin-key: <key>` (HTTP) or `triton-grpc-protocol-admin-key: <key>` (gRPC, Triton's
-prefix for restricted protocols). Inference, health, metadata and statistics stay open.
+Every server the project starts restricts shared-memory registration and status, logging, trace and
+model-repository (load, unload, index) to requests with the header `admin-key: <key>` (HTTP) or
+`triton-grpc-protocol-admin-key: <key>` (gRPC, Triton's prefix for restricted protocols). Inference,
+health, metadata, statistics and model-config stay open: perf_analyzer, genai-perf, Model Analyzer and
+tritonclient's examples read a model's configuration before they send anything, and the rendered
+configurations hold no host path (repository.py) and no secret.
 
 The key comes from `--admin-key`, else QWEN3VL_ADMIN_KEY, else it is generated: once per process,
 so servers and clients started by one process (tests, benchmarks, the demo) share it; the launcher
@@ -19,7 +21,7 @@ import secrets
 ENV = "QWEN3VL_ADMIN_KEY"
 HEADER = "admin-key"
 GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"
-RESTRICTED = ("shared-memory", "logging", "trace", "model-repository", "model-config")
+RESTRICTED = ("shared-memory", "logging", "trace", "model-repository")
 _VALID = re.compile(r"^[A-Za-z0-9_-]{16,256}$")  # no ',', ':' or '=': they delimit Triton's flag
 _generated: str | None = None
 

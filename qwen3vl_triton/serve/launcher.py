@@ -12,6 +12,7 @@ else QWEN3VL_ADMIN_KEY, else a random key written to <build-dir>/admin-key (mode
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -116,6 +117,9 @@ def main(argv=None) -> int:
     server = TritonServer(repo, Ports(args.http_port, args.grpc_port, args.metrics_port), build_dir=build,
                           address=args.address, log_file=log_file, preload=preload,
                           extra_args=[f"--exit-timeout-secs={args.exit_timeout}"], admin_key=key)
+    # What the checks above imported (torch, transformers) lives as long as this process: frozen out
+    # of the collector, it costs no final garbage collection (seconds of CPU) when the process ends.
+    gc.freeze()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -145,6 +149,10 @@ def main(argv=None) -> int:
                     print(f"error: {name} exited with code {proc.returncode}; see {log}", file=sys.stderr)
                     return 1
     finally:
+        # both at once: the generations the OpenAI server relays end as soon as Triton ends them
+        for running in (openai, server):
+            if running is not None:
+                running.begin_stop()
         if openai is not None:
             openai.stop()
         server.stop()

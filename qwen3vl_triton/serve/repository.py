@@ -3,8 +3,18 @@
 Each model folder holds `config.pbtxt` (or `config.<device>.pbtxt`, which wins on that device)
 with `${name}` placeholders and a `1/` folder copied as is. Values come from the checkpoint
 (sizes, dtypes), the device and the serving settings. Rendering is strict: a placeholder
-without a value, an inconsistent setting, or a config that does not parse as a Triton
-`ModelConfig` is an error here, not a model that fails to load later.
+without a value, an inconsistent setting, a config that does not parse as a Triton
+`ModelConfig`, or one that declares a tensor twice is an error here, not a model that fails to
+load later.
+
+No configuration names a host path (every client may read them: serve/admin.py). A model folder
+that needs the checkpoint, the Python environment or the TensorRT-LLM engine gets a link to it
+(`checkpoint`, `python_env`, `engine`) and its configuration names the link: the models resolve
+`checkpoint` against their own folder (backend.tensors.model_params), the Python backend expands
+`$$TRITON_MODEL_DIRECTORY` in EXECUTION_ENV_PATH, and the tensorrtllm backend opens
+`gpt_model_path` as given, relative to the server's working directory, the repository
+(server.TritonServer runs tritonserver there). Triton takes only numeric sub-folders of a model
+folder as versions, so the links are no models and no versions.
 """
 
 from __future__ import annotations
@@ -26,6 +36,11 @@ TOPOLOGIES = {
     "encoder": ("encode", "preprocessing", "vision_encoder", "qwen3vl_disagg"),
     "language": ("language", "tensorrt_llm", "postprocessing"),
 }
+
+# the links a rendered model folder holds, and what they point at
+CHECKPOINT_LINK = "checkpoint"  # the Hugging Face checkpoint
+ENV_LINK = "python_env"  # the virtual environment the Python backend's stub runs in
+ENGINE_LINK = "engine"  # the TensorRT-LLM engine (GPU tensorrt_llm)
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -127,11 +142,19 @@ class Settings:
             raise RenderError("inconsistent settings: " + "; ".join(problems))
 
 
+def _python_env() -> Path | None:
+    """The virtual environment this interpreter runs in; None for a system Python (e.g. the Triton
+    image's), where the stub finds the packages itself."""
+    return None if sys.prefix == sys.base_prefix else Path(sys.prefix)
+
+
 def _python_env_block() -> str:
-    """The EXECUTION_ENV_PATH parameter when serving from a virtual environment."""
-    if sys.prefix == sys.base_prefix:  # system Python, e.g. the Triton image: the stub finds packages itself
+    """The EXECUTION_ENV_PATH parameter when serving from a virtual environment: the model folder's
+    link to it (the Python backend replaces a leading $$TRITON_MODEL_DIRECTORY by the folder)."""
+    if _python_env() is None:
         return ""
-    return 'parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "%s" } }' % sys.prefix
+    return ('parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "$$TRITON_MODEL_DIRECTORY/%s" } }'
+            % ENV_LINK)
 
 
 def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -> dict[str, str]:
@@ -151,7 +174,9 @@ def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -
         raise RenderError(f"engine {engine_dir} was not built from this checkpoint: {'; '.join(problems)}")
     if settings.max_seq_len > facts.mrope_positions:
         raise RenderError(f"max_seq_len {settings.max_seq_len} exceeds the engine's {facts.mrope_positions} positions")
-    vals = facts.config_values(engine_dir, cancellation_check_period_ms=settings.cancellation_check_period_ms,
+    # gpt_model_path: the link in the rendered tensorrt_llm folder, relative to the repository
+    vals = facts.config_values(f"tensorrt_llm/{ENGINE_LINK}",
+                               cancellation_check_period_ms=settings.cancellation_check_period_ms,
                                stats_check_period_ms=settings.stats_check_period_ms,
                                max_queue_size=settings.max_queue_size)
     vals.update(dtype=facts.dtype, table_stride=str(facts.table_stride),
@@ -165,7 +190,7 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
     v = {k: str(x) for k, x in asdict(settings).items()}
     v.update(
         dtype=dtype,
-        checkpoint=str(spec.path.resolve()),
+        checkpoint=CHECKPOINT_LINK,  # the link in each model folder that needs it
         device="cuda" if device == "gpu" else "cpu",
         instance_kind="KIND_GPU" if device == "gpu" else "KIND_CPU",
         hidden_size=str(spec.hidden_size),
@@ -186,6 +211,20 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
     )
     v.update({k: str(x) for k, x in (extra or {}).items()})
     return v
+
+
+def _link_paths(folder: Path, config, checkpoint: Path, engine_dir: str | Path | None) -> None:
+    """The links the configuration of the model in `folder` names instead of host paths."""
+    params = config.parameters
+    links = {}
+    if "checkpoint" in params:
+        links[CHECKPOINT_LINK] = checkpoint
+    if "EXECUTION_ENV_PATH" in params:
+        links[ENV_LINK] = _python_env()
+    if "gpt_model_path" in params:
+        links[ENGINE_LINK] = engine_dir
+    for name, target in links.items():
+        (folder / name).symlink_to(Path(target).resolve(), target_is_directory=True)
 
 
 def fill(template: str, vals: dict[str, str], where: str) -> str:
@@ -245,8 +284,14 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
         config = parse_config(text, str(template))
         if config.name != model:
             raise RenderError(f"{template}: name {config.name!r} does not match its folder {model!r}")
+        for kind, tensors in (("input", config.input), ("output", config.output)):
+            names = [t.name for t in tensors]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise RenderError(f"{template}: {kind}(s) {', '.join(twice)} declared more than once")
         (out / model).mkdir()
         (out / model / "config.pbtxt").write_text(text, encoding="utf-8")
+        _link_paths(out / model, config, spec.path, engine_dir)
         for version in (p for p in src.iterdir() if p.is_dir() and p.name.isdigit()):
             shutil.copytree(version, out / model / version.name, ignore=shutil.ignore_patterns("__pycache__"))
         # Triton loads a model only with a version folder; an ensemble's stays empty (git keeps none)

@@ -116,6 +116,7 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     admin_key: str | None = None
     process: subprocess.Popen | None = None
+    _stubs: list | None = field(default=None, repr=False)  # the stub processes when the stop began
 
     def __post_init__(self):
         self.admin_key = admin.check(self.admin_key) if self.admin_key else admin.default_key()
@@ -148,9 +149,10 @@ class TritonServer:
             if not port_free(self.address, port):
                 raise ServerError(f"{name} port {port} on {self.address} is already in use")
         out = open(self.log_file, "wb") if self.log_file else subprocess.DEVNULL
+        # in the repository: the tensorrtllm backend opens gpt_model_path, a link there, as given
         self.process = subprocess.Popen(self.command(), env=server_env(self.preload), stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_stop_with_parent)
+                                        preexec_fn=_stop_with_parent, cwd=self.repository)
         if self.log_file:
             out.close()
         try:
@@ -199,18 +201,35 @@ class TritonServer:
         except psutil.NoSuchProcess:
             return []
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGINT, wait; then SIGKILL what is left, the server's stub processes included (by PID)."""
+    def begin_stop(self) -> None:
+        """SIGINT, once: Triton ends in-flight work (the models end their generations when they see
+        it, backend/lifecycle.py) and unloads every model."""
+        if self.process is not None and self.process.poll() is None and self._stubs is None:
+            self._stubs = self.children()
+            self.process.send_signal(signal.SIGINT)
+
+    def stop(self, timeout: float = 30.0, settle: float = 2.0) -> None:
+        """SIGINT (unless begin_stop sent it), wait; then SIGKILL what is left, the server's stub
+        processes included (by PID).
+
+        Once every stub has exited the server has nothing left to finish; if it is still up
+        `settle` seconds later, it waits for clients: Triton 2.51 keeps the model of the first
+        request of each open gRPC stream loaded until the client closes that stream, and its gRPC
+        endpoint does not close while a stream is open (graceful gRPC shutdown came in 25.05). It
+        is killed then instead of waiting out the exit timeout and more."""
         if not self.process:
             return
-        stubs = self.children()
+        self.begin_stop()
+        stubs, deadline, idle_since = self._stubs or [], time.monotonic() + timeout, None
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if stubs and not any(_running(p) for p in stubs):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since >= settle:
+                    break
+            time.sleep(0.1)
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self.process.kill()
+            self.process.wait()
         _, alive = psutil.wait_procs(stubs, timeout=5)
         for p in alive:
             try:
@@ -218,13 +237,20 @@ class TritonServer:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
-        self.process = None
+        self.process, self._stubs = None, None
 
     def __enter__(self):
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _tail(text: str) -> str:
@@ -281,6 +307,7 @@ class OpenAIServer:
     settings: object  # repository.Settings: max_output_len and the image URL policy
     log_file: Path | None = None
     process: subprocess.Popen | None = None
+    _stopping: bool = field(default=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -315,17 +342,24 @@ class OpenAIServer:
         self.stop()
         raise ServerError(f"the OpenAI server was not ready on {self.url} after {timeout:.0f}s")
 
+    def begin_stop(self) -> None:
+        """SIGINT, once: uvicorn stops accepting and lets the requests it serves end (a second
+        SIGINT would cut them)."""
+        if self.process is not None and self.process.poll() is None and not self._stopping:
+            self._stopping = True
+            self.process.send_signal(signal.SIGINT)
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.begin_stop()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.process = None
+        self.process, self._stopping = None, False
 
     def __enter__(self):
         return self.start() if self.process is None else self

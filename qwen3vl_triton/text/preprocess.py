@@ -18,7 +18,8 @@ import json
 import re
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -53,6 +54,104 @@ def encoded_size(data: bytes) -> int:
     return len(data)
 
 
+# The optional request inputs of TensorRT-LLM's `ensemble` model (NVIDIA/TensorRT-LLM
+# triton_backend/all_models/inflight_batcher_llm/ensemble/config.pbtxt), which tools written for it
+# send as they are: genai-perf's TensorRT-LLM mode sends exclude_input_in_output, and min_length
+# (its older name of min_tokens) for deterministic output lengths. Each is honoured where it asks
+# for nothing this server does not do, and refused by name where it does (parse_options).
+TRTLLM_OPTIONAL_INPUTS = (
+    "exclude_input_in_output", "min_length", "min_tokens", "beam_width", "num_return_sequences",
+    "return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics",
+    "return_num_input_tokens", "return_num_output_tokens", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "length_penalty", "end_id", "pad_id", "bad_words", "embedding_bias_words",
+    "embedding_bias_weights",
+)
+_NOT_RETURNED = ("return_log_probs", "return_context_logits", "return_generation_logits", "return_perf_metrics",
+                 "return_num_input_tokens", "return_num_output_tokens")
+# input -> the value that asks for nothing (TensorRT-LLM's default)
+_NEUTRAL = {"beam_width": 1, "num_return_sequences": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+            "repetition_penalty": 1.0}
+_WHY_NOT = {
+    "beam_width": "beam search is not implemented here (one beam, sampled or greedy)",
+    "num_return_sequences": "one sequence is returned per request",
+    "presence_penalty": "penalties are not implemented here",
+    "frequency_penalty": "penalties are not implemented here",
+    "repetition_penalty": "penalties are not implemented here",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the TensorRT-LLM ensemble's optional inputs of one request ask for, validated."""
+
+    min_tokens: int = 0  # no end token before this many generated tokens (min_length / min_tokens)
+
+
+def _flag(arrays: dict, name: str) -> bool | None:
+    from qwen3vl_triton.arrays import scalar
+
+    return scalar(arrays, name, bool)
+
+
+def _words(arrays: dict, name: str) -> list:
+    value = arrays.get(name)
+    if value is None:
+        return []
+    return [w for w in value.reshape(-1) if (len(w) if isinstance(w, (bytes, str)) else True)]
+
+
+def parse_options(arrays: dict, max_tokens: int, end_ids: Sequence[int] = (), min_tokens: bool = True) -> Options:
+    """The TensorRT-LLM ensemble's optional inputs of one request (TRTLLM_OPTIONAL_INPUTS).
+
+    Honoured: exclude_input_in_output true (outputs never hold the prompt here), beam_width and
+    num_return_sequences 1, return_* false, the penalties at their neutral values, length_penalty
+    (it scores beams only, and there is one), end_id when it is one of the checkpoint's end ids
+    (`end_ids`: generation ends at all of them), pad_id (nothing is padded), empty bad_words and
+    embedding_bias_*, and min_length / min_tokens (0 to max_tokens) where `min_tokens` is True.
+    Anything else is refused with an InputError naming the input."""
+    from qwen3vl_triton.arrays import scalar
+
+    if _flag(arrays, "exclude_input_in_output") is False:
+        raise InputError("exclude_input_in_output", "false is not supported: outputs here never include the "
+                                                    "prompt; send true or leave it out")
+    for name in _NOT_RETURNED:
+        if _flag(arrays, name):
+            raise InputError(name, "true is not supported: only text_output (and output_ids, prompt_tokens, "
+                                   "finish_reason) are returned here; send false or leave it out")
+    for name, neutral in _NEUTRAL.items():
+        value = scalar(arrays, name, type(neutral))
+        if value is not None and value != neutral:
+            raise InputError(name, f"must be {neutral} ({_WHY_NOT[name]}), got {value}")
+    length_penalty = scalar(arrays, "length_penalty", float)
+    if length_penalty is not None and not np.isfinite(length_penalty):
+        raise InputError("length_penalty", f"must be a finite number, got {length_penalty}")
+    end_id = scalar(arrays, "end_id", int)
+    if end_id is not None and not end_ids:
+        raise InputError("end_id", "is not taken by this model (generation ends at the checkpoint's end ids); "
+                                   "leave it out")
+    if end_id is not None and end_id not in end_ids:
+        raise InputError("end_id", f"must be one of the checkpoint's end ids {sorted(end_ids)} (generation ends at "
+                                   f"each of them; another end id is not implemented), got {end_id}")
+    scalar(arrays, "pad_id", int)  # one value; outputs are never padded
+    for name in ("bad_words", "embedding_bias_words"):
+        if _words(arrays, name):
+            raise InputError(name, "is not implemented here; send an empty list or leave it out")
+    weights = arrays.get("embedding_bias_weights")
+    if weights is not None and weights.size:
+        raise InputError("embedding_bias_weights", "is not implemented here; send an empty list or leave it out")
+    given = {n: v for n in ("min_length", "min_tokens") if (v := scalar(arrays, n, int)) is not None}
+    if len(set(given.values())) > 1:
+        raise InputError("min_length", f"min_length {given['min_length']} and min_tokens {given['min_tokens']} "
+                                       "disagree; send one of them")
+    least = next(iter(given.values()), 0)
+    name = next(iter(given), "min_tokens")
+    if not 0 <= least <= max_tokens:
+        raise InputError(name, f"must be in [0, max_tokens = {max_tokens}], got {least}")
+    if least and not min_tokens:
+        raise InputError(name, "a minimum output length is not implemented on this model; send 0 or leave it out")
+    return Options(min_tokens=least)
+
+
 @dataclass
 class Request:
     """One request's inputs, validated: the conversation for the chat template (images as
@@ -63,6 +162,7 @@ class Request:
     max_tokens: int
     source: str  # the input the prompt came from: "text_input" or "messages"
     image_names: list[str] | None = None  # what an error about each image names
+    options: Options = field(default_factory=Options)  # the TensorRT-LLM ensemble's optional inputs
 
 
 @dataclass
@@ -321,8 +421,10 @@ def _nbytes(value) -> int:
     return value.nbytes
 
 
-def parse_request(arrays: dict, max_output_len: int, limits: Limits | None = None) -> Request:
-    """The `qwen3vl` inputs of one request, bounded and validated before any work is done on them."""
+def parse_request(arrays: dict, max_output_len: int, limits: Limits | None = None,
+                  end_ids: Sequence[int] = ()) -> Request:
+    """The `qwen3vl` inputs of one request, bounded and validated before any work is done on them
+    (the TensorRT-LLM ensemble's optional inputs by `parse_options`, with the checkpoint's `end_ids`)."""
     from qwen3vl_triton.arrays import scalar
 
     limits = limits or Limits()
@@ -335,19 +437,20 @@ def parse_request(arrays: dict, max_output_len: int, limits: Limits | None = Non
     max_tokens = scalar(arrays, "max_tokens", int, required=True)
     if not 1 <= max_tokens <= max_output_len:
         raise InputError("max_tokens", f"must be in [1, {max_output_len}], got {max_tokens}")
+    options = parse_options(arrays, max_tokens, end_ids)
     if messages is not None:
         if text is not None:
             raise InputError("messages", "give text_input or messages, not both")
         if images:
             raise InputError("image", "with messages, images go in the messages' image_url parts")
         conversation, images, names = parse_messages(messages, limits)
-        return Request(conversation, images, max_tokens, "messages", names)
+        return Request(conversation, images, max_tokens, "messages", names, options)
     if text is None:
         raise InputError("text_input", "is required (or messages)")
     if isinstance(text, bytes) and len(text) > limits.text_bytes:
         raise InputError("text_input", f"is {len(text)} bytes, above the limit of {limits.text_bytes}")
     prompt = _utf8(text, "text_input")
-    return Request(single_turn(prompt, len(images)), images, max_tokens, "text_input")
+    return Request(single_turn(prompt, len(images)), images, max_tokens, "text_input", options=options)
 
 
 def parse_generate_inputs(arrays: dict, max_output_len: int) -> tuple[str, list[bytes], int]:

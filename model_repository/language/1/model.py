@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.arrays import numpy_dtype, scalar, single_sequence
+from qwen3vl_triton.backend.lifecycle import exit_stub
 from qwen3vl_triton.backend.metrics import Gauges
 from qwen3vl_triton.backend.responses import error_response, send_response
 from qwen3vl_triton.backend.tensors import model_params, read_inputs
@@ -241,3 +242,4 @@ class TritonPythonModel:
         self._janitor.join(timeout=5)
         self.metrics.clear()  # each Metric before its MetricFamily, or the stub crashes on exit
         self.families.clear()
+        exit_stub()  # backend/lifecycle.py: what CPython's own shutdown would cost

@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.arrays import scalar
+from qwen3vl_triton.backend.lifecycle import exit_stub
 from qwen3vl_triton.backend.responses import error, send_response
 from qwen3vl_triton.backend.tensors import as_numpy, model_params, read_inputs
 from qwen3vl_triton.backend.workers import CancelPoll, worker_pool
@@ -111,3 +112,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+        exit_stub()  # backend/lifecycle.py: what CPython's own shutdown would cost

@@ -3,13 +3,14 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from qwen3vl_triton.backend.lifecycle import exit_stub
 from qwen3vl_triton.backend.responses import error_response
 from qwen3vl_triton.backend.tensors import model_params, read_inputs
 from qwen3vl_triton.contract import stop_words_list
 from qwen3vl_triton.model.checkpoint import ModelSpec
-from qwen3vl_triton.text.preprocess import Limits, Preprocessor, parse_request
+from qwen3vl_triton.text.preprocess import TRTLLM_OPTIONAL_INPUTS, Limits, Preprocessor, parse_request
 
-INPUTS = ("text_input", "messages", "image", "max_tokens")
+INPUTS = ("text_input", "messages", "image", "max_tokens", *TRTLLM_OPTIONAL_INPUTS)
 
 
 class TritonPythonModel:
@@ -33,7 +34,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:  # each request alone: a bad one gets its own error, the others are served
             try:
-                req = parse_request(read_inputs(pb_utils, request, INPUTS), self.max_output_len, self.limits)
+                req = parse_request(read_inputs(pb_utils, request, INPUTS), self.max_output_len, self.limits,
+                                    self.spec.end_ids)
                 p = self.pre.request(req)
                 tensors = {
                     "input_ids": p.input_ids[None],
@@ -53,3 +55,6 @@ class TritonPythonModel:
             except Exception as exc:
                 responses.append(error_response(pb_utils, exc, pb_utils.Logger))
         return responses
+
+    def finalize(self):
+        exit_stub()  # backend/lifecycle.py: what CPython's own shutdown would cost

@@ -11,10 +11,12 @@ import threading
 import torch
 import triton_python_backend_utils as pb_utils
 
+from qwen3vl_triton.backend.lifecycle import STOPPING, ServerStopWatch, exit_stub
 from qwen3vl_triton.backend.metrics import EngineMetrics
 from qwen3vl_triton.backend.responses import error
 from qwen3vl_triton.backend.tensors import model_params, read_inputs
 from qwen3vl_triton.backend.token_stream import TokenStream
+from qwen3vl_triton.clients import llm as llm_client
 from qwen3vl_triton.contract import CONTRACT_INPUTS, request_from_contract
 from qwen3vl_triton.engine.engine import Engine
 from qwen3vl_triton.errors import InputError
@@ -40,6 +42,10 @@ class TritonPythonModel:
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
                              max_num_tokens=int(params["max_num_tokens"]), max_queue=int(params["max_queue"]),
                              on_step=self.metrics.on_step, threads=threads)
+        # when the server stops, every generation ends with an error its caller receives
+        self.stop_watch = ServerStopWatch(llm_client.server_grpc_url(), self.cancel_check_seconds,
+                                          busy=lambda: self.engine.load() > 0,
+                                          on_stop=lambda: self.engine.close(STOPPING))
 
     def execute(self, requests):
         for request in requests:
@@ -105,5 +111,7 @@ class TritonPythonModel:
             self.engine.cancel(stream.request_id)
 
     def finalize(self):
+        self.stop_watch.close()
         self.engine.shutdown()
         self.metrics.close()
+        exit_stub()

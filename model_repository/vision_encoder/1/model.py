@@ -16,6 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.arrays import single_sequence
+from qwen3vl_triton.backend.lifecycle import exit_stub
 from qwen3vl_triton.backend.metrics import Gauges
 from qwen3vl_triton.backend.responses import error_response
 from qwen3vl_triton.backend.tensors import model_params, output_tensor, read_inputs
@@ -95,3 +96,4 @@ class TritonPythonModel:
         # a Metric must go before its MetricFamily (left to teardown, the stub may crash on exit)
         self.metrics.clear()
         self.families.clear()
+        exit_stub()  # backend/lifecycle.py: what CPython's own shutdown would cost
