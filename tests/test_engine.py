@@ -465,25 +465,28 @@ def test_min_tokens_holds_back_every_end_id_as_transformers_min_new_tokens(engin
 
 
 def test_close_ends_running_and_waiting_requests_with_its_reason_and_refuses_new_ones(spec, pipeline):
-    eng = Engine(spec, max_batch=1, max_seq_len=2048, max_output_len=256)
+    eng = Engine(spec, max_batch=1, max_seq_len=4096, max_output_len=4000)
     try:
         ends = {}
-        done = threading.Event()
+        done, started = threading.Event(), threading.Event()
 
         def collect(name):
             def on_tokens(tokens, finish, error):
+                if tokens:
+                    started.set()
                 if finish is not None:
                     ends[name] = (finish, error)
                     if len(ends) == 2:
                         done.set()
             return on_tokens
 
-        running = pipeline("Tell me about the ocean.", [], max_new_tokens=256, min_tokens=256)
+        # min_tokens = max_new_tokens: it runs 4000 tokens (seconds), so the close finds it running
+        running = pipeline("Tell me about the ocean.", [], max_new_tokens=4000, min_tokens=4000)
         waiting = pipeline("Next.", [], max_new_tokens=8)
         running.on_tokens, waiting.on_tokens = collect("running"), collect("waiting")
         eng.submit(running)
         eng.submit(waiting)  # max_batch 1: it waits for a place
-        time.sleep(0.3)
+        assert started.wait(30)
         eng.close("the server is stopping")
         assert done.wait(30)
         assert ends == {"running": ("error", "the server is stopping"), "waiting": ("error", "the server is stopping")}
