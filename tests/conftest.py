@@ -129,6 +129,21 @@ def server(tiny_checkpoint, tmp_path_factory):
     srv.stop()
 
 
+# Generations a client leaves must be long enough that the stop lands before their end even on a
+# loaded host: greedy on the tiny checkpoint, LONG_PROMPT runs past LONG_TOKENS tokens (at ~2 ms
+# a token, seconds), where the session server's 256 would end in half a second.
+LONG_PROMPT = "Go on forever."
+LONG_TOKENS = 1500
+
+
+@pytest.fixture(scope="session")
+def long_server(tiny_checkpoint, tmp_path_factory):
+    """A server whose max_output_len admits LONG_TOKENS, for the tests of generations left early."""
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "single", "long-server", max_output_len=LONG_TOKENS + 36)
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture(scope="session")
 def encoder_server(tiny_checkpoint, tmp_path_factory):
     """The disaggregated encoder server (`encode` = preprocessing -> vision_encoder)."""

@@ -16,9 +16,8 @@ from client import Client, Conversation
 from qwen3vl_triton.serve.repository import Settings
 from qwen3vl_triton.serve.server import OpenAIServer, free_ports
 from qwen3vl_triton.transfer.sender import Disaggregated
-from tests.conftest import SERVER_SETTINGS
+from tests.conftest import LONG_PROMPT, LONG_TOKENS, SERVER_SETTINGS
 from tests.oracle import data_url, image_bytes, openai_to_template
-from tests.test_server import LONG as LONG_PROMPT
 from tests.test_server import assert_stopped_before_its_end, engine_counts, metric, wait_for
 
 pytestmark = pytest.mark.server
@@ -239,10 +238,21 @@ def test_a_repeated_image_is_a_cache_hit(server, oai):
 LONG = [{"role": "user", "content": LONG_PROMPT}]
 
 
-def test_a_client_that_drops_a_stream_ends_its_generation(server, api, oracle):
-    assert len(oracle.generate_messages(LONG, 240)) == 240  # it would run all 240 tokens
+@pytest.fixture(scope="module")
+def long_api(long_server, tmp_path_factory):
+    """The OpenAI endpoint over the server that admits long generations."""
+    settings = Settings(**{**SERVER_SETTINGS, "max_output_len": LONG_TOKENS + 36})
+    srv = OpenAIServer(long_server.grpc_url, "127.0.0.1", free_ports(1)[0], settings,
+                       log_file=tmp_path_factory.mktemp("openai-long") / "openai.log").start()
+    yield srv
+    srv.stop()
+
+
+def test_a_client_that_drops_a_stream_ends_its_generation(long_server, long_api, oracle):
+    server, api = long_server, long_api
+    assert len(oracle.generate_messages(LONG, LONG_TOKENS)) == LONG_TOKENS  # it would run all of them
     running, generated, before = engine_counts(server)
-    body = json.dumps({"model": "qwen3vl", "messages": LONG, "max_tokens": 240, "stream": True}).encode()
+    body = json.dumps({"model": "qwen3vl", "messages": LONG, "max_tokens": LONG_TOKENS, "stream": True}).encode()
     req = urllib.request.Request(f"http://{api.url}/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     resp = urllib.request.urlopen(req, timeout=60)
@@ -252,10 +262,11 @@ def test_a_client_that_drops_a_stream_ends_its_generation(server, api, oracle):
     assert_stopped_before_its_end(running, generated, before)
 
 
-def test_a_client_that_leaves_a_non_streamed_request_ends_its_generation(server, api, oracle):
-    assert len(oracle.generate_messages(LONG, 240)) == 240
+def test_a_client_that_leaves_a_non_streamed_request_ends_its_generation(long_server, long_api, oracle):
+    server, api = long_server, long_api
+    assert len(oracle.generate_messages(LONG, LONG_TOKENS)) == LONG_TOKENS
     running, generated, before = engine_counts(server)
-    body = json.dumps({"model": "qwen3vl", "messages": LONG, "max_tokens": 240}).encode()
+    body = json.dumps({"model": "qwen3vl", "messages": LONG, "max_tokens": LONG_TOKENS}).encode()
     host, port = api.url.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -13,6 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client import Client, ClientError
+from tests.conftest import LONG_PROMPT, LONG_TOKENS
 from tests.oracle import image_bytes
 
 pytestmark = pytest.mark.server
@@ -93,7 +94,6 @@ def test_eight_concurrent_requests_each_equal_their_oracle_and_are_batched(serve
     assert metric(server, "qwen3vl_engine_batched_steps_total", "tensorrt_llm") > steps_before
 
 
-LONG = "Tell me a long story."  # greedy on the tiny checkpoint, it runs past 240 tokens
 
 
 def engine_counts(server):
@@ -104,18 +104,19 @@ def engine_counts(server):
     return running, generated, generated()
 
 
-def assert_stopped_before_its_end(running, generated, before, length=240):
+def assert_stopped_before_its_end(running, generated, before, length=LONG_TOKENS):
     """The one generation since `before` freed its place and did not run all `length` tokens."""
     assert wait_for(lambda: running() == 0, timeout=10), "the sequence still holds its engine slot"
     assert wait_for(lambda: generated() > before, timeout=10)  # the counters are sent when idle
     assert generated() - before < length, f"the generation ran to its end ({generated() - before} tokens)"
 
 
-def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
+def test_a_stream_left_early_is_stopped_by_its_generation_id(long_server, oracle):
     """Triton 2.51 does not cancel an ensemble step that is already running: a tritonclient caller
     that leaves a `qwen3vl` stream ends the generation with tensorrt_llm's `stop`, sent with the
     stream's `generation_id` as the request id."""
-    assert len(oracle.generate(LONG, [], 240)) == 240  # it would run all 240 tokens
+    server = long_server
+    assert len(oracle.generate(LONG_PROMPT, [], LONG_TOKENS)) == LONG_TOKENS  # it would run all of them
     running, generated, before = engine_counts(server)
     client = grpcclient.InferenceServerClient(server.grpc_url)
     got = queue.Queue()
@@ -125,8 +126,8 @@ def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
         grpcclient.InferInput("max_tokens", [1, 1], "INT32"),
         grpcclient.InferInput("stream", [1, 1], "BOOL"),
     ]
-    inputs[0].set_data_from_numpy(np.array([[LONG.encode()]], dtype=np.object_))
-    inputs[1].set_data_from_numpy(np.array([[240]], np.int32))
+    inputs[0].set_data_from_numpy(np.array([[LONG_PROMPT.encode()]], dtype=np.object_))
+    inputs[1].set_data_from_numpy(np.array([[LONG_TOKENS]], np.int32))
     inputs[2].set_data_from_numpy(np.array([[True]]))
     client.async_stream_infer("qwen3vl", inputs, request_id="to-cancel")
     result, error = got.get(timeout=60)  # the first token arrived: it is running
@@ -153,11 +154,12 @@ def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_the_client_library_stops_a_generation_it_leaves(protocol, server, oracle):
-    assert len(oracle.generate(LONG, [], 240)) == 240
+def test_the_client_library_stops_a_generation_it_leaves(protocol, long_server, oracle):
+    server = long_server
+    assert len(oracle.generate(LONG_PROMPT, [], LONG_TOKENS)) == LONG_TOKENS
     running, generated, before = engine_counts(server)
     with Client(server.grpc_url if protocol == "grpc" else server.http_url, protocol) as c:
-        pieces = c.generate(LONG, max_tokens=240)
+        pieces = c.generate(LONG_PROMPT, max_tokens=LONG_TOKENS)
         for _ in range(3):
             next(pieces)
         pieces.close()  # the caller leaves after three pieces
