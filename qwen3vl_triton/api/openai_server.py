@@ -349,7 +349,9 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
         async for chunk in request.stream():
             raw += chunk
         try:
-            return untrusted.loads(raw, "", "request")
+            doc = untrusted.decode(raw, "", "request")
+            del raw  # the body is held once at a time: bytes, then text, then values
+            return untrusted.loads(doc, "", "request")
         except InputError as exc:
             raise APIError(400, str(exc), None if exc.input == "request" else exc.input) from None
 

@@ -46,12 +46,14 @@ class Limits:
     request_bytes: int = 64 * 2**20
 
 
-def encoded_size(data: bytes) -> int:
-    """Bytes of the image file that `data` (a file, base64 of one, or a data URL) carries, from its
-    length alone."""
-    if data[:5].lower() == b"data:":
-        return len(data.partition(b",")[2]) * 3 // 4
-    if _BASE64.match(data[:256]):
+def encoded_size(data: bytes | str) -> int:
+    """Bytes of the image file that `data` (a file, base64 of one, or a data URL; bytes, or a str as
+    JSON gives it) carries, from its length alone (nothing is copied)."""
+    head = data[:256] if isinstance(data, bytes) else data[:256].encode("utf-8", "replace")
+    if head[:5].lower() == b"data:":
+        comma = data.find(b"," if isinstance(data, bytes) else ",")
+        return (len(data) - comma - 1) * 3 // 4 if comma >= 0 else 0
+    if _BASE64.match(head):
         return len(data) * 3 // 4
     return len(data)
 
@@ -62,7 +64,7 @@ class Request:
     `{"type": "image"}` items, in order) and the encoded images."""
 
     conversation: list[dict]
-    images: list[bytes]
+    images: list[bytes | str]  # encoded files, base64 or data URLs (str: as JSON gave them)
     max_tokens: int
     source: str  # the input the prompt came from: "text_input" or "messages"
     image_names: list[str] | None = None  # what an error about each image names
@@ -117,7 +119,7 @@ def _check_bytes(name: str, data: bytes, max_bytes: int) -> None:
         raise InputError(name, f"is {size} bytes, above the limit of {max_bytes}")
 
 
-def check_images(images: list[bytes], names: list[str], limits: Limits, max_images: int,
+def check_images(images: list[bytes | str], names: list[str], limits: Limits, max_images: int,
                  source: str = "messages") -> None:
     """The bounds on a request's images that need no decoding: how many, and each one's bytes (the
     OpenAI endpoint checks them too, before it forwards a request)."""
@@ -222,8 +224,7 @@ class Preprocessor:
                image_names: list[str] | None = None) -> Prompt:
         """Template a conversation whose images are `{"type": "image"}` items, in the order of `images`."""
         names = image_names or [f"image[{i}]" for i in range(len(images))]
-        check_images([x.encode() if isinstance(x, str) else x for x in images], names, self.limits,
-                     self.max_images, source)
+        check_images(images, names, self.limits, self.max_images, source)
         pixel_values, grid_thw = self.images(images, names)
         ids = self.tokenizer(self.template(conversation), add_special_tokens=False)["input_ids"]
         ids = np.asarray(ids, dtype=np.int64)
@@ -255,7 +256,7 @@ def single_turn(text: str, num_images: int) -> list[dict]:
     ]
 
 
-def _image_url(part: dict, name: str) -> bytes:
+def _image_url(part: dict, name: str) -> str:
     """The image of an `image_url` part: a data URL or raw base64 (remote URLs are the HTTP
     frontend's to fetch, for hosts its operator allowed; the model server never fetches)."""
     value = part.get("image_url")
@@ -269,10 +270,10 @@ def _image_url(part: dict, name: str) -> bytes:
     if not scheme.startswith("data:") and re.match(r"^[a-z][a-z0-9+.-]*:", scheme):
         raise InputError(f"{name}.image_url", f"URL scheme {url.split(':', 1)[0]!r} is not supported: send a data "
                                               "URL or base64")
-    return url.encode()
+    return url  # encoded only to be decoded (a data URL may be megabytes)
 
 
-def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[bytes], list[str]]:
+def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[str], list[str]]:
     """OpenAI chat messages (JSON text or parsed) -> the chat template's conversation and the images,
     in order. Images are allowed in user messages; text parts and string contents anywhere."""
     if isinstance(raw, (bytes, bytearray, str)):

@@ -56,7 +56,7 @@ def text(value, name: str) -> str:
     if isinstance(value, str):
         check_text(value, name)
         return value
-    data = bytes(value)
+    data = value if isinstance(value, (bytes, bytearray)) else bytes(value)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -97,12 +97,28 @@ def _scalar_problem(value) -> str | None:
     return None
 
 
+def decode(raw: bytes | bytearray, name: str = "", root: str | None = None) -> str:
+    """JSON text as bytes -> str, strictly UTF-8 (RFC 8259); a bad byte is named by the field whose
+    string holds it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        found = _string_at(raw, exc.start, name)
+        if found is None:
+            raise InputError(root or name or "request", _utf8_problem(raw, exc)) from None
+        where, at = found
+        problem = _utf8_problem(raw, exc).replace(f"byte {exc.start}", f"byte {at}")
+        raise InputError(where or root or name or "request", problem) from None
+
+
 def loads(raw: bytes | bytearray | str, name: str = "", root: str | None = None, max_depth: int = MAX_DEPTH):
     """JSON text from a client -> its value, checked by `check`. `name` prefixes the paths of nested
     fields ("" for a request body: `messages[0].content`); `root` names the whole document in errors
     about it (default: `name`, or "request")."""
     root = root or name or "request"
-    marks = (",", "[", "{") if isinstance(raw, str) else (b",", b"[", b"{")
+    if not isinstance(raw, str):
+        raw = decode(raw, name, root)
+    marks = (",", "[", "{")
     items = sum(raw.count(m) for m in marks)
     if items > MAX_JSON_ITEMS:
         raise InputError(root, f"has {items} JSON arrays, objects and commas, above the limit of {MAX_JSON_ITEMS}")
@@ -111,8 +127,6 @@ def loads(raw: bytes | bytearray | str, name: str = "", root: str | None = None,
     except RecursionError:
         raise InputError(_deep_path(raw, name, max_depth) or root,
                          f"is nested more than {max_depth} levels deep") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(root, f"is not valid JSON: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except ValueError as exc:  # json.JSONDecodeError: it says where, and shows none of the input
         raise InputError(root, f"is not valid JSON: {exc}") from None
     check(value, name, root, max_depth)
@@ -171,14 +185,35 @@ def _path(name: str, segments: list[str]) -> str:
 
 def _deep_path(raw, name: str, max_depth: int) -> str | None:
     """Where JSON text first nests more than `max_depth` levels deep (for a document json.loads could
-    not parse for its depth), from its punctuation and strings alone."""
-    doc = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "replace")
-    levels, last_string = [], ""  # levels: [kind, index or key] per open array / object
+    not parse for its depth)."""
+    doc = raw if isinstance(raw, str) else bytes(raw).decode("latin-1")
+    for m, levels, _ in _scan(doc):
+        if m.group() in ("[", "{") and len(levels) > max_depth:
+            return _path(name, [_level_segment(level) for level in levels[:_DEEP_SEGMENTS]])
+    return None
+
+
+def _string_at(raw: bytes | bytearray, offset: int, name: str) -> tuple[str, int] | None:
+    """(path of the string that holds byte `offset` of JSON text, offset within it), if one does."""
+    doc = bytes(raw).decode("latin-1")  # one character per byte: positions are byte offsets
+    for m, levels, key in _scan(doc):
+        if m.start() < offset < m.end() and m.group()[0] == '"':
+            path = _path(name, [_level_segment(level) for level in levels])
+            return (f"{path or 'request'} (a key)" if key else path), offset - m.start() - 1
+        if m.start() > offset:
+            break
+    return None
+
+
+def _scan(doc: str):
+    """JSON text's strings and punctuation, each with the open arrays and objects ([kind, index or
+    key] each, after the token) and whether a string is a key; from the tokens alone, so a document
+    too deep or not UTF-8 can still be placed."""
+    levels, last_string = [], ""
     for m in _TOKEN.finditer(doc):
         token = m.group()
+        key = False
         if token in ("[", "{"):
-            if len(levels) >= max_depth:
-                return _path(name, [_level_segment(level) for level in levels[:_DEEP_SEGMENTS]])
             levels.append(["[", 0] if token == "[" else ["{", None])
         elif token in ("]", "}"):
             if levels:
@@ -196,7 +231,8 @@ def _deep_path(raw, name: str, max_depth: int) -> str | None:
                 last_string = token[1:-1]
             if _text_problem(last_string):
                 last_string = "?"
-    return None
+            key = doc[m.end():m.end() + 64].lstrip().startswith(":")
+        yield m, levels, key
 
 
 def _level_segment(level) -> str:
