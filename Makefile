@@ -43,13 +43,19 @@ lint: venv
 	$(BIN)/ruff check .
 
 # System tools the tests use: docker-compose (1.29, Debian's package) validates docker-compose.yml
-# offline. Installed when missing, as root with apt-get; otherwise the compose test says why it skips.
+# offline; nginx runs the compose file's HTTP front (docker/nginx/) before a real tritonserver.
+# Installed when missing, as root with apt-get; otherwise the tests say why they skip.
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
 	      || echo "warning: could not install docker-compose; the compose validation test will not pass"; \
 	  else echo "note: docker-compose missing (install it as root with apt-get install docker-compose)"; fi; }
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null) \
+	      || echo "warning: could not install nginx; the HTTP front tests will skip"; \
+	  else echo "note: nginx missing (install it as root with apt-get install nginx)"; fi; }
 
 # Locust, headless and bounded: make load-test USERS=8 DURATION=60 [URL=host:8000] (gRPC on the next port;
 # set QWEN3VL_GRPC_URL otherwise). Without URL it starts and stops a local server on the tiny checkpoint.

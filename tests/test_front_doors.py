@@ -6,17 +6,21 @@ server process (tritonserver, each stub, the OpenAI server) is measured before, 
 (load_tests/front_doors.py)."""
 
 import json
+import os
+import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from load_tests.front_doors import MemoryWatch, MiB, chat_body, send_body, server_processes, slow_clients
+from load_tests.front_doors import MemoryWatch, MiB, chat_body, generate_body, send_body, server_processes, slow_clients
 from qwen3vl_triton.serve.repository import Settings
-from qwen3vl_triton.serve.server import OpenAIServer, free_ports
-from tests.conftest import SERVER_SETTINGS
+from qwen3vl_triton.serve.server import OpenAIServer, free_ports, port_free
+from tests.conftest import ROOT, SERVER_SETTINGS
 
 pytestmark = pytest.mark.server
 
@@ -185,3 +189,75 @@ def test_the_endpoint_keeps_serving(api, oracle):
     with urllib.request.urlopen(req, timeout=120) as resp:
         text = json.loads(resp.read())["choices"][0]["message"]["content"]
     assert text == oracle.text(oracle.generate_messages(messages, 6))
+
+
+# -- Triton's own HTTP endpoint, behind the compose file's nginx front ------------------------------------
+@pytest.fixture(scope="module")
+def nginx_front(server, tmp_path_factory):
+    """nginx with docker/nginx/triton-http.conf.template (as the compose *-http services fill it) in
+    front of the session server's HTTP port, on 127.0.0.1."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (make tools installs it as root with apt-get)")
+    base = tmp_path_factory.mktemp("nginx")
+    port = free_ports(1)[0]
+    template = (ROOT / "docker" / "nginx" / "triton-http.conf.template").read_text()
+    front = template.replace("${QWEN3VL_TRITON}", server.http_url).replace("${QWEN3VL_MAX_BODY}", "64m") \
+        .replace("listen 8000;", f"listen 127.0.0.1:{port};")
+    (base / "front.conf").write_text(front)
+    temps = " ".join(f"{kind}_temp_path {base}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                      "scgi"))
+    (base / "nginx.conf").write_text(
+        ("user root;\n" if os.geteuid() == 0 else "") + f"worker_processes 1; pid {base}/nginx.pid; "
+        f"error_log {base}/error.log; daemon off;\nevents {{ worker_connections 1024; }}\n"
+        f"http {{ access_log off; {temps} include {base}/front.conf; }}\n")
+    proc = subprocess.Popen([nginx, "-p", str(base), "-c", str(base / "nginx.conf")], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(base / "stderr.log", "wb"))
+    deadline = time.monotonic() + 20
+    while port_free("127.0.0.1", port) and time.monotonic() < deadline:
+        assert proc.poll() is None, (base / "stderr.log").read_text()
+        time.sleep(0.1)
+    yield f"127.0.0.1:{port}", proc
+    proc.send_signal(signal.SIGQUIT)  # graceful stop of the master and its worker
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def front_processes(server, nginx_front) -> dict:
+    import psutil
+
+    out = server_processes(server)
+    master = psutil.Process(nginx_front[1].pid)
+    out["nginx"] = master
+    for i, worker in enumerate(master.children()):
+        out[f"nginx worker {i}"] = worker
+    return out
+
+
+@pytest.mark.parametrize("mode", ["length", "expect", "chunked"])
+def test_the_compose_front_refuses_a_large_body_before_triton_reads_it(mode, server, nginx_front):
+    url, _ = nginx_front
+    prefix, suffix = generate_body()
+    with MemoryWatch(front_processes(server, nginx_front)) as mem:
+        answer = send_body(url, "/v2/models/qwen3vl/generate_stream", prefix, 200 * MiB, suffix, mode)
+        time.sleep(0.3)
+    mem.settle(2.0)
+    print(show(mem))
+    assert answer.status == 413 and "413 Request Entity Too Large" in answer.body, answer
+    assert answer.interim == [], answer  # no 100 Continue for a body that is refused
+    if mode != "chunked":
+        assert answer.seconds < 2.0, answer
+    assert_peak_below(mem, 16)  # tritonserver and its stubs saw nothing; nginx buffers at most 1 MiB
+    assert_settled(mem)
+
+
+def test_the_compose_front_passes_a_streamed_generation(server, nginx_front, oracle):
+    url, _ = nginx_front
+    req = urllib.request.Request(f"http://{url}/v2/models/qwen3vl/generate_stream",
+                                 json.dumps({"text_input": "Through the front.", "max_tokens": 6}).encode())
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        events = [json.loads(line[len(b"data: "):]) for line in resp.read().splitlines() if line.startswith(b"data: ")]
+    oracle.assert_served("".join(e["text_output"] for e in events), oracle.generate("Through the front.", [], 6))
