@@ -2,7 +2,8 @@
 headers and its body may take, and the connections open at once.
 
 uvicorn 0.54 (h11) brings some bounds and lacks others. It has: the size of a request's header
-block (h11's max incomplete event size, 16 KiB; past it a 400), the idle time between requests on a
+block while it arrives (h11's max incomplete event size, 16 KiB; past it a 400; a block read whole
+in one read of the socket, up to 256 KiB, is not cut), the idle time between requests on a
 kept-alive connection (`timeout_keep_alive`), and a 503 past a number of connections or running
 requests (`limit_concurrency`), checked only once a request's headers are complete. It has no
 timeout while a request's headers or body are arriving -- a client that sends a byte every few
@@ -15,7 +16,6 @@ reads.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,11 +32,6 @@ class HTTPLimits:
     header_timeout: float = 10.0
     body_timeout: float = 60.0
     max_connections: int = 512
-
-
-def openai_error_body(status: int, message: str) -> bytes:
-    kind = {404: "not_found_error", 503: "service_unavailable"}.get(status, "invalid_request_error")
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
 
 def _raw_response(status: int, reason: str, body: bytes) -> bytes:
@@ -63,7 +58,7 @@ class BodyLimit:
     body, so a client that waits for it (Expect: 100-continue) never sends its body, and is told to
     close. A chunked body is counted as it is read and refused at the limit (BodyTooLarge)."""
 
-    def __init__(self, app, max_bytes: int, error_body: ErrorBody = openai_error_body):
+    def __init__(self, app, max_bytes: int, error_body: ErrorBody):
         self.app, self.max_bytes, self.error_body = app, max_bytes, error_body
 
     async def __call__(self, scope, receive, send):
@@ -94,8 +89,7 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
-def guarded_protocol(limits: HTTPLimits, error_body: ErrorBody = openai_error_body,
-                     max_header_bytes: int = 16 * 2**10):
+def guarded_protocol(limits: HTTPLimits, error_body: ErrorBody, max_header_bytes: int = 16 * 2**10):
     """uvicorn's h11 protocol with the header and body read timeouts and the connection bound of
     `limits`, and its own 400 (a malformed request, or headers above `max_header_bytes`: h11's
     bound, uvicorn's `h11_max_incomplete_event_size`) as a JSON error. Pass it as uvicorn.Config's

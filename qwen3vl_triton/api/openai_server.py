@@ -301,6 +301,11 @@ class Backend:
         await self.client.close()
 
 
+def error_body(status: int, message: str) -> bytes:
+    """An OpenAI error object as a response body, for answers given outside the application's handlers."""
+    return json.dumps(APIError(status, message).body()).encode()
+
+
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -340,8 +345,7 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
         return Response(status_code=499)  # nobody reads it
 
     # the body's size: from Content-Length before anything is read, else as it is read
-    app.add_middleware(BodyLimit, max_bytes=limits.request_bytes,
-                       error_body=lambda status, message: json.dumps(APIError(status, message).body()).encode())
+    app.add_middleware(BodyLimit, max_bytes=limits.request_bytes, error_body=error_body)
 
     async def read_json(request: Request):
         """The body as client JSON: bounded nesting and numbers, no lone surrogates (text/untrusted.py)."""
@@ -520,7 +524,7 @@ def main(argv=None) -> int:
         # h11 (not httptools, which bounds no header size), with the read timeouts and connection bound
         # uvicorn lacks (http_limits.py); no WebSocket upgrades
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
-                                http=guarded_protocol(http), ws="none")
+                                http=guarded_protocol(http, error_body), ws="none")
         await uvicorn.Server(config).serve()
 
     asyncio.run(serve())  # the gRPC channel is made inside the server's event loop
