@@ -182,6 +182,29 @@ def test_connections_past_the_bound_are_answered_503_and_closed(server, tmp_path
             assert resp.status == 200
 
 
+def test_bodies_past_the_budget_are_answered_503_before_they_are_read(server, tmp_path):
+    """openai_body_budget_bytes bounds the bodies of all requests in flight: one request holding
+    60 MiB of a 100 MiB budget, a second of 60 MiB is turned away (503, Retry-After) unread; once the
+    first is gone, it is admitted (and refused by the model's image bound)."""
+    budget = 100 * MiB
+    settings = Settings(**SERVER_SETTINGS, openai_body_budget_bytes=budget)
+    prefix, suffix = chat_body(60 * MiB)
+    total = len(prefix) + 60 * MiB + len(suffix)
+    with OpenAIServer(server.grpc_url, "127.0.0.1", free_ports(1)[0], settings,
+                      log_file=tmp_path / "openai.log") as srv:
+        host, port = srv.url.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as first:  # sends part of its body, waits
+            first.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode() + prefix)
+            time.sleep(0.5)
+            second = send_body(srv.url, PATH, prefix, 60 * MiB, suffix)
+        assert second.status == 503, second
+        assert error(second)["message"] == (f"the server holds {total} bytes of other requests' bodies, its budget "
+                                            f"is {budget}: try again shortly")
+        time.sleep(0.5)
+        third = send_body(srv.url, PATH, prefix, 60 * MiB, suffix)
+        assert third.status == 400 and error(third)["param"] == "messages[0].content[0].image_url", third
+
+
 def test_the_endpoint_keeps_serving(api, oracle):
     messages = [{"role": "user", "content": "After the front door tests."}]
     req = urllib.request.Request(f"http://{api.url}{PATH}", json.dumps(

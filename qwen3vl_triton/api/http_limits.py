@@ -56,10 +56,23 @@ class BodyLimit:
     """ASGI middleware: a body above `max_bytes` is refused with 413. From its Content-Length, before
     any of it is read: uvicorn sends `100 Continue` only when the application first asks for the
     body, so a client that waits for it (Expect: 100-continue) never sends its body, and is told to
-    close. A chunked body is counted as it is read and refused at the limit (BodyTooLarge)."""
+    close. A chunked body is counted as it is read and refused at the limit (BodyTooLarge).
 
-    def __init__(self, app, max_bytes: int, error_body: ErrorBody):
+    `budget` bounds the bodies of all requests at once: each holds its Content-Length (a chunked one,
+    `max_bytes`) from its start to its answer's end -- its parsed values live as long -- and a
+    request that would pass the budget is answered 503 at once, before it is read."""
+
+    def __init__(self, app, max_bytes: int, error_body: ErrorBody, budget: int | None = None):
         self.app, self.max_bytes, self.error_body = app, max_bytes, error_body
+        self.budget, self.held = budget, 0
+
+    async def _refuse(self, send, headers: dict, status: int, message: str, extra=()) -> None:
+        body = self.error_body(status, message)
+        close = headers.get(b"expect", b"").lower() == b"100-continue"  # its body is not coming
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *extra, *([(b"connection", b"close")] if close else [])]})
+        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -67,14 +80,20 @@ class BodyLimit:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         if length is not None and int(length) > self.max_bytes:  # h11 has checked it is a number
-            body = self.error_body(413, f"request: is {int(length)} bytes, above the limit of {self.max_bytes}")
-            close = headers.get(b"expect", b"").lower() == b"100-continue"  # its body is not coming
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    *([(b"connection", b"close")] if close else [])]})
-            await send({"type": "http.response.body", "body": body})
-            return None
+            return await self._refuse(send, headers, 413,
+                                      f"request: is {int(length)} bytes, above the limit of {self.max_bytes}")
+        hold = int(length) if length is not None else self.max_bytes if b"transfer-encoding" in headers else 0
+        if self.budget is not None and hold and self.held + hold > self.budget:
+            return await self._refuse(send, headers, 503, f"the server holds {self.held} bytes of other requests' "
+                                                          f"bodies, its budget is {self.budget}: try again shortly",
+                                      [(b"retry-after", b"1")])
+        self.held += hold
+        try:
+            return await self._call(scope, receive, send)
+        finally:
+            self.held -= hold
+
+    async def _call(self, scope, receive, send):
         received = 0
 
         async def counted():

@@ -311,9 +311,11 @@ def _usage(prompt: int, completion: int) -> dict:
 
 
 def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int = 1024,
-               images: ImagePolicy | None = None, limits: preprocess.Limits | None = None, max_images: int = 8):
+               images: ImagePolicy | None = None, limits: preprocess.Limits | None = None, max_images: int = 8,
+               body_budget: int | None = None):
     """The application. `limits` bound a request as the model bounds it (its body by `request_bytes`,
-    before it is read; its text and each image's bytes, with `max_images`, before it is forwarded)."""
+    before it is read; its text and each image's bytes, with `max_images`, before it is forwarded);
+    `body_budget` bounds the bodies of all requests in flight together (http_limits.BodyLimit)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -345,7 +347,7 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
         return Response(status_code=499)  # nobody reads it
 
     # the body's size: from Content-Length before anything is read, else as it is read
-    app.add_middleware(BodyLimit, max_bytes=limits.request_bytes, error_body=error_body)
+    app.add_middleware(BodyLimit, max_bytes=limits.request_bytes, error_body=error_body, budget=body_budget)
 
     async def read_json(request: Request):
         """The body as client JSON: bounded nesting and numbers, no lone surrogates (text/untrusted.py)."""
@@ -503,6 +505,8 @@ def main(argv=None) -> int:
     defaults, http = preprocess.Limits(), HTTPLimits()
     ap.add_argument("--max-request-bytes", type=int, default=defaults.request_bytes,
                     help="a request body's bound, refused (413) before it is read")
+    ap.add_argument("--body-budget-bytes", type=int, default=4 * defaults.request_bytes,
+                    help="the bodies of all requests in flight together; past it 503 before reading")
     ap.add_argument("--max-text-bytes", type=int, default=defaults.text_bytes, help="all text of a request")
     ap.add_argument("--max-image-bytes", type=int, default=defaults.image_bytes, help="each image")
     ap.add_argument("--max-images", type=int, default=8, help="images per request")
@@ -520,7 +524,7 @@ def main(argv=None) -> int:
 
     async def serve():
         app = create_app(Backend(args.grpc_url, args.model), args.served_model_name, args.max_output_len, policy,
-                         limits, args.max_images)
+                         limits, args.max_images, max(args.body_budget_bytes, args.max_request_bytes))
         # h11 (not httptools, which bounds no header size), with the read timeouts and connection bound
         # uvicorn lacks (http_limits.py); no WebSocket upgrades
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",

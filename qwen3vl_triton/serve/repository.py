@@ -60,10 +60,12 @@ class Settings:
     image_url_timeout_ms: int = 5000
     # OpenAI endpoint, for slow clients: time for a request's line and headers to arrive, and for its
     # body (from the end of its headers), else 408 and the connection is closed; connections open at
-    # once, past it 503. Its body is bounded by max_request_bytes, refused (413) before it is read.
+    # once, past it 503. Each body is bounded by max_request_bytes, refused (413) before it is read,
+    # and the bodies of all requests in flight by openai_body_budget_bytes (past it 503, before reading).
     openai_header_timeout_ms: int = 10_000
     openai_body_timeout_ms: int = 60_000
     openai_max_connections: int = 512
+    openai_body_budget_bytes: int = 256 * 2**20
     # the serving dtype of the whole model (vision tower, tables, LLM): float32, bfloat16, float16,
     # or auto (the checkpoint's own); float32 serves any checkpoint upcast
     dtype: str = "float32"
@@ -125,6 +127,9 @@ class Settings:
         if self.max_seq_len > spec.max_position_embeddings:
             problems.append(f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "
                             f"{spec.max_position_embeddings}")
+        if self.openai_body_budget_bytes < self.max_request_bytes:
+            problems.append(f"openai_body_budget_bytes {self.openai_body_budget_bytes} is below max_request_bytes "
+                            f"{self.max_request_bytes}: no request of the largest size could be read")
         if self.max_output_len >= self.max_seq_len:
             problems.append(f"max_output_len {self.max_output_len} leaves no room for a prompt in "
                             f"max_seq_len {self.max_seq_len}")

@@ -297,7 +297,8 @@ class OpenAIServer:
                 "--max-image-bytes", str(s.max_image_bytes), "--max-images", str(s.max_images),
                 "--header-timeout-ms", str(s.openai_header_timeout_ms),
                 "--body-timeout-ms", str(s.openai_body_timeout_ms),
-                "--max-connections", str(s.openai_max_connections)]
+                "--max-connections", str(s.openai_max_connections),
+                "--body-budget-bytes", str(s.openai_body_budget_bytes)]
 
     def start(self, timeout: float = 60.0) -> "OpenAIServer":
         if not port_free(self.address, self.port):
