@@ -50,8 +50,9 @@ lint: venv
 	$(BIN)/ruff check .
 
 # System tools the tests use: docker-compose (1.29, Debian's package) validates docker-compose.yml
-# offline; libb64 (Debian's libb64-0d) is what perf_analyzer links. Installed when missing, as root
-# with apt-get; otherwise the tests that need them say why they skip.
+# offline; libb64 (Debian's libb64-0d) is what perf_analyzer links; nginx runs the compose file's
+# HTTP front (docker/nginx/) before a real tritonserver. Installed when missing, as root with
+# apt-get; otherwise the tests that need them say why they skip.
 tools:
 	@command -v docker-compose >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -63,6 +64,11 @@ tools:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null) \
 	      || echo "warning: could not install libb64-0d; perf_analyzer will not run"; \
 	  else echo "note: libb64-0d missing (install it as root with apt-get install libb64-0d)"; fi; }
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null) \
+	      || echo "warning: could not install nginx; the HTTP front tests will skip"; \
+	  else echo "note: nginx missing (install it as root with apt-get install nginx)"; fi; }
 
 # perf_analyzer (Triton's load generator) in build/perf_analyzer: the tritonclient 2.51 wheel's binary,
 # the newest that runs on Debian 12 (load_tests/perf-analyzer-requirements.txt says why), fetched by

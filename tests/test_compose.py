@@ -19,7 +19,10 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 GPU_PIN = re.compile(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-trtllm-python-py3")
 READY = "/v2/health/ready"
-SERVICES = {"engine-build", "triton", "encoder", "language", "triton-cpu", "locust", "locust-disagg", "locust-cpu"}
+SERVICES = {"engine-build", "triton", "encoder", "language", "triton-cpu", "locust", "locust-disagg", "locust-cpu",
+            "triton-http", "encoder-http", "triton-cpu-http"}
+FRONTS = {"triton": "triton-http", "encoder": "encoder-http", "triton-cpu": "triton-cpu-http"}  # nginx before HTTP
+NGINX_TEMPLATE = ROOT / "docker" / "nginx" / "triton-http.conf.template"
 PROFILES = ("build", "cpu", "loadtest", "loadtest-disagg", "loadtest-cpu")
 PLUGIN_FILE = "libqwen3vl_deepstack_plugin.so"
 
@@ -116,6 +119,8 @@ def test_profiles(services):
     assert "cpu" in services["triton-cpu"]["profiles"]
     for name in ("triton", "encoder", "language"):
         assert "profiles" not in services[name]  # the GPU stack is the default
+    for server, front in FRONTS.items():
+        assert services[front].get("profiles") == services[server].get("profiles"), front
 
 
 def test_images_are_pinned_as_the_trtllm_readme_says(services):
@@ -128,6 +133,8 @@ def test_images_are_pinned_as_the_trtllm_readme_says(services):
     dockerfile = DOCKERFILE.read_text()
     assert f"ARG BASE_IMAGE={gpu_image}" in dockerfile
     for name, svc in services.items():
+        if name in FRONTS.values():  # nginx's own image (test_http_fronts_are_nginx_with_the_bounds)
+            continue
         args = svc["build"]["args"]
         gpu = "deploy" in svc
         assert args["BASE_IMAGE"] == (gpu_image if gpu else cpu_image), name
@@ -201,7 +208,7 @@ def test_encoder_sends_tables_to_the_language_service(services):
     encoder = parse_args(serve_argv(services["encoder"])[1:])
     language = serve_argv(services["language"])
     assert settings_from(encoder.set).language_url == f"language:{option(language, '--grpc-port')}"
-    assert services["encoder"]["depends_on"] == {"language": {"condition": "service_healthy"}}
+    assert services["encoder"]["depends_on"]["language"] == {"condition": "service_healthy"}
 
 
 def test_ports_healthchecks_and_published_ports_agree(services):
@@ -216,7 +223,9 @@ def test_ports_healthchecks_and_published_ports_agree(services):
             continue
         openai = option(argv, "--openai-port")
         targets = {}
-        for mapping in svc["ports"]:
+        front = services[FRONTS[name]]  # the HTTP port is published through nginx
+        assert front["environment"]["QWEN3VL_TRITON"] == f"{name}:{http}", name
+        for mapping in svc["ports"] + [m.rsplit(":", 1)[0] + f":{http}" for m in front["ports"]]:
             address, host, container = str(mapping).split(":")
             assert address == "127.0.0.1", f"{name}: {mapping} must listen on the host's loopback by default"
             host, container = int(host), int(container)
@@ -225,6 +234,28 @@ def test_ports_healthchecks_and_published_ports_agree(services):
             targets[container] = host
         assert set(targets) == {http, grpc, metrics} | ({int(openai)} if openai else set()), name
     assert published[8000] == "triton" and published[8001] == "triton"
+
+
+def test_http_fronts_are_nginx_with_the_bounds(services):
+    """Triton 2.51 reads an HTTP body whole (no size flag, no read timeouts): nginx caps it in front,
+    at the servers' max_request_bytes, and each server depends on its front (`up -d triton` starts both)."""
+    from qwen3vl_triton.serve.repository import Settings
+
+    template = NGINX_TEMPLATE.read_text()
+    variables = set(re.findall(r"\$\{(QWEN3VL_[A-Z_]+)\}", template))
+    assert variables == {"QWEN3VL_TRITON", "QWEN3VL_MAX_BODY"}
+    for line in ("client_max_body_size ${QWEN3VL_MAX_BODY};", "client_header_timeout", "client_body_timeout",
+                 "limit_conn per_client", "proxy_buffering off;", "listen 8000;"):
+        assert line in template, line
+    for server, name in FRONTS.items():
+        svc = services[name]
+        assert re.fullmatch(r"nginxinc/nginx-unprivileged:\d+\.\d+\.\d+-alpine", svc["image"]), svc["image"]
+        assert "build" not in svc and set(svc["environment"]) == variables, name
+        assert svc["volumes"] == [f"./{NGINX_TEMPLATE.relative_to(ROOT)}:/etc/nginx/templates/default.conf.template:ro"]
+        size = svc["environment"]["QWEN3VL_MAX_BODY"]
+        assert size == f"{Settings().max_request_bytes // 2**20}m", f"{name}: the body bound is max_request_bytes"
+        assert services[server]["depends_on"][name] == {"condition": "service_healthy"}
+        assert "8000/nginx-health" in " ".join(svc["healthcheck"]["test"])
 
 
 def test_published_ports_open_to_other_hosts_only_when_asked():

@@ -98,6 +98,8 @@ def test_a_config_triton_cannot_parse_fails_at_render_time(tiny_checkpoint, tmp_
     (Settings(dtype="float16"), "the CPU engine serves float32 or bfloat16"),
     (Settings(max_batch_size=0), "max_batch_size must be >= 1"),
     (Settings(dtype="float64"), "dtype 'float64'"),
+    (Settings(openai_body_budget_bytes=2**20), "openai_body_budget_bytes 1048576 is below max_request_bytes"),
+    (Settings(openai_header_timeout_ms=0), "openai_header_timeout_ms must be >= 1"),
 ])
 def test_inconsistent_settings_are_refused(settings, message, tiny_checkpoint, tmp_path):
     with pytest.raises(RenderError, match=message):

@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qwen3vl_triton.api.http_limits import BodyLimit, BodyTooLarge, HTTPLimits, guarded_protocol
 from qwen3vl_triton.clients import llm as llm_client
+from qwen3vl_triton.errors import InputError
+from qwen3vl_triton.text import preprocess, untrusted
 
 MODEL = "qwen3vl"
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
@@ -85,7 +88,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def fetch_image(url: str, policy: ImagePolicy, param: str) -> str:
     """The image at an allowed remote URL, as a data URL."""
-    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    try:
+        host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    except ValueError as exc:  # e.g. "http://[::1": not a URL
+        raise APIError(400, f"{param}: is not a valid URL ({exc})", param) from None
     if host not in policy.hosts:
         raise APIError(400, f"{param}: remote image URLs are not fetched from {host or 'this URL'!r}: send the "
                             "image as a data URL or base64" + ("" if not policy.hosts else
@@ -150,17 +156,18 @@ class Params:
         if not isinstance(body.get("model"), str):
             raise APIError(400, "model: is required (a string)", "model")
         if body["model"] != model:
-            raise APIError(404, f"The model '{body['model']}' does not exist (this server serves '{model}')", "model")
+            raise APIError(404, f"The model {untrusted.short(body['model'])} does not exist (this server serves "
+                                f"'{model}')", "model")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "messages: must be a non-empty array of messages", "messages")
         n = body.get("n", 1)
         if n is not None and n != 1:
-            raise APIError(400, f"n: only 1 choice per request is supported, got {n!r}", "n")
+            raise APIError(400, f"n: only 1 choice per request is supported, got {untrusted.short(n)}", "n")
 
         for name, ignored in UNSUPPORTED.items():
             if body.get(name) not in ignored:
-                raise APIError(400, f"{name}: not supported by this server (got {body[name]!r}); "
+                raise APIError(400, f"{name}: not supported by this server (got {untrusted.short(body[name])}); "
                                     f"leave it out", name)
 
         def number(name, low, high, integer=False, low_open=False):
@@ -168,11 +175,13 @@ class Params:
             if value is None:
                 return None
             kinds = (int,) if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+            # (math.isfinite of an int converts it to a float, which overflows past 1e308)
+            if isinstance(value, bool) or not isinstance(value, kinds) \
+                    or (isinstance(value, float) and not math.isfinite(value)) \
                     or value < low or value > high or (low_open and value == low):
                 bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
                 raise APIError(400, f"{name}: must be {'an integer' if integer else 'a number'} in {bound}, "
-                                    f"got {value!r}", name)
+                                    f"got {untrusted.short(value)}", name)
             return value
 
         field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -292,17 +301,28 @@ class Backend:
         await self.client.close()
 
 
+def error_body(status: int, message: str) -> bytes:
+    """An OpenAI error object as a response body, for answers given outside the application's handlers."""
+    return json.dumps(APIError(status, message).body()).encode()
+
+
 def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int = 1024,
-               images: ImagePolicy | None = None):
+               images: ImagePolicy | None = None, limits: preprocess.Limits | None = None, max_images: int = 8,
+               body_budget: int | None = None):
+    """The application. `limits` bound a request as the model bounds it (its body by `request_bytes`,
+    before it is read; its text and each image's bytes, with `max_images`, before it is forwarded);
+    `body_budget` bounds the bodies of all requests in flight together (http_limits.BodyLimit)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     images = images or ImagePolicy()
+    limits = limits or preprocess.Limits()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -317,6 +337,38 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(BodyTooLarge)  # a chunked body, refused at the limit while it was read
+    async def _too_large(_request, exc: BodyTooLarge):
+        return JSONResponse(APIError(exc.status, exc.message).body(), status_code=exc.status)
+
+    @app.exception_handler(ClientDisconnect)  # the client left (or was closed) while sending its body
+    async def _gone(_request, _exc):
+        return Response(status_code=499)  # nobody reads it
+
+    # the body's size: from Content-Length before anything is read, else as it is read
+    app.add_middleware(BodyLimit, max_bytes=limits.request_bytes, error_body=error_body, budget=body_budget)
+
+    async def read_json(request: Request):
+        """The body as client JSON: bounded nesting and numbers, no lone surrogates (text/untrusted.py)."""
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+        try:
+            doc = untrusted.decode(raw, "", "request")
+            del raw  # the body is held once at a time: bytes, then text, then values
+            return untrusted.loads(doc, "", "request")
+        except InputError as exc:
+            raise APIError(400, str(exc), None if exc.input == "request" else exc.input) from None
+
+    def check_messages(messages) -> None:
+        """What the model would refuse without decoding anything, refused here: no copy of a request
+        that will fail is forwarded (the model checks the same again)."""
+        try:
+            _, found, names = preprocess.parse_messages(messages, limits)
+            preprocess.check_images(found, names, limits, max_images)
+        except InputError as exc:
+            raise APIError(400, str(exc), exc.input) from None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths, wrong methods
@@ -347,12 +399,9 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        p = Params.parse(body, served_model, max_output_len)
+        p = Params.parse(await read_json(request), served_model, max_output_len)
         p.messages = await resolve_images(p.messages, images)
+        check_messages(p.messages)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         pieces = backend.generate(p)
         try:
@@ -453,12 +502,33 @@ def main(argv=None) -> int:
                                                           "fetched (default: none)")
     ap.add_argument("--image-url-max-bytes", type=int, default=20 * 2**20)
     ap.add_argument("--image-url-timeout-ms", type=int, default=5000)
+    defaults, http = preprocess.Limits(), HTTPLimits()
+    ap.add_argument("--max-request-bytes", type=int, default=defaults.request_bytes,
+                    help="a request body's bound, refused (413) before it is read")
+    ap.add_argument("--body-budget-bytes", type=int, default=4 * defaults.request_bytes,
+                    help="the bodies of all requests in flight together; past it 503 before reading")
+    ap.add_argument("--max-text-bytes", type=int, default=defaults.text_bytes, help="all text of a request")
+    ap.add_argument("--max-image-bytes", type=int, default=defaults.image_bytes, help="each image")
+    ap.add_argument("--max-images", type=int, default=8, help="images per request")
+    ap.add_argument("--header-timeout-ms", type=int, default=int(http.header_timeout * 1e3),
+                    help="for a request's line and headers to arrive (then 408 and close)")
+    ap.add_argument("--body-timeout-ms", type=int, default=int(http.body_timeout * 1e3),
+                    help="for a request's whole body to arrive, from the end of its headers")
+    ap.add_argument("--max-connections", type=int, default=http.max_connections,
+                    help="open at once; past it a new connection is answered 503 and closed")
     args = ap.parse_args(argv)
     policy = ImagePolicy.parse(args.image_url_hosts, args.image_url_max_bytes, args.image_url_timeout_ms / 1e3)
+    limits = preprocess.Limits(text_bytes=args.max_text_bytes, image_bytes=args.max_image_bytes,
+                               request_bytes=args.max_request_bytes)
+    http = HTTPLimits(args.header_timeout_ms / 1e3, args.body_timeout_ms / 1e3, args.max_connections)
 
     async def serve():
-        app = create_app(Backend(args.grpc_url, args.model), args.served_model_name, args.max_output_len, policy)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
+        app = create_app(Backend(args.grpc_url, args.model), args.served_model_name, args.max_output_len, policy,
+                         limits, args.max_images, max(args.body_budget_bytes, args.max_request_bytes))
+        # h11 (not httptools, which bounds no header size), with the read timeouts and connection bound
+        # uvicorn lacks (http_limits.py); no WebSocket upgrades
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="on",
+                                http=guarded_protocol(http, error_body), ws="none")
         await uvicorn.Server(config).serve()
 
     asyncio.run(serve())  # the gRPC channel is made inside the server's event loop

@@ -73,6 +73,14 @@ class Settings:
     image_url_hosts: str = ""
     image_url_max_bytes: int = 20 * 2**20
     image_url_timeout_ms: int = 5000
+    # OpenAI endpoint, for slow clients: time for a request's line and headers to arrive, and for its
+    # body (from the end of its headers), else 408 and the connection is closed; connections open at
+    # once, past it 503. Each body is bounded by max_request_bytes, refused (413) before it is read,
+    # and the bodies of all requests in flight by openai_body_budget_bytes (past it 503, before reading).
+    openai_header_timeout_ms: int = 10_000
+    openai_body_timeout_ms: int = 60_000
+    openai_max_connections: int = 512
+    openai_body_budget_bytes: int = 256 * 2**20
     # the serving dtype of the whole model (vision tower, tables, LLM): float32, bfloat16, float16,
     # or auto (the checkpoint's own); float32 serves any checkpoint upcast
     dtype: str = "float32"
@@ -97,6 +105,11 @@ class Settings:
     language_url: str = ""
     chunk_rows: int = 256  # table rows per chunk sent by qwen3vl_disagg
 
+    @property
+    def text_bytes(self) -> int:
+        """The bound on all text of a request that max_text_bytes sets (0: 16 bytes per token)."""
+        return self.max_text_bytes or 16 * self.max_seq_len
+
     def check(self, spec: ModelSpec, device: str) -> None:
         problems = []
         for f in fields(self):
@@ -120,12 +133,18 @@ class Settings:
             "max_request_bytes",
             "image_url_max_bytes",
             "image_url_timeout_ms",
+            "openai_header_timeout_ms",
+            "openai_body_timeout_ms",
+            "openai_max_connections",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len > spec.max_position_embeddings:
             problems.append(f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "
                             f"{spec.max_position_embeddings}")
+        if self.openai_body_budget_bytes < self.max_request_bytes:
+            problems.append(f"openai_body_budget_bytes {self.openai_body_budget_bytes} is below max_request_bytes "
+                            f"{self.max_request_bytes}: no request of the largest size could be read")
         if self.max_output_len >= self.max_seq_len:
             problems.append(f"max_output_len {self.max_output_len} leaves no room for a prompt in "
                             f"max_seq_len {self.max_seq_len}")
@@ -197,7 +216,7 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
         patch_dim=str(3 * spec.temporal_patch_size * spec.patch_size ** 2),
         table_dtype=table_dtype,
         max_input_len=str(settings.max_seq_len - 1),
-        max_text_bytes=str(settings.max_text_bytes or 16 * settings.max_seq_len),
+        max_text_bytes=str(settings.text_bytes),
         # postprocessing holds a worker per running generation: room for a full engine batch and
         # as many waiting for a place
         generate_workers=str(2 * settings.engine_max_batch),

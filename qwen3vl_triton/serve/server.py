@@ -304,7 +304,7 @@ class OpenAIServer:
     grpc_url: str
     address: str
     port: int
-    settings: object  # repository.Settings: max_output_len and the image URL policy
+    settings: object  # repository.Settings: max_output_len, the image URL policy, the request bounds
     log_file: Path | None = None
     process: subprocess.Popen | None = None
     _stopping: bool = field(default=False, repr=False)
@@ -318,7 +318,14 @@ class OpenAIServer:
         return [sys.executable, "-m", "qwen3vl_triton.api.openai_server", "--grpc-url", self.grpc_url,
                 "--host", self.address, "--port", str(self.port), "--max-output-len", str(s.max_output_len),
                 "--image-url-hosts", s.image_url_hosts, "--image-url-max-bytes", str(s.image_url_max_bytes),
-                "--image-url-timeout-ms", str(s.image_url_timeout_ms)]
+                "--image-url-timeout-ms", str(s.image_url_timeout_ms),
+                # the model's bounds, checked before a request is forwarded (the body's before it is read)
+                "--max-request-bytes", str(s.max_request_bytes), "--max-text-bytes", str(s.text_bytes),
+                "--max-image-bytes", str(s.max_image_bytes), "--max-images", str(s.max_images),
+                "--header-timeout-ms", str(s.openai_header_timeout_ms),
+                "--body-timeout-ms", str(s.openai_body_timeout_ms),
+                "--max-connections", str(s.openai_max_connections),
+                "--body-budget-bytes", str(s.openai_body_budget_bytes)]
 
     def start(self, timeout: float = 60.0) -> "OpenAIServer":
         if not port_free(self.address, self.port):

@@ -14,18 +14,20 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
 
 from qwen3vl_triton.errors import InputError
-from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.text import untrusted
+from qwen3vl_triton.text.image_size import declared_size
+
+if TYPE_CHECKING:  # not imported at run time: the OpenAI endpoint checks messages here without torch
+    from qwen3vl_triton.model.checkpoint import ModelSpec
 
 # Decoding a bigger image than this is refused before its pixels are decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
@@ -44,12 +46,14 @@ class Limits:
     request_bytes: int = 64 * 2**20
 
 
-def encoded_size(data: bytes) -> int:
-    """Bytes of the image file that `data` (a file, base64 of one, or a data URL) carries, from its
-    length alone."""
-    if data[:5].lower() == b"data:":
-        return len(data.partition(b",")[2]) * 3 // 4
-    if _BASE64.match(data[:256]):
+def encoded_size(data: bytes | str) -> int:
+    """Bytes of the image file that `data` (a file, base64 of one, or a data URL; bytes, or a str as
+    JSON gives it) carries, from its length alone (nothing is copied)."""
+    head = data[:256] if isinstance(data, bytes) else data[:256].encode("utf-8", "replace")
+    if head[:5].lower() == b"data:":
+        comma = data.find(b"," if isinstance(data, bytes) else ",")
+        return (len(data) - comma - 1) * 3 // 4 if comma >= 0 else 0
+    if _BASE64.match(head):
         return len(data) * 3 // 4
     return len(data)
 
@@ -158,7 +162,7 @@ class Request:
     `{"type": "image"}` items, in order) and the encoded images."""
 
     conversation: list[dict]
-    images: list[bytes]
+    images: list[bytes | str]  # encoded files, base64 or data URLs (str: as JSON gave them)
     max_tokens: int
     source: str  # the input the prompt came from: "text_input" or "messages"
     image_names: list[str] | None = None  # what an error about each image names
@@ -181,8 +185,8 @@ def decode_image(data: bytes | str, name: str, max_pixels: int = DEFAULT_MAX_IMA
     if isinstance(data, str):
         data = data.encode()
     raw = bytes(data)
-    if max_bytes is not None and encoded_size(raw) > max_bytes:
-        raise InputError(name, f"is {encoded_size(raw)} bytes, above the limit of {max_bytes}")
+    if max_bytes is not None:
+        _check_bytes(name, raw, max_bytes)
     if raw[:5].lower() == b"data:":
         header, sep, payload = raw.partition(b",")
         if not sep or not header.endswith(b";base64"):
@@ -190,28 +194,39 @@ def decode_image(data: bytes | str, name: str, max_pixels: int = DEFAULT_MAX_IMA
         raw = _b64(payload, name)
     elif not raw:
         raise InputError(name, "is empty")
-    image = _open(raw)
+    image = _open(raw, name, max_pixels)
     if image is None:
         try:
             decoded = _b64(raw, name)
         except InputError:
             decoded = None
-        image = _open(decoded) if decoded else None
+        image = _open(decoded, name, max_pixels) if decoded else None
     if image is None:
-        if _png_zero_size(raw):
-            raise InputError(name, "has zero size")
         raise InputError(name, "cannot be decoded: not an image file (PNG, JPEG, WebP, ...) nor base64 of one")
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise InputError(name, f"has zero size ({width}x{height})")
-    if width * height > max_pixels:
-        raise InputError(name, f"is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}")
+    _check_size(name, *image.size, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return image.convert("RGB")
     except Exception as exc:  # truncated or corrupt pixel data
         raise InputError(name, f"cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def _check_bytes(name: str, data: bytes, max_bytes: int) -> None:
+    size = encoded_size(data)
+    if size > max_bytes:
+        raise InputError(name, f"is {size} bytes, above the limit of {max_bytes}")
+
+
+def check_images(images: list[bytes | str], names: list[str], limits: Limits, max_images: int,
+                 source: str = "messages") -> None:
+    """The bounds on a request's images that need no decoding: how many, and each one's bytes (the
+    OpenAI endpoint checks them too, before it forwards a request)."""
+    if len(images) > max_images:
+        raise InputError("image" if source == "text_input" else "messages",
+                         f"{len(images)} images given, at most {max_images} are allowed")
+    for image, name in zip(images, names):
+        _check_bytes(name, image, limits.image_bytes)
 
 
 def _b64(payload: bytes, name: str) -> bytes:
@@ -221,19 +236,30 @@ def _b64(payload: bytes, name: str) -> bytes:
         raise InputError(name, "is not valid base64") from None
 
 
-def _png_zero_size(raw: bytes) -> bool:
-    """A PNG whose header declares a zero width or height (Pillow refuses to identify it)."""
-    if raw[:8] != b"\x89PNG\r\n\x1a\n" or len(raw) < 24:
-        return False
-    width, height = struct.unpack(">II", raw[16:24])
-    return width == 0 or height == 0
+def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise InputError(name, f"has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise InputError(name, f"is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}")
 
 
-def _open(raw: bytes) -> Image.Image | None:
+_BOMB = re.compile(r"\((\d+) pixels\)")
+
+
+def _open(raw: bytes, name: str, max_pixels: int) -> Image.Image | None:
+    """The image's header, parsed (None: not an image). Its declared size is checked first, so the
+    pixel limit speaks before any decoder, Pillow's own decompression-bomb guard included."""
+    declared = declared_size(raw)
+    if declared is not None:
+        _check_size(name, *declared[:2], max_pixels)
     try:
         image = Image.open(io.BytesIO(raw))
         image.size  # noqa: B018 -- header parsed
         return image
+    except Image.DecompressionBombError as exc:  # a format whose header is not read here
+        m = _BOMB.search(str(exc))
+        size = f"{m.group(1)} pixels" if m else f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
+        raise InputError(name, f"is {size}, above the limit of {max_pixels}") from None
     except Exception:
         return None
 
@@ -296,10 +322,9 @@ class Preprocessor:
     def render(self, conversation: list[dict], images: list[bytes | str], source: str = "messages",
                image_names: list[str] | None = None) -> Prompt:
         """Template a conversation whose images are `{"type": "image"}` items, in the order of `images`."""
-        if len(images) > self.max_images:
-            raise InputError("image" if source == "text_input" else "messages",
-                             f"{len(images)} images given, at most {self.max_images} are allowed")
-        pixel_values, grid_thw = self.images(images, image_names)
+        names = image_names or [f"image[{i}]" for i in range(len(images))]
+        check_images(images, names, self.limits, self.max_images, source)
+        pixel_values, grid_thw = self.images(images, names)
         ids = self.tokenizer(self.template(conversation), add_special_tokens=False)["input_ids"]
         ids = np.asarray(ids, dtype=np.int64)
         placeholder = np.flatnonzero(ids == self.spec.image_token_id)
@@ -330,7 +355,7 @@ def single_turn(text: str, num_images: int) -> list[dict]:
     ]
 
 
-def _image_url(part: dict, name: str) -> bytes:
+def _image_url(part: dict, name: str) -> str:
     """The image of an `image_url` part: a data URL or raw base64 (remote URLs are the HTTP
     frontend's to fetch, for hosts its operator allowed; the model server never fetches)."""
     value = part.get("image_url")
@@ -344,17 +369,16 @@ def _image_url(part: dict, name: str) -> bytes:
     if not scheme.startswith("data:") and re.match(r"^[a-z][a-z0-9+.-]*:", scheme):
         raise InputError(f"{name}.image_url", f"URL scheme {url.split(':', 1)[0]!r} is not supported: send a data "
                                               "URL or base64")
-    return url.encode()
+    return url  # encoded only to be decoded (a data URL may be megabytes)
 
 
-def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[bytes], list[str]]:
+def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[str], list[str]]:
     """OpenAI chat messages (JSON text or parsed) -> the chat template's conversation and the images,
     in order. Images are allowed in user messages; text parts and string contents anywhere."""
-    if isinstance(raw, (bytes, str)):
-        try:
-            raw = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError("messages", f"is not valid JSON: {exc}") from None
+    if isinstance(raw, (bytes, bytearray, str)):
+        raw = untrusted.loads(raw, "messages")  # bounded nesting, no lone surrogates, no huge numbers
+    else:
+        untrusted.check(raw, "messages")
     if not isinstance(raw, list) or not raw:
         raise InputError("messages", "must be a non-empty JSON array of chat messages")
     conversation, images, names, text_bytes = [], [], [], 0
@@ -365,7 +389,8 @@ def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[bytes], list[s
         role = msg.get("role")
         role = "system" if role == "developer" else role  # the OpenAI API's newer name for it
         if role not in ROLES:
-            raise InputError(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)} (or developer)")
+            raise InputError(f"{where}.role", f"{untrusted.short(role)} is not one of {', '.join(ROLES)} "
+                                              "(or developer)")
         content = msg.get("content")
         if isinstance(content, str):
             text_bytes += len(content.encode("utf-8"))
@@ -390,18 +415,12 @@ def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[bytes], list[s
                 names.append(f"{name}.image_url")
                 parts.append({"type": "image"})
             else:
-                raise InputError(f"{name}.type", f"{kind!r} is not supported: parts are text or image_url")
+                raise InputError(f"{name}.type", f"{untrusted.short(kind)} is not supported: parts are text or "
+                                                 "image_url")
         conversation.append({"role": role, "content": parts})
     if text_bytes > limits.text_bytes:
         raise InputError("messages", f"the text is {text_bytes} bytes, above the limit of {limits.text_bytes}")
     return conversation, images, names
-
-
-def _utf8(value, name: str) -> str:
-    try:
-        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    except UnicodeDecodeError:
-        raise InputError(name, "is not valid UTF-8") from None
 
 
 def _one_string(arrays: dict, name: str):
@@ -449,7 +468,7 @@ def parse_request(arrays: dict, max_output_len: int, limits: Limits | None = Non
         raise InputError("text_input", "is required (or messages)")
     if isinstance(text, bytes) and len(text) > limits.text_bytes:
         raise InputError("text_input", f"is {len(text)} bytes, above the limit of {limits.text_bytes}")
-    prompt = _utf8(text, "text_input")
+    prompt = untrusted.text(text, "text_input")
     return Request(single_turn(prompt, len(images)), images, max_tokens, "text_input", options=options)
 
 

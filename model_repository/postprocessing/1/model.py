@@ -21,6 +21,7 @@ from qwen3vl_triton.clients import llm as llm_client
 from qwen3vl_triton.clients.grpc_stream import StreamError
 from qwen3vl_triton.contract import LLM_INPUT_NAMES
 from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.text import untrusted
 from qwen3vl_triton.text.detok import TextStream
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -47,7 +48,7 @@ class TritonPythonModel:
                        ((k, pb_utils.get_input_tensor_by_name(request, k)) for k in TO_LLM) if t is not None}
                 x = read_inputs(pb_utils, request, ("input_lengths", "request_output_len", "stream", "stop_words"))
                 stops = [] if x["stop_words"] is None else [
-                    s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in x["stop_words"].reshape(-1)]
+                    untrusted.text(s, f"stop_words[{i}]") for i, s in enumerate(x["stop_words"].reshape(-1))]
                 stream = TextStream(self.tokenizer, self.spec.end_ids,
                                     scalar(x, "request_output_len", int, required=True), stops)
                 stream.prompt_tokens = scalar(x, "input_lengths", int, required=True)
