@@ -170,14 +170,17 @@ def baseline_jitter_warnings(table: list[dict], limit: float = 1.25) -> list[str
 
 # -- servers ------------------------------------------------------------------------------------------
 def start_server(checkpoint: Path, topology: str, name: str, prepare=None, **settings):
-    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.cpu_engine import render_prepared
+    from qwen3vl_triton.serve.repository import Settings
     from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     base = ROOT / "build" / "bench" / name
     base.mkdir(parents=True, exist_ok=True)
     values = dict(SERVER_SETTINGS)
     values.update(settings)
-    repo = render(checkpoint, base / "repository", topology=topology, settings=Settings(**values))
+    repo, engine = render_prepared(checkpoint, base / "repository", ROOT / "build", Settings(**values),
+                                   topology=topology, log=log)
+    log(f"[bench] {name}: engine {engine.describe()}")
     if prepare is not None:  # e.g. floor_repository
         repo = prepare(repo)
     http, grpc, metrics = free_ports(3)

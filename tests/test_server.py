@@ -18,6 +18,12 @@ from tests.oracle import image_bytes
 pytestmark = pytest.mark.server
 
 
+@pytest.fixture(scope="module")
+def server(each_runner_server):
+    """Every test of this module on each CPU runner's server (ggml: the default; torch: the reference)."""
+    return each_runner_server
+
+
 def metrics(server) -> str:
     with urllib.request.urlopen(f"http://{server.address}:{server.ports.metrics}/metrics", timeout=10) as r:
         return r.read().decode()
@@ -95,6 +101,13 @@ def test_eight_concurrent_requests_each_equal_their_oracle_and_are_batched(serve
 
 LONG = "Tell me a long story."  # greedy on the tiny checkpoint, it runs past 240 tokens
 
+# The two tests of a stream the client leaves need a generation that outlasts the trip of the
+# cancellation (client -> Triton -> postprocessing's next check -> tensorrt_llm `stop`): on the
+# ggml runner the tiny model's 240 tokens take less time than that trip, so the generation would
+# end before any stop could arrive. They run on the torch runner's server; the path they check
+# (a `stop` request -> Engine.cancel) is the same for both runners, and the engine's cancellation
+# mid-generation is tested on both in test_engine.py.
+
 
 def engine_counts(server):
     """(running sequences, generated tokens so far, generated tokens now) of the engine, once idle."""
@@ -111,10 +124,11 @@ def assert_stopped_before_its_end(running, generated, before, length=240):
     assert generated() - before < length, f"the generation ran to its end ({generated() - before} tokens)"
 
 
-def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
+def test_a_stream_left_early_is_stopped_by_its_generation_id(torch_server, oracle):
     """Triton 2.51 does not cancel an ensemble step that is already running: a tritonclient caller
     that leaves a `qwen3vl` stream ends the generation with tensorrt_llm's `stop`, sent with the
     stream's `generation_id` as the request id."""
+    server = torch_server
     assert len(oracle.generate(LONG, [], 240)) == 240  # it would run all 240 tokens
     running, generated, before = engine_counts(server)
     client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -153,7 +167,8 @@ def test_a_stream_left_early_is_stopped_by_its_generation_id(server, oracle):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_the_client_library_stops_a_generation_it_leaves(protocol, server, oracle):
+def test_the_client_library_stops_a_generation_it_leaves(protocol, torch_server, oracle):
+    server = torch_server
     assert len(oracle.generate(LONG, [], 240)) == 240
     running, generated, before = engine_counts(server)
     with Client(server.grpc_url if protocol == "grpc" else server.http_url, protocol) as c:
@@ -183,3 +198,8 @@ def test_seeded_sampling_through_the_ensemble_is_reproducible(server):
         first = run(11)
         assert run(11) == first
         assert len({first, run(12), run(13)}) > 1
+
+
+def test_metrics_name_the_engine_that_serves(server):
+    (labels,) = re.findall(r"^qwen3vl_engine_info\{([^}]*)\} 1$", metrics(server), re.M)
+    assert {'model="tensorrt_llm"', f'runner="{server.runner}"', 'dtype="float32"'} <= set(labels.split(","))

@@ -17,6 +17,7 @@ from qwen3vl_triton.backend.tensors import model_params, read_inputs
 from qwen3vl_triton.backend.token_stream import TokenStream
 from qwen3vl_triton.contract import CONTRACT_INPUTS, request_from_contract
 from qwen3vl_triton.engine.engine import Engine
+from qwen3vl_triton.engine.runner import DECODE_THREADS
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.model.checkpoint import ModelSpec
 
@@ -39,7 +40,13 @@ class TritonPythonModel:
         self.engine = Engine(spec, dtype=params["dtype"], max_batch=int(params["max_batch"]),
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
                              max_num_tokens=int(params["max_num_tokens"]), max_queue=int(params["max_queue"]),
-                             on_step=self.metrics.on_step, threads=threads)
+                             on_step=self.metrics.on_step, threads=threads,
+                             shared_threads=int(params["decode_threads"]) or DECODE_THREADS,
+                             runner=params["cpu_runner"], gguf=params["gguf"] or None)
+        if self.engine.runner_note:
+            pb_utils.Logger.log_warn(self.engine.runner_note)
+        pb_utils.Logger.log_info(f"tensorrt_llm: the {self.engine.runner_name} runner serves, dtype {params['dtype']}")
+        self.metrics.info(runner=self.engine.runner_name, dtype=params["dtype"])
 
     def execute(self, requests):
         for request in requests:
