@@ -1,0 +1,106 @@
+"""Served decode on 1 or 2 engine threads: which `decode_threads` the CPU engine should take.
+
+    python -m load_tests.ggml_threads [--checkpoint checkpoints/small] [--threads 1 2] [--rounds 3]
+
+One server per thread count (the bench's settings, `decode_threads=N`, the encoder cache off), all
+up at once and measured in turns, so other work on the host weighs on each alike: at concurrency
+1, request by request in turn on the same item; at concurrency 8, closed-loop rounds in turn
+(A, B, A, B, ...). Every request sends an image no other request sent. Prints ITL and TTFT p50/p90
+and output tokens/s per thread count, with the host's load average beside them. Nothing is
+asserted: the figures are for the choice of `engine.runner.DECODE_THREADS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="default: checkpoints/small (built when missing)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of each concurrency per thread count")
+    ap.add_argument("--single", type=int, default=2, help="requests per round at concurrency 1")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+
+    from load_tests import bench_load as load
+    from load_tests.bench import start_server
+    from load_tests.bench_report import Run, row
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.model.tiny import ensure_checkpoint
+    from qwen3vl_triton.text.preprocess import Preprocessor
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(ROOT / "checkpoints" / "small",
+                                                                                 "small")
+    size = (448, 448)
+    pre = Preprocessor(ModelSpec.load(checkpoint), max_images=2)
+    seeds = iter(range(10_000, 10**9))  # every request its own image
+
+    def fresh(n):
+        items = [load.Item(load.PROMPTS[i % len(load.PROMPTS)], load.seeded_image(*size, seed=next(seeds)), size)
+                 for i in range(n)]
+        lengths.update({it: load.input_tokens(pre, it) for it in items})
+        return items
+
+    lengths: dict = {}
+    servers = {}
+    try:
+        for t in args.threads:
+            servers[t] = start_server(checkpoint, "single", f"threads-{t}", dtype=args.dtype, decode_threads=t,
+                                      vision_cache_bytes=0)
+        single = {t: Run(f"threads={t}", 1, "448x448", args.max_tokens, 0.0) for t in servers}
+        loops = {t: [] for t in servers}
+        load_avg = []
+        sessions = {t: load.EnsembleSession(s.grpc_url, lengths) for t, s in servers.items()}
+        warm = load.warmup_request(size)
+        for session in sessions.values():
+            session.request(warm, 4)
+        for r in range(args.rounds):
+            load_avg.append(os.getloadavg()[0])
+            for item in fresh(args.single):
+                for t, session in sessions.items():
+                    t0 = time.perf_counter()
+                    single[t].samples.append(session.request(item, args.max_tokens))
+                    single[t].seconds += time.perf_counter() - t0
+            for t, s in servers.items():
+                factory = lambda url=s.grpc_url: load.EnsembleSession(url, lengths)  # noqa: E731
+                loops[t].append(load.closed_loop(factory, fresh(8), 8, 1, args.max_tokens, 4, f"threads={t}",
+                                                 log=lambda *_: None, warmup_item=warm))
+            print(f"round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+        for session in sessions.values():
+            session.close()
+    finally:
+        for s in servers.values():
+            s.stop()
+    print(f"\n{checkpoint.name}, {args.dtype}, {args.max_tokens} output tokens, 448x448 images; load average "
+          f"{min(load_avg):.1f}-{max(load_avg):.1f} (1 min) over {os.cpu_count()} cores")
+    print(f"{'threads':>7} {'conc':>4} {'reqs':>4} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p90':>8} {'tok/s':>7}")
+    for t in servers:
+        c1 = row(single[t], None)
+        print(f"{t:>7} {1:>4} {c1['requests']:>4} {c1['ttft_p50_ms']:>9.1f} {c1['itl_p50_ms']:>8.2f} "
+              f"{c1['itl_p90_ms']:>8.2f} {c1['tokens_per_s']:>7.1f}")
+        merged = Run(f"threads={t}", 8, "448x448", args.max_tokens, sum(r.seconds for r in loops[t]),
+                     [s for r in loops[t] for s in r.samples])
+        c8 = row(merged, None)
+        per_round = [r.tokens / r.seconds for r in loops[t]]
+        print(f"{t:>7} {8:>4} {c8['requests']:>4} {c8['ttft_p50_ms']:>9.1f} {c8['itl_p50_ms']:>8.2f} "
+              f"{c8['itl_p90_ms']:>8.2f} {c8['tokens_per_s']:>7.1f}   rounds: "
+              + ", ".join(f"{x:.1f}" for x in per_round) + f" (median {statistics.median(per_round):.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
