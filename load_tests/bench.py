@@ -279,22 +279,33 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
     the `small` model's 512-wide table is 1.6 MB, which one chunk request moves in about the
     time of the request itself, so it reads as latency. Then the table a real deployment moves
     for the same image: the same rows at Qwen3-VL-30B-A3B's width (`model_hidden` 2048, fp32
-    as the CPU engine holds it), in one chunk -- the target's figure, per byte."""
+    as the CPU engine holds it), in one chunk -- the target's figure, per byte.
+
+    Beside it, what the transfer is made of (`breakdown`), each measured the same way: one
+    request's round trip to the language server that moves no rows (`status`, on the started
+    sequence), and in this process the copy the server makes -- pread from the region file into a
+    table allocated for the sequence (fresh pages: the kernel zeroes and maps each page at first
+    touch) and into one already touched, against np.copyto (pre-touched, the yardstick)."""
     import numpy as np
     import tritonclient.utils.shared_memory as shm
 
     from qwen3vl_triton.transfer.sender import Disaggregated, Encoded, TransferStats, send_table
 
-    def timed(d, enc, rows, first_corrid):
+    def timed(d, enc, rows, first_corrid, request_times=None):
         times = []
         for i in range(repeats + 2):
             corrid = first_corrid + i
             d.lang.start(corrid, enc, 8)
+            t0 = time.perf_counter()
+            d.lang.status(corrid)  # a round trip that moves nothing
+            status = time.perf_counter() - t0
             stats = TransferStats()
             send_table(d.lang, corrid, d.source(enc), rows, 0, stats)
             d.lang.end(corrid)
             if i >= 2:  # the first two warm up
                 times.append(stats.seconds)
+                if request_times is not None:
+                    request_times.append(status)
         return statistics.median(times)
 
     out = {}
@@ -315,11 +326,17 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
         per_position = enc.mrope_cos_sin.size // enc.input_ids.size
         big = Encoded(np.append(enc.input_ids[:4], enc.input_ids.max()), rows, enc.hidden,
                       enc.mrope_cos_sin[:5 * per_position], 0)
-        t = timed(d, big, rows, 2_000_000)
+        request_times: list[float] = []
+        t = timed(d, big, rows, 2_000_000, request_times)
         copy = micro.memcpy_seconds(table.nbytes)
+        region_file = Path("/dev/shm") / d.shm_key.lstrip("/")
+        parts = micro.region_copy_seconds(region_file, d.table_offset, table.nbytes)
         out["model_size_table"] = {"bytes": table.nbytes, "model_hidden": model_hidden, "chunk_rows": rows,
                                    "seconds": t, "gbps": table.nbytes / t / 1e9,
-                                   "memcpy_gbps": table.nbytes / copy / 1e9, "ratio": copy / t}
+                                   "memcpy_gbps": table.nbytes / copy / 1e9, "ratio": copy / t,
+                                   "breakdown_ms": {"transfer": 1e3 * t, "memcpy": 1e3 * copy,
+                                                    "request_round_trip": 1e3 * statistics.median(request_times),
+                                                    **{k: 1e3 * v for k, v in parts.items()}}}
     return out
 
 
@@ -361,6 +378,7 @@ def overhead(checkpoint: Path, url: str, floor_url: str, requests: int, gguf=Non
     from qwen3vl_triton.engine.scheduler import Request
     from qwen3vl_triton.model.checkpoint import ModelSpec
     from qwen3vl_triton.model.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.serve.cpu_engine import engine_threads
     from qwen3vl_triton.text.detok import IncrementalDetokenizer
     from qwen3vl_triton.text.preprocess import Preprocessor
 
@@ -373,7 +391,9 @@ def overhead(checkpoint: Path, url: str, floor_url: str, requests: int, gguf=Non
     # would make the reference, not the server, suffer when the host is busy.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    engine = Engine(spec, max_batch=16, max_seq_len=2048, max_output_len=256, threads=1, runner="auto", gguf=gguf)
+    prefill, decode = engine_threads("ggml" if gguf else "torch", os.cpu_count() or 1)  # as served
+    engine = Engine(spec, max_batch=16, max_seq_len=2048, max_output_len=256, threads=prefill, shared_threads=decode,
+                    runner="ggml" if gguf else "torch", gguf=gguf)
     detok = IncrementalDetokenizer(pre.tokenizer)
 
     def in_process(image):

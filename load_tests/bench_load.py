@@ -196,7 +196,7 @@ class Pool:
 # -- the served engine, in this process ---------------------------------------------------------------------
 class EngineSession:
     """The served `tensorrt_llm`'s engine class in this process -- the same runner, dtype, weights
-    file and threads (every core for a lone prompt, DECODE_THREADS while decoding) -- behind the
+    file and threads (serve/cpu_engine.engine_threads) -- behind the
     package's preprocessing and vision encoder. `steps_ms` collects the seconds of every batch-1
     decode step, the in-process side of serving_ms_per_token."""
 
@@ -205,19 +205,19 @@ class EngineSession:
         import os
 
         from qwen3vl_triton.engine.engine import Engine
-        from qwen3vl_triton.engine.runner import DECODE_THREADS
         from qwen3vl_triton.model.checkpoint import ModelSpec
         from qwen3vl_triton.model.vision import VisionEncoder
+        from qwen3vl_triton.serve.cpu_engine import engine_threads
         from qwen3vl_triton.text.preprocess import Preprocessor
 
         spec = ModelSpec.load(checkpoint)
         self.spec, self.prompt_lengths, self.steps_ms = spec, prompt_lengths, []
         self.pre = Preprocessor(spec, max_images=settings.get("max_images", 2))
         self.enc = VisionEncoder(spec, dtype="float32" if dtype in ("q8_0", "q4_k") else dtype)
+        prefill, decode = engine_threads(runner, os.cpu_count() or 1)  # as the served model takes them
         self.engine = Engine(spec, dtype=dtype, max_batch=settings["engine_max_batch"],
                              max_seq_len=settings["max_seq_len"], max_output_len=settings["max_output_len"],
-                             threads=os.cpu_count() or 1, shared_threads=DECODE_THREADS, runner=runner, gguf=gguf,
-                             on_step=self._step)
+                             threads=prefill, shared_threads=decode, runner=runner, gguf=gguf, on_step=self._step)
         self.runner = self.engine.runner_name
 
     def _step(self, report) -> None:

@@ -162,11 +162,11 @@ def ggml_decode_step(checkpoint, gguf, context: int, dtype: str = "float32", bat
     decode threads), with new token ids every step (the router picks other experts, as in
     serving); the step is undone after timing, so the cache stays at `context`."""
     from qwen3vl_triton.engine.ggml_runner import GgmlRunner, Segment
-    from qwen3vl_triton.engine.runner import DECODE_THREADS
     from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.serve.cpu_engine import engine_threads
 
     spec = ModelSpec.load(checkpoint)
-    threads = threads or DECODE_THREADS
+    threads = threads or engine_threads("ggml", os.cpu_count() or 1)[1]
     runner = GgmlRunner(spec, dtype, slots=batch, max_len=context + 8, max_num_tokens=context, threads=threads,
                         gguf=gguf, log=lambda *_: None)
     llama = runner.llama
@@ -197,6 +197,30 @@ def ggml_decode_step(checkpoint, gguf, context: int, dtype: str = "float32", bat
 
 
 # -- the yardstick of the shared-memory transfer -------------------------------------------------------
+def region_copy_seconds(path, offset: int, nbytes: int, repeats: int = 20) -> dict:
+    """Median seconds of what the language server does with a shared-memory chunk (transfer/region.py
+    Region.read_into): os.preadv from the region file into a table allocated for the sequence
+    (np.zeros: fresh pages, zeroed and mapped by the kernel at first touch), and into one already
+    touched; and of np.copyto into fresh pages, against which the pre-touched copy is the yardstick."""
+    import os
+
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        def pread(dest):
+            view, done = memoryview(dest.reshape(-1).view(np.uint8)), 0
+            while done < nbytes:
+                done += os.preadv(fd, [view[done:]], offset + done)
+
+        touched = np.ones(nbytes // 4, np.float32)
+        src = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+        return {"pread_fresh_table": _median_seconds(lambda: pread(np.zeros(nbytes // 4, np.float32)), repeats),
+                "pread_touched_table": _median_seconds(lambda: pread(touched), repeats),
+                "memcpy_fresh_table": _median_seconds(lambda: np.copyto(np.zeros(nbytes // 4, np.float32), src),
+                                                      repeats)}
+    finally:
+        os.close(fd)
+
+
 def memcpy_seconds(nbytes: int, repeats: int = 20) -> float:
     """Median seconds of np.copyto between two pre-touched float32 buffers of `nbytes`.
 

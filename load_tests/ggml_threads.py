@@ -1,6 +1,7 @@
-"""Served decode on 1 or 2 engine threads: which `decode_threads` the CPU engine should take.
+"""Served decode (and lone prefill) on 1 or 2 engine threads: which `decode_threads` and `prefill_threads` to take.
 
     python -m load_tests.ggml_threads [--checkpoint checkpoints/small] [--threads 1 2] [--rounds 3]
+    python -m load_tests.ggml_threads --threads 1 1 --prefill-threads 1 2 --no-c8   # a lone prefill on 1 or 2
 
 One server per thread count (the bench's settings, `decode_threads=N`, the encoder cache off), all
 up at once and measured in turns, so other work on the host weighs on each alike: at concurrency
@@ -29,7 +30,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="default: checkpoints/small (built when missing)")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="decode_threads of each server")
+    ap.add_argument("--prefill-threads", type=int, nargs="+", default=None,
+                    help="prefill_threads of each server (one per --threads entry; default: every core)")
+    ap.add_argument("--no-c8", action="store_true", help="concurrency 1 only")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of each concurrency per thread count")
     ap.add_argument("--single", type=int, default=2, help="requests per round at concurrency 1")
     ap.add_argument("--dtype", default="float32")
@@ -58,9 +62,11 @@ def main(argv=None) -> int:
     lengths: dict = {}
     servers = {}
     try:
-        for t in args.threads:
-            servers[t] = start_server(checkpoint, "single", f"threads-{t}", dtype=args.dtype, decode_threads=t,
-                                      vision_cache_bytes=0)
+        prefill = args.prefill_threads or [0] * len(args.threads)
+        for t, pt in zip(args.threads, prefill):
+            key = f"{t}/{pt or os.cpu_count()}"  # decode / prefill threads
+            servers[key] = start_server(checkpoint, "single", f"threads-{t}-{pt}", dtype=args.dtype, decode_threads=t,
+                                        prefill_threads=pt, vision_cache_bytes=0)
         single = {t: Run(f"threads={t}", 1, "448x448", args.max_tokens, 0.0) for t in servers}
         loops = {t: [] for t in servers}
         load_avg = []
@@ -76,6 +82,8 @@ def main(argv=None) -> int:
                     single[t].samples.append(session.request(item, args.max_tokens))
                     single[t].seconds += time.perf_counter() - t0
             for t, s in servers.items():
+                if args.no_c8:
+                    break
                 factory = lambda url=s.grpc_url: load.EnsembleSession(url, lengths)  # noqa: E731
                 loops[t].append(load.closed_loop(factory, fresh(8), 8, 1, args.max_tokens, 4, f"threads={t}",
                                                  log=lambda *_: None, warmup_item=warm))
@@ -87,11 +95,14 @@ def main(argv=None) -> int:
             s.stop()
     print(f"\n{checkpoint.name}, {args.dtype}, {args.max_tokens} output tokens, 448x448 images; load average "
           f"{min(load_avg):.1f}-{max(load_avg):.1f} (1 min) over {os.cpu_count()} cores")
+    print("threads: decode/prefill")
     print(f"{'threads':>7} {'conc':>4} {'reqs':>4} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p90':>8} {'tok/s':>7}")
     for t in servers:
         c1 = row(single[t], None)
         print(f"{t:>7} {1:>4} {c1['requests']:>4} {c1['ttft_p50_ms']:>9.1f} {c1['itl_p50_ms']:>8.2f} "
               f"{c1['itl_p90_ms']:>8.2f} {c1['tokens_per_s']:>7.1f}")
+        if args.no_c8:
+            continue
         merged = Run(f"threads={t}", 8, "448x448", args.max_tokens, sum(r.seconds for r in loops[t]),
                      [s for r in loops[t] for s in r.samples])
         c8 = row(merged, None)

@@ -12,6 +12,7 @@ minus the in-process step p50. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     from qwen3vl_triton.engine.scheduler import Request
     from qwen3vl_triton.model.checkpoint import ModelSpec
     from qwen3vl_triton.model.vision import EncodeRequest, VisionEncoder
-    from qwen3vl_triton.serve.cpu_engine import prepare
+    from qwen3vl_triton.serve.cpu_engine import engine_threads, prepare
     from qwen3vl_triton.serve.repository import Settings
     from qwen3vl_triton.text.preprocess import Preprocessor
 
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     served = prepare(spec, Settings(**{**SERVER_SETTINGS, "dtype": args.dtype}), "cpu", ROOT / "build")
     engine = Engine(spec, dtype=args.dtype, max_batch=SERVER_SETTINGS["engine_max_batch"],
                     max_seq_len=SERVER_SETTINGS["max_seq_len"], max_output_len=SERVER_SETTINGS["max_output_len"],
-                    on_step=steps.append, runner=served.runner, gguf=served.gguf)
+                    on_step=steps.append, runner=served.runner, gguf=served.gguf,
+                    **dict(zip(("threads", "shared_threads"), engine_threads(served.runner, os.cpu_count() or 1))))
     print(f"engine: {served.describe()}")
 
     def in_process() -> list[float]:

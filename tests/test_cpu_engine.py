@@ -104,3 +104,12 @@ def test_memory_estimate_matches_the_converted_file(tiny_checkpoint, spec, tmp_p
     gguf = cpu_engine.prepare(spec, Settings(), "cpu", tmp_path, log=lambda *_: None).gguf
     # the file also holds the tokenizer (vocabulary, merges) and metadata
     assert language_bytes(spec, "float32") <= gguf.stat().st_size <= language_bytes(spec, "float32") + 256 * 2**10
+
+
+def test_engine_threads_leave_the_stubs_a_core_on_the_ggml_runner():
+    # measured on 2 cores (README "Threads"): ggml on 2 threads starved the stubs; torch keeps its own choice
+    assert cpu_engine.engine_threads("ggml", 2) == (1, 1)
+    assert cpu_engine.engine_threads("ggml", 16) == (15, 15)
+    assert cpu_engine.engine_threads("ggml", 1) == (1, 1)
+    assert cpu_engine.engine_threads("ggml", 16, prefill=4, decode=2) == (4, 2)  # the settings win
+    assert cpu_engine.engine_threads("torch", 2) == (2, 1)

@@ -103,6 +103,25 @@ def values_of(choice: EngineChoice) -> dict[str, str]:
             "gguf": str(choice.gguf) if choice.gguf else ""}
 
 
+def engine_threads(runner: str, cores: int, prefill: int = 0, decode: int = 0) -> tuple[int, int]:
+    """Threads of the engine's steps (prefill_threads, decode_threads settings; 0: the default):
+    (a lone prompt's prefill, every other step).
+
+    ggml runner: every core but one, for both -- the other core is the stubs' (vision encoder,
+    preprocessing, postprocessing, Triton). ggml's threads meet at a spinning barrier after every
+    op, so a thread that loses its core to a stub stalls the step: measured on 2 cores
+    (load_tests/ggml_threads.py, README "Threads"), served decode on 2 threads gave 5x less
+    throughput at concurrency 8 and a lone prefill on 2 threads a 4x longer time to first token
+    than on 1. torch runner: every core for a lone prefill, DECODE_THREADS (1) otherwise, as measured
+    for it (engine/runner.py)."""
+    from qwen3vl_triton.engine.runner import DECODE_THREADS
+
+    if runner == "ggml":
+        spare = max(1, cores - 1)
+        return prefill or spare, decode or spare
+    return prefill or cores, decode or DECODE_THREADS
+
+
 def render_prepared(checkpoint: str | Path, out: str | Path, build_dir: str | Path, settings=None, device: str = "cpu",
                     log=print, **render_kw) -> tuple[Path, EngineChoice]:
     """`repository.render` after `prepare`: the repository whose `tensorrt_llm` loads the weights

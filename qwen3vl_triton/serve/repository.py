@@ -66,9 +66,10 @@ class Settings:
     # <build-dir>/ggml), torch (the exact reference), or auto: ggml wherever llama.cpp's model covers
     # the checkpoint, else torch with the reason (serve/cpu_engine.py)
     cpu_runner: str = "auto"
-    # threads of the CPU engine's steps while sequences decode (a lone long prompt's prefill takes
-    # every core); 0: the measured default (engine.runner.DECODE_THREADS)
+    # threads of the CPU engine's steps while sequences decode, and of a lone prompt's prefill (no
+    # sequence decoding beside it); 0: the measured defaults (serve/cpu_engine.engine_threads)
     decode_threads: int = 0
+    prefill_threads: int = 0
     # how long the vision encoder's dynamic batcher holds a request for others to join. 0: on a
     # CPU a wait buys no compute (a batch of images costs what its images cost one by one), and
     # requests that queue while the encoder is busy are still batched.

@@ -17,9 +17,9 @@ from qwen3vl_triton.backend.tensors import model_params, read_inputs
 from qwen3vl_triton.backend.token_stream import TokenStream
 from qwen3vl_triton.contract import CONTRACT_INPUTS, request_from_contract
 from qwen3vl_triton.engine.engine import Engine
-from qwen3vl_triton.engine.runner import DECODE_THREADS
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.serve.cpu_engine import engine_threads
 
 
 class TritonPythonModel:
@@ -33,15 +33,15 @@ class TritonPythonModel:
         # requests and must never start an OpenMP team of its own: with two teams alive OpenMP
         # counts more threads than cores and puts the engine's helper thread to sleep after
         # every op, which made the engine's prefill 1.6x slower.
-        threads = torch.get_num_threads()
+        prefill_threads, decode_threads = engine_threads(params["cpu_runner"], torch.get_num_threads(),
+                                                         int(params["prefill_threads"]), int(params["decode_threads"]))
         torch.set_num_threads(1)
         self.running, self._lock = {}, threading.Lock()  # Triton request id -> its running TokenStreams
         self.stopped = set()  # TokenStreams a `stop` request ended
         self.engine = Engine(spec, dtype=params["dtype"], max_batch=int(params["max_batch"]),
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
                              max_num_tokens=int(params["max_num_tokens"]), max_queue=int(params["max_queue"]),
-                             on_step=self.metrics.on_step, threads=threads,
-                             shared_threads=int(params["decode_threads"]) or DECODE_THREADS,
+                             on_step=self.metrics.on_step, threads=prefill_threads, shared_threads=decode_threads,
                              runner=params["cpu_runner"], gguf=params["gguf"] or None)
         if self.engine.runner_note:
             pb_utils.Logger.log_warn(self.engine.runner_note)
