@@ -489,6 +489,10 @@ def roofline(cfg: Config, checkpoint: Path, rates: dict, prompt_len: dict, decod
         "decode_b8_floor_ms": 1e3 * b8["total"] / (gbps * 1e9),
         "decode_b1_bf16_mbytes": b1_bf16["total"] / 1e6,
         "decode_b1_bf16_floor_ms": 1e3 * b1_bf16["total"] / (gbps * 1e9),
+        # q8_0: 34 bytes per 32 weights, f16 KV cells (the ggml runner's)
+        "decode_b1_q8_floor_ms": 1e3 * (micro.decode_step_bytes(spec, 1, ctx, dtype_bytes=34 / 32)["weights"]
+                                        + micro.decode_step_bytes(spec, 1, ctx, dtype_bytes=2)["kv_cache"])
+                                 / (gbps * 1e9),
         "decode_b1_engine_ms": decode["engine_b1_ms"],
         "decode_b8_engine_ms": decode["engine_b8_ms"],
         "decode_b8_transformers_ms": decode["transformers_b8_ms"],
@@ -526,7 +530,7 @@ def main(argv=None) -> int:
     pool = load.Pool(Preprocessor(spec, max_images=2))  # every request its own image
     prompt_lengths = pool.prompt_lengths
 
-    from qwen3vl_triton.serve.cpu_engine import prepare
+    from qwen3vl_triton.serve.cpu_engine import engine_threads, prepare
     from qwen3vl_triton.serve.repository import Settings
 
     # the served engine's weights (the default: the ggml runner, float32), converted once
@@ -570,10 +574,15 @@ def main(argv=None) -> int:
 
     peer_files = part("llama.cpp build and conversion", prepare_peer)
 
+    # the peer decodes and prefills on the threads the served engine takes (same kernels, same threads)
+    peer_prefill, peer_decode = engine_threads("ggml", os.cpu_count() or 1)
+    env["llamacpp_threads"] = {"threads": peer_decode, "threads_batch": peer_prefill}
+
     def start_peer(outtype: str) -> peer.LlamaServer:
         binary, files = peer_files
         log_file = ROOT / "build" / "bench" / f"llamacpp-{outtype}" / "llama-server.log"
-        return peer.LlamaServer(binary, *files[outtype], log_file).start(log=log)
+        return peer.LlamaServer(binary, *files[outtype], log_file, threads=peer_decode,
+                                threads_batch=peer_prefill).start(log=log)
 
     def peer_rows(sessions: dict, factories: dict):
         """The c=1 rows of `sessions` in turn, then each of `factories`' closed loops above c=1;

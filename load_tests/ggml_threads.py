@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--single", type=int, default=2, help="requests per round at concurrency 1")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="llama-server (the bench's peer, f32 GGUF) instead of the served stack, same threads")
     args = ap.parse_args(argv)
 
     from load_tests import bench_load as load
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     from load_tests.bench_report import Run, row
     from qwen3vl_triton.model.checkpoint import ModelSpec
     from qwen3vl_triton.model.tiny import ensure_checkpoint
+    from qwen3vl_triton.serve.cpu_engine import engine_threads
     from qwen3vl_triton.text.preprocess import Preprocessor
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(ROOT / "checkpoints" / "small",
@@ -63,14 +66,29 @@ def main(argv=None) -> int:
     servers = {}
     try:
         prefill = args.prefill_threads or [0] * len(args.threads)
+        if args.llamacpp:
+            from builders.llamacpp import build, convert
+            from load_tests import bench_llamacpp as peer
+
+            binary, files = build.ensure_server(), convert.ensure_gguf(checkpoint, "f32")
         for t, pt in zip(args.threads, prefill):
-            key = f"{t}/{pt or os.cpu_count()}"  # decode / prefill threads
-            servers[key] = start_server(checkpoint, "single", f"threads-{t}-{pt}", dtype=args.dtype, decode_threads=t,
-                                        prefill_threads=pt, vision_cache_bytes=0)
+            pt, t = engine_threads("ggml", os.cpu_count() or 1, pt, t)
+            key = f"{t}/{pt}"  # decode / prefill threads
+            if args.llamacpp:
+                servers[key] = peer.LlamaServer(binary, *files, ROOT / "build" / "threads" / f"llamacpp-{t}-{pt}.log",
+                                                threads=t, threads_batch=pt).start()
+            else:
+                servers[key] = start_server(checkpoint, "single", f"threads-{t}-{pt}", dtype=args.dtype,
+                                            decode_threads=t, prefill_threads=pt, vision_cache_bytes=0)
+
+        def session(server):
+            return peer.LlamaCppSession(server.address) if args.llamacpp else load.EnsembleSession(server.grpc_url,
+                                                                                                   lengths)
+
         single = {t: Run(f"threads={t}", 1, "448x448", args.max_tokens, 0.0) for t in servers}
         loops = {t: [] for t in servers}
         load_avg = []
-        sessions = {t: load.EnsembleSession(s.grpc_url, lengths) for t, s in servers.items()}
+        sessions = {t: session(s) for t, s in servers.items()}
         warm = load.warmup_request(size)
         for session in sessions.values():
             session.request(warm, 4)
@@ -84,7 +102,7 @@ def main(argv=None) -> int:
             for t, s in servers.items():
                 if args.no_c8:
                     break
-                factory = lambda url=s.grpc_url: load.EnsembleSession(url, lengths)  # noqa: E731
+                factory = lambda s=s: session(s)  # noqa: E731
                 loops[t].append(load.closed_loop(factory, fresh(8), 8, 1, args.max_tokens, 4, f"threads={t}",
                                                  log=lambda *_: None, warmup_item=warm))
             print(f"round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -93,14 +111,16 @@ def main(argv=None) -> int:
     finally:
         for s in servers.values():
             s.stop()
-    print(f"\n{checkpoint.name}, {args.dtype}, {args.max_tokens} output tokens, 448x448 images; load average "
+    who = "llama-server" if args.llamacpp else "served"
+    print(f"\n{who}, {checkpoint.name}, {args.dtype}, {args.max_tokens} output tokens, 448x448 images; load average "
           f"{min(load_avg):.1f}-{max(load_avg):.1f} (1 min) over {os.cpu_count()} cores")
     print("threads: decode/prefill")
-    print(f"{'threads':>7} {'conc':>4} {'reqs':>4} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p90':>8} {'tok/s':>7}")
+    print(f"{'threads':>7} {'conc':>4} {'reqs':>4} {'TTFT p50':>9} {'ITL p50':>8} {'ITL p90':>8} {'ms/tok':>7} "
+          f"{'tok/s':>7}")
     for t in servers:
         c1 = row(single[t], None)
         print(f"{t:>7} {1:>4} {c1['requests']:>4} {c1['ttft_p50_ms']:>9.1f} {c1['itl_p50_ms']:>8.2f} "
-              f"{c1['itl_p90_ms']:>8.2f} {c1['tokens_per_s']:>7.1f}")
+              f"{c1['itl_p90_ms']:>8.2f} {c1['decode_ms_p50']:>7.2f} {c1['tokens_per_s']:>7.1f}")
         if args.no_c8:
             continue
         merged = Run(f"threads={t}", 8, "448x448", args.max_tokens, sum(r.seconds for r in loops[t]),
@@ -108,7 +128,7 @@ def main(argv=None) -> int:
         c8 = row(merged, None)
         per_round = [r.tokens / r.seconds for r in loops[t]]
         print(f"{t:>7} {8:>4} {c8['requests']:>4} {c8['ttft_p50_ms']:>9.1f} {c8['itl_p50_ms']:>8.2f} "
-              f"{c8['itl_p90_ms']:>8.2f} {c8['tokens_per_s']:>7.1f}   rounds: "
+              f"{c8['itl_p90_ms']:>8.2f} {c8['decode_ms_p50']:>7.2f} {c8['tokens_per_s']:>7.1f}   rounds: "
               + ", ".join(f"{x:.1f}" for x in per_round) + f" (median {statistics.median(per_round):.1f})")
     return 0
 

@@ -115,6 +115,23 @@ def test_a_physically_impossible_figure_is_a_failure_not_a_pass(key, value):
     assert bench_report.status(key, value) == "impossible"
 
 
+def test_itl_is_a_requests_mean_time_per_token_and_cannot_beat_the_memory_floor():
+    # tokens held on the way and delivered together: gaps of 0.05 ms, a decode at 2 ms per token
+    bursty = Sample(0.5, [0.5] + [0.5 + 0.254 + 0.00005 * i for i in range(127)], 220)
+    assert bursty.decode_interval == pytest.approx((0.254 + 0.00005 * 126) / 127)
+    runs = _runs() + _peer_runs()
+    runs[-2] = Run("qwen3vl-q8_0", 1, "448x448", 128, 1.0, [bursty] * 3)
+    data = bench_report.report(runs, MICRO, {}, {"decode_b1_q8_floor_ms": 0.6}, "448x448", {})
+    q1 = bench_report.find(data["table"], "qwen3vl-q8_0", 1, "448x448")
+    assert q1["itl_p50_ms"] < 0.1 and q1["decode_ms_p50"] == pytest.approx(1e3 * bursty.decode_interval)
+    assert data["targets"]["itl_c1_q8_vs_llamacpp"] == pytest.approx(q1["decode_ms_p50"] / 2.0)
+    assert data["targets_detail"]["itl_c1_q8_vs_llamacpp"]["status"] == "met"  # 2.05 ms: above the 0.6 ms floor
+    data = bench_report.report(runs, MICRO, {}, {"decode_b1_q8_floor_ms": 2.5}, "448x448", {})
+    detail = data["targets_detail"]["itl_c1_q8_vs_llamacpp"]
+    assert detail["status"] == "impossible" and "below the 2.500 ms a batch-1 step needs" in detail["why"]
+    assert data["targets_met"]["itl_c1_q8_vs_llamacpp"] is False
+
+
 def test_bf16_figures_are_targets_only_on_a_host_with_bf16_matrix_instructions(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx avx2 fma avx512f avx512bw\n")
@@ -309,6 +326,8 @@ def test_llama_server_command_serves_eight_slots_with_continuous_batching_on_loo
     assert value("--parallel") == "8" and "--cont-batching" in cmd
     assert int(value("--ctx-size")) == 8 * 2048  # every slot holds a prompt plus max_seq_len of the served stack
     assert value("--threads") == value("--threads-batch") == "2"
+    cmd = server_command("/b/llama-server", "/g/m.gguf", "/g/m-mmproj.gguf", 40123, threads=1, threads_batch=3)
+    assert value("--threads") == "1" and value("--threads-batch") == "3"
     assert value("--cache-ram") == "0"  # no prompt cache shared between requests
 
 
