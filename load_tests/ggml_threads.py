@@ -81,14 +81,14 @@ def main(argv=None) -> int:
                 servers[key] = start_server(checkpoint, "single", f"threads-{t}-{pt}", dtype=args.dtype,
                                             decode_threads=t, prefill_threads=pt, vision_cache_bytes=0)
 
-        def session(server):
+        def open_session(server):
             return peer.LlamaCppSession(server.address) if args.llamacpp else load.EnsembleSession(server.grpc_url,
                                                                                                    lengths)
 
         single = {t: Run(f"threads={t}", 1, "448x448", args.max_tokens, 0.0) for t in servers}
         loops = {t: [] for t in servers}
         load_avg = []
-        sessions = {t: session(s) for t, s in servers.items()}
+        sessions = {t: open_session(s) for t, s in servers.items()}
         warm = load.warmup_request(size)
         for session in sessions.values():
             session.request(warm, 4)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
             for t, s in servers.items():
                 if args.no_c8:
                     break
-                factory = lambda s=s: session(s)  # noqa: E731
+                factory = lambda s=s: open_session(s)  # noqa: E731
                 loops[t].append(load.closed_loop(factory, fresh(8), 8, 1, args.max_tokens, 4, f"threads={t}",
                                                  log=lambda *_: None, warmup_item=warm))
             print(f"round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
