@@ -9,8 +9,9 @@ then, teacher-forced on those tokens, every position's argmax (end ids suppresse
 is compared with the oracle's:
 
 - ours: the ggml runner on the checkpoint's GGUF of each dtype (float32, bfloat16, q8_0, q4_k),
-  with the project's preprocessing and vision tower (float32, bfloat16 for bfloat16) -- the
-  served path's numbers; every position of a prompt in one pass (`GgmlRunner.all_logits`);
+  with the project's preprocessing and vision tower (float32, bfloat16 for bfloat16), computed as
+  serving computes it: the prompt in one call, then the teacher-forced tokens one call each (a
+  quantized or bf16 matmul rounds differently for one row than for many, so the shape matters);
 - llama.cpp: llama-server on the GGUF files of the same conversion (f32, bf16, q8_0, q4_k) --
   text prompts only, as token ids through `/completion`, one request per position (llama-server
   takes a prompt of token ids only without images);
@@ -120,8 +121,7 @@ def main(argv=None) -> int:
             grid = p.image_grid_thw if p.image_grid_thw is not None else np.zeros((0, 3), np.int64)
             pos, delta = mrope.position_ids(ids, grid, spec)
             ext = np.arange(ids.size, ids.size + n - 1) + delta
-            logits = runner.all_logits(np.concatenate([ids, case["cont"][:-1]]), r.prompt_embedding_table,
-                                       np.concatenate([pos, np.tile(ext, (3, 1))], axis=1))[ids.size - 1:]
+            logits = stepwise(runner, ids, r.prompt_embedding_table, pos, case["cont"][:-1], ext)
             ours = masked(logits)
             agree = (ours.argmax(-1) == case["ref"].argmax(-1)).numpy()
             disagree = [(int(k), float(case["margin"][k])) for k in np.flatnonzero(~agree)]
@@ -189,6 +189,36 @@ def main(argv=None) -> int:
     for f in failures:
         print(f"[parity] FAILED: {f}")
     return 1 if failures else 0
+
+
+def stepwise(runner, ids, table, pos, forced, forced_pos):
+    """Logits `[1 + len(forced), vocab]`: the prompt's last position (the prompt in one call, as a
+    lone prefill is served), then each forced token decoded alone at its position (as decode steps
+    are served). Uses llama sequence 0 and empties it before and after."""
+    import torch
+
+    from qwen3vl_triton.engine.ggml_runner import Segment
+
+    class _Req:
+        pass
+
+    class _Seq:
+        pass
+
+    req, seq = _Req(), _Seq()
+    req.table, req.mrope_delta = table, 0
+    seq.req, seq.tokens, seq.cached, seq.prompt_len = req, [int(x) for x in ids], 0, len(ids)
+    runner._positions[seq] = np.asarray(pos, dtype=np.int64)
+    llama = runner.llama
+    llama.clear(0)
+    try:
+        rows = [s for s in (llama.decode([seg])[0] for seg in runner.segments(seq, len(ids), 0)) if s is not None]
+        out = [rows[-1][-1]]
+        for tok, p in zip(forced, forced_pos):
+            out.append(llama.decode([Segment.of(0, [int(p)], ids=np.array([tok], np.int32), outputs="last")])[0][-1])
+        return torch.stack(out)
+    finally:
+        llama.clear(0)
 
 
 def _prefix(got: list[int], expected: list[int]) -> int:
