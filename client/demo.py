@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from qwen3vl_triton.model.tiny import ensure_checkpoint
-from qwen3vl_triton.serve.repository import Settings, render
+from qwen3vl_triton.serve.cpu_engine import render_prepared
+from qwen3vl_triton.serve.repository import Settings
 from qwen3vl_triton.serve.server import Ports, ServerError, TritonServer, free_ports
 
 from .api import Client, ClientError, GenerationStats
@@ -31,7 +32,9 @@ def main(argv=None) -> int:
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(Path("checkpoints/tiny"))
     build = Path(args.build_dir).resolve()
-    repo = render(checkpoint, build / "repository" / "demo", topology="single", settings=Settings())
+    # the default engine (cpu_runner=auto: the ggml runner on the tiny checkpoint), its weights converted first
+    repo, engine = render_prepared(checkpoint, build / "repository" / "demo", build, Settings(), topology="single")
+    print(f"engine: {engine.describe()}", flush=True)
     server = TritonServer(repo, Ports(*free_ports(3)), build_dir=build, log_file=build / "tritonserver-demo.log")
     print(f"starting tritonserver (log: {server.log_file}) ...", flush=True)
     t0 = time.time()

@@ -6,17 +6,24 @@
 Rows (warm-up excluded, closed loop, 128 greedy output tokens per request):
 - transformers: `Qwen3VLMoeForConditionalGeneration.generate` in process, sequential, fp32,
   greedy, image decode and preprocessing inside each request -- the baseline;
-- qwen3vl: the single-server ensemble over gRPC streaming at concurrency 1, 4, 8, 16;
-  qwen3vl-bf16: the same served with `dtype=bfloat16`, at concurrency 1 and 8;
-- llama.cpp-f32 / llama.cpp-bf16: llama-server (`-np 8 -cb`) on GGUF files converted from the
+- qwen3vl: the single-server ensemble over gRPC streaming at concurrency 1, 4, 8, 16, on the
+  default engine (cpu_runner=auto: the ggml runner, float32); qwen3vl-bf16 / qwen3vl-q8_0: the
+  same served with `dtype=bfloat16` / `dtype=q8_0`, at concurrency 1 and 8;
+- engine: the served engine's class in this process (same runner, weights and threads), in turn
+  with the served c=1 row -- its batch-1 steps are the in-process side of serving_ms_per_token;
+- llama.cpp-f32 / -bf16 / -q8_0: llama-server (`-np 8 -cb`) on GGUF files converted from the
   same checkpoint, through its OpenAI endpoint (bench_llamacpp.py), at concurrency 1 and 8;
 - disagg-shm / disagg-grpc: qwen3vl_triton.transfer.sender.Disaggregated (encode on the encoder server,
   table moved through system shared memory or gRPC payloads, generation on the language server)
   at concurrency 1 and 8.
-At concurrency 1 the rows of a phase take turns request by request. Plus the micro-benchmarks
-behind the targets (bench_micro.py), the roofline of the workload, and a check that llama.cpp's
-greedy tokens equal transformers'. Writes load_tests/reports/bench-<stamp>.json/.png and
-bench-latest.json/.png; exits 1 when a part failed (its rows and figures are then missing).
+At concurrency 1 the rows of a phase take turns request by request. Every request sends an image
+no other request sent, and no side keeps a cache of images or prompts (the servers' encoder cache
+is off, as llama.cpp's prompt cache is). Plus the micro-benchmarks behind the targets
+(bench_micro.py), the roofline of the workload, a check that llama.cpp's greedy tokens equal
+transformers', and the host's CPU features beside its measured rates. A figure outside what it
+can physically be (a negative time, a ratio above its ceiling) is a failed target. Writes
+load_tests/reports/bench-<stamp>.json/.png and bench-latest.json/.png; exits 1 when a part failed
+(its rows and figures are then missing).
 """
 
 from __future__ import annotations
@@ -42,12 +49,25 @@ from load_tests import bench_llamacpp as peer  # noqa: E402
 from load_tests import bench_load as load  # noqa: E402
 from load_tests import bench_micro as micro  # noqa: E402
 from load_tests import bench_report as report  # noqa: E402
-from load_tests.bench_report import BASELINE, LLAMACPP, LLAMACPP_BF16, SERVED, SERVED_BF16, Run  # noqa: E402
+from load_tests.bench_report import (  # noqa: E402
+    BASELINE,
+    ENGINE,
+    LLAMACPP,
+    LLAMACPP_BF16,
+    LLAMACPP_Q8,
+    SERVED,
+    SERVED_BF16,
+    SERVED_Q8,
+    Run,
+)
 
 TARGET_SIZE = (448, 448)  # the image size the targets are stated for
 
-# Serving settings of every server the bench starts (the repository defaults otherwise).
-SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=2, engine_max_batch=16, max_batch_size=16)
+# Serving settings of every server the bench starts (the repository defaults otherwise). The encoder's
+# cache is off, as llama.cpp's prompt cache is (`cache_prompt` false, `--cache-ram 0`): both sides
+# compute every request (and no request sends an image another sent: bench_load.Pool).
+SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=2, engine_max_batch=16, max_batch_size=16,
+                       vision_cache_bytes=0)
 
 
 @dataclass
@@ -56,7 +76,7 @@ class Config:
     sizes: tuple[tuple[int, int], ...]
     concurrency: tuple[int, ...]
     disagg_concurrency: tuple[int, ...]
-    peer_concurrency: tuple[int, ...] = (1, 8)  # llama.cpp and qwen3vl-bf16 (llama-server has 8 slots)
+    peer_concurrency: tuple[int, ...] = (1, 8)  # llama.cpp, qwen3vl-bf16/-q8_0 (llama-server has 8 slots)
     max_tokens: int = 128
     warmup_tokens: int = 4
     per_worker: int = 2  # measured requests per worker at concurrency > 1
@@ -101,6 +121,7 @@ def environment(server_version: str = "?") -> dict:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_start": round(os.getloadavg()[0], 2),
+        **report.cpu_features(),
     }
 
 
@@ -170,14 +191,17 @@ def baseline_jitter_warnings(table: list[dict], limit: float = 1.25) -> list[str
 
 # -- servers ------------------------------------------------------------------------------------------
 def start_server(checkpoint: Path, topology: str, name: str, prepare=None, **settings):
-    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.cpu_engine import render_prepared
+    from qwen3vl_triton.serve.repository import Settings
     from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     base = ROOT / "build" / "bench" / name
     base.mkdir(parents=True, exist_ok=True)
     values = dict(SERVER_SETTINGS)
     values.update(settings)
-    repo = render(checkpoint, base / "repository", topology=topology, settings=Settings(**values))
+    repo, engine = render_prepared(checkpoint, base / "repository", ROOT / "build", Settings(**values),
+                                   topology=topology, log=log)
+    log(f"[bench] {name}: engine {engine.describe()}")
     if prepare is not None:  # e.g. floor_repository
         repo = prepare(repo)
     http, grpc, metrics = free_ports(3)
@@ -201,7 +225,8 @@ def turn_runs(cfg: Config, sessions: dict, size: tuple[int, int], items: dict) -
     """The concurrency-1 rows of `sessions` (mode -> session), request by request in turn on the
     same item, so that all of them see the same machine: other work on the host moves every row
     alike instead of one of them. Each is sequential, so a run's time is the sum of its
-    requests' times. Each session warms up first with a request no run measures."""
+    requests' times. Each session warms up first with a request no run measures. `items[size]`:
+    the requests (the bench takes them fresh from its Pool for each phase)."""
     work = items[size][:cfg.single_requests]
     warm = load.warmup_request(size)
     for session in sessions.values():
@@ -220,15 +245,15 @@ def turn_runs(cfg: Config, sessions: dict, size: tuple[int, int], items: dict) -
     return list(runs.values())
 
 
-def loop_run(cfg: Config, factory, size: tuple[int, int], items: dict, concurrency: int, mode: str,
+def loop_run(cfg: Config, factory, size: tuple[int, int], pool: load.Pool, concurrency: int, mode: str,
              disagg: bool = False) -> Run:
-    """One closed-loop row (the disaggregated rows also at concurrency 1)."""
-    work = items[size][:cfg.requests(concurrency, disagg)]
+    """One closed-loop row (the disaggregated rows also at concurrency 1), on requests of its own."""
+    work = pool.take(size, cfg.requests(concurrency, disagg))
     return load.closed_loop(factory, work, concurrency, 1, cfg.max_tokens, cfg.warmup_tokens, mode, log,
                             warmup_item=load.warmup_request(size))
 
 
-def disagg_runs(cfg: Config, encoder_url: str, language_url: str, items: dict, prompt_lengths: dict,
+def disagg_runs(cfg: Config, encoder_url: str, language_url: str, items: load.Pool, prompt_lengths: dict,
                 part) -> list:
     """The disaggregated rows; each run is its own `part`, so one that fails leaves the others."""
     runs = []
@@ -254,22 +279,33 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
     the `small` model's 512-wide table is 1.6 MB, which one chunk request moves in about the
     time of the request itself, so it reads as latency. Then the table a real deployment moves
     for the same image: the same rows at Qwen3-VL-30B-A3B's width (`model_hidden` 2048, fp32
-    as the CPU engine holds it), in one chunk -- the target's figure, per byte."""
+    as the CPU engine holds it), in one chunk -- the target's figure, per byte.
+
+    Beside it, what the transfer is made of (`breakdown`), each measured the same way: one
+    request's round trip to the language server that moves no rows (`status`, on the started
+    sequence), and in this process the copy the server makes -- pread from the region file into a
+    table allocated for the sequence (fresh pages: the kernel zeroes and maps each page at first
+    touch) and into one already touched, against np.copyto (pre-touched, the yardstick)."""
     import numpy as np
     import tritonclient.utils.shared_memory as shm
 
     from qwen3vl_triton.transfer.sender import Disaggregated, Encoded, TransferStats, send_table
 
-    def timed(d, enc, rows, first_corrid):
+    def timed(d, enc, rows, first_corrid, request_times=None):
         times = []
         for i in range(repeats + 2):
             corrid = first_corrid + i
             d.lang.start(corrid, enc, 8)
+            t0 = time.perf_counter()
+            d.lang.status(corrid)  # a round trip that moves nothing
+            status = time.perf_counter() - t0
             stats = TransferStats()
             send_table(d.lang, corrid, d.source(enc), rows, 0, stats)
             d.lang.end(corrid)
             if i >= 2:  # the first two warm up
                 times.append(stats.seconds)
+                if request_times is not None:
+                    request_times.append(status)
         return statistics.median(times)
 
     out = {}
@@ -290,11 +326,17 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
         per_position = enc.mrope_cos_sin.size // enc.input_ids.size
         big = Encoded(np.append(enc.input_ids[:4], enc.input_ids.max()), rows, enc.hidden,
                       enc.mrope_cos_sin[:5 * per_position], 0)
-        t = timed(d, big, rows, 2_000_000)
+        request_times: list[float] = []
+        t = timed(d, big, rows, 2_000_000, request_times)
         copy = micro.memcpy_seconds(table.nbytes)
+        region_file = Path("/dev/shm") / d.shm_key.lstrip("/")
+        parts = micro.region_copy_seconds(region_file, d.table_offset, table.nbytes)
         out["model_size_table"] = {"bytes": table.nbytes, "model_hidden": model_hidden, "chunk_rows": rows,
                                    "seconds": t, "gbps": table.nbytes / t / 1e9,
-                                   "memcpy_gbps": table.nbytes / copy / 1e9, "ratio": copy / t}
+                                   "memcpy_gbps": table.nbytes / copy / 1e9, "ratio": copy / t,
+                                   "breakdown_ms": {"transfer": 1e3 * t, "memcpy": 1e3 * copy,
+                                                    "request_round_trip": 1e3 * statistics.median(request_times),
+                                                    **{k: 1e3 * v for k, v in parts.items()}}}
     return out
 
 
@@ -314,20 +356,21 @@ def floor_repository(repo: Path) -> Path:
     return repo
 
 
-def overhead(checkpoint: Path, url: str, requests: int) -> dict:
+def overhead(checkpoint: Path, url: str, floor_url: str, requests: int, gguf=None) -> dict:
     """Server overhead per request, on the tiny profile (its compute is a few milliseconds, so
-    what the server adds shows): a 1-token request with one 64x64 image and a short prompt.
+    what the server adds shows): a 1-token request with a 64x64 image and a short prompt.
 
-    overhead_ms = p50 of the end-to-end latency at the client (send on an open gRPC stream to
-    the final response of `qwen3vl`) minus p50 of the same work in this process through the
-    same package code (preprocess, vision encode, engine prefill + first token through the
-    engine thread, detokenize). The two are measured alternately, so a busy machine weighs on
-    both. Not counted: opening a gRPC stream per request, which `client.Client.generate` does
-    (reported as client_generate_p50_ms). Triton's per-model statistics come along.
-
-    Run against a server of the floor repository (floor_repository), served_p50_ms is the part
-    of the overhead that is Triton's own: the latency of the same ensemble, measured the same
-    way, when its models compute nothing."""
+    Per round, in turn, on the same request (each round its own image; the servers' encoder
+    cache is off, as in every bench server): `in_process` -- the same work in this process through
+    the same package code and the same engine (preprocess, vision encode, engine prefill + first
+    token through the engine thread, detokenize); `served` -- send on an open gRPC stream to the
+    final response of `qwen3vl`; `floor` -- the same on the floor repository's server
+    (floor_repository: the same ensemble, configs and tensors, models that compute nothing:
+    Triton's own share); `client_generate` -- the client library, which opens a stream per
+    request (reported, not in the figure). Per round, overhead = served - in_process, and above
+    the floor = overhead - floor (the floor's own in-process work is nothing); the figures are
+    the medians over rounds of these paired differences, so a load that comes and goes falls on
+    both sides of each. Triton's per-model statistics come along."""
     import torch
 
     from client import Client
@@ -335,10 +378,12 @@ def overhead(checkpoint: Path, url: str, requests: int) -> dict:
     from qwen3vl_triton.engine.scheduler import Request
     from qwen3vl_triton.model.checkpoint import ModelSpec
     from qwen3vl_triton.model.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.serve.cpu_engine import engine_threads
     from qwen3vl_triton.text.detok import IncrementalDetokenizer
     from qwen3vl_triton.text.preprocess import Preprocessor
 
-    prompt, image = "Describe this image in short.", load.seeded_image(64, 64, seed=0)
+    prompt = "Describe this image in short."
+    images = [load.seeded_image(64, 64, seed=2_000_000 + i) for i in range(requests + 5)]
     spec = ModelSpec.load(checkpoint)
     pre, enc = Preprocessor(spec, max_images=2), VisionEncoder(spec)
     # One thread in process, as the server runs this work: the tiny model's ops are too small for
@@ -346,36 +391,43 @@ def overhead(checkpoint: Path, url: str, requests: int) -> dict:
     # would make the reference, not the server, suffer when the host is busy.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    engine = Engine(spec, max_batch=16, max_seq_len=2048, max_output_len=256, threads=1)
+    prefill, decode = engine_threads("ggml" if gguf else "torch", os.cpu_count() or 1)  # as served
+    engine = Engine(spec, max_batch=16, max_seq_len=2048, max_output_len=256, threads=prefill, shared_threads=decode,
+                    runner="ggml" if gguf else "torch", gguf=gguf)
     detok = IncrementalDetokenizer(pre.tokenizer)
 
-    def in_process():
+    def in_process(image):
         p = pre(prompt, [image])
         r = enc.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
         ids, _ = engine.generate(Request(p.input_ids, 1, end_id=spec.end_id, table=r.prompt_embedding_table,
                                          mrope_cos_sin=r.mrope_rotary_cos_sin, mrope_delta=r.mrope_position_deltas))
         detok.add(ids)
 
-    stream = load.OpenStream(url)
+    stream, floor = load.OpenStream(url), load.OpenStream(floor_url)
     client = Client(url, protocol="grpc")
-    kinds = {"in_process": in_process, "served": lambda: stream.generate(prompt, [image], 1),
-             "client_generate": lambda: client.generate_text(prompt, [image], max_tokens=1)}
+    kinds = {"in_process": in_process, "served": lambda image: stream.generate(prompt, [image], 1),
+             "floor": lambda image: floor.generate(prompt, [image], 1),
+             "client_generate": lambda image: client.generate_text(prompt, [image], max_tokens=1)}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     try:
-        for i in range(requests + 5):
+        for i, image in enumerate(images):
             for name, fn in kinds.items():
                 t0 = time.perf_counter()
-                fn()
+                fn(image)
                 if i >= 5:  # warm-up
                     times[name].append(time.perf_counter() - t0)
     finally:
         engine.shutdown()
         stream.close()
+        floor.close()
         client.close()
         torch.set_num_threads(threads)
     out = {f"{k}_p50_ms": 1e3 * statistics.median(v) for k, v in times.items()}
     out.update({f"{k}_min_ms": 1e3 * min(v) for k, v in times.items()})
-    out["overhead_ms"] = out["served_p50_ms"] - out["in_process_p50_ms"]
+    paired = [s - p for s, p in zip(times["served"], times["in_process"])]
+    out["overhead_ms"] = 1e3 * statistics.median(paired)
+    out["overhead_above_floor_ms"] = 1e3 * statistics.median([d - f for d, f in zip(paired, times["floor"])])
+    out["runner"] = engine.runner_name
     out["triton_stats_ms"] = triton_stats(url)
     return out
 
@@ -437,6 +489,10 @@ def roofline(cfg: Config, checkpoint: Path, rates: dict, prompt_len: dict, decod
         "decode_b8_floor_ms": 1e3 * b8["total"] / (gbps * 1e9),
         "decode_b1_bf16_mbytes": b1_bf16["total"] / 1e6,
         "decode_b1_bf16_floor_ms": 1e3 * b1_bf16["total"] / (gbps * 1e9),
+        # q8_0: 34 bytes per 32 weights, f16 KV cells (the ggml runner's)
+        "decode_b1_q8_floor_ms": 1e3 * (micro.decode_step_bytes(spec, 1, ctx, dtype_bytes=34 / 32)["weights"]
+                                        + micro.decode_step_bytes(spec, 1, ctx, dtype_bytes=2)["kv_cache"])
+                                 / (gbps * 1e9),
         "decode_b1_engine_ms": decode["engine_b1_ms"],
         "decode_b8_engine_ms": decode["engine_b8_ms"],
         "decode_b8_transformers_ms": decode["transformers_b8_ms"],
@@ -471,18 +527,28 @@ def main(argv=None) -> int:
         f"transformers {env['transformers']}, load average {env['loadavg_start']}")
 
     spec = ModelSpec.load(small)
-    pre = Preprocessor(spec, max_images=2)
-    most = max(cfg.requests(c) for c in (*cfg.concurrency, *cfg.disagg_concurrency))
-    items = {size: load.workload(size, most) for size in cfg.sizes}
-    prompt_lengths = {it: load.input_tokens(pre, it) for size in cfg.sizes for it in items[size]}
+    pool = load.Pool(Preprocessor(spec, max_images=2))  # every request its own image
+    prompt_lengths = pool.prompt_lengths
 
+    from qwen3vl_triton.serve.cpu_engine import engine_threads, prepare
+    from qwen3vl_triton.serve.repository import Settings
+
+    # the served engine's weights (the default: the ggml runner, float32), converted once
+    served_engine = prepare(spec, Settings(**SERVER_SETTINGS), "cpu", ROOT / "build", log=log)
+    env["served_engine"] = served_engine.describe()
     rates = micro.machine_rates()
     log(f"[bench] {report.format_machine(rates)}")
     decode = micro.decode_step(small, cfg.decode_context, repeats=cfg.decode_repeats, log=log)
+    if served_engine.runner == "ggml":
+        decode["ggml"] = micro.ggml_decode_step(small, served_engine.gguf, cfg.decode_context,
+                                                repeats=cfg.decode_repeats, log=log)
     roof = roofline(cfg, small, rates, prompt_lengths, decode)
 
     micro_figs: dict = {"decode_step": decode, "machine": rates,
-                        "decode_step_b8_ratio": decode["decode_step_b8_ratio"]}
+                        "decode_step_b8_ratio": decode["decode_step_b8_ratio"],
+                        # the served engine's batch-1 step against the bytes it must read (f32 weights and cells)
+                        "decode_step_b1_vs_floor": (decode["ggml"]["b1_ms"] / roof["decode_b1_floor_ms"]
+                                                    if "ggml" in decode else float("nan"))}
 
     errors: dict[str, str] = {}  # a part that fails is reported, and its figures stay unmeasured
     check_warnings: list[str] = []
@@ -498,20 +564,25 @@ def main(argv=None) -> int:
     runs: list = []
 
     def prepare_peer():
-        """llama-server (built once) and the GGUF files of the bench's checkpoint, f32 and bf16."""
+        """llama-server (built once) and the GGUF files of the bench's checkpoint: f32, bf16, q8_0."""
         from builders.llamacpp import build, convert
 
         binary = build.ensure_server()
-        files = {outtype: convert.ensure_gguf(small, outtype, log=log) for outtype in ("f32", "bf16")}
+        files = {outtype: convert.ensure_gguf(small, outtype, log=log) for outtype in ("f32", "bf16", "q8_0")}
         env["llamacpp"] = f"llama-cpp-python {build.VERSION} sdist, {peer.server_version(binary)}"
         return binary, files
 
     peer_files = part("llama.cpp build and conversion", prepare_peer)
 
+    # the peer decodes and prefills on the threads the served engine takes (same kernels, same threads)
+    peer_prefill, peer_decode = engine_threads("ggml", os.cpu_count() or 1)
+    env["llamacpp_threads"] = {"threads": peer_decode, "threads_batch": peer_prefill}
+
     def start_peer(outtype: str) -> peer.LlamaServer:
         binary, files = peer_files
         log_file = ROOT / "build" / "bench" / f"llamacpp-{outtype}" / "llama-server.log"
-        return peer.LlamaServer(binary, *files[outtype], log_file).start(log=log)
+        return peer.LlamaServer(binary, *files[outtype], log_file, threads=peer_decode,
+                                threads_batch=peer_prefill).start(log=log)
 
     def peer_rows(sessions: dict, factories: dict):
         """The c=1 rows of `sessions` in turn, then each of `factories`' closed loops above c=1;
@@ -519,6 +590,7 @@ def main(argv=None) -> int:
         try:
             for size in cfg.sizes:
                 if sessions:
+                    items = {size: pool.take(size, cfg.single_requests)}
                     runs.extend(part(f"c=1 rows {load.size_name(size)} ({', '.join(sessions)})",
                                      lambda: turn_runs(cfg, sessions, size, items)) or [])
         finally:
@@ -528,7 +600,7 @@ def main(argv=None) -> int:
             for c in (c for c in cfg.peer_concurrency if c > 1):
                 for mode, factory in factories.items():
                     run = part(f"{mode} c={c} {load.size_name(size)}",
-                               lambda: loop_run(cfg, factory, size, items, c, mode))
+                               lambda: loop_run(cfg, factory, size, pool, c, mode))
                     if run is not None:
                         runs.append(run)
 
@@ -541,13 +613,13 @@ def main(argv=None) -> int:
         at all is warned about."""
         micro_figs["greedy_text_equal"] = {}
         for size in cfg.sizes:
-            item = items[size][0]
+            (item,) = pool.take(size, 1)
             served.request(item, cfg.max_tokens)
             micro_figs["greedy_text_equal"][load.size_name(size)] = \
                 served.texts[-1] == base.text(base.ids(item, cfg.max_tokens))
         if llama is None:
             return
-        item = items[TARGET_SIZE][0]
+        (item,) = pool.take(TARGET_SIZE, 1)
         checks = {f"text: {prompt}": peer.greedy_check(llama, base.oracle, prompt, [], cfg.max_tokens)
                   for prompt in load.PROMPTS}
         checks[f"image {load.size_name(TARGET_SIZE)}: {item.prompt}"] = peer.greedy_check(
@@ -565,28 +637,37 @@ def main(argv=None) -> int:
 
     def single_server():
         server = start_server(small, "all", "small-all")
-        llama = None
+        llama = engine = None
         try:
             env["tritonserver"] = server_version(server.grpc_url)
             llama = part("llama.cpp f32 server", lambda: start_peer("f32")) if peer_files else None
             base = load.TransformersBaseline(small)
-            sessions = {BASELINE: base, SERVED: load.EnsembleSession(server.grpc_url, prompt_lengths)}
+            # the served engine's class in this process, in turn with the served row: the in-process
+            # side of serving_ms_per_token
+            engine = load.EngineSession(small, prompt_lengths, SERVER_SETTINGS, runner=served_engine.runner,
+                                        gguf=served_engine.gguf)
+            sessions = {BASELINE: base, SERVED: load.EnsembleSession(server.grpc_url, prompt_lengths), ENGINE: engine}
             factories = {SERVED: lambda: load.EnsembleSession(server.grpc_url, prompt_lengths)}
             if llama is not None:
                 sessions[LLAMACPP] = peer.LlamaCppSession(llama.address)
                 factories[LLAMACPP] = lambda: peer.LlamaCppSession(llama.address)
             try:
                 for size in cfg.sizes:
-                    runs.extend(turn_runs(cfg, sessions, size, items))
+                    runs.extend(turn_runs(cfg, sessions, size, {size: pool.take(size, cfg.single_requests)}))
+                    if size == TARGET_SIZE:
+                        steps = list(engine.steps_ms)
+                        micro_figs["serving"] = {"engine_runner": engine.runner, "engine_steps": len(steps),
+                                                 "engine_step_b1_ms": statistics.median(steps),
+                                                 "engine_step_b1_p90_ms": statistics.quantiles(steps, n=10)[-1]}
                 part("greedy checks", functools.partial(greedy_checks, sessions[SERVED], base, sessions.get(LLAMACPP)))
             finally:
                 for session in sessions.values():
                     session.close()
-            del base, sessions  # the servers' rows run without transformers in memory
+            del base, sessions, engine  # the servers' rows run without transformers in memory
             for size in cfg.sizes:
                 for c in cfg.concurrency:
                     if c > 1:
-                        runs.append(loop_run(cfg, factories[SERVED], size, items, c, SERVED))
+                        runs.append(loop_run(cfg, factories[SERVED], size, pool, c, SERVED))
             if LLAMACPP in factories:
                 peer_rows({}, {LLAMACPP: factories[LLAMACPP]})
             if not cfg.split_servers:
@@ -596,17 +677,18 @@ def main(argv=None) -> int:
                 llama.stop()
             server.stop()
 
-    def bf16():
-        """qwen3vl served with dtype=bfloat16 (a server that refuses the setting is a failed part,
-        with the server's own error) and llama.cpp on the bf16 GGUF files, in turn at c=1."""
-        served = part("qwen3vl bf16 server", lambda: start_server(small, "all", "small-all-bf16", dtype="bfloat16"))
-        llama = part("llama.cpp bf16 server", lambda: start_peer("bf16")) if peer_files else None
+    def variant(dtype: str, served_mode: str, peer_mode: str, outtype: str):
+        """qwen3vl served with `dtype` (a server that refuses the setting is a failed part, with the
+        server's own error) and llama.cpp on the `outtype` GGUF files, in turn at c=1, then each
+        closed loop above it."""
+        served = part(f"qwen3vl {dtype} server", lambda: start_server(small, "all", f"small-all-{dtype}", dtype=dtype))
+        llama = part(f"llama.cpp {outtype} server", lambda: start_peer(outtype)) if peer_files else None
         try:
             sessions, factories = {}, {}
             if served is not None:
-                factories[SERVED_BF16] = lambda: load.EnsembleSession(served.grpc_url, prompt_lengths)
+                factories[served_mode] = lambda: load.EnsembleSession(served.grpc_url, prompt_lengths)
             if llama is not None:
-                factories[LLAMACPP_BF16] = lambda: peer.LlamaCppSession(llama.address)
+                factories[peer_mode] = lambda: peer.LlamaCppSession(llama.address)
             sessions = {mode: factory() for mode, factory in factories.items()}
             peer_rows(sessions, factories)
         finally:
@@ -616,9 +698,10 @@ def main(argv=None) -> int:
                 served.stop()
 
     def disaggregated(encoder_url: str, language_url: str):
+        (item,) = pool.take(max(cfg.sizes, key=lambda wh: wh[0] * wh[1]), 1)
         micro_figs["shm_transfer"] = part("shm transfer", lambda: shm_transfer(
-            encoder_url, language_url, items[max(cfg.sizes, key=lambda wh: wh[0] * wh[1])][0], (64, cfg.chunk_rows)))
-        runs.extend(disagg_runs(cfg, encoder_url, language_url, items, prompt_lengths, part))
+            encoder_url, language_url, item, (64, cfg.chunk_rows)))
+        runs.extend(disagg_runs(cfg, encoder_url, language_url, pool, prompt_lengths, part))
 
     def split_servers():
         encoder = start_server(small, "encoder", "small-encoder")
@@ -632,29 +715,31 @@ def main(argv=None) -> int:
             encoder.stop()
 
     def tiny_overhead():
+        """The tiny server and its floor up together, measured in turn (see `overhead`)."""
         tiny_server = start_server(tiny, "single", "tiny-single")
         try:
-            out = overhead(tiny, tiny_server.grpc_url, cfg.overhead_requests)
+            floor_server = start_server(tiny, "single", "tiny-floor", prepare=floor_repository)
+            try:
+                gguf = prepare(ModelSpec.load(tiny), Settings(**SERVER_SETTINGS), "cpu", ROOT / "build",
+                               log=lambda *_: None).gguf
+                return overhead(tiny, tiny_server.grpc_url, floor_server.grpc_url, cfg.overhead_requests, gguf)
+            finally:
+                floor_server.stop()
         finally:
             tiny_server.stop()
-        floor_server = start_server(tiny, "single", "tiny-floor", prepare=floor_repository)
-        try:
-            out["floor"] = overhead(tiny, floor_server.grpc_url, cfg.overhead_requests)
-        finally:
-            floor_server.stop()
-        return out
 
     part("single server", single_server)
-    part("bf16", bf16)
+    part("bf16", lambda: variant("bfloat16", SERVED_BF16, LLAMACPP_BF16, "bf16"))
+    part("q8_0", lambda: variant("q8_0", SERVED_Q8, LLAMACPP_Q8, "q8_0"))
     if cfg.split_servers:
         part("disaggregated servers", split_servers)
     shm = micro_figs.get("shm_transfer") or {}
     micro_figs["shm_vs_memcpy_ratio"] = shm.get("model_size_table", {}).get("ratio", float("nan"))
     micro_figs["overhead"] = part("overhead", tiny_overhead) or {}
     micro_figs["overhead_ms"] = micro_figs["overhead"].get("overhead_ms", float("nan"))
-    # Triton's own share: the same ensemble whose models compute nothing (load_tests/floor/)
-    micro_figs["overhead_floor_ms"] = micro_figs["overhead"].get("floor", {}).get("served_p50_ms", float("nan"))
-    micro_figs["overhead_above_floor_ms"] = micro_figs["overhead_ms"] - micro_figs["overhead_floor_ms"]
+    # Triton's own share: the same ensemble whose models compute nothing (load_tests/floor/), in turn
+    micro_figs["overhead_floor_ms"] = micro_figs["overhead"].get("floor_p50_ms", float("nan"))
+    micro_figs["overhead_above_floor_ms"] = micro_figs["overhead"].get("overhead_above_floor_ms", float("nan"))
 
     env["loadavg_end"] = round(os.getloadavg()[0], 2)
     env.update(host.share())  # every server has been stopped and reaped by now

@@ -2,8 +2,11 @@
 the bench's own checkpoint, driven through its OpenAI endpoint with the bench's workload.
 
 The server runs as llama.cpp users run it for many clients: `-np 8 -cb` (eight parallel slots,
-continuous batching), every core, on 127.0.0.1 and a free port; it is started and stopped by its
-PID. Each request is `/v1/chat/completions`, streamed, the image as a data URL, greedy
+continuous batching), on 127.0.0.1 and a free port, with the threads the served engine takes
+(the bench passes serve/cpu_engine.engine_threads: decode `--threads`, prompt `--threads-batch`;
+both sides run the same ggml kernels, so the same threads make the comparison one of serving,
+not of thread counts; README "Performance" has llama-server on both threads beside one); it is
+started and stopped by its PID. Each request is `/v1/chat/completions`, streamed, the image as a data URL, greedy
 (temperature 0), `ignore_eos` with `max_tokens` (so every request yields exactly that many
 tokens), no prompt cache (`cache_prompt` false and `--cache-ram 0`: the bench's requests would
 otherwise reuse the warm-up's prefix), and `timings_per_token`, whose `predicted_n` says how many
@@ -41,14 +44,15 @@ class PeerError(RuntimeError):
 
 # -- the server's command line and the request body (pure) ------------------------------------------------
 def server_command(binary: Path, model: Path, mmproj: Path, port: int, threads: int, slots: int = SLOTS,
-                   ctx_per_slot: int = CTX_PER_SLOT) -> list[str]:
+                   ctx_per_slot: int = CTX_PER_SLOT, threads_batch: int | None = None) -> list[str]:
     """llama-server's arguments: the model and its vision projector, `slots` parallel slots with
-    continuous batching (the context is split evenly between them), `threads` for decode and for
-    prompt processing, no prompt cache kept in host memory, no web UI."""
+    continuous batching (the context is split evenly between them), `threads` for decode and
+    `threads_batch` (default: the same) for prompt processing, no prompt cache kept in host
+    memory, no web UI."""
     return [str(binary), "--model", str(model), "--mmproj", str(mmproj),
             "--host", "127.0.0.1", "--port", str(port),
             "--parallel", str(slots), "--cont-batching", "--ctx-size", str(slots * ctx_per_slot),
-            "--threads", str(threads), "--threads-batch", str(threads),
+            "--threads", str(threads), "--threads-batch", str(threads_batch or threads),
             "--cache-ram", "0", "--no-webui", "--alias", MODEL_NAME]
 
 
@@ -168,10 +172,11 @@ class LlamaServer:
     """One llama-server process, started with `server_command` and stopped by its PID."""
 
     def __init__(self, binary: Path, model: Path, mmproj: Path, log_file: Path, threads: int | None = None,
-                 slots: int = SLOTS):
+                 slots: int = SLOTS, threads_batch: int | None = None):
         self.binary, self.model, self.mmproj = Path(binary), Path(model), Path(mmproj)
         self.log_file = Path(log_file)
         self.threads = threads or os.cpu_count() or 1
+        self.threads_batch = threads_batch or self.threads
         self.slots = slots
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
@@ -192,7 +197,8 @@ class LlamaServer:
         from qwen3vl_triton.serve.server import free_ports
 
         (self.port,) = free_ports(1)
-        cmd = server_command(self.binary, self.model, self.mmproj, self.port, self.threads, self.slots)
+        cmd = server_command(self.binary, self.model, self.mmproj, self.port, self.threads, self.slots,
+                             threads_batch=self.threads_batch)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log(f"[bench] starting llama-server ({self.model.name}) on 127.0.0.1:{self.port} ...")
         with open(self.log_file, "wb") as out:

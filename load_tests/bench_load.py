@@ -173,6 +173,85 @@ def input_tokens(preprocessor, item: Item) -> int:
     return int(preprocessor(item.prompt, [item.image]).input_ids.size)
 
 
+class Pool:
+    """The bench's requests, each with an image no other request sends (seeds 0, 1, 2, ... in the
+    order requests are taken): no row profits from a cache another row filled. The prompts go in
+    turn as in `workload`."""
+
+    def __init__(self, preprocessor=None):
+        self.preprocessor = preprocessor
+        self.next: dict[tuple[int, int], int] = {}
+        self.prompt_lengths: dict[Item, int] = {}  # filled as items are taken (the sessions read it)
+
+    def take(self, size: tuple[int, int], count: int) -> list[Item]:
+        start = self.next.get(size, 0)
+        self.next[size] = start + count
+        items = [Item(PROMPTS[i % len(PROMPTS)], seeded_image(*size, seed=i), size)
+                 for i in range(start, start + count)]
+        if self.preprocessor is not None:
+            self.prompt_lengths.update({it: input_tokens(self.preprocessor, it) for it in items})
+        return items
+
+
+# -- the served engine, in this process ---------------------------------------------------------------------
+class EngineSession:
+    """The served `tensorrt_llm`'s engine class in this process -- the same runner, dtype, weights
+    file and threads (serve/cpu_engine.engine_threads) -- behind the
+    package's preprocessing and vision encoder. `steps_ms` collects the seconds of every batch-1
+    decode step, the in-process side of serving_ms_per_token."""
+
+    def __init__(self, checkpoint, prompt_lengths: dict, settings: dict, runner: str = "auto",
+                 dtype: str = "float32", gguf=None):
+        import os
+
+        from qwen3vl_triton.engine.engine import Engine
+        from qwen3vl_triton.model.checkpoint import ModelSpec
+        from qwen3vl_triton.model.vision import VisionEncoder
+        from qwen3vl_triton.serve.cpu_engine import engine_threads
+        from qwen3vl_triton.text.preprocess import Preprocessor
+
+        spec = ModelSpec.load(checkpoint)
+        self.spec, self.prompt_lengths, self.steps_ms = spec, prompt_lengths, []
+        self.pre = Preprocessor(spec, max_images=settings.get("max_images", 2))
+        self.enc = VisionEncoder(spec, dtype="float32" if dtype in ("q8_0", "q4_k") else dtype)
+        prefill, decode = engine_threads(runner, os.cpu_count() or 1)  # as the served model takes them
+        self.engine = Engine(spec, dtype=dtype, max_batch=settings["engine_max_batch"],
+                             max_seq_len=settings["max_seq_len"], max_output_len=settings["max_output_len"],
+                             threads=prefill, shared_threads=decode, runner=runner, gguf=gguf, on_step=self._step)
+        self.runner = self.engine.runner_name
+
+    def _step(self, report) -> None:
+        if report.sequences == 1 and report.decode_tokens == 1:
+            self.steps_ms.append(1e3 * report.seconds)
+
+    def request(self, item: Item, max_tokens: int) -> Sample:
+        import threading
+
+        from qwen3vl_triton.engine.scheduler import Request
+        from qwen3vl_triton.model.vision import EncodeRequest
+
+        t0 = time.perf_counter()
+        p = self.pre(item.prompt, [item.image])
+        r = self.enc.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+        times, done = [], threading.Event()
+
+        def on_tokens(tokens, finish, error):
+            now = time.perf_counter() - t0
+            times.extend([now] * len(tokens))
+            if finish is not None:
+                done.set()
+
+        self.engine.submit(Request(p.input_ids, max_tokens, end_id=self.spec.end_id, stop_ids=self.spec.end_ids,
+                                   table=r.prompt_embedding_table, mrope_cos_sin=r.mrope_rotary_cos_sin,
+                                   mrope_delta=r.mrope_position_deltas, on_tokens=on_tokens))
+        if not done.wait(600):
+            raise RuntimeError("the in-process engine did not finish a request in 600 s")
+        return Sample(times[0] if times else float("nan"), times, int(p.input_ids.size))
+
+    def close(self):
+        self.engine.shutdown()
+
+
 # -- the qwen3vl ensemble over gRPC streaming ------------------------------------------------------------
 class EnsembleSession:
     """One gRPC client; each response of the stream is one generated token."""

@@ -6,6 +6,7 @@ Timings are medians over repeats after a warm-up; they are figures for the repor
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -39,7 +40,14 @@ def machine_rates(repeats: int = 7) -> dict:
     read = min(_seconds(lambda: big.sum(), repeats))
     copy = min(_seconds(lambda: dst.copy_(big), repeats))
     nbytes = big.numel() * 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # what one core reads (the engine decodes on one thread)
+        read1 = min(_seconds(lambda: big.sum(), repeats))
+    finally:
+        torch.set_num_threads(threads)
     return {
+        "read_gbps_1_thread": nbytes / read1 / 1e9,
         "matmul_gflops": matmul_gflops(torch.float32, repeats),
         "matmul_bf16_gflops": matmul_gflops(torch.bfloat16, repeats, budget_s=0.05),
         "read_gbps": nbytes / read / 1e9,
@@ -147,7 +155,72 @@ def decode_step(checkpoint, context: int, batch: int = 8, repeats: int = 20, log
     return out
 
 
+def ggml_decode_step(checkpoint, gguf, context: int, dtype: str = "float32", batch: int = 8, repeats: int = 20,
+                     threads: int | None = None, log=print) -> dict:
+    """Median ms of the ggml runner's decode step (one `llama_decode` of `batch` or 1 sequences at
+    `context` tokens of cache, logits copied out) on `threads` (default: the served engine's
+    decode threads), with new token ids every step (the router picks other experts, as in
+    serving); the step is undone after timing, so the cache stays at `context`."""
+    from qwen3vl_triton.engine.ggml_runner import GgmlRunner, Segment
+    from qwen3vl_triton.model.checkpoint import ModelSpec
+    from qwen3vl_triton.serve.cpu_engine import engine_threads
+
+    spec = ModelSpec.load(checkpoint)
+    threads = threads or engine_threads("ggml", os.cpu_count() or 1)[1]
+    runner = GgmlRunner(spec, dtype, slots=batch, max_len=context + 8, max_num_tokens=context, threads=threads,
+                        gguf=gguf, log=lambda *_: None)
+    llama = runner.llama
+    try:
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, spec.vocab_size, (batch, context), generator=gen).numpy().astype(np.int32)
+        nexts = torch.randint(0, spec.vocab_size, (64, batch), generator=gen).numpy().astype(np.int32)
+        llama.set_threads(os.cpu_count() or 1)
+        for s in range(batch):
+            llama.decode([Segment.of(s, np.arange(context), ids=ids[s])])
+        llama.set_threads(threads)
+        out = {"context": context, "threads": threads, "dtype": dtype}
+        for b in (1, batch):
+            i = [0]
+
+            def step(b=b, i=i):
+                i[0] += 1
+                llama.decode([Segment(np.arange(b, dtype=np.int32), np.full(b, context, np.int32), nexts[i[0] % 64, :b],
+                                      out=np.ones(b, bool))])
+                for s in range(b):
+                    llama.lib.llama_memory_seq_rm(llama.mem, s, context, -1)
+
+            out[f"b{b}_ms"] = 1e3 * _median_seconds(step, repeats, warmup=3)
+            log(f"[bench] ggml {dtype} decode step b{b} on {threads} thread(s): {out[f'b{b}_ms']:.2f} ms")
+        return out
+    finally:
+        runner.close()
+
+
 # -- the yardstick of the shared-memory transfer -------------------------------------------------------
+def region_copy_seconds(path, offset: int, nbytes: int, repeats: int = 20) -> dict:
+    """Median seconds of what the language server does with a shared-memory chunk (transfer/region.py
+    Region.read_into): os.preadv from the region file into a table allocated for the sequence
+    (np.zeros: fresh pages, zeroed and mapped by the kernel at first touch), and into one already
+    touched; and of np.copyto into fresh pages, against which the pre-touched copy is the yardstick."""
+    import os
+
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        def pread(dest):
+            view, done = memoryview(dest.reshape(-1).view(np.uint8)), 0
+            while done < nbytes:
+                done += os.preadv(fd, [view[done:]], offset + done)
+
+        touched = np.ones(nbytes // 4, np.float32)
+        src = np.random.default_rng(0).standard_normal(nbytes // 4, dtype=np.float32)
+        return {"pread_fresh_table": _median_seconds(lambda: pread(np.zeros(nbytes // 4, np.float32)), repeats),
+                "pread_touched_table": _median_seconds(lambda: pread(touched), repeats),
+                "memcpy_fresh_table": _median_seconds(lambda: np.copyto(np.zeros(nbytes // 4, np.float32), src),
+                                                      repeats)}
+    finally:
+        os.close(fd)
+
+
 def memcpy_seconds(nbytes: int, repeats: int = 20) -> float:
     """Median seconds of np.copyto between two pre-touched float32 buffers of `nbytes`.
 

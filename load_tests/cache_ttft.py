@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     try:
         if args.openai_url is None:
             from qwen3vl_triton.model.tiny import ensure_checkpoint
-            from qwen3vl_triton.serve.repository import Settings, render
+            from qwen3vl_triton.serve.cpu_engine import render_prepared
+            from qwen3vl_triton.serve.repository import Settings
             from qwen3vl_triton.serve.server import OpenAIServer, Ports, TritonServer, free_ports
 
             checkpoint = Path(args.checkpoint)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                 checkpoint = ensure_checkpoint(checkpoint, profile="small")
             build = ROOT / "build" / "cache-ttft"
             settings = Settings()
-            repo = render(checkpoint, build / "repository", topology="single", settings=settings)
+            repo, _ = render_prepared(checkpoint, build / "repository", build, settings, topology="single")
             http, grpc, metrics, port = free_ports(4)
             triton = TritonServer(
                 repo, Ports(http, grpc, metrics), build_dir=build, log_file=build / "tritonserver.log"

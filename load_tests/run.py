@@ -137,11 +137,12 @@ def failures(prefix: Path, limit: int = 5) -> list[str]:
 # -- a local server --------------------------------------------------------------------------------
 def start_local_server(checkpoint: Path, build: Path, log=print):
     """tritonserver (single topology) and the OpenAI endpoint beside it."""
-    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.cpu_engine import render_prepared
+    from qwen3vl_triton.serve.repository import Settings
     from qwen3vl_triton.serve.server import OpenAIServer, Ports, TritonServer, free_ports
 
     settings = Settings()
-    repo = render(checkpoint, build / "repository", topology="single", settings=settings)
+    repo, _ = render_prepared(checkpoint, build / "repository", build, settings, topology="single", log=log)
     http, grpc, metrics, openai_port = free_ports(4)
     server = TritonServer(repo, Ports(http, grpc, metrics), build_dir=build, log_file=build / "tritonserver.log")
     log(f"starting tritonserver for {checkpoint} (log: {server.log_file}) ...")

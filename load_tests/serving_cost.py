@@ -12,6 +12,7 @@ minus the in-process step p50. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     from qwen3vl_triton.engine.scheduler import Request
     from qwen3vl_triton.model.checkpoint import ModelSpec
     from qwen3vl_triton.model.vision import EncodeRequest, VisionEncoder
+    from qwen3vl_triton.serve.cpu_engine import engine_threads, prepare
+    from qwen3vl_triton.serve.repository import Settings
     from qwen3vl_triton.text.preprocess import Preprocessor
 
     rates = machine_rates()
@@ -55,21 +58,28 @@ def main(argv=None) -> int:
     spec = ModelSpec.load(args.checkpoint)
     item = load.workload((448, 448), 1)[0]
     p = Preprocessor(spec, max_images=2)(item.prompt, [item.image])
-    r = VisionEncoder(spec, dtype=args.dtype).encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+    float_dtype = "float32" if args.dtype in ("q8_0", "q4_k") else args.dtype  # the vision tower's and table's
+    encoder = VisionEncoder(spec, dtype=float_dtype)
+    r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
     contract = {
         "input_ids": p.input_ids.astype(np.int32)[None],
         "input_lengths": np.array([[p.input_ids.size]], np.int32),
         "end_id": np.array([[spec.end_id]], np.int32),
-        "prompt_embedding_table": r.prompt_embedding_table.float().numpy().astype(numpy_dtype(args.dtype))[None],
+        "prompt_embedding_table": r.prompt_embedding_table.float().numpy().astype(
+            numpy_dtype(float_dtype))[None],
         "prompt_vocab_size": np.array([[r.prompt_vocab_size]], np.int32),
         "mrope_rotary_cos_sin": r.mrope_rotary_cos_sin[None],
         "mrope_position_deltas": np.array([[r.mrope_position_deltas]], np.int64),
     }
 
     steps: list = []
+    # the served engine: the runner cpu_runner=auto chooses, on the weights the server loads
+    served = prepare(spec, Settings(**{**SERVER_SETTINGS, "dtype": args.dtype}), "cpu", ROOT / "build")
     engine = Engine(spec, dtype=args.dtype, max_batch=SERVER_SETTINGS["engine_max_batch"],
                     max_seq_len=SERVER_SETTINGS["max_seq_len"], max_output_len=SERVER_SETTINGS["max_output_len"],
-                    on_step=steps.append)
+                    on_step=steps.append, runner=served.runner, gguf=served.gguf,
+                    **dict(zip(("threads", "shared_threads"), engine_threads(served.runner, os.cpu_count() or 1))))
+    print(f"engine: {served.describe()}")
 
     def in_process() -> list[float]:
         times, done = [], threading.Event()

@@ -305,14 +305,16 @@ def run_one(kind: str, job: Job, w: Worker, solo: dict, rng: random.Random) -> N
 
 # -- the servers and their processes ----------------------------------------------------------------
 def start_servers(checkpoint: Path, build: Path, log=print) -> dict:
-    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.cpu_engine import render_prepared
+    from qwen3vl_triton.serve.repository import Settings
     from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     servers = {}
     for name, topology, extra in (("single", "single", {}), ("encoder", "encoder", {}),
                                   ("language", "language", {"sequence_idle_us": IDLE_US})):
         settings = Settings(max_output_len=64, max_seq_len=1024, max_image_pixels=1_000_000, **extra)
-        repo = render(checkpoint, build / name / "repository", topology=topology, settings=settings)
+        repo, _ = render_prepared(checkpoint, build / name / "repository", build, settings, topology=topology,
+                                  log=lambda *_: None)
         srv = TritonServer(repo, Ports(*free_ports(3)), build_dir=build / name, log_file=build / f"{name}.log",
                            extra_args=["--exit-timeout-secs=5"])
         log(f"starting the {name} server ...")

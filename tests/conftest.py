@@ -104,12 +104,16 @@ SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=4, max_i
 
 
 def start_server(checkpoint, tmp_path_factory, topology, name, prepare=None, **overrides):
-    from qwen3vl_triton.serve.repository import Settings, render
+    from qwen3vl_triton.serve.cpu_engine import render_prepared
+    from qwen3vl_triton.serve.repository import Settings
     from qwen3vl_triton.serve.server import Ports, TritonServer, free_ports
 
     base = tmp_path_factory.mktemp(name)
     settings = Settings(**{**SERVER_SETTINGS, **overrides})
-    repo = render(checkpoint, base / "repository", topology=topology, settings=settings)
+    # as the launcher: the engine's weights (ggml runner) converted before the server starts, once
+    # per session for every server (the conversions live under the session's base folder)
+    repo, _ = render_prepared(checkpoint, base / "repository", tmp_path_factory.getbasetemp() / "build",
+                              settings, topology=topology, log=lambda *_: None)
     if prepare is not None:
         repo = prepare(repo)
     http, grpc, metrics = free_ports(3)
@@ -122,9 +126,11 @@ def start_server(checkpoint, tmp_path_factory, topology, name, prepare=None, **o
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint, tmp_path_factory):
-    """One real tritonserver with the single-server repository, for the whole test session."""
+def default_server(tiny_checkpoint, tmp_path_factory):
+    """One real tritonserver with every model and the default settings (the CPU engine on
+    cpu_runner=auto: the ggml runner for the all-MoE tiny checkpoint), for the whole session."""
     srv = start_server(tiny_checkpoint, tmp_path_factory, "all", "server")
+    srv.runner = "ggml" if _has_llama_cpp() else "torch"
     yield srv
     srv.stop()
 
@@ -142,6 +148,46 @@ def long_server(tiny_checkpoint, tmp_path_factory):
     srv = start_server(tiny_checkpoint, tmp_path_factory, "single", "long-server", max_output_len=LONG_TOKENS + 36)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(default_server):
+    """The session's server (a module whose tests run on both CPU runners overrides it with
+    `each_runner_server`)."""
+    return default_server
+
+
+@pytest.fixture(scope="session")
+def torch_server(tiny_checkpoint, tmp_path_factory):
+    """The single-server repository served by the torch runner (cpu_runner=torch, the reference)."""
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "single", "torch-server", cpu_runner="torch")
+    srv.runner = "torch"
+    yield srv
+    srv.stop()
+
+
+RUNNERS = ("ggml", "torch")  # the CPU engine's runners: llama.cpp's kernels, and the torch reference
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.fixture(scope="module", params=RUNNERS)
+def runner(request):
+    """Each CPU runner in turn, for a module's engine behaviour tests (parametrized, one body)."""
+    if request.param == "ggml" and not _has_llama_cpp():
+        pytest.skip("llama-cpp-python is not installed (`make venv` builds it)")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def each_runner_server(runner, request):
+    """The server whose `tensorrt_llm` runs on `runner`: the default server (ggml) or torch_server;
+    `.runner` names it."""
+    return request.getfixturevalue("default_server" if runner == "ggml" else "torch_server")
 
 
 @pytest.fixture(scope="session")

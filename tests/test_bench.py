@@ -25,17 +25,22 @@ def _runs():
 
 
 def _peer_runs():
-    """llama.cpp at c=1 and 8 (f32 and bf16) and qwen3vl served in bf16 at c=1."""
+    """llama.cpp at c=1 and 8 (f32, bf16, q8_0) and qwen3vl served in bf16 at c=1 and q8_0 at c=1, 8."""
     return [Run("llama.cpp-f32", 1, "448x448", 128, 2.1, [_sample(0.40, 0.004, 128) for _ in range(3)]),
             Run("llama.cpp-f32", 8, "448x448", 128, 10.0, [_sample(1.5, 0.03, 128) for _ in range(16)]),
             Run("llama.cpp-bf16", 1, "448x448", 128, 1.9, [_sample(0.30, 0.0032, 128) for _ in range(3)]),
-            Run("qwen3vl-bf16", 1, "448x448", 128, 3.0, [_sample(0.12, 0.0036, 128) for _ in range(3)])]
+            Run("qwen3vl-bf16", 1, "448x448", 128, 3.0, [_sample(0.12, 0.0036, 128) for _ in range(3)]),
+            Run("llama.cpp-q8_0", 1, "448x448", 128, 1.0, [_sample(0.30, 0.002, 128) for _ in range(3)]),
+            Run("llama.cpp-q8_0", 8, "448x448", 128, 4.0, [_sample(1.0, 0.02, 128) for _ in range(16)]),
+            Run("qwen3vl-q8_0", 1, "448x448", 128, 1.0, [_sample(0.20, 0.0021, 128) for _ in range(3)]),
+            Run("qwen3vl-q8_0", 8, "448x448", 128, 2.0, [_sample(0.5, 0.01, 128) for _ in range(16)])]
 
 
 MICRO = {"shm_vs_memcpy_ratio": 0.3, "overhead_above_floor_ms": 0.8, "decode_step_b8_ratio": 0.45,
-         "decode_step": {"engine_b1_ms": 7.1, "engine_b1_served_threads_ms": 9.7}}
-TARGET_KEYS = {"itl_c1_vs_llamacpp", "throughput_c8_vs_llamacpp", "ttft_c1_vs_llamacpp", "ttft_c1_bf16_vs_llamacpp",
-               "itl_c1_bf16_vs_llamacpp", "throughput_c8_ratio", "ttft_c1_ratio", "decode_step_b8_ratio",
+         "decode_step_b1_vs_floor": 1.6, "serving": {"engine_step_b1_ms": 9.7}}
+TARGET_KEYS = {"itl_c1_vs_llamacpp", "throughput_c8_vs_llamacpp", "ttft_c1_vs_llamacpp", "itl_c1_q8_vs_llamacpp",
+               "throughput_c8_q8_vs_llamacpp", "ttft_c1_bf16_vs_llamacpp", "itl_c1_bf16_vs_llamacpp",
+               "throughput_c8_ratio", "ttft_c1_ratio", "decode_step_b8_ratio", "decode_step_b1_vs_floor",
                "serving_ms_per_token", "shm_vs_memcpy_ratio", "overhead_above_floor_ms"}
 
 
@@ -69,7 +74,12 @@ def test_targets_hold_every_figure_of_the_issue_table_and_say_met_or_missed():
     assert t["ttft_c1_bf16_vs_llamacpp"] == pytest.approx(0.4)
     assert t["itl_c1_bf16_vs_llamacpp"] == pytest.approx(3.6 / 3.2)
     assert t["serving_ms_per_token"] == pytest.approx(10.0 - 9.7)  # served ITL p50 - the engine's batch-1 step
+    # q8_0: 2.1 / 2.0 ms, and (16*128/2) / (16*128/4)
+    assert t["itl_c1_q8_vs_llamacpp"] == pytest.approx(2.1 / 2.0)
+    assert t["throughput_c8_q8_vs_llamacpp"] == pytest.approx(2.0)
+    assert t["decode_step_b1_vs_floor"] == 1.6
     met = data["targets_met"]
+    assert met["itl_c1_q8_vs_llamacpp"] and met["throughput_c8_q8_vs_llamacpp"] and met["decode_step_b1_vs_floor"]
     assert met["ttft_c1_vs_llamacpp"] and met["ttft_c1_bf16_vs_llamacpp"] and met["throughput_c8_vs_llamacpp"]
     assert met["itl_c1_bf16_vs_llamacpp"] and met["serving_ms_per_token"] and met["decode_step_b8_ratio"]
     assert met["throughput_c8_ratio"]  # 4.27 >= 4
@@ -84,9 +94,59 @@ def test_targets_without_their_rows_are_missed_not_guessed():
     data = bench_report.report(_runs(), {"decode_step_b8_ratio": 0.4}, {}, {}, "448x448", {})
     t, met = data["targets"], data["targets_met"]
     for key in ("itl_c1_vs_llamacpp", "throughput_c8_vs_llamacpp", "ttft_c1_vs_llamacpp", "ttft_c1_bf16_vs_llamacpp",
-                "itl_c1_bf16_vs_llamacpp", "serving_ms_per_token", "shm_vs_memcpy_ratio", "overhead_above_floor_ms"):
+                "itl_c1_bf16_vs_llamacpp", "serving_ms_per_token", "shm_vs_memcpy_ratio", "overhead_above_floor_ms",
+                "itl_c1_q8_vs_llamacpp", "throughput_c8_q8_vs_llamacpp", "decode_step_b1_vs_floor"):
         assert math.isnan(t[key]) and not met[key], key
+        assert data["targets_detail"][key]["status"] == "unmeasured"
     assert met["decode_step_b8_ratio"] and set(t) == TARGET_KEYS
+
+
+@pytest.mark.parametrize("key, value", [
+    ("serving_ms_per_token", -0.3),  # serving cannot take time away from a token
+    ("overhead_above_floor_ms", -1.3),  # the old figure, read negative in every run
+    ("decode_step_b1_vs_floor", 0.8),  # faster than the machine reads memory
+    ("shm_vs_memcpy_ratio", 1.3),  # faster than one memcpy of the bytes it copies
+    ("itl_c1_vs_llamacpp", -1.0),
+])
+def test_a_physically_impossible_figure_is_a_failure_not_a_pass(key, value):
+    data = bench_report.report(_runs() + _peer_runs(), MICRO, {}, {}, "448x448", {})
+    figures = {**data["targets"], key: value}
+    assert bench_report.judge(figures)[key] is False
+    assert bench_report.status(key, value) == "impossible"
+
+
+def test_itl_is_a_requests_mean_time_per_token_and_cannot_beat_the_memory_floor():
+    # tokens held on the way and delivered together: gaps of 0.05 ms, a decode at 2 ms per token
+    bursty = Sample(0.5, [0.5] + [0.5 + 0.254 + 0.00005 * i for i in range(127)], 220)
+    assert bursty.decode_interval == pytest.approx((0.254 + 0.00005 * 126) / 127)
+    runs = _runs() + _peer_runs()
+    runs[-2] = Run("qwen3vl-q8_0", 1, "448x448", 128, 1.0, [bursty] * 3)
+    data = bench_report.report(runs, MICRO, {}, {"decode_b1_q8_floor_ms": 0.6}, "448x448", {})
+    q1 = bench_report.find(data["table"], "qwen3vl-q8_0", 1, "448x448")
+    assert q1["itl_p50_ms"] < 0.1 and q1["decode_ms_p50"] == pytest.approx(1e3 * bursty.decode_interval)
+    assert data["targets"]["itl_c1_q8_vs_llamacpp"] == pytest.approx(q1["decode_ms_p50"] / 2.0)
+    assert data["targets_detail"]["itl_c1_q8_vs_llamacpp"]["status"] == "met"  # 2.05 ms: above the 0.6 ms floor
+    data = bench_report.report(runs, MICRO, {}, {"decode_b1_q8_floor_ms": 2.5}, "448x448", {})
+    detail = data["targets_detail"]["itl_c1_q8_vs_llamacpp"]
+    assert detail["status"] == "impossible" and "below the 2.500 ms a batch-1 step needs" in detail["why"]
+    assert data["targets_met"]["itl_c1_q8_vs_llamacpp"] is False
+
+
+def test_bf16_figures_are_targets_only_on_a_host_with_bf16_matrix_instructions(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx avx2 fma avx512f avx512bw\n")
+    env = bench_report.cpu_features(str(cpuinfo))
+    assert env == {"cpu_model": "Some CPU", "cpu_flags": ["avx", "avx2", "avx512bw", "avx512f", "fma"],
+                   "bf16_matrix_instructions": []}
+    data = bench_report.report(_runs() + _peer_runs(), MICRO, env, {}, "448x448", {})
+    for key in bench_report.BF16_KEYS:
+        assert data["targets_met"][key] is None and data["targets_detail"][key]["status"] == "reported"
+        assert math.isfinite(data["targets"][key])  # measured all the same
+    cpuinfo.write_text("flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    env = bench_report.cpu_features(str(cpuinfo))
+    assert env["bf16_matrix_instructions"] == ["amx_bf16", "avx512_bf16"]
+    assert bench_report.report(_runs() + _peer_runs(), MICRO, env, {}, "448x448", {})["targets_met"][
+        "ttft_c1_bf16_vs_llamacpp"] is True
 
 
 def test_write_produces_json_png_and_latest(tmp_path):
@@ -135,6 +195,27 @@ def test_decode_step_comparison_runs_on_the_tiny_checkpoint(tiny_checkpoint):
     ):
         assert out[key] > 0 and math.isfinite(out[key])
     assert out["decode_step_b8_ratio"] == pytest.approx(out["engine_b8_ms"] / out["transformers_b8_ms"])
+
+
+def test_ggml_decode_step_runs_on_the_tiny_checkpoint(tiny_checkpoint, spec, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from qwen3vl_triton.serve.cpu_engine import prepare
+    from qwen3vl_triton.serve.repository import Settings
+
+    gguf = prepare(spec, Settings(), "cpu", tmp_path, log=lambda *_: None).gguf
+    out = bench_micro.ggml_decode_step(tiny_checkpoint, gguf, context=16, batch=4, repeats=2, log=lambda *_: None)
+    assert out["b1_ms"] > 0 and out["b4_ms"] > 0 and out["threads"] >= 1
+
+
+def test_every_request_of_the_bench_sends_its_own_image():
+    from load_tests.bench_load import Pool, workload
+
+    pool = Pool()
+    first, second = pool.take((64, 32), 3), pool.take((64, 32), 2)
+    images = [it.image for it in first + second]
+    assert len(set(images)) == 5  # no image twice: no row profits from a cache another filled
+    assert first == workload((64, 32), 3)  # seeded: every run sends the same requests
+    assert pool.take((32, 32), 1)[0].size == (32, 32)
 
 
 def test_every_configuration_measures_what_the_targets_need():
@@ -245,6 +326,8 @@ def test_llama_server_command_serves_eight_slots_with_continuous_batching_on_loo
     assert value("--parallel") == "8" and "--cont-batching" in cmd
     assert int(value("--ctx-size")) == 8 * 2048  # every slot holds a prompt plus max_seq_len of the served stack
     assert value("--threads") == value("--threads-batch") == "2"
+    cmd = server_command("/b/llama-server", "/g/m.gguf", "/g/m-mmproj.gguf", 40123, threads=1, threads_batch=3)
+    assert value("--threads") == "1" and value("--threads-batch") == "3"
     assert value("--cache-ram") == "0"  # no prompt cache shared between requests
 
 

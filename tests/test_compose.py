@@ -155,6 +155,20 @@ def test_cpu_image_installs_the_pinned_cpu_torch_first():
     assert "pip install --no-deps -e ." in dockerfile
 
 
+def test_the_cpu_image_builds_the_ggml_runner_for_every_cpu_never_the_build_hosts(services):
+    from builders.llamacpp import build
+
+    dockerfile = DOCKERFILE.read_text()
+    assert "ARG GGML_RUNNER=0" in dockerfile
+    assert "python3 builders/llamacpp/build.py --python-package --portable" in dockerfile
+    for name, svc in services.items():  # the CPU image builds it, the GPU image (TensorRT-LLM) does not
+        assert svc["build"]["args"].get("GGML_RUNNER", "0") == ("0" if "deploy" in svc else "1"), name
+    portable = build.python_cmake_args(portable=True)
+    assert "-DGGML_NATIVE=OFF" in portable and "-DGGML_BACKEND_DL=ON" in portable
+    assert "-DGGML_CPU_ALL_VARIANTS=ON" in portable
+    assert "-DGGML_NATIVE=ON" in build.python_cmake_args()  # the host's own build (make venv)
+
+
 def test_dockerfile_copies_files_that_exist():
     for line in DOCKERFILE.read_text().splitlines():
         if line.startswith("COPY ") and not line.startswith("COPY . "):

@@ -1,4 +1,10 @@
-"""The CPU engine against the oracle: greedy equality, logits, batching, sampling, streaming, errors."""
+"""The CPU engine against the oracle: greedy equality, logits, batching, sampling, streaming, errors.
+
+Every engine behaviour runs on both CPU runners (the `runner` fixture: ggml, llama.cpp's kernels,
+and torch, the reference); the tests of the torch model's own parts (LanguageModel, KVCache) run
+once. The ggml runner's own checks (teacher-forced margins, positions, weights) are in
+test_ggml_runner.py.
+"""
 
 import dataclasses
 import threading
@@ -23,6 +29,14 @@ CASES = [
     ("text only", "Tell me about the ocean.", []),
     ("portrait and very wide", "Which is brighter?", [image_bytes(48, 256, 4), image_bytes(640, 40, 5)]),
 ]
+
+
+@pytest.fixture(scope="module")
+def engine(runner, spec):
+    """The engine of this module's behaviour tests, on each runner in turn."""
+    eng = Engine(spec, max_batch=8, max_seq_len=2048, max_output_len=256, runner=runner)
+    yield eng
+    eng.shutdown()
 
 
 @pytest.mark.parametrize("name, prompt, images", CASES, ids=[c[0] for c in CASES])
@@ -104,8 +118,9 @@ def test_prefill_logits_match_transformers(spec, assert_prefill_matches):
     assert_prefill_matches(LanguageModel(spec, slots=1, max_len=512))
 
 
-def test_chunked_prefill_equals_one_shot(spec, pipeline, oracle):
-    small_steps = Engine(spec, max_batch=2, max_seq_len=1024, max_num_tokens=7)
+def test_chunked_prefill_equals_one_shot(spec, runner, pipeline, oracle):
+    # chunks of 7 cut through the images: a chunk holds text, then image rows, then text
+    small_steps = Engine(spec, max_batch=2, max_seq_len=1024, max_num_tokens=7, runner=runner)
     try:
         prompt, images = CASES[1][1], CASES[1][2]
         ids, _ = small_steps.generate(pipeline(prompt, images, max_new_tokens=12), timeout=120)
@@ -166,6 +181,29 @@ def test_cancel_frees_the_place(engine, pipeline):
     engine.cancel(rid)
     assert done.wait(30) and finished["reason"] == "cancelled"
     assert engine.load() == 0
+
+
+def test_cancel_mid_run_frees_the_place(engine, pipeline, oracle):
+    got, done, finished = [], threading.Event(), {}
+    req = pipeline("Go on forever.", [], max_new_tokens=200)
+    req.end_id, req.stop_ids = None, ()
+
+    def on_tokens(tokens, finish, error):
+        got.extend(tokens)
+        if len(got) >= 5 and "cancel" not in finished:
+            finished["cancel"] = True
+            engine.cancel(req.request_id)
+        if finish:
+            finished["reason"] = finish
+            done.set()
+
+    req.on_tokens = on_tokens
+    engine.submit(req)
+    assert done.wait(60) and finished["reason"] == "cancelled"
+    assert 5 <= len(got) < 200
+    assert engine.load() == 0
+    after, _ = engine.generate(pipeline("Hello.", [], max_new_tokens=10), timeout=60)
+    assert after == oracle.generate("Hello.", [], 10)
 
 
 @pytest.mark.parametrize("change, name, message", [
@@ -344,17 +382,23 @@ def test_nothing_left_in_a_kv_cache_slot_reaches_the_next_sequence(spec, pipelin
         engine.shutdown()
 
 
-def test_a_request_whose_numbers_overflow_fails_alone_and_leaves_nothing_behind(spec, pipeline, oracle):
+# how each runner refuses a table whose numbers overflow inside the model: torch runs it and finds
+# its logits non-finite; ggml refuses values that could overflow before they reach its KV cells
+OVERFLOW_ERROR = {"torch": "the model's logits for this request are not finite",
+                  "ggml": "prompt_embedding_table: values beyond"}
+
+
+def test_a_request_whose_numbers_overflow_fails_alone_and_leaves_nothing_behind(spec, runner, pipeline, oracle):
     # A finite prompt table passes admission, but values near float32's limit overflow inside
     # the model (NaN in its cache rows and logits): that request fails with a clear error, the
     # one decoding beside it is untouched, and so are two later ones reusing its slot.
-    engine = Engine(spec, max_batch=2, max_seq_len=512, max_output_len=64)
+    engine = Engine(spec, max_batch=2, max_seq_len=512, max_output_len=64, runner=runner)
     try:
         hostile = pipeline("Look.", [image_bytes(64, 64, 13)], max_new_tokens=20)
         hostile.table = torch.full_like(hostile.table, 3e38)
         good = ("Tell me about the ocean.", [], 24)
         results = run_together(engine, [hostile, pipeline(good[0], good[1], max_new_tokens=good[2])])
-        assert results[0][1] == "error" and "not finite" in results[0][2]
+        assert results[0][1] == "error" and OVERFLOW_ERROR[runner] in results[0][2]
         assert results[1][1] != "error" and results[1][0] == oracle.generate(*good)
         jobs = [("Hi.", [], 20), ("Describe this image in detail.", [image_bytes(96, 64, 12)], 20)]
         results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs])
@@ -377,38 +421,70 @@ def test_a_vanishing_temperature_is_greedy_and_fails_nobody(engine, pipeline, or
     assert results[3][2] is None and results[3][0] == oracle.generate("Tiny temperature.", [], 30)
 
 
-def test_a_step_fault_fails_only_the_sequence_at_fault(spec, pipeline, oracle):
-    engine = Engine(spec, max_batch=4, max_seq_len=512, max_output_len=64)
-    try:
-        bad = pipeline("Faulty.", [image_bytes(64, 64, 14)], max_new_tokens=20)
+def inject_fault(engine, bad, when: str) -> None:
+    """Make the model's forward raise whenever it computes `bad`'s tokens -- its prompt, or (when
+    "decode") only its decoded tokens -- however the runner batches them: a fault that only this
+    request's data triggers, inside the step."""
+    if engine.runner_name == "torch":
         forward = engine.lm.forward
 
-        def failing_forward(batch):  # a fault that only this request's data triggers
-            if any(s.table is bad.table for s in batch):
+        def failing_forward(batch):
+            if any(s.table is bad.table and (when == "prefill" or s.cos is None) for s in batch):
                 raise RuntimeError("injected fault")
             return forward(batch)
 
         engine.lm.forward = failing_forward
+        return
+    # ggml: a call of llama_decode holding a token of bad's llama sequence fails (before it runs)
+    runner, decode = engine.runner, engine.runner.llama.decode
+    segments, decode_segment, bad_ids = runner.segments, runner.decode_segment, set()
+
+    def tagged(seq, n, seq_id=None, outputs=None):
+        if seq.req is bad and when == "prefill":
+            bad_ids.add(runner.cache.seq_id(seq.slot))
+        return segments(seq, n, seq_id, outputs)
+
+    def tagged_decodes(seqs):
+        bad_ids.update(runner.cache.seq_id(seq.slot) for seq in seqs if seq.req is bad and when == "decode")
+        return decode_segment(seqs)
+
+    def failing_decode(segs):
+        if any(bad_ids & set(s.seq.tolist()) for s in segs):
+            raise RuntimeError("injected fault")
+        return decode(segs)
+
+    runner.segments, runner.decode_segment, runner.llama.decode = tagged, tagged_decodes, failing_decode
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_step_fault_fails_only_the_sequence_at_fault(when, spec, runner, pipeline, oracle):
+    # in its prompt's step, or, once it decodes, in the step of every decoding sequence (then each
+    # runs again alone)
+    engine = Engine(spec, max_batch=4, max_seq_len=512, max_output_len=64, runner=runner)
+    try:
+        bad = pipeline("Faulty.", [image_bytes(64, 64, 14)], max_new_tokens=20)
+        inject_fault(engine, bad, when)
         jobs = [(f"Good {i}.", [image_bytes(64, 48, 15 + i)] * (i % 2), 20) for i in range(2)]
         results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs] + [bad])
         for (prompt, images, n), (ids, _finish, error) in zip(jobs, results):
             assert error is None and ids == oracle.generate(prompt, images, n)
         assert results[2][1] == "error" and "injected fault" in results[2][2]
+        assert len(results[2][0]) == (0 if when == "prefill" else 1)  # the prompt's token, then the fault
         assert engine.stats.batched_steps > 0
     finally:
         engine.shutdown()
 
 
-def test_a_full_queue_refuses_with_unavailable(spec, pipeline, oracle):
-    engine = Engine(spec, max_batch=1, max_seq_len=512, max_output_len=64, max_queue=2)
+def test_a_full_queue_refuses_with_unavailable(spec, runner, pipeline, oracle):
+    engine = Engine(spec, max_batch=1, max_seq_len=512, max_output_len=64, max_queue=2, runner=runner)
     release = threading.Event()
-    forward = engine.lm.forward
+    run = engine.runner.run
 
-    def held_forward(batch):  # the engine thread waits inside its first step: nothing is admitted
+    def held_run(plan):  # the engine thread waits inside its first step: nothing is admitted
         release.wait(60)
-        return forward(batch)
+        return run(plan)
 
-    engine.lm.forward = held_forward
+    engine.runner.run = held_run
     try:
         done = []
         requests = [pipeline(f"Queued {i}.", [], max_new_tokens=3) for i in range(4)]
@@ -437,14 +513,14 @@ def test_a_full_queue_refuses_with_unavailable(spec, pipeline, oracle):
         engine.shutdown()
 
 
-def test_generation_stops_at_any_end_id_of_the_checkpoint(spec, pipeline, oracle):
+def test_generation_stops_at_any_end_id_of_the_checkpoint(spec, runner, pipeline, oracle):
     # generation_config.json may list several end ids; the fifth token of a known generation
     # is declared one of them, and generation must stop right there.
     prompt = "Tell me a story."
     expected = oracle.generate(prompt, [], 30)
     assert len(expected) > 5 and expected[4] not in expected[:4]
     engine = Engine(dataclasses.replace(spec, end_ids=(*spec.end_ids, expected[4])), max_batch=2,
-                    max_seq_len=512, max_output_len=64)
+                    max_seq_len=512, max_output_len=64, runner=runner)
     try:
         ids, finish = engine.generate(pipeline(prompt, [], max_new_tokens=30), timeout=60)
         assert ids == expected[:5] and finish == "stop"

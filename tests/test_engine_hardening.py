@@ -13,6 +13,12 @@ from tests.test_server_errors import stream_once, tensor
 pytestmark = pytest.mark.server
 
 
+@pytest.fixture(scope="module")
+def server(each_runner_server):
+    """Every test of this module on each CPU runner's server (ggml: the default; torch: the reference)."""
+    return each_runner_server
+
+
 def llm_request(spec, table=None, cos_sin=None, delta=None, max_tokens=4):
     """A direct `tensorrt_llm` request: a short prompt with one image token when a table is given."""
     ids = [1, 2, 3] + ([spec.vocab_size] if table is not None else []) + [4]

@@ -2,10 +2,12 @@
 
 float32: greedy output equals transformers' generate on text prompts; on image prompts,
 teacher-forced on the oracle's tokens, the argmax agrees wherever the oracle's top-2 margin
-exceeds 1e-3. Then the engine behaviours on this runner: batching, a request joining a running
-batch, chunked prefill, slot reuse, cancellation, failures that stay with their sequence, seeded
-sampling equal to the torch runner's; negative controls (without DeepStack rows, or with 1-D
-positions, the logits move); and the refusal of a checkpoint llama.cpp cannot serve.
+exceeds 1e-3. Then what is the ggml runner's own: slot -> llama sequence id reuse, seeded sampling
+equal to the torch runner's, quantized weights, positions recovered from the rotary table;
+negative controls (without DeepStack rows, or with 1-D positions, the logits move); and the
+refusal of a checkpoint llama.cpp cannot serve. The engine's behaviours (batching, joining a
+running batch, chunked prefill, cancellation, failures that stay with their sequence, the bounded
+queue, end ids) run on both runners in test_engine.py.
 """
 
 import threading
@@ -173,21 +175,6 @@ def test_a_request_whose_rotary_table_is_not_m_rope_fails_alone(ggml_engine, pip
     assert results[1][2] is None and results[1][0] == oracle.generate(*good)
 
 
-# -- the engine's behaviours on this runner ------------------------------------------------------
-
-def test_concurrent_requests_are_batched_and_each_equals_its_run_alone(ggml_engine, pipeline, oracle):
-    jobs = [(f"Request number {i}: what do you see?", [image_bytes(64 + 32 * i, 96, 10 + i)] * (i % 3), 8 + 4 * i)
-            for i in range(6)]
-    alone = [ggml_engine.generate(pipeline(p, im, max_new_tokens=n), timeout=120)[0] for p, im, n in jobs]
-    before = ggml_engine.stats.batched_steps
-    results = run_together(ggml_engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs])
-    assert [r[0] for r in results] == alone
-    assert ggml_engine.stats.batched_steps > before
-    for (prompt, images, n), ids in zip(jobs, alone):
-        if not images:
-            assert ids == oracle.generate(prompt, images, n)
-
-
 def test_slots_reused_and_compacted_keep_every_sequence_its_own(spec, pipeline, oracle):
     # three places for seven requests of different lengths: finished sequences free slots out of
     # order, the scheduler compacts (slot moves), new sequences take freed llama sequence ids
@@ -198,119 +185,6 @@ def test_slots_reused_and_compacted_keep_every_sequence_its_own(spec, pipeline, 
         for (prompt, images, n), (ids, _, error) in zip(jobs, results):
             assert error is None and ids == oracle.generate(prompt, images, n)
         assert engine.stats.max_batch == 3
-    finally:
-        engine.shutdown()
-
-
-def test_a_new_request_joins_a_running_batch(ggml_engine, pipeline, oracle):
-    short_image = image_bytes(64, 64, 7)
-    short_req = pipeline("Short one.", [short_image], max_new_tokens=5)
-    expected_short = ggml_engine.generate(pipeline("Short one.", [short_image], max_new_tokens=5), timeout=60)[0]
-    short_ids, short_done, long_ids, long_done = [], threading.Event(), [], threading.Event()
-
-    def on_short(tokens, finish, error):
-        short_ids.extend(tokens)
-        if finish:
-            short_done.set()
-
-    def on_long(tokens, finish, error):
-        if not long_ids:
-            ggml_engine.submit(short_req)
-        long_ids.extend(tokens)
-        if finish:
-            long_done.set()
-
-    short_req.on_tokens = on_short
-    long_req = pipeline("Tell me a long story.", [], max_new_tokens=120)
-    long_req.on_tokens = on_long
-    expected_long = oracle.generate("Tell me a long story.", [], 120)
-    mixed_before = ggml_engine.stats.mixed_steps
-    ggml_engine.submit(long_req)
-    assert long_done.wait(120) and short_done.wait(60)
-    assert ggml_engine.stats.mixed_steps > mixed_before  # the image prompt was prefilled beside decoding
-    assert short_ids == expected_short
-    assert long_ids == expected_long
-
-
-def test_chunked_prefill_equals_one_shot(spec, ggml_engine, pipeline):
-    # chunks of 7 cut through the images: a chunk holds text, then rows, then text
-    small_steps = Engine(spec, max_batch=2, max_seq_len=1024, max_num_tokens=7, runner="ggml")
-    try:
-        prompt, images = IMAGE_CASES[1][1], IMAGE_CASES[1][2]
-        ids, _ = small_steps.generate(pipeline(prompt, images, max_new_tokens=12), timeout=120)
-        assert ids == ggml_engine.generate(pipeline(prompt, images, max_new_tokens=12), timeout=120)[0]
-    finally:
-        small_steps.shutdown()
-
-
-def test_cancel_mid_run_frees_the_place(ggml_engine, pipeline, oracle):
-    got, done, finished = [], threading.Event(), {}
-    req = pipeline("Go on forever.", [], max_new_tokens=200)
-    req.end_id, req.stop_ids = None, ()
-
-    def on_tokens(tokens, finish, error):
-        got.extend(tokens)
-        if len(got) >= 5 and "cancel" not in finished:
-            finished["cancel"] = True
-            ggml_engine.cancel(req.request_id)
-        if finish:
-            finished["reason"] = finish
-            done.set()
-
-    req.on_tokens = on_tokens
-    ggml_engine.submit(req)
-    assert done.wait(60) and finished["reason"] == "cancelled"
-    assert 5 <= len(got) < 200
-    assert ggml_engine.load() == 0
-    after = ggml_engine.generate(pipeline("Hello.", [], max_new_tokens=10), timeout=60)[0]
-    assert after == oracle.generate("Hello.", [], 10)
-
-
-def test_a_request_whose_numbers_would_overflow_fails_alone(ggml_engine, pipeline, oracle):
-    hostile = pipeline("Look.", [image_bytes(64, 64, 13)], max_new_tokens=20)
-    hostile.table = torch.full_like(hostile.table, 3e38)
-    good = ("Tell me about the ocean.", [], 24)
-    results = run_together(ggml_engine, [hostile, pipeline(good[0], good[1], max_new_tokens=good[2])])
-    assert results[0][1] == "error" and "prompt_embedding_table" in results[0][2]
-    assert results[1][2] is None and results[1][0] == oracle.generate(*good)
-    jobs = [("Hi.", [], 20), ("Tell me about the ocean.", [], 20)]
-    for (prompt, images, n), (ids, _, error) in zip(jobs, run_together(
-            ggml_engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs])):
-        assert error is None and ids == oracle.generate(prompt, images, n)
-
-
-@pytest.mark.parametrize("when", ["prefill", "decode"])
-def test_a_step_fault_fails_only_the_sequence_at_fault(when, spec, pipeline, oracle):
-    # a fault that only this request's data triggers, in its prompt's call or, once it decodes,
-    # in the one call of every decoding sequence (then each runs again alone)
-    engine = Engine(spec, max_batch=4, max_seq_len=512, max_output_len=64, runner="ggml")
-    try:
-        bad = pipeline("Faulty.", [image_bytes(64, 64, 14)], max_new_tokens=20)
-        runner, decode = engine.runner, engine.runner.llama.decode
-        segments, decode_segment, bad_ids = runner.segments, runner.decode_segment, set()
-
-        def tagged(seq, n, seq_id=None, outputs=None):
-            if seq.req is bad and when == "prefill":
-                bad_ids.add(runner.cache.seq_id(seq.slot))
-            return segments(seq, n, seq_id, outputs)
-
-        def tagged_decodes(seqs):
-            bad_ids.update(runner.cache.seq_id(seq.slot) for seq in seqs if seq.req is bad and when == "decode")
-            return decode_segment(seqs)
-
-        def failing_decode(segs):
-            if any(bad_ids & set(s.seq.tolist()) for s in segs):
-                raise RuntimeError("injected fault")
-            return decode(segs)
-
-        runner.segments, runner.decode_segment, runner.llama.decode = tagged, tagged_decodes, failing_decode
-        jobs = [(f"Good {i}.", [], 20) for i in range(2)]
-        results = run_together(engine, [pipeline(p, im, max_new_tokens=n) for p, im, n in jobs] + [bad])
-        for (prompt, images, n), (ids, _, error) in zip(jobs, results):
-            assert error is None and ids == oracle.generate(prompt, images, n)
-        assert results[2][1] == "error" and "injected fault" in results[2][2]
-        assert len(results[2][0]) == (0 if when == "prefill" else 1)  # the prompt's token, then the fault
-        assert engine.stats.batched_steps > 0
     finally:
         engine.shutdown()
 

@@ -49,7 +49,11 @@ def test_serve_prints_ready_and_stops_the_server_and_its_stubs(sig, tiny_checkpo
             if line.startswith(("ready:", "error:")):
                 break
         assert lines and lines[-1].startswith(f"ready: http=127.0.0.1:{http} grpc=127.0.0.1:{grpc}"), "".join(lines)
-        assert "models=language,postprocessing,tensorrt_llm" in lines[-1]
+        assert "models=language,postprocessing,tensorrt_llm engine=ggml dtype=float32" in lines[-1]
+        # the default engine's weights were converted into the build folder before tritonserver started
+        weights = next(i for i, line in enumerate(lines) if line.startswith("[ggml] weights: "))
+        assert weights < next(i for i, line in enumerate(lines) if line.startswith("starting tritonserver"))
+        assert len(list((tmp_path / "ggml").glob("*-f32-*.gguf"))) == 1
         # no key given: a random one, in a file only this user can read, and the ready line says where
         key_file = tmp_path / "admin-key"
         assert lines[-1].rstrip().endswith(f"admin-key={key_file}")
@@ -188,3 +192,20 @@ def test_serve_refuses_openai_port_without_qwen3vl(tiny_checkpoint, tmp_path):
                           "--topology", "language", "--openai-port", "9", "--build-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "error: --openai-port needs the qwen3vl model; topology language" in out.stderr
+
+
+def test_check_prints_the_memory_of_each_dtype_and_the_engine(tiny_checkpoint, tmp_path):
+    def check(*sets):
+        return subprocess.run([sys.executable, "-m", "qwen3vl_triton.serve.launcher", "--checkpoint",
+                               str(tiny_checkpoint), "--check", *(a for s in sets for a in ("--set", s))],
+                              capture_output=True, text=True, timeout=120)
+
+    out = check("engine_max_batch=4", "max_seq_len=1000", "max_output_len=500")
+    assert out.returncode == 0, out.stderr
+    for dtype in ("float32", "bfloat16", "q8_0", "q4_k"):
+        line = next(x for x in out.stdout.splitlines() if x.strip().startswith(f"memory {dtype} "))
+        assert "for 4 x 1000 tokens" in line and line.rstrip().endswith(("fits", "fits (ggml runner)")), line
+    assert "serving engine   ggml (float32) (cpu_runner=auto, dtype=float32)" in out.stdout
+    out = check("dtype=q8_0", "cpu_runner=torch")
+    assert out.returncode == 1
+    assert "quantized weights are served by the ggml runner only" in out.stdout

@@ -164,22 +164,29 @@ def test_a_bad_request_names_its_input(case):
     assert message in str(err.value)
 
 
-def test_byte_bounds_come_before_parsing():
-    import time
+def test_byte_bounds_come_before_parsing(monkeypatch):
+    # the order is the behaviour: a request above its byte bounds is refused before any of its
+    # bytes are parsed as JSON or decoded as text (watched here, not timed)
+    import json
 
     from qwen3vl_triton.errors import InputError
+    from qwen3vl_triton.text import preprocess
     from qwen3vl_triton.text.preprocess import Limits, parse_request
 
+    calls, loads, utf8 = [], json.loads, preprocess._utf8
+    monkeypatch.setattr(json, "loads", lambda *a, **kw: calls.append("json.loads") or loads(*a, **kw))
+    monkeypatch.setattr(preprocess, "_utf8", lambda *a, **kw: calls.append("utf-8 decode") or utf8(*a, **kw))
     limits = Limits(text_bytes=100, image_bytes=1000, request_bytes=10_000)
-    t0 = time.perf_counter()
     with pytest.raises(InputError, match=r"^request: is 20\d\d\d bytes, above the limit of 10000$"):
         parse_request(_arrays(messages="[" * 20_000), 64, limits)  # not parsed: it would fail as JSON
+    assert calls == []
     with pytest.raises(InputError, match=r"^text_input: is 101 bytes, above the limit of 100$"):
         parse_request(_arrays(text_input="x" * 101), 64, limits)
+    assert calls == []
     with pytest.raises(InputError, match=r"^messages: the text is 120 bytes, above the limit of 100$"):
         parse_request(_arrays(messages='[{"role": "system", "content": "%s"}, {"role": "user", "content": '
                                        '[{"type": "text", "text": "%s"}]}]' % ("a" * 60, "b" * 60)), 64, limits)
-    assert time.perf_counter() - t0 < 0.1
+    assert calls == ["json.loads"]  # messages are measured once parsed, before any templating
 
 
 def test_messages_render_with_the_checkpoint_template(preprocessor, spec):

@@ -19,6 +19,12 @@ from tests.oracle import image_bytes
 pytestmark = pytest.mark.server
 
 
+@pytest.fixture(scope="module")
+def server(each_runner_server):
+    """Every test of this module on each CPU runner's server (ggml: the default; torch: the reference)."""
+    return each_runner_server
+
+
 def metrics(server) -> str:
     with urllib.request.urlopen(f"http://{server.address}:{server.ports.metrics}/metrics", timeout=10) as r:
         return r.read().decode()
@@ -92,6 +98,7 @@ def test_eight_concurrent_requests_each_equal_their_oracle_and_are_batched(serve
     for (prompt, images, n), got in zip(jobs, results):
         oracle.assert_served(got, oracle.generate(prompt, images, n))
     assert metric(server, "qwen3vl_engine_batched_steps_total", "tensorrt_llm") > steps_before
+
 
 
 
@@ -185,3 +192,8 @@ def test_seeded_sampling_through_the_ensemble_is_reproducible(server):
         first = run(11)
         assert run(11) == first
         assert len({first, run(12), run(13)}) > 1
+
+
+def test_metrics_name_the_engine_that_serves(server):
+    (labels,) = re.findall(r"^qwen3vl_engine_info\{([^}]*)\} 1$", metrics(server), re.M)
+    assert {'model="tensorrt_llm"', f'runner="{server.runner}"', 'dtype="float32"'} <= set(labels.split(","))

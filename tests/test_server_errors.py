@@ -13,6 +13,12 @@ from tests.oracle import image_bytes
 pytestmark = pytest.mark.server
 
 
+@pytest.fixture(scope="module")
+def server(each_runner_server):
+    """Every test of this module on each CPU runner's server (ggml: the default; torch: the reference)."""
+    return each_runner_server
+
+
 def tensor(name, array, dtype):
     t = grpcclient.InferInput(name, list(array.shape), dtype)
     t.set_data_from_numpy(array)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -101,14 +102,20 @@ def quantize(source: Path, out: Path, outtype: str, threads: int | None = None) 
 
     import llama_cpp
 
-    # llama.cpp logs a line per tensor: keep its warnings and errors (levels 3, 4; 5 continues a line)
-    last = [0]
+    # llama.cpp logs a line per tensor ("[  12/ 579] blk.0.attn_q.weight ..."): keep its warnings and
+    # errors (levels 3, 4; 5 continues a line), and show progress every tenth of the tensors
+    last, shown = [0], [-1]
+    counter = re.compile(rb"^\[\s*(\d+)/\s*(\d+)\]")
 
     @llama_cpp.llama_log_callback
     def keep_warnings(level, text, _user):
         last[0] = last[0] if level == 5 else level
         if last[0] in (3, 4) and text:
             sys.stderr.write(text.decode(errors="replace"))
+        m = counter.match(text or b"") if level == 2 else None
+        if m and (tenth := 10 * int(m[1]) // int(m[2])) > shown[0]:
+            shown[0] = tenth
+            print(f"[llamacpp] quantizing to {outtype}: tensor {int(m[1])} of {int(m[2])}", flush=True)
 
     llama_cpp.llama_log_set(keep_warnings, ctypes.c_void_p())
     params = llama_cpp.llama_model_quantize_default_params()

@@ -45,10 +45,19 @@ class EngineMetrics:
                 self.families[name] = pb.MetricFamily(f"qwen3vl_engine_{name}{suffix}", help_text, kind)
                 self.metrics[name] = self.families[name].Metric(labels=labels)
         self.period, self.clock = period, clock
+        self._pb, self.labels = pb, labels
         self.last = clock()
         self.pending = dict.fromkeys(self.COUNTERS, 0)
         self.gauges: dict[str, int] = {}  # latest values, sent by flush
         self.sender = Gauges(self.metrics)
+
+    def info(self, **labels: str) -> None:
+        """`qwen3vl_engine_info{<model labels>, runner=..., dtype=...} 1`: which engine serves."""
+        family = self.families["info"] = self._pb.MetricFamily(
+            "qwen3vl_engine_info", "the engine that serves: runner (ggml, torch) and weights dtype",
+            self._pb.MetricFamily.GAUGE)
+        self.metrics["info"] = family.Metric(labels={**self.labels, **labels})
+        self.metrics["info"].set(1)
 
     def on_step(self, report) -> None:
         """Engine callback (delivery thread). A report of no sequences: the engine went idle."""

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen3vl_triton.model.checkpoint import SAFETENSORS_DTYPES, CheckpointError, ModelSpec, Tensors
+from qwen3vl_triton.model.memory import memory_facts
 
 LM = "model.language_model."
 VISUAL = "model.visual."
-GIB = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -219,13 +219,6 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
-def _bytes(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _ranges(layers: tuple[int, ...]) -> str:
     parts, start = [], None
     for i, x in enumerate(layers):
@@ -249,8 +242,9 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
 
 
 def facts(spec: ModelSpec, stored: dict[str, int] | None = None, end_names: dict[int, str] | None = None,
-          host_bytes: int | None = None) -> list[tuple[str, str]]:
-    """The checkpoint's facts, as printed by --check."""
+          host_bytes: int | None = None, sequences: int = 16, max_len: int = 4096) -> list[tuple[str, str]]:
+    """The checkpoint's facts, as printed by --check; the memory of each serving dtype with KV
+    cells for `sequences` x `max_len` tokens (model/memory.py)."""
     vision = spec.config.vision_config
     counts = parameter_counts(spec)
     moe = spec.moe_layers
@@ -278,21 +272,13 @@ def facts(spec: ModelSpec, stored: dict[str, int] | None = None, end_names: dict
         out.append(("image pixels", f"{spec.min_pixels}-{spec.max_pixels} per image"))
     out.append(("parameters", f"{_billions(counts['total'])} (language {_billions(counts['language'])}, vision "
                               f"{_billions(counts['vision'])}); active per token {_billions(counts['active'])}"))
-    kv_values = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
-    memory = []
-    for names, size in (("float32", 4), ("bfloat16 or float16", 2)):
-        memory.append(f"{names}: weights {_bytes(counts['total'] * size)}, KV cache {_bytes(kv_values * size)}/token")
-    out.append(("memory", "; ".join(memory)))
-    if host_bytes:
-        need = counts["total"] * 4
-        verdict = "fits" if need < host_bytes * 0.8 else "does not fit"
-        out.append(("this host", f"{_bytes(host_bytes)} RAM; the CPU engine's float32 weights need {_bytes(need)}: "
-                                 f"{verdict}"))
+    out += memory_facts(spec, host_bytes, sequences, max_len)
     return out
 
 
-def check_checkpoint(path: str | Path) -> Report:
-    """The whole pre-flight check of a checkpoint directory (no weight is read)."""
+def check_checkpoint(path: str | Path, sequences: int = 16, max_len: int = 4096) -> Report:
+    """The whole pre-flight check of a checkpoint directory (no weight is read); the memory
+    lines count KV cells for `sequences` x `max_len` tokens (the serving settings')."""
     import psutil
 
     report = Report(str(path))
@@ -312,7 +298,7 @@ def check_checkpoint(path: str | Path) -> Report:
         found = {n: (i.shape, i.dtype) for n, i in tensors.info.items()}
         report.problems += tensor_problems(spec, found)
     report.facts = facts(spec, tensors.dtypes() if tensors else None, _token_names(path, spec.end_ids),
-                         psutil.virtual_memory().total)
+                         psutil.virtual_memory().total, sequences, max_len)
     return report
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from qwen3vl_triton.model.check import check_checkpoint
 from qwen3vl_triton.model.checkpoint import CheckpointError
 from qwen3vl_triton.model.tiny import ensure_checkpoint
-from qwen3vl_triton.serve import admin
+from qwen3vl_triton.serve import admin, cpu_engine
 from qwen3vl_triton.serve.repository import TOPOLOGIES, RenderError, Settings, render
 from qwen3vl_triton.serve.server import OpenAIServer, Ports, ServerError, TritonServer
 
@@ -84,11 +84,13 @@ def main(argv=None) -> int:
         return 2
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(Path("checkpoints/tiny"))
     settings = settings_from(args.set)
-    report = check_checkpoint(checkpoint)
+    report = check_checkpoint(checkpoint, settings.engine_max_batch, settings.max_seq_len)
     if args.check:
         if report.spec is not None:
             try:
                 settings.check(report.spec, args.device)
+                report.facts.append(("serving engine", cpu_engine.choose(report.spec, settings, args.device).describe()
+                                     + f" (cpu_runner={settings.cpu_runner}, dtype={settings.dtype})"))
             except RenderError as exc:
                 report.problems.append(str(exc))
         print(report.text(), flush=True)
@@ -98,8 +100,11 @@ def main(argv=None) -> int:
         return 2
     print(report.text(), flush=True)
     try:
+        settings.check(report.spec, args.device)
+        # the LLM's engine and, for the ggml runner, its weights converted now (once), before the server
+        engine = cpu_engine.prepare(report.spec, settings, args.device, build, log=lambda m: print(m, flush=True))
         repo = render(checkpoint, build / "repository" / args.topology, device=args.device, topology=args.topology,
-                      settings=settings, engine_dir=args.engine_dir)
+                      settings=settings, engine_dir=args.engine_dir, extra=cpu_engine.values_of(engine))
     except (RenderError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
         return 1
     models = ",".join(sorted(p.name for p in repo.iterdir() if p.is_dir()))
     print(f"ready: http={server.http_url} grpc={server.grpc_url} metrics={args.address}:{args.metrics_port} "
-          f"models={models} admin-key={key_note}" + (f" openai=http://{openai.url}/v1" if openai else ""), flush=True)
+          f"models={models} engine={engine.runner} dtype={engine.dtype} admin-key={key_note}"
+          + (f" openai=http://{openai.url}/v1" if openai else ""), flush=True)
     try:
         while not stop.wait(0.5):
             for name, proc, log in (("tritonserver", server.process, log_file),

@@ -82,8 +82,17 @@ class Settings:
     openai_max_connections: int = 512
     openai_body_budget_bytes: int = 256 * 2**20
     # the serving dtype of the whole model (vision tower, tables, LLM): float32, bfloat16, float16,
-    # or auto (the checkpoint's own); float32 serves any checkpoint upcast
+    # or auto (the checkpoint's own); float32 serves any checkpoint upcast. q8_0 and q4_k (Q4_K_M):
+    # the LLM's weights quantized by llama.cpp (the ggml runner only), vision tower and tables float32
     dtype: str = "float32"
+    # the CPU engine's runner: ggml (llama.cpp's kernels; weights converted at the first start into
+    # <build-dir>/ggml), torch (the exact reference), or auto: ggml wherever llama.cpp's model covers
+    # the checkpoint, else torch with the reason (serve/cpu_engine.py)
+    cpu_runner: str = "auto"
+    # threads of the CPU engine's steps while sequences decode, and of a lone prompt's prefill (no
+    # sequence decoding beside it); 0: the measured defaults (serve/cpu_engine.engine_threads)
+    decode_threads: int = 0
+    prefill_threads: int = 0
     # how long the vision encoder's dynamic batcher holds a request for others to join. 0: on a
     # CPU a wait buys no compute (a batch of images costs what its images cost one by one), and
     # requests that queue while the encoder is busy are still batched.
@@ -148,11 +157,17 @@ class Settings:
         if self.max_output_len >= self.max_seq_len:
             problems.append(f"max_output_len {self.max_output_len} leaves no room for a prompt in "
                             f"max_seq_len {self.max_seq_len}")
+        from qwen3vl_triton.serve.cpu_engine import QUANTIZED, choose
+
         try:
-            dtype = spec.serving_dtype(self.dtype)
+            dtype = "float32" if self.dtype in QUANTIZED else spec.serving_dtype(self.dtype)
         except ValueError as exc:
-            problems.append(str(exc))
+            problems.append(f"{exc}, {' or '.join(QUANTIZED)}")
         else:
+            try:
+                choose(spec, self, device)
+            except RenderError as exc:
+                problems.append(str(exc))
             if device == "cpu" and dtype == "float16":
                 named = f"dtype {self.dtype}" + (f" (the checkpoint's {dtype})" if self.dtype == "auto" else "")
                 problems.append(f"{named}: the CPU engine serves float32 or bfloat16 (CPUs have no fast float16 "
@@ -204,7 +219,10 @@ def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -
 
 
 def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None = None) -> dict[str, str]:
-    dtype = spec.serving_dtype(settings.dtype)
+    from qwen3vl_triton.serve.cpu_engine import choose
+
+    engine = choose(spec, settings, device)
+    dtype = engine.float_dtype  # the vision tower's and the tables'
     table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[dtype]
     v = {k: str(x) for k, x in asdict(settings).items()}
     v.update(
@@ -227,6 +245,11 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
         mrope_positions="0",
         table_stride="0",
         python_env=_python_env_block(),
+        # the CPU LLM: its runner (auto resolved), its weights' dtype, the GGUF file when converted
+        # before the server starts (serve/cpu_engine.prepare; empty: the model converts at load)
+        cpu_runner=engine.runner,
+        llm_dtype=engine.dtype,
+        gguf="",
     )
     v.update({k: str(x) for k, x in (extra or {}).items()})
     return v

@@ -21,6 +21,7 @@ from qwen3vl_triton.contract import CONTRACT_INPUTS, request_from_contract
 from qwen3vl_triton.engine.engine import Engine
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.serve.cpu_engine import engine_threads
 
 
 class TritonPythonModel:
@@ -34,18 +35,24 @@ class TritonPythonModel:
         # requests and must never start an OpenMP team of its own: with two teams alive OpenMP
         # counts more threads than cores and puts the engine's helper thread to sleep after
         # every op, which made the engine's prefill 1.6x slower.
-        threads = torch.get_num_threads()
+        prefill_threads, decode_threads = engine_threads(params["cpu_runner"], torch.get_num_threads(),
+                                                         int(params["prefill_threads"]), int(params["decode_threads"]))
         torch.set_num_threads(1)
         self.running, self._lock = {}, threading.Lock()  # Triton request id -> its running TokenStreams
         self.stopped = set()  # TokenStreams a `stop` request ended
         self.engine = Engine(spec, dtype=params["dtype"], max_batch=int(params["max_batch"]),
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
                              max_num_tokens=int(params["max_num_tokens"]), max_queue=int(params["max_queue"]),
-                             on_step=self.metrics.on_step, threads=threads)
+                             on_step=self.metrics.on_step, threads=prefill_threads, shared_threads=decode_threads,
+                             runner=params["cpu_runner"], gguf=params["gguf"] or None)
         # when the server stops, every generation ends with an error its caller receives
         self.stop_watch = ServerStopWatch(llm_client.server_grpc_url(), self.cancel_check_seconds,
                                           busy=lambda: self.engine.load() > 0,
                                           on_stop=lambda: self.engine.close(STOPPING))
+        if self.engine.runner_note:
+            pb_utils.Logger.log_warn(self.engine.runner_note)
+        pb_utils.Logger.log_info(f"tensorrt_llm: the {self.engine.runner_name} runner serves, dtype {params['dtype']}")
+        self.metrics.info(runner=self.engine.runner_name, dtype=params["dtype"])
 
     def execute(self, requests):
         for request in requests:
