@@ -12,7 +12,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from qwen3vl_triton.clients.grpc_stream import StreamError, _tensor
+from qwen3vl_triton.clients.grpc_stream import StreamError
+from qwen3vl_triton.clients.grpc_stream import infer_input as _tensor
 from qwen3vl_triton.serve import admin
 from qwen3vl_triton.transfer.region import REGION_HEADER
 from qwen3vl_triton.transfer.sender import Disaggregated, LanguageClient, TransferError
