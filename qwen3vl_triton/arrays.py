@@ -50,3 +50,13 @@ def single_sequence(arrays: dict, name: str) -> np.ndarray:
     if value.ndim == 0 or value.shape[0] != 1:
         raise InputError(name, f"send one sequence per request (batch size 1), got shape {list(value.shape)}")
     return value[0]
+
+def to_numpy(array) -> np.ndarray:
+    """A numpy array over a (CPU) torch tensor or numpy array, bfloat16 as ml_dtypes' type."""
+    if not type(array).__module__.startswith("torch"):
+        return np.asarray(array)
+    import torch
+
+    if array.dtype == torch.bfloat16:
+        return array.detach().cpu().contiguous().view(torch.int16).numpy().view(BFLOAT16)
+    return array.detach().cpu().numpy()
