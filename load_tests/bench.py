@@ -256,7 +256,6 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
     for the same image: the same rows at Qwen3-VL-30B-A3B's width (`model_hidden` 2048, fp32
     as the CPU engine holds it), in one chunk -- the target's figure, per byte."""
     import numpy as np
-    import tritonclient.utils.shared_memory as shm
 
     from qwen3vl_triton.transfer.sender import Disaggregated, Encoded, TransferStats, send_table
 
@@ -286,7 +285,7 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
         nbytes = enc.rows * model_hidden * 4
         rows = nbytes // (enc.hidden * 4)
         table = np.random.default_rng(0).standard_normal((rows, enc.hidden), dtype=np.float32)
-        shm.set_shared_memory_region(d._shm, [table], offset=d.table_offset)  # after the region's header
+        d.transport.write_rows(table)  # where the encoder writes a table: after the region's header
         per_position = enc.mrope_cos_sin.size // enc.input_ids.size
         big = Encoded(np.append(enc.input_ids[:4], enc.input_ids.max()), rows, enc.hidden,
                       enc.mrope_cos_sin[:5 * per_position], 0)
