@@ -20,6 +20,12 @@ def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of a serving dtype name ("float32", "float16", "bfloat16")."""
     return BFLOAT16 if name == "bfloat16" else np.dtype(name)
 
+def config_type(name: str) -> str:
+    """The model-config data type (`TYPE_FP32`, ...) of a serving dtype name, through tritonclient's map."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    return "TYPE_" + np_to_triton_dtype(numpy_dtype(name))
+
 def to_torch(array):
     """A torch tensor over a numpy array (bfloat16 included), without a copy."""
     import torch

@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from qwen3vl_triton.arrays import config_type
 from qwen3vl_triton.model.checkpoint import ModelSpec
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository"
@@ -161,7 +162,7 @@ def engine_values(spec: ModelSpec, settings: Settings, engine_dir: str | Path) -
 
 def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None = None) -> dict[str, str]:
     dtype = spec.serving_dtype(settings.dtype)
-    table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[dtype]
+    table_dtype = config_type(dtype)
     v = {k: str(x) for k, x in asdict(settings).items()}
     v.update(
         dtype=dtype,
