@@ -76,7 +76,7 @@ class LLMConnection:
         self.own = isinstance(client, str)
         self.client = grpcclient.InferenceServerClient(client) if self.own else client
         self.timeout, self.stop_timeout, self.model = timeout, stop_timeout, model
-        self._streams: dict[str, GrpcStream | None] = {"generate": None, "stop": None}
+        self._streams: dict[str, GrpcStream | None] = {"generations": None, "stops": None}
         self._lock = threading.Lock()
 
     def _stream(self, kind: str) -> GrpcStream:
@@ -87,7 +87,7 @@ class LLMConnection:
                 stream.close(cancel=False)
                 stream = None
             if stream is None:
-                stream = GrpcStream(self.client, self.timeout if kind == "generate" else self.stop_timeout)
+                stream = GrpcStream(self.client, self.timeout if kind == "generations" else self.stop_timeout)
                 self._streams[kind] = stream
             return stream
 
@@ -104,7 +104,7 @@ class LLMConnection:
         """Run one `tensorrt_llm` request; yield each response's `output_ids` (1-D int32, empty for a
         response without tokens) until its final response. An error response raises StreamError. A
         caller that leaves before the final response stops the request (`stop`)."""
-        stream, rid = self._submit("generate", request.infer_inputs(), request_id,
+        stream, rid = self._submit("generations", request.infer_inputs(), request_id,
                                    outputs=LLMResponse.requested_outputs())
         finished = False
         try:
@@ -124,7 +124,7 @@ class LLMConnection:
         input): it finishes as an ordinary request does, with the tokens it has. `quiet`: a
         failure is not raised (the request then ends at its max tokens)."""
         try:
-            stream, rid = self._submit("stop", StopRequest(request_id).infer_inputs(), request_id)
+            stream, rid = self._submit("stops", StopRequest(request_id).infer_inputs(), request_id)
             for _ in stream.results(rid, self.model):
                 pass
         except InFlight:  # a stop of this request is already on its way

@@ -265,11 +265,11 @@ class SequenceStore:
 
     def __init__(self, hidden_size: int, table_dtype, max_bytes: int, idle_seconds: float, vocab_size: int,
                  levels: int, max_sequences: int = 256, max_positions: int = 1 << 30, rotary_dim: int | None = None,
-                 clock=time.monotonic):
+                 max_output_len: int | None = None, clock=time.monotonic):
         self.hidden_size = hidden_size
         # what `start` checks: prompt-table ids from vocab_size, `levels` DeepStack levels, the model's
-        # max_position_embeddings, `rotary_dim` values per position of mrope_rotary_cos_sin
-        self.bounds = Bounds(vocab_size, hidden_size, levels, max_positions, rotary_dim)
+        # max_position_embeddings, `rotary_dim` values per position of mrope_rotary_cos_sin, max_tokens
+        self.bounds = Bounds(vocab_size, hidden_size, levels, max_positions, rotary_dim, max_output_len=max_output_len)
         self.table_dtype = np.dtype(table_dtype)
         self.max_bytes = max_bytes
         self.max_sequences = max_sequences

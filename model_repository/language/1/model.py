@@ -60,14 +60,14 @@ class TritonPythonModel:
         params = model_params(args)
         self.spec = ModelSpec.load(params["checkpoint"])
         self.tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
-        self.max_output_len = int(params["max_output_len"])
         self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
         self.store = SequenceStore(self.spec.hidden_size, numpy_dtype(params["table_dtype"]),
                                    max_bytes=int(params["state_bytes"]),
                                    idle_seconds=int(params["sequence_idle_us"]) / 1e6,
                                    vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels,
                                    max_sequences=int(params["max_sequences"]),
-                                   max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim)
+                                   max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim,
+                                   max_output_len=int(params["max_output_len"]))
         self.regions = SharedRegions()
         self.llm = LLMConnection(server_grpc_url())  # one channel, shared by every sequence
         labels = {"model": args["model_name"], "version": args["model_version"]}
@@ -137,9 +137,6 @@ class TritonPythonModel:
 
     def _control(self, op, corrid, x):
         if op == "start":
-            max_tokens = scalar(x, "max_tokens", int, required=True)
-            if not 1 <= max_tokens <= self.max_output_len:
-                raise InputError("max_tokens", f"must be in [1, {self.max_output_len}], got {max_tokens}")
             cos_sin = x.get(COS_SIN)
             seq = self.store.start(
                 corrid,
@@ -148,7 +145,7 @@ class TritonPythonModel:
                 prompt_vocab_size=scalar(x, ROWS, int),
                 mrope_cos_sin=None if cos_sin is None else single_sequence(x, COS_SIN),
                 mrope_delta=scalar(x, DELTA, int, default=0),
-                max_tokens=max_tokens,
+                max_tokens=scalar(x, "max_tokens", int, required=True),
                 sampling=SamplingParams(temperature=scalar(x, "temperature", float, default=0.0),
                                         top_k=scalar(x, "top_k", int, default=0),
                                         top_p=scalar(x, "top_p", float, default=1.0),
