@@ -372,7 +372,8 @@ class Disaggregated:
                 self.stats.add(stats)
 
     def stream(self, corrid: int, from_token: int = 0, retries: int = 3) -> Iterator[tuple[str, list[int]]]:
-        """Generated (text, ids) from `from_token`; a broken stream is resumed where it stopped, on a new one."""
+        """Generated (text, ids) from `from_token`; a broken stream is resumed where it stopped (on a new
+        one when the shared stream itself broke)."""
         received = from_token
         for attempt in range(retries + 1):
             stream = self.lang.stream
@@ -384,7 +385,8 @@ class Disaggregated:
             except StreamBroken:
                 if attempt == retries:
                     raise
-                self.lang.reconnect(stream)
+                if stream.broken:  # else it timed out: the next `generate` takes the sequence over
+                    self.lang.reconnect(stream)
 
     def run(self, enc: Encoded, max_tokens: int, sequence_id: int | None = None, **sampling) -> Iterator[str]:
         """Transfer an encoded request and stream its text; the sequence is ended afterwards."""
