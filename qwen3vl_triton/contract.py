@@ -18,7 +18,7 @@ the GPU; the CPU engine reads the same tensor (`stop_word_ids`).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -240,10 +240,6 @@ class LLMRequest:
             streaming=scalar(arrays, "streaming", bool, default=False),
             **extra,
         )
-
-    def with_(self, **changes) -> "LLMRequest":
-        """A copy with `changes` (e.g. `streaming=True`)."""
-        return replace(self, **changes)
 
     def validate(self, bounds: "Bounds") -> None:
         """Raise InputError naming the contract input that is wrong (see `validate`)."""
