@@ -67,15 +67,17 @@ class TritonPythonModel:
         cancelled = CancelPoll(sender.is_cancelled, self.cancel_check_seconds)
         pieces, all_ids, stopped = [], [], False
         try:
-            for out in self.llm.generate(llm, rid):
+            generation = self.llm.generate(llm, rid)
+            for out in generation:
                 if stream.finish is not None or stopped:
                     if not stopped:  # an end id the engine does not stop at: it would go on
                         self.llm.stop(rid, quiet=True)
                         stopped = True
                     continue  # what the engine still sends is dropped
                 if cancelled():
+                    generation.close()  # a generation left early is stopped
                     sender.send(flags=FINAL)
-                    return  # leaving the generation stops it
+                    return
                 if out.size == 0:
                     continue
                 before = len(stream.ids)
