@@ -130,10 +130,13 @@ class Client:
         request = Qwen3VLRequest(prompt, list(images), max_tokens, messages=messages, stream=stream,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         pieces = (self._grpc_generate if self.protocol == "grpc" else self._http_generate)(request, request_id)
-        for piece in pieces:
-            if stats is not None:
-                stats.mark(piece)
-            yield piece
+        try:
+            for piece in pieces:
+                if stats is not None:
+                    stats.mark(piece)
+                yield piece
+        finally:  # a caller that leaves stops the generation now, while this client's connections are open
+            pieces.close()
         if stats is not None:
             stats.end = time.perf_counter()
 

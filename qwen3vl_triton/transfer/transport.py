@@ -152,6 +152,12 @@ class ShmTransport(_Region):
 
         shm.set_shared_memory_region(self._handle, [table], offset=self.table_offset)
 
+    def read_rows(self, enc) -> np.ndarray:
+        """`enc`'s table as it lies in the region (checks that read it back)."""
+        import tritonclient.utils.shared_memory as shm
+
+        return shm.get_contents_as_numpy(self._handle, enc.dtype, [enc.rows, enc.hidden], offset=self.table_offset)
+
     def chunk_inputs(self, enc, start: int, count: int) -> list:
         row_bytes = enc.hidden * enc.dtype.itemsize
         return [infer_input("chunk_region", np.array([[self.key.encode()]], dtype=np.object_)),
@@ -190,6 +196,12 @@ class CudaShmTransport(_Region):
         import tritonclient.utils.cuda_shared_memory as cudashm
 
         cudashm.destroy_shared_memory_region(self._handle)
+
+    def read_rows(self, enc) -> np.ndarray:
+        """`enc`'s table as it lies in the region (checks that read it back)."""
+        import tritonclient.utils.cuda_shared_memory as cudashm
+
+        return cudashm.get_contents_as_numpy(self._handle, enc.dtype, [enc.rows, enc.hidden])
 
     def chunk_inputs(self, enc, start: int, count: int) -> list:
         import tritonclient.grpc as grpcclient
