@@ -85,7 +85,7 @@ class FakeResult:
 class FakeStream:
     made: list = []
 
-    def __init__(self, client, timeout):
+    def __init__(self, client, timeout, wait_for_ready=False):
         self.client, self.broken, self.sent, self.closed = client, False, [], False
         FakeStream.made.append(self)
 

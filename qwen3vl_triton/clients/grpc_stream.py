@@ -55,9 +55,10 @@ class GrpcStream:
 
     `client`: a tritonclient.grpc.InferenceServerClient (kept open on close; other streams may
     share it) or a url (a client of its own). A stream that broke (`broken`) fails every request
-    waiting on it; a new one must be opened for the next."""
+    waiting on it; a new one must be opened for the next. `wait_for_ready`: the stream waits for
+    a server that is not listening yet instead of failing at once."""
 
-    def __init__(self, client, timeout: float, stream_timeout: float | None = None):
+    def __init__(self, client, timeout: float, stream_timeout: float | None = None, wait_for_ready: bool = False):
         import tritonclient.grpc as grpcclient
         from tritonclient.grpc._infer_stream import _InferStream, _RequestIterator
 
@@ -70,8 +71,8 @@ class GrpcStream:
         # tritonclient 2.73's start_stream, with the stream object ours and the response iterator wrapped
         self._infer = _InferStream(self._callback, False)
         self.ids = _ResponseIds(self.client._client_stub.ModelStreamInfer(
-            _RequestIterator(self._infer), metadata=self.client._get_metadata(None), timeout=stream_timeout),
-            self._ended)
+            _RequestIterator(self._infer), metadata=self.client._get_metadata(None), timeout=stream_timeout,
+            wait_for_ready=wait_for_ready), self._ended)
         self._infer._init_handler(self.ids)
 
     def _ended(self) -> None:

@@ -67,17 +67,25 @@ class LLMConnection:
     on close) carries two streams: the generations' and the stops'. A `stop` carries the request id
     of the generation it ends, so it cannot share that generation's stream, whose responses are
     routed by request id. A stream that broke (the server restarted, the network failed) fails the
-    requests waiting on it with a StreamError that says so; the next request opens a new one."""
+    requests waiting on it with a StreamError that says so; the next request opens a new one.
+
+    `at_load`: made in a model's `initialize`, to the server that runs the model: both streams are
+    opened now (so the stub's thread count does not depend on the traffic it has seen) and wait
+    for the server's endpoint, which listens once the models have loaded. Otherwise (clients)
+    each stream is opened when first used."""
 
     def __init__(self, client, timeout: float = RESPONSE_TIMEOUT_S, stop_timeout: float = STOP_TIMEOUT_S,
-                 model: str = MODEL):
+                 model: str = MODEL, at_load: bool = False):
         import tritonclient.grpc as grpcclient
 
         self.own = isinstance(client, str)
         self.client = grpcclient.InferenceServerClient(client) if self.own else client
-        self.timeout, self.stop_timeout, self.model = timeout, stop_timeout, model
+        self.timeout, self.stop_timeout, self.model, self.wait_for_ready = timeout, stop_timeout, model, at_load
         self._streams: dict[str, GrpcStream | None] = {"generations": None, "stops": None}
         self._lock = threading.Lock()
+        if at_load:
+            for kind in self._streams:
+                self._stream(kind)
 
     def _stream(self, kind: str) -> GrpcStream:
         """The open stream of `kind`, a new one when there is none or it broke."""
@@ -87,7 +95,8 @@ class LLMConnection:
                 stream.close(cancel=False)
                 stream = None
             if stream is None:
-                stream = GrpcStream(self.client, self.timeout if kind == "generations" else self.stop_timeout)
+                stream = GrpcStream(self.client, self.timeout if kind == "generations" else self.stop_timeout,
+                                    wait_for_ready=self.wait_for_ready)
                 self._streams[kind] = stream
             return stream
 

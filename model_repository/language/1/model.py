@@ -69,7 +69,7 @@ class TritonPythonModel:
                                    max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim,
                                    max_output_len=int(params["max_output_len"]))
         self.regions = SharedRegions()
-        self.llm = LLMConnection(server_grpc_url())  # one channel, shared by every sequence
+        self.llm = LLMConnection(server_grpc_url(), at_load=True)  # one channel, shared by every sequence
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.families = {
             name: pb_utils.MetricFamily(f"qwen3vl_language_{name}", text, kind) for name, text, kind in (

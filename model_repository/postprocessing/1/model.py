@@ -32,7 +32,7 @@ class TritonPythonModel:
         self.spec = ModelSpec.load(params["checkpoint"])
         self.tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
         self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
-        self.llm = LLMConnection(server_grpc_url())  # one channel, shared by every request
+        self.llm = LLMConnection(server_grpc_url(), at_load=True)  # one channel, shared by every request
         self.pool = worker_pool(int(params["workers"]), "generate")
 
     def execute(self, requests):
