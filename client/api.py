@@ -11,14 +11,15 @@ from typing import Iterator
 
 import numpy as np
 
-from qwen3vl_triton.clients import llm as llm_client
-from qwen3vl_triton.clients.grpc_stream import message_of
+from qwen3vl_triton.clients.llm import LLMConnection, stop_http, stop_left
+from qwen3vl_triton.clients.qwen3vl import MODEL, Qwen3VLRequest, Qwen3VLResponse, image_b64
+from qwen3vl_triton.errors import RemoteError, message_of
 
-MODEL = "qwen3vl"
 
-
-class ClientError(RuntimeError):
-    """A request failed; the message is the server's (it names the bad input) or says why."""
+class ClientError(RemoteError):
+    """A request failed; the message is the server's (it names the bad input) or says why. `error`:
+    the message as parsed (errors.parse): its code (invalid_arg, unavailable, internal, cancelled)
+    and the input it names."""
 
 
 @dataclass
@@ -52,9 +53,7 @@ class GenerationStats:
         return (self.end or time.perf_counter()) - self.start
 
 
-def encode_image_b64(data: bytes | str) -> str:
-    """An image for a JSON body: bytes are base64-encoded; a str (base64 or data URL) is sent as is."""
-    return data if isinstance(data, str) else base64.b64encode(data).decode("ascii")
+encode_image_b64 = image_b64
 
 
 class Client:
@@ -64,16 +63,34 @@ class Client:
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
         self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
-        self._grpc = None
+        self._grpc = self._llm = self._http = None
         if protocol == "grpc":
             import tritonclient.grpc as grpcclient
 
-            self._grpc = grpcclient.InferenceServerClient(url)
+            self._grpc = grpcclient.InferenceServerClient(url)  # one channel for every request
+            self._llm = LLMConnection(self._grpc)  # stops of left generations, over the same channel
+        else:
+            import requests
+
+            self._http = requests.Session()
 
     def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
         if self._grpc is not None:
             self._grpc.close()
             self._grpc = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def _stop_left(self, generation: str) -> None:
+        """End the generation of a stream this client left (see clients.llm.stop_left)."""
+        if self._llm is not None:
+            stop_left(self._llm.stop, generation)
+        else:
+            stop_left(lambda g: stop_http(self._http, self.url, g), generation)
 
     def __enter__(self):
         return self
@@ -89,11 +106,9 @@ class Client:
                 live = self._grpc.is_server_live()
                 ready = live and self._grpc.is_model_ready(self.model)
             else:
-                import requests
-
-                live = requests.get(f"http://{self.url}/v2/health/live", timeout=5).status_code == 200
-                ready = live and requests.get(f"http://{self.url}/v2/models/{self.model}/ready",
-                                              timeout=5).status_code == 200
+                live = self._http.get(f"http://{self.url}/v2/health/live", timeout=5).status_code == 200
+                ready = live and self._http.get(f"http://{self.url}/v2/models/{self.model}/ready",
+                                                timeout=5).status_code == 200
         except Exception as exc:
             raise ClientError(f"cannot reach the server at {self.url} ({self.protocol}): {message_of(exc)}") from None
         if not live:
@@ -110,16 +125,18 @@ class Client:
 
         `messages` (OpenAI chat messages, see `Conversation`) replaces `prompt` and `images`."""
         request_id = request_id or uuid.uuid4().hex
-        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         if (prompt is None) == (messages is None):
             raise ValueError("give a prompt or messages, not both")
-        first = ("messages", json.dumps(messages)) if messages is not None else ("text_input", prompt)
-        pieces = (self._grpc_generate if self.protocol == "grpc" else self._http_generate)(
-            first, list(images), max_tokens, stream, sampling, request_id)
-        for piece in pieces:
-            if stats is not None:
-                stats.mark(piece)
-            yield piece
+        request = Qwen3VLRequest(prompt, list(images), max_tokens, messages=messages, stream=stream,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        pieces = (self._grpc_generate if self.protocol == "grpc" else self._http_generate)(request, request_id)
+        try:
+            for piece in pieces:
+                if stats is not None:
+                    stats.mark(piece)
+                yield piece
+        finally:  # a caller that leaves stops the generation now, while this client's connections are open
+            pieces.close()
         if stats is not None:
             stats.end = time.perf_counter()
 
@@ -130,65 +147,32 @@ class Client:
         """Stream the assistant's reply to a conversation (OpenAI chat messages)."""
         return self.generate(None, (), max_tokens, messages=messages, **kw)
 
-    def _grpc_inputs(self, first, images, max_tokens, stream, sampling):
-        import tritonclient.grpc as grpcclient
-
-        def tensor(name, array, dtype):
-            t = grpcclient.InferInput(name, list(array.shape), dtype)
-            t.set_data_from_numpy(array)
-            return t
-
-        inputs = [
-            tensor(first[0], np.array([[first[1].encode("utf-8")]], dtype=np.object_), "BYTES"),
-            tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
-            tensor("stream", np.array([[stream]], dtype=bool), "BOOL"),
-        ]
-        if images:
-            raw = [i.encode() if isinstance(i, str) else i for i in images]
-            inputs.append(tensor("image", np.array([raw], dtype=np.object_), "BYTES"))
-        kinds = {"temperature": (np.float32, "FP32"), "top_k": (np.int32, "INT32"),
-                 "top_p": (np.float32, "FP32"), "seed": (np.uint64, "UINT64")}
-        for name, value in sampling.items():
-            if value is not None:
-                dtype, triton = kinds[name]
-                inputs.append(tensor(name, np.array([[value]], dtype=dtype), triton))
-        return inputs
-
-    def _grpc_generate(self, first, images, max_tokens, stream, sampling, request_id) -> Iterator[str]:
+    def _grpc_generate(self, request: Qwen3VLRequest, request_id: str) -> Iterator[str]:
         from qwen3vl_triton.clients.grpc_stream import GrpcStream, StreamError
 
-        channel = GrpcStream(self._grpc, self.timeout, stream_timeout=self.timeout)
+        channel = GrpcStream(self._grpc, self.timeout, stream_timeout=self.timeout)  # a stream on the channel
         generation, finished = None, False
         try:
-            for result in channel.request(self.model, self._grpc_inputs(first, images, max_tokens, stream, sampling),
-                                          request_id=request_id):
-                if result.get_response().outputs:
-                    generation = generation or llm_client.generation_id(result)
-                    yield "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
+            for result in channel.request(self.model, request.grpc_inputs(), request_id=request_id):
+                response = Qwen3VLResponse.from_result(result)
+                if response is not None:
+                    generation = generation or response.generation_id
+                    yield response.text
             finished = True
         except StreamError as exc:
             finished = True
             raise ClientError(str(exc)) from None
         finally:
             if not finished and generation is not None:
-                # first: closing the stream waits for the request's end
-                llm_client.stop_left(self.url, generation, self.protocol)
+                self._stop_left(generation)  # first: closing the stream waits for the request's end
             channel.close(cancel=not finished)  # a request left unfinished is cancelled, not waited for
 
-    def _http_body(self, first, images, max_tokens, stream, sampling, request_id) -> dict:
-        body = {"id": request_id, first[0]: first[1], "max_tokens": max_tokens, "stream": stream}
-        if images:
-            body["image"] = [encode_image_b64(i) for i in images]
-        body.update({k: v for k, v in sampling.items() if v is not None})
-        return body
-
-    def _http_generate(self, first, images, max_tokens, stream, sampling, request_id) -> Iterator[str]:
+    def _http_generate(self, request: Qwen3VLRequest, request_id: str) -> Iterator[str]:
         import requests
 
-        body = self._http_body(first, images, max_tokens, stream, sampling, request_id)
         try:
-            resp = requests.post(f"http://{self.url}/v2/models/{self.model}/generate_stream", json=body,
-                                 stream=True, timeout=self.timeout)
+            resp = self._http.post(f"http://{self.url}/v2/models/{self.model}/generate_stream",
+                                   json=request.json_body(request_id), stream=True, timeout=self.timeout)
         except requests.RequestException as exc:
             raise ClientError(f"cannot reach the server at {self.url} (http): {message_of(exc)}") from None
         generation, finished = None, False
@@ -203,13 +187,13 @@ class Client:
                     if "error" in event:
                         finished = True
                         raise ClientError(event["error"])
-                    generation = generation or event.get("generation_id")
-                    text = event.get("text_output", "")
-                    yield "".join(text) if isinstance(text, list) else text
+                    response = Qwen3VLResponse.from_event(event)
+                    generation = generation or response.generation_id
+                    yield response.text
                 finished = True
             finally:
                 if not finished and generation:
-                    llm_client.stop_left(self.url, generation, self.protocol)
+                    self._stop_left(generation)
 
 
 class Conversation:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen3vl_triton.errors import message_of
+
 from .api import Client, ClientError, Conversation, GenerationStats
 
 EXIT_ERROR = 1
@@ -246,13 +248,8 @@ def main(argv=None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 -- a library or network failure: one line, never a traceback
-        print(f"error: {type(exc).__name__}: {_one_line(_message(exc))}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {_one_line(message_of(exc))}", file=sys.stderr)
     return EXIT_ERROR
-
-
-def _message(exc: Exception) -> str:
-    msg = getattr(exc, "message", None)
-    return msg() if callable(msg) else (msg or str(exc))
 
 
 if __name__ == "__main__":

@@ -287,7 +287,6 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
     table allocated for the sequence (fresh pages: the kernel zeroes and maps each page at first
     touch) and into one already touched, against np.copyto (pre-touched, the yardstick)."""
     import numpy as np
-    import tritonclient.utils.shared_memory as shm
 
     from qwen3vl_triton.transfer.sender import Disaggregated, Encoded, TransferStats, send_table
 
@@ -322,7 +321,7 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
         nbytes = enc.rows * model_hidden * 4
         rows = nbytes // (enc.hidden * 4)
         table = np.random.default_rng(0).standard_normal((rows, enc.hidden), dtype=np.float32)
-        shm.set_shared_memory_region(d._shm, [table], offset=d.table_offset)  # after the region's header
+        d.transport.write_rows(table)  # where the encoder writes a table: after the region's header
         per_position = enc.mrope_cos_sin.size // enc.input_ids.size
         big = Encoded(np.append(enc.input_ids[:4], enc.input_ids.max()), rows, enc.hidden,
                       enc.mrope_cos_sin[:5 * per_position], 0)

@@ -292,14 +292,9 @@ class OpenStream:
     def stream(self, model: str, inputs: dict, timeout: float = 60) -> list[float]:
         """Send one request of numpy `inputs` to `model`, wait for its final response; return the
         arrival times of the responses that carry outputs (its tokens)."""
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import np_to_triton_dtype
+        from qwen3vl_triton.clients.grpc_stream import infer_input
 
-        tensors = []
-        for name, value in inputs.items():
-            t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            t.set_data_from_numpy(value)
-            tensors.append(t)
+        tensors = [infer_input(name, value) for name, value in inputs.items()]
         self.client.async_stream_infer(model, tensors, request_id=secrets.token_hex(8),
                                        enable_empty_final_response=True)
         times = []
@@ -316,12 +311,9 @@ class OpenStream:
 
     def generate(self, prompt: str, images: list[bytes], max_tokens: int, timeout: float = 60) -> list[float]:
         """One streamed `qwen3vl` request; the arrival times of its token responses."""
-        import numpy as np
+        from qwen3vl_triton.clients.qwen3vl import MODEL, Qwen3VLRequest
 
-        return self.stream("qwen3vl", {"text_input": np.array([[prompt.encode()]], dtype=np.object_),
-                                       "image": np.array([images], dtype=np.object_),
-                                       "max_tokens": np.array([[max_tokens]], dtype=np.int32),
-                                       "stream": np.array([[True]])}, timeout)
+        return self.stream(MODEL, Qwen3VLRequest(prompt, images, max_tokens, stream=True).arrays(), timeout)
 
     def close(self):
         self.client.stop_stream()

@@ -4,9 +4,9 @@
 
 Served inter-token latency p50 -- `tensorrt_llm` called directly over a gRPC stream, and the
 `qwen3vl` ensemble -- beside the engine's own batch-1 decode step and its inter-token latency in
-this process (same engine class, same request: the bench's 448x448 image and prompt), measured
-in turns so a busy machine weighs on all of them. `serving_ms_per_token` = served ITL p50
-minus the in-process step p50. Nothing is asserted.
+this process, and each one's time to the first token (same engine class, same request: the bench's
+448x448 image and prompt), measured in turns so a busy machine weighs on all of them.
+`serving_ms_per_token` = served ITL p50 minus the in-process step p50. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from load_tests.bench import SERVER_SETTINGS, start_server
     from load_tests.bench_micro import machine_rates
     from qwen3vl_triton.arrays import numpy_dtype
+    from qwen3vl_triton.contract import MODEL, LLMRequest
     from qwen3vl_triton.engine.engine import Engine
     from qwen3vl_triton.engine.scheduler import Request
     from qwen3vl_triton.model.checkpoint import ModelSpec
@@ -59,18 +60,10 @@ def main(argv=None) -> int:
     item = load.workload((448, 448), 1)[0]
     p = Preprocessor(spec, max_images=2)(item.prompt, [item.image])
     float_dtype = "float32" if args.dtype in ("q8_0", "q4_k") else args.dtype  # the vision tower's and table's
-    encoder = VisionEncoder(spec, dtype=float_dtype)
-    r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
-    contract = {
-        "input_ids": p.input_ids.astype(np.int32)[None],
-        "input_lengths": np.array([[p.input_ids.size]], np.int32),
-        "end_id": np.array([[spec.end_id]], np.int32),
-        "prompt_embedding_table": r.prompt_embedding_table.float().numpy().astype(
-            numpy_dtype(float_dtype))[None],
-        "prompt_vocab_size": np.array([[r.prompt_vocab_size]], np.int32),
-        "mrope_rotary_cos_sin": r.mrope_rotary_cos_sin[None],
-        "mrope_position_deltas": np.array([[r.mrope_position_deltas]], np.int64),
-    }
+    r = VisionEncoder(spec, dtype=float_dtype).encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
+    table = r.prompt_embedding_table.float().numpy().astype(numpy_dtype(float_dtype))
+    llm = LLMRequest(p.input_ids.astype(np.int32), args.tokens, end_id=spec.end_id, table=table,
+                     mrope_cos_sin=r.mrope_rotary_cos_sin, mrope_delta=r.mrope_position_deltas, streaming=True)
 
     steps: list = []
     # the served engine: the runner cpu_runner=auto chooses, on the weights the server loads
@@ -100,19 +93,20 @@ def main(argv=None) -> int:
     if not args.no_server:
         server = start_server(args.checkpoint, "single", "serving-cost", dtype=args.dtype)
         direct, ensemble = load.OpenStream(server.grpc_url), load.OpenStream(server.grpc_url)
-        direct_inputs = {**contract, "request_output_len": np.array([[args.tokens]], np.int32),
-                         "streaming": np.array([[True]])}
-        kinds["direct"] = lambda: direct.stream("tensorrt_llm", direct_inputs, timeout=120)
+        kinds["direct"] = lambda: direct.stream(MODEL, llm.arrays(), timeout=120)
         kinds["ensemble"] = lambda: ensemble.generate(item.prompt, [item.image], args.tokens, timeout=120)
     itl: dict[str, list[float]] = {k: [] for k in kinds}
+    ttft: dict[str, list[float]] = {k: [] for k in kinds}
     tokens: dict[str, list[int]] = {k: [] for k in kinds}
     try:
         for i in range(args.requests + 1):
             for name, fn in kinds.items():
                 if name == "direct" and i == 1 and args.profile_seconds:
                     profile(server, args.profile_seconds)
+                t0 = time.perf_counter()
                 times = fn()
                 if i:  # the first round warms up
+                    ttft[name].append(1e3 * (times[0] - t0))
                     itl[name] += gaps_ms(times)
                     tokens[name].append(len(times))
     finally:
@@ -129,7 +123,8 @@ def main(argv=None) -> int:
     for name in kinds:
         v = itl[name]
         print(f"ITL {name:10}: p50 {statistics.median(v):6.2f} ms  p90 {np.percentile(v, 90):6.2f}  "
-              f"serving ms/token {statistics.median(v) - step:5.2f}  tokens/request {tokens[name]}")
+              f"serving ms/token {statistics.median(v) - step:5.2f}  TTFT p50 {statistics.median(ttft[name]):7.2f} ms  "
+              f"tokens/request {tokens[name]}")
     return 0
 
 

@@ -20,6 +20,12 @@ def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of a serving dtype name ("float32", "float16", "bfloat16")."""
     return BFLOAT16 if name == "bfloat16" else np.dtype(name)
 
+def config_type(name: str) -> str:
+    """The model-config data type (`TYPE_FP32`, ...) of a serving dtype name, through tritonclient's map."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    return "TYPE_" + np_to_triton_dtype(numpy_dtype(name))
+
 def to_torch(array):
     """A torch tensor over a numpy array (bfloat16 included), without a copy."""
     import torch
@@ -50,3 +56,13 @@ def single_sequence(arrays: dict, name: str) -> np.ndarray:
     if value.ndim == 0 or value.shape[0] != 1:
         raise InputError(name, f"send one sequence per request (batch size 1), got shape {list(value.shape)}")
     return value[0]
+
+def to_numpy(array) -> np.ndarray:
+    """A numpy array over a (CPU) torch tensor or numpy array, bfloat16 as ml_dtypes' type."""
+    if not type(array).__module__.startswith("torch"):
+        return np.asarray(array)
+    import torch
+
+    if array.dtype == torch.bfloat16:
+        return array.detach().cpu().contiguous().view(torch.int16).numpy().view(BFLOAT16)
+    return array.detach().cpu().numpy()

@@ -20,7 +20,6 @@ import base64
 import contextlib
 import json
 import math
-import re
 import threading
 import time
 import urllib.error
@@ -29,17 +28,11 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from qwen3vl_triton.api.http_limits import BodyLimit, BodyTooLarge, HTTPLimits, guarded_protocol
-from qwen3vl_triton.clients import llm as llm_client
-from qwen3vl_triton.errors import InputError
+from qwen3vl_triton.clients.llm import LLMConnection, stop_left
+from qwen3vl_triton.clients.qwen3vl import MODEL, Qwen3VLRequest, Qwen3VLResponse
+from qwen3vl_triton.errors import Code, InputError, parse
 from qwen3vl_triton.text import preprocess, untrusted
-
-MODEL = "qwen3vl"
-_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
-_ENSEMBLE = re.compile(r"^in ensemble '[^']*', ")
-
 
 # Request fields this server does not implement, each with the values that ask for nothing (those
 # are accepted, as clients send them by default); any other value is a 400 naming the field rather
@@ -205,19 +198,15 @@ class Params:
                    stop=stop)
 
 
-def triton_error(message: str) -> APIError:
-    """An error from Triton as the HTTP status it deserves, naming the input it names."""
-    message = _ENSEMBLE.sub("", message.strip())
-    if message.startswith("internal error") or "generation failed" in message:
-        return APIError(500, message)
-    if "maximum queue size" in message or "not ready" in message or "unknown model" in message.lower() \
-            or "is not found" in message:
-        return APIError(503, message)
-    m = _FIELD.match(message)
-    param = m.group(1) if m else None
-    if param in ("text_input", "request_output_len"):
-        param = {"text_input": "messages", "request_output_len": "max_tokens"}[param]
-    return APIError(400, message, param)
+# the model's inputs that an OpenAI client knows by another name
+_PARAMS = {"text_input": "messages", "request_output_len": "max_tokens"}
+_STATUS = {Code.INVALID_ARG: 400, Code.UNAVAILABLE: 503, Code.CANCELLED: 503, Code.INTERNAL: 500}
+
+
+def triton_error(message: str, status: str | None = None) -> APIError:
+    """An error from Triton (errors.parse) as the HTTP status it deserves, naming the input it names."""
+    error = parse(message, status)
+    return APIError(_STATUS[error.code], error.text, _PARAMS.get(error.input, error.input))
 
 
 class Backend:
@@ -228,34 +217,19 @@ class Backend:
 
         self.url, self.model = url, model
         self.client = aio.InferenceServerClient(url)
+        self.llm = LLMConnection(url)  # stops of generations whose client left, from a thread
 
-    def inputs(self, p: Params) -> list:
-        import tritonclient.grpc as grpcclient
-
-        def tensor(name, array, dtype):
-            t = grpcclient.InferInput(name, list(array.shape), dtype)
-            t.set_data_from_numpy(array)
-            return t
-
-        out = [tensor("messages", np.array([[json.dumps(p.messages).encode()]], np.object_), "BYTES"),
-               tensor("max_tokens", np.array([[p.max_tokens]], np.int32), "INT32"),
-               tensor("stream", np.array([[True]], bool), "BOOL")]
-        if p.temperature is not None:
-            out.append(tensor("temperature", np.array([[p.temperature]], np.float32), "FP32"))
-        if p.top_p is not None:
-            out.append(tensor("top_p", np.array([[p.top_p]], np.float32), "FP32"))
-        if p.seed is not None:
-            out.append(tensor("seed", np.array([[p.seed]], np.uint64), "UINT64"))
-        if p.stop:
-            out.append(tensor("stop_words", np.array([[s.encode() for s in p.stop]], np.object_), "BYTES"))
-        return out
+    @staticmethod
+    def request(p: Params) -> Qwen3VLRequest:
+        return Qwen3VLRequest(messages=p.messages, max_tokens=p.max_tokens, stream=True, temperature=p.temperature,
+                              top_p=p.top_p, seed=p.seed, stop=p.stop)
 
     async def generate(self, p: Params):
         """Yield (text, token count, prompt tokens, finish reason or None) per response; a stream
         that is closed early (the caller's task cancelled) cancels the request in Triton."""
         import grpc
 
-        request = {"model_name": self.model, "inputs": self.inputs(p), "request_id": uuid.uuid4().hex,
+        request = {"model_name": self.model, "inputs": self.request(p).grpc_inputs(), "request_id": uuid.uuid4().hex,
                    "parameters": None}
 
         async def one():
@@ -267,24 +241,19 @@ class Backend:
             async for result, error in stream:
                 if error is not None:
                     finished = True
-                    raise triton_error(error.message())
-                if not result.get_response().outputs:
+                    raise triton_error(error.message(), error.status())
+                response = Qwen3VLResponse.from_result(result)
+                if response is None:
                     continue
-                text = "".join(t.decode("utf-8") for t in result.as_numpy("text_output").reshape(-1))
-                ids = result.as_numpy("output_ids")
-                finish = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
-                generation = generation or llm_client.generation_id(result)
-                finished = finish is not None
-                yield (text, 0 if ids is None else ids.size, int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                       finish)
+                generation = generation or response.generation_id
+                finished = response.finish_reason is not None
+                yield response.text, response.tokens, response.prompt_tokens, response.finish_reason
                 if finished:
                     return
             finished = True
         except grpc.aio.AioRpcError as exc:
             finished = True
-            code = exc.code()
-            status = 503 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) else 500
-            raise APIError(status, f"the model server at {self.url} failed: {exc.details()}") from None
+            raise triton_error(f"the model server at {self.url} failed: {exc.details()}", str(exc.code())) from None
         finally:
             stream.cancel()  # a no-op after the final response; otherwise Triton cancels the request
             if not finished and generation is not None:
@@ -293,12 +262,13 @@ class Backend:
                 threading.Thread(target=self._stop, args=(generation,), name="stop", daemon=True).start()
 
     def _stop(self, generation: str) -> None:
-        problem = llm_client.stop_left(self.url, generation)
+        problem = stop_left(self.llm.stop, generation)
         if problem:
             print(f"openai: {problem}", flush=True)
 
     async def close(self):
         await self.client.close()
+        self.llm.close()
 
 
 def error_body(status: int, message: str) -> bytes:

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import traceback
 
-from qwen3vl_triton.errors import InputError, Unavailable
+from qwen3vl_triton.errors import Code, unexpected, wire
 
 
 def error(pb, exc: BaseException, logger=None):
-    """A TritonError for `exc`: INVALID_ARG with the message for bad input, UNAVAILABLE for a server at
-    a bound, INTERNAL otherwise."""
-    if isinstance(exc, InputError):
-        return pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
-    if isinstance(exc, Unavailable):
-        return pb.TritonError(str(exc), pb.TritonError.UNAVAILABLE)
-    if logger is not None:
-        logger.log_error(f"internal error: {''.join(traceback.format_exception(exc))}")
-    return pb.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL)
+    """A TritonError for `exc`, in the wire format (errors.wire): INVALID_ARG with the message for bad
+    input, UNAVAILABLE for a server at a bound, CANCELLED, INTERNAL otherwise (logged with its
+    traceback when it is an unexpected exception)."""
+    message, code = wire(exc)
+    if code is Code.INTERNAL:
+        if logger is not None and unexpected(exc):
+            logger.log_error(f"internal error: {''.join(traceback.format_exception(exc))}")
+        return pb.TritonError(message)  # INTERNAL is the default code
+    return pb.TritonError(message, getattr(pb.TritonError, code.name))
 
 def error_response(pb, exc: BaseException, logger=None):
     return pb.InferenceResponse(error=error(pb, exc, logger))

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from qwen3vl_triton.backend.responses import send_response
+from qwen3vl_triton.backend.responses import error_response, send_response
 from qwen3vl_triton.backend.workers import CancelPoll
+from qwen3vl_triton.contract import FinishReason, LLMResponse
+from qwen3vl_triton.errors import Cancelled, Failed
 
 
 class TokenStream:
@@ -27,31 +27,25 @@ class TokenStream:
         self.cancelled = False
 
     def _send_tokens(self, tokens: list[int], flags: int) -> None:
-        ids = np.asarray(tokens, dtype=np.int32).reshape(1, 1, -1)
-        send_response(self.pb, self.sender, [
-            self.pb.Tensor("output_ids", ids),
-            self.pb.Tensor("sequence_length", np.asarray([[len(tokens)]], dtype=np.int32)),
-        ], flags)
+        send_response(self.pb, self.sender, LLMResponse(tokens).pb_tensors(self.pb), flags)
 
     def _send_cancelled(self) -> None:
-        pb = self.pb
-        self.sender.send(pb.InferenceResponse(error=pb.TritonError("request cancelled", pb.TritonError.CANCELLED)),
-                         flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.sender.send(error_response(self.pb, Cancelled()), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def on_tokens(self, tokens: list[int], finish: str | None, err: str | None) -> None:
+    def on_tokens(self, tokens: list[int], finish: FinishReason | None, err: str | None) -> None:
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not self.cancelled and self.client_cancelled():
             self.cancelled = True
             self.engine.cancel(self.request_id)
-        if self.cancelled or finish == "cancelled":
+        if self.cancelled or finish == FinishReason.CANCELLED:
             if finish is not None:
                 self._send_cancelled()
             return
-        if finish == "error":
+        if finish == FinishReason.ERROR:
             # The error, then the end on its own: Triton 2.51 never hands a decoupled BLS caller an
             # error response that follows earlier responses, and one that also carried the FINAL flag
             # would leave that caller waiting for ever; the empty final one reaches it.
-            self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(err or "generation failed")))
+            self.sender.send(error_response(self.pb, Failed(err or "generation failed")))
             self.sender.send(flags=final)
             return
         if self.streaming:

@@ -1,39 +1,36 @@
-"""One gRPC bidirectional stream to a Triton server, shared by many requests (tritonclient)."""
+"""Bidirectional gRPC streams to a Triton server, each shared by many requests (tritonclient).
+
+Several streams may run over one `InferenceServerClient` (one channel): each `GrpcStream` keeps
+its own tritonclient stream object instead of the client's single one.
+"""
 
 from __future__ import annotations
 
 import queue
+import threading
 import uuid
 from typing import Iterator
 
 import numpy as np
 
-# gRPC statuses that mean the stream itself broke, not that the server refused the request
-BROKEN = ("StatusCode.CANCELLED", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+from qwen3vl_triton.errors import StreamError, message_of
+
+__all__ = ["GrpcStream", "InFlight", "StreamError", "infer_input", "message_of"]
 
 
-class StreamError(RuntimeError):
-    """An error response, or the stream broke (`broken`)."""
-
-    def __init__(self, message: str, broken: bool = False):
-        super().__init__(message)
-        self.broken = broken
-
-
-def message_of(error) -> str:
-    msg = getattr(error, "message", None)
-    msg = msg() if callable(msg) else (msg or str(error))
-    return msg.strip() if msg else type(error).__name__
+class InFlight(ValueError):
+    """A request id that is already in flight on the stream (responses are routed by id)."""
 
 
 class _ResponseIds:
     """Wraps the gRPC response iterator and remembers the request id of the response being
     handled. Triton puts the request's id on an error response too, but tritonclient's stream
     drops it with the rest of the response; the callback, called on the same thread for that
-    response before the next is read, takes it from here, so an error reaches its own request."""
+    response before the next is read, takes it from here, so an error reaches its own request.
+    The end of the responses (the server closed the stream) is reported to `on_end`."""
 
-    def __init__(self, responses):
-        self.responses = responses
+    def __init__(self, responses, on_end):
+        self.responses, self.on_end = responses, on_end
         self.current: str | None = None
 
     def __iter__(self):
@@ -41,7 +38,11 @@ class _ResponseIds:
 
     def __next__(self):
         self.current = None
-        response = next(self.responses)  # a gRPC error raised here leaves `current` None: the stream broke
+        try:
+            response = next(self.responses)  # a gRPC error raised here leaves `current` None: the stream broke
+        except StopIteration:
+            self.on_end()
+            raise
         self.current = response.infer_response.id
         return response
 
@@ -49,38 +50,42 @@ class _ResponseIds:
         return getattr(self.responses, name)
 
 
-def _start_stream(client, callback, stream_timeout, headers=None) -> _ResponseIds:
-    """`client.start_stream(callback)`, keeping the ids of error responses (tritonclient 2.73's
-    own steps, with the response iterator wrapped)."""
-    from tritonclient.grpc._infer_stream import _InferStream, _RequestIterator
-
-    if client._stream is not None:
-        raise RuntimeError("this InferenceServerClient already runs a stream")
-    client._stream = _InferStream(callback, False)
-    ids = _ResponseIds(client._client_stub.ModelStreamInfer(_RequestIterator(client._stream),
-                                                            metadata=client._get_metadata(headers),
-                                                            timeout=stream_timeout))
-    client._stream._init_handler(ids)
-    return ids
-
-
 class GrpcStream:
     """Requests over one stream; responses, errors included, are routed to their request by id.
 
-    `client`: a tritonclient.grpc.InferenceServerClient (kept open on close) or a url."""
+    `client`: a tritonclient.grpc.InferenceServerClient (kept open on close; other streams may
+    share it) or a url (a client of its own). A stream that broke (`broken`) fails every request
+    waiting on it; a new one must be opened for the next. `wait_for_ready`: the stream waits for
+    a server that is not listening yet instead of failing at once."""
 
-    def __init__(self, client, timeout: float, stream_timeout: float | None = None):
+    def __init__(self, client, timeout: float, stream_timeout: float | None = None, wait_for_ready: bool = False):
         import tritonclient.grpc as grpcclient
+        from tritonclient.grpc._infer_stream import _InferStream, _RequestIterator
 
         self.own = isinstance(client, str)
         self.client = grpcclient.InferenceServerClient(client) if self.own else client
         self.timeout = timeout
         self.queues: dict[str, queue.Queue] = {}
-        self.ids = _start_stream(self.client, self._callback, stream_timeout)
+        self.broken = False
+        self._closed = threading.Event()
+        # tritonclient 2.73's start_stream, with the stream object ours and the response iterator wrapped
+        self._infer = _InferStream(self._callback, False)
+        self.ids = _ResponseIds(self.client._client_stub.ModelStreamInfer(
+            _RequestIterator(self._infer), metadata=self.client._get_metadata(None), timeout=stream_timeout,
+            wait_for_ready=wait_for_ready), self._ended)
+        self._infer._init_handler(self.ids)
+
+    def _ended(self) -> None:
+        if not self._closed.is_set():
+            from tritonclient.utils import InferenceServerException
+
+            self._callback(error=InferenceServerException("the server closed the stream",
+                                                          status="StatusCode.UNAVAILABLE"))
 
     def _callback(self, result=None, error=None):
         rid = result.get_response().id if result is not None else self.ids.current
         if not rid:  # no id: the stream itself failed; tell every waiter
+            self.broken = True
             for target in list(self.queues.values()):
                 target.put((result, error))
             return
@@ -88,16 +93,28 @@ class GrpcStream:
         if q is not None:  # else: a response to a request its caller has given up on
             q.put((result, error))
 
-    def submit(self, model: str, inputs, request_id: str | None = None, **kw) -> str:
+    def submit(self, model: str, inputs, request_id: str | None = None, outputs=None, sequence_id: int = 0,
+               sequence_start: bool = False, sequence_end: bool = False) -> str:
         """Send one request without waiting; its results come from `results(id)`. Requests sent
         on the stream reach the server in the order they were submitted."""
+        from tritonclient.grpc._utils import _get_inference_request
+
+        if self.broken:
+            raise StreamError(f"the stream to {model} broke; open a new one", broken=True)
         rid = request_id or uuid.uuid4().hex
+        if rid in self.queues:
+            raise InFlight(f"request id {rid} is already in flight on this stream")
+        request = _get_inference_request(model_name=model, inputs=inputs, model_version="", request_id=rid,
+                                         outputs=outputs, sequence_id=sequence_id, sequence_start=sequence_start,
+                                         sequence_end=sequence_end, priority=0, timeout=None, parameters=None)
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
         self.queues[rid] = queue.Queue()
         try:
-            self.client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=True, **kw)
-        except BaseException:
+            self._infer._enqueue_request(request)
+        except BaseException as exc:
             self.queues.pop(rid, None)
-            raise
+            self.broken = True
+            raise StreamError(f"the stream to {model} broke: {message_of(exc)}", broken=True) from None
         return rid
 
     def results(self, rid: str, model: str = "the model") -> Iterator:
@@ -110,8 +127,7 @@ class GrpcStream:
                 except queue.Empty:
                     raise StreamError(f"no response from {model} within {self.timeout:.0f}s", broken=True) from None
                 if error is not None:
-                    status = getattr(error, "status", lambda: None)()
-                    raise StreamError(message_of(error), broken=status in BROKEN)
+                    raise StreamError.of(error)
                 yield result
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
@@ -131,8 +147,9 @@ class GrpcStream:
         """Stop the stream. cancel None: cancel only if a request is unfinished -- cancelling one
         that already sent its final response is not a no-op on Triton 2.51 (with concurrent
         streams the decoupled qwen3vl ensemble can then not unload at shutdown)."""
+        self._closed.set()
         try:
-            self.client.stop_stream(cancel_requests=bool(self.queues) if cancel is None else cancel)
+            self._infer.close(cancel_requests=bool(self.queues) if cancel is None else cancel)
         finally:
             if self.own:
                 self.client.close()

@@ -1,5 +1,6 @@
-"""How `postprocessing` and `language` run a generation on `tensorrt_llm`: a gRPC stream to the
-server that runs them (its own endpoint, on loopback), one per generation.
+"""How `postprocessing` and `language` run generations on `tensorrt_llm`: one `LLMConnection` per
+model instance, a gRPC channel to the server that runs them (its own endpoint, on loopback) with
+one bidirectional stream that every generation of the instance shares, and one for `stop`s.
 
 Not BLS. On Triton 2.51 (python_backend r24.10, unchanged at its head) decoupled BLS requests
 made from several threads of one stub deadlock the stub: a thread starting `exec(decoupled=True)`
@@ -16,17 +17,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from qwen3vl_triton.clients.grpc_stream import GrpcStream
+from qwen3vl_triton.clients.grpc_stream import GrpcStream, InFlight
+from qwen3vl_triton.contract import MODEL, LLMRequest, LLMResponse, StopRequest
+from qwen3vl_triton.errors import StreamError
 
-MODEL = "tensorrt_llm"
 # the longest wait for the next response of a generation (a request queued behind a full batch
 # waits for a place): past it the generation fails instead of waiting forever
 RESPONSE_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 30.0
 
 
 def server_grpc_url(pid: int | None = None) -> str:
@@ -55,53 +59,106 @@ def server_grpc_url(pid: int | None = None) -> str:
     return f"{ip}:{flags.get('grpc-port', '8001')}" if ip.version == 4 else f"[{ip}]:{flags.get('grpc-port', '8001')}"
 
 
-def _inputs(tensors: dict[str, np.ndarray]):
-    from qwen3vl_triton.clients.grpc_stream import infer_input
+class LLMConnection:
+    """A model instance's connection to `tensorrt_llm`: made once (in `initialize`), used by every
+    request from any thread.
 
-    return [infer_input(name, value) for name, value in tensors.items()]
+    One gRPC channel (`client`: a url, or a tritonclient InferenceServerClient to share, kept open
+    on close) carries two streams: the generations' and the stops'. A `stop` carries the request id
+    of the generation it ends, so it cannot share that generation's stream, whose responses are
+    routed by request id. A stream that broke (the server restarted, the network failed) fails the
+    requests waiting on it with a StreamError that says so; the next request opens a new one.
 
+    `at_load`: made in a model's `initialize`, to the server that runs the model: both streams are
+    opened now (so the stub's thread count does not depend on the traffic it has seen) and wait
+    for the server's endpoint, which listens once the models have loaded. Otherwise (clients)
+    each stream is opened when first used."""
 
-def generate(url: str, tensors: dict[str, np.ndarray], request_id: str,
-             timeout: float = RESPONSE_TIMEOUT_S) -> Iterator[np.ndarray]:
-    """Run one streamed `tensorrt_llm` request; yield each response's `output_ids` (1-D int32,
-    empty for a response without tokens) until its final response. An error response raises
-    grpc_stream.StreamError."""
-    import tritonclient.grpc as grpcclient
+    def __init__(self, client, timeout: float = RESPONSE_TIMEOUT_S, stop_timeout: float = STOP_TIMEOUT_S,
+                 model: str = MODEL, at_load: bool = False):
+        import tritonclient.grpc as grpcclient
 
-    stream, finished = GrpcStream(url, timeout), False
-    try:
-        for result in stream.request(MODEL, _inputs(tensors), request_id=request_id,
-                                     outputs=[grpcclient.InferRequestedOutput("output_ids")]):
-            ids = result.as_numpy("output_ids")
-            yield np.zeros(0, np.int32) if ids is None else ids.reshape(-1)
-        finished = True
-    finally:  # a caller that leaves before the final response cancels the request
-        stream.close(cancel=not finished)
+        self.own = isinstance(client, str)
+        self.client = grpcclient.InferenceServerClient(client) if self.own else client
+        self.timeout, self.stop_timeout, self.model, self.wait_for_ready = timeout, stop_timeout, model, at_load
+        self._streams: dict[str, GrpcStream | None] = {"generations": None, "stops": None}
+        self._lock = threading.Lock()
+        if at_load:
+            for kind in self._streams:
+                self._stream(kind)
 
+    def _stream(self, kind: str) -> GrpcStream:
+        """The open stream of `kind`, a new one when there is none or it broke."""
+        with self._lock:
+            stream = self._streams[kind]
+            if stream is not None and stream.broken:
+                stream.close(cancel=False)
+                stream = None
+            if stream is None:
+                stream = GrpcStream(self.client, self.timeout if kind == "generations" else self.stop_timeout,
+                                    wait_for_ready=self.wait_for_ready)
+                self._streams[kind] = stream
+            return stream
 
-def _stop_inputs() -> dict[str, np.ndarray]:
-    one = np.ones((1, 1), np.int32)
-    return {"input_ids": one, "input_lengths": one, "request_output_len": one, "stop": np.ones((1, 1), np.bool_)}
+    def _submit(self, kind: str, inputs, request_id: str, **kw) -> tuple[GrpcStream, str]:
+        """Submit on the stream of `kind`; a stream found broken on the way is replaced once."""
+        stream = self._stream(kind)
+        try:
+            return stream, stream.submit(self.model, inputs, request_id=request_id, **kw)
+        except StreamError:
+            stream = self._stream(kind)
+            return stream, stream.submit(self.model, inputs, request_id=request_id, **kw)
 
+    def generate(self, request: LLMRequest, request_id: str) -> Iterator[np.ndarray]:
+        """Run one `tensorrt_llm` request; yield each response's `output_ids` (1-D int32, empty for a
+        response without tokens) until its final response. An error response raises StreamError. A
+        caller that leaves before the final response stops the request (`stop`)."""
+        stream, rid = self._submit("generations", request.infer_inputs(), request_id,
+                                   outputs=LLMResponse.requested_outputs())
+        finished = False
+        try:
+            for result in stream.results(rid, self.model):
+                yield LLMResponse.from_result(result).output_ids
+            finished = True
+        except StreamError:
+            finished = True
+            raise
+        finally:
+            if not finished:
+                stream.forget(rid)
+                self.stop(request_id, quiet=True)
 
-def stop(url: str, request_id: str, timeout: float = 30.0) -> None:
-    """End the running `tensorrt_llm` request `request_id` (the tensorrtllm backend's `stop`
-    input): it finishes as an ordinary request does, with the tokens it has."""
-    stream = GrpcStream(url, timeout)
-    try:
-        for _ in stream.request(MODEL, _inputs(_stop_inputs()), request_id=request_id):
+    def stop(self, request_id: str, quiet: bool = False) -> None:
+        """End the running `tensorrt_llm` request `request_id` (the tensorrtllm backend's `stop`
+        input): it finishes as an ordinary request does, with the tokens it has. `quiet`: a
+        failure is not raised (the request then ends at its max tokens)."""
+        try:
+            stream, rid = self._submit("stops", StopRequest(request_id).infer_inputs(), request_id)
+            for _ in stream.results(rid, self.model):
+                pass
+        except InFlight:  # a stop of this request is already on its way
             pass
-    finally:
-        stream.close(cancel=False)
+        except Exception:
+            if not quiet:
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), dict.fromkeys(self._streams)
+        try:
+            for stream in streams:
+                if stream is not None:
+                    stream.close()
+        finally:
+            if self.own:
+                self.client.close()
 
 
-def stop_http(url: str, request_id: str, timeout: float = 30.0) -> None:
-    """`stop` through the server's HTTP endpoint `url` (HOST:PORT): Triton's generate_stream, as
-    `tensorrt_llm` is decoupled."""
-    import requests
-
-    body = {"id": request_id, **{name: value.reshape(-1).tolist() for name, value in _stop_inputs().items()}}
-    resp = requests.post(f"http://{url}/v2/models/{MODEL}/generate_stream", json=body, timeout=timeout)
+def stop_http(session, url: str, request_id: str, timeout: float = STOP_TIMEOUT_S) -> None:
+    """`stop` through the server's HTTP endpoint `url` (HOST:PORT) on a `requests` session:
+    Triton's generate_stream, as `tensorrt_llm` is decoupled."""
+    resp = session.post(f"http://{url}/v2/models/{MODEL}/generate_stream", json=StopRequest(request_id).json_body(),
+                        timeout=timeout)
     if resp.status_code != 200:
         raise RuntimeError(f"stop of {request_id} failed: HTTP {resp.status_code} {resp.text[:200]}")
 
@@ -113,12 +170,12 @@ def generation_id(result) -> str | None:
     return None if gid is None else gid.reshape(-1)[0].decode()
 
 
-def stop_left(url: str, generation: str, protocol: str = "grpc") -> str | None:
+def stop_left(stop, generation: str) -> str | None:
     """End the generation of a `qwen3vl` stream its caller left (Triton 2.51 does not cancel an
-    ensemble step already running): `stop` by its `generation_id`, over `protocol` to the server
-    at `url`. Returns why it failed, or None (a generation that ended meanwhile is no error)."""
+    ensemble step already running): `stop(generation)` (an LLMConnection's, or `stop_http`).
+    Returns why it failed, or None (a generation that ended meanwhile is no error)."""
     try:
-        (stop if protocol == "grpc" else stop_http)(url, generation)
+        stop(generation)
     except Exception as exc:  # noqa: BLE001 -- reported to the caller, who only logs it
         return f"could not stop generation {generation}: {exc}"
     return None

@@ -16,8 +16,10 @@ Three parts, as in vLLM's scheduler and model runner:
   a delivery thread calls the consumers' callbacks in order.
 """
 
+from qwen3vl_triton.contract import FinishReason, SamplingParams
 from qwen3vl_triton.engine.engine import Engine
 from qwen3vl_triton.engine.runner import DECODE_THREADS, Runner
 from qwen3vl_triton.engine.scheduler import EngineStats, Request, Scheduler, StepReport
 
-__all__ = ["DECODE_THREADS", "Engine", "EngineStats", "Request", "Runner", "Scheduler", "StepReport"]
+__all__ = ["DECODE_THREADS", "Engine", "EngineStats", "FinishReason", "Request", "Runner", "SamplingParams",
+           "Scheduler", "StepReport"]

@@ -9,15 +9,14 @@ import threading
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
+from qwen3vl_triton.arrays import to_torch
+from qwen3vl_triton.contract import Bounds, FinishReason
 from qwen3vl_triton.engine.runner import DECODE_THREADS, Runner
 from qwen3vl_triton.engine.scheduler import Request, Scheduler, StepReport
-from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.model.checkpoint import ModelSpec
 from qwen3vl_triton.model.lm import LanguageModel
-from qwen3vl_triton.model.table import stride_of
 
 
 class Engine:
@@ -69,6 +68,7 @@ class Engine:
         self.scheduler = Scheduler(spec, cache, max_batch, self.max_seq_len, max_num_tokens, max_queue,
                                    emit=lambda callback, args: self._outbox.put((callback, args)), on_step=on_step)
         self.stats = self.scheduler.stats
+        self.bounds = Bounds.of(spec, max_seq_len=self.max_seq_len, max_output_len=self.max_output_len)
         self._ids = itertools.count()
         self._delivery = threading.Thread(target=self._deliver, name="engine-delivery", daemon=True)
         self._delivery.start()
@@ -77,64 +77,14 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------------------
     def validate(self, req: Request) -> None:
-        """Raise InputError naming the contract input that is wrong."""
-        spec = self.spec
-        ids = np.asarray(req.input_ids).reshape(-1)
-        if ids.dtype.kind not in "iu":
-            raise InputError("input_ids", f"must be integer token ids, got {ids.dtype}")
-        if ids.size == 0:
-            raise InputError("input_ids", "is empty")
-        if ids.size >= self.max_seq_len:
-            raise InputError("input_ids", f"{ids.size} tokens, the context limit is {self.max_seq_len}")
-        if not 1 <= req.max_new_tokens <= self.max_output_len:
-            raise InputError("request_output_len", f"must be in [1, {self.max_output_len}], got {req.max_new_tokens}")
-        if not 0 <= req.min_tokens <= req.max_new_tokens:
-            raise InputError("min_tokens", f"must be in [0, request_output_len = {req.max_new_tokens}], "
-                                           f"got {req.min_tokens}")
-        if ids.min() < 0:
-            raise InputError("input_ids", f"negative token id {int(ids.min())}")
-        rows = 0 if req.table is None else req.table.shape[0]
-        if req.table is not None:
-            if not req.table.is_floating_point():
-                raise InputError("prompt_embedding_table", f"must be a floating-point tensor, got {req.table.dtype}")
-            if req.table.ndim != 2 or req.table.shape[1] != spec.hidden_size:
-                raise InputError(
-                    "prompt_embedding_table", f"must be [rows, {spec.hidden_size}], got {list(req.table.shape)}"
-                )
-            try:
-                stride = stride_of(rows, spec.deepstack_levels)
-            except ValueError as exc:
-                raise InputError("prompt_embedding_table", str(exc)) from None
-            if not bool(torch.isfinite(req.table).all()):
-                raise InputError("prompt_embedding_table", "holds NaN or infinite values")
-        else:
-            stride = 0
-        if int(ids.max()) >= spec.vocab_size + stride:
-            raise InputError(
-                "input_ids",
-                f"id {int(ids.max())} is neither a vocabulary id (< {spec.vocab_size}) nor one of the "
-                f"{stride} image rows of the prompt table",
-            )
-        if req.mrope_cos_sin is not None:
-            flat = np.asarray(req.mrope_cos_sin).reshape(-1)
-            if flat.size % spec.rotary_dim or flat.size // spec.rotary_dim < ids.size:
-                raise InputError(
-                    "mrope_rotary_cos_sin",
-                    f"must hold at least {ids.size} positions of {spec.rotary_dim} values, got {flat.size} values",
-                )
-            if not np.isfinite(flat).all() or np.abs(flat).max(initial=0) > 1:
-                raise InputError("mrope_rotary_cos_sin", "must hold cosines and sines: finite values in [-1, 1]")
-        # decode positions (cache length + delta) must lie in [0, max_position_embeddings)
-        low, high = -ids.size, spec.max_position_embeddings - self.max_seq_len
-        if not low <= req.mrope_delta <= high:
-            raise InputError("mrope_position_deltas", f"must be in [{low}, {high}] (decode positions within the "
-                                                      f"model's {spec.max_position_embeddings}), got {req.mrope_delta}")
-        if req.end_id is not None and not 0 <= req.end_id < spec.vocab_size:
-            raise InputError("end_id", f"must be a vocabulary id, got {req.end_id}")
+        """Raise InputError naming the contract input that is wrong (contract.validate)."""
+        req.validate(self.bounds)
 
     def submit(self, req: Request) -> str:
         """Queue a request (validated) and return its id; tokens arrive through `req.on_tokens`.
         Raises InputError for a bad request, Unavailable when the queue is full."""
+        if req.table is not None:
+            req.table = to_torch(req.table)  # the model reads it as a tensor (numpy from a parser)
         self.validate(req)
         if not req.request_id:
             req.request_id = f"r{next(self._ids)}"
@@ -144,7 +94,7 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
 
-    def generate(self, req: Request, timeout: float | None = None) -> tuple[list[int], str]:
+    def generate(self, req: Request, timeout: float | None = None) -> tuple[list[int], FinishReason]:
         """Blocking helper: all generated ids and the finish reason."""
         out: list[int] = []
         done = threading.Event()
@@ -161,7 +111,7 @@ class Engine:
         if not done.wait(timeout):
             self.cancel(req.request_id)
             raise TimeoutError("generation did not finish in time")
-        if result["finish"] == "error":
+        if result["finish"] is FinishReason.ERROR:
             raise RuntimeError(result["error"])
         return out, result["finish"]
 

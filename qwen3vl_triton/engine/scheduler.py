@@ -12,29 +12,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from qwen3vl_triton.errors import Unavailable
+from qwen3vl_triton.contract import FinishReason, LLMRequest
+from qwen3vl_triton.errors import ENGINE_QUEUE_FULL, Unavailable
 from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec
 from qwen3vl_triton.model.lm import KVCache
-from qwen3vl_triton.model.sampling import SamplingParams, make_generator
+from qwen3vl_triton.model.sampling import make_generator
 
 # on_tokens(new_token_ids, finish_reason, error): finish_reason is None while the sequence runs,
-# then one of "stop" (end token), "length" (max tokens or context), "cancelled", "error".
-Callback = Callable[[list[int], "str | None", "str | None"], None]
+# then a FinishReason: STOP (end token), LENGTH (max tokens or context), CANCELLED, ERROR.
+Callback = Callable[[list[int], "FinishReason | None", "str | None"], None]
 
 @dataclass(eq=False)
-class Request:
-    """One generation, in the units of the `tensorrt_llm` contract."""
+class Request(LLMRequest):
+    """One generation inside the engine: the contract's request (`LLMRequest`), the consumer of
+    its tokens and its id."""
 
-    input_ids: np.ndarray  # (L,) prompt; ids >= vocab_size read the prompt table
-    max_new_tokens: int  # request_output_len
-    end_id: int | None = None  # generation also stops at every end id of the checkpoint
-    stop_ids: tuple[int, ...] = ()  # stop_words_list's one-token words (the contract's stop words)
-    table: torch.Tensor | None = None  # prompt_embedding_table (rows, H)
-    mrope_cos_sin: np.ndarray | None = None  # mrope_rotary_cos_sin, flat
-    mrope_delta: int = 0  # mrope_position_deltas
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    min_tokens: int = 0  # min_tokens: no end token (end or stop id) before this many generated tokens
     on_tokens: Callback | None = None
     request_id: str = ""
 
@@ -115,7 +108,7 @@ class Scheduler:
             if self._closing is not None:
                 raise Unavailable(self._closing)
             if len(self._pending) >= self.max_queue:
-                raise Unavailable(f"engine queue full: the {self.max_queue} places for requests waiting to "
+                raise Unavailable(f"{ENGINE_QUEUE_FULL}: the {self.max_queue} places for requests waiting to "
                                   f"join the running batch are taken; retry later")
             self._pending.append(req)
             self._cv.notify()
@@ -168,7 +161,7 @@ class Scheduler:
                 self.finish(seq, "error", closing)
         cancelled = [s for s in self._active if s.cancelled]
         for seq in cancelled:
-            self.finish(seq, "cancelled")
+            self.finish(seq, FinishReason.CANCELLED)
         if not self._active:
             if cancelled or closing is not None:  # no step follows: say that the batch emptied
                 self._report(StepReport(0, 0, 0, 0, 0.0, 0, len(self._pending)))
@@ -192,7 +185,7 @@ class Scheduler:
         generated = 0
         for (seq, n), result in zip(plan, results):
             if isinstance(result, Exception):
-                self.finish(seq, "error", f"generation failed: {result}")
+                self.finish(seq, FinishReason.ERROR, f"generation failed: {result}")
                 continue
             seq.cached += n
             if result is not None:
@@ -203,9 +196,10 @@ class Scheduler:
 
     def fail_all(self, message: str) -> None:
         for seq in list(self._active):
-            self.finish(seq, "error", message)
+            self.finish(seq, FinishReason.ERROR, message)
 
-    def finish(self, seq: _Seq, reason: str, error: str | None = None, tokens: list[int] | None = None) -> None:
+    def finish(self, seq: _Seq, reason: FinishReason, error: str | None = None,
+               tokens: list[int] | None = None) -> None:
         if seq in self._active:
             self._active.remove(seq)
             release = getattr(self.cache, "release", None)  # a cache that frees a slot's memory (ggml)
@@ -218,7 +212,7 @@ class Scheduler:
             req = self._pending.popleft()
             if req.request_id in self._cancel:
                 self._cancel.discard(req.request_id)
-                self._emit(req, [], "cancelled")
+                self._emit(req, [], FinishReason.CANCELLED)
                 continue
             try:
                 ids = [int(x) for x in np.asarray(req.input_ids).reshape(-1)]
@@ -228,7 +222,7 @@ class Scheduler:
                     cos, sin = mrope.text_cos_sin(torch.arange(len(ids)), self.spec)
                 gen = make_generator(req.sampling)
             except Exception as exc:  # validation let through something that cannot run: this request only
-                self._emit(req, [], "error", f"request refused: {type(exc).__name__}: {exc}")
+                self._emit(req, [], FinishReason.ERROR, f"request refused: {type(exc).__name__}: {exc}")
                 continue
             used = {s.slot for s in self._active}
             slot = next(i for i in range(self.max_batch) if i not in used)
@@ -250,9 +244,9 @@ class Scheduler:
         seq.tokens.append(token)
         # Like TensorRT-LLM, the end token is part of the output: consumers see where it stopped.
         if token in seq.end_ids:
-            self.finish(seq, "stop", tokens=[token])
+            self.finish(seq, FinishReason.STOP, tokens=[token])
         elif seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
-            self.finish(seq, "length", tokens=[token])
+            self.finish(seq, FinishReason.LENGTH, tokens=[token])
         else:
             self._emit(seq.req, [token], None)
 
@@ -261,6 +255,6 @@ class Scheduler:
         if self.on_step is not None:
             self.emit(self.on_step, (report,))
 
-    def _emit(self, req: Request, tokens: list[int], finish: str | None, error: str | None = None) -> None:
+    def _emit(self, req: Request, tokens: list[int], finish: FinishReason | None, error: str | None = None) -> None:
         if req.on_tokens is not None:
             self.emit(req.on_tokens, (tokens, finish, error))

@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from qwen3vl_triton.errors import InputError
+from qwen3vl_triton.contract import SamplingParams  # the contract's sampling inputs
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: no limit
-    top_p: float = 1.0  # 1: no limit
-    seed: int | None = None  # None: a fresh random seed
-
-    def __post_init__(self):
-        if not (self.temperature >= 0.0) or self.temperature > 100.0:
-            raise InputError("temperature", f"must be in [0, 100], got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError("top_k", f"must be >= 0, got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InputError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not (0 <= self.seed < 2**64):
-            raise InputError("seed", f"must be an unsigned 64-bit integer, got {self.seed}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+__all__ = ["NonFiniteLogits", "SamplingParams", "make_generator", "sample"]
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

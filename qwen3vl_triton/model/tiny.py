@@ -246,7 +246,9 @@ def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtyp
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     prof = PROFILES[profile]
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    from qwen3vl_triton.model.checkpoint import torch_dtype as dtype_of
+
+    torch_dtype = dtype_of(dtype)
     out = Path(out)
     t0 = time.time()
     with _written_whole(out) as tmp:
@@ -369,7 +371,9 @@ def build_saved_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise RuntimeError(f"weights do not match the model: missing {missing}, unexpected {unexpected}")
-        model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+        from qwen3vl_triton.model.checkpoint import torch_dtype
+
+        model.to(torch_dtype(dtype))
         ends = [ids[e] if isinstance(e, str) else int(e) for e in (end_ids or ["<|im_end|>", "<|endoftext|>"])]
         model.generation_config = GenerationConfig(bos_token_id=ids["<|endoftext|>"], eos_token_id=ends,
                                                    pad_token_id=ids["<|endoftext|>"], do_sample=False)

@@ -241,16 +241,15 @@ def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int 
     """Validate one request's `vision_encoder` inputs (batch dimension removed): anything the
     ensemble's preprocessing would never send is refused here, so a direct call cannot make the
     tower do more work than the checkpoint allows or fail inside a batch."""
+    from qwen3vl_triton.contract import Bounds, check_input_ids
     from qwen3vl_triton.errors import InputError
 
-    ids = np.asarray(arrays["input_ids"]).reshape(-1)
+    # the token ids as the LLM checks them (a prompt of at most max_input_len tokens)
+    ids = check_input_ids(Bounds.of(spec, max_seq_len=None if max_input_len is None else max_input_len + 1),
+                          arrays["input_ids"])
     pixels = np.asarray(arrays["pixel_values"], dtype=np.float32)
     grid = np.asarray(arrays["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
     patch_dim = 3 * spec.temporal_patch_size * spec.patch_size ** 2
-    if max_input_len is not None and ids.size > max_input_len:
-        raise InputError("input_ids", f"{ids.size} tokens, the context limit is {max_input_len}")
-    if ids.size and ids.min() < 0:
-        raise InputError("input_ids", f"negative token id {int(ids.min())}")
     if max_images is not None and len(grid) > max_images:
         raise InputError("image_grid_thw", f"{len(grid)} images, at most {max_images} are allowed")
     if pixels.ndim != 2 or pixels.shape[1] != patch_dim:

@@ -25,6 +25,7 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from qwen3vl_triton.arrays import config_type
 from qwen3vl_triton.model.checkpoint import ModelSpec
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository"
@@ -223,7 +224,7 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
 
     engine = choose(spec, settings, device)
     dtype = engine.float_dtype  # the vision tower's and the tables'
-    table_dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[dtype]
+    table_dtype = config_type(dtype)
     v = {k: str(x) for k, x in asdict(settings).items()}
     v.update(
         dtype=dtype,

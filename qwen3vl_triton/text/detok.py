@@ -17,6 +17,8 @@ import codecs
 import collections
 import time
 
+from qwen3vl_triton.contract import FinishReason
+
 _REPLACEMENT = "\ufffd"
 
 def _byte_decoder() -> dict[str, int]:
@@ -146,8 +148,8 @@ class StopMatcher:
         return buf[:len(buf) - keep], False
 
 class TextStream:
-    """One generation's token ids -> text pieces, with its end: an end id ("stop"), a stop string
-    ("stop"), or `max_tokens` ("length"). Per request, so no state is shared between streams.
+    """One generation's token ids -> text pieces, with its end: an end id or a stop string (STOP), or
+    `max_tokens` (LENGTH). Per request, so no state is shared between streams.
 
     `add(ids)` returns (text, finish) where finish is None while the generation goes on; the text
     of all pieces equals `tokenizer.decode(ids, skip_special_tokens=True)` cut before the first stop
@@ -159,11 +161,11 @@ class TextStream:
         self.max_tokens = max_tokens
         self.stop = StopMatcher(stops)
         self.ids: list[int] = []
-        self.finish: str | None = None
+        self.finish: FinishReason | None = None
         self.stopped_by_string = False  # the end was a stop string (the engine would go on)
         self.prompt_tokens = 0
 
-    def add(self, ids) -> tuple[str, str | None]:
+    def add(self, ids) -> tuple[str, FinishReason | None]:
         if self.finish is not None:
             return "", self.finish
         ids = [int(i) for i in ids]
@@ -172,18 +174,19 @@ class TextStream:
             ids = ids[:ended + 1]
         self.ids.extend(ids)
         text = self.detok.add(ids)
-        finish = "stop" if ended is not None else "length" if len(self.ids) >= self.max_tokens else None
+        finish = (FinishReason.STOP if ended is not None else
+                  FinishReason.LENGTH if len(self.ids) >= self.max_tokens else None)
         if finish is not None:
             text += self.detok.flush()
         text, hit = self.stop.feed(text, final=finish is not None)
         self.stopped_by_string = hit
-        self.finish = "stop" if hit else finish
+        self.finish = FinishReason.STOP if hit else finish
         return text, self.finish
 
-    def close(self, reason: str = "length") -> str:
+    def close(self, reason: FinishReason = FinishReason.LENGTH) -> str:
         """The generation ended without a finish seen here (e.g. the engine's context limit)."""
         if self.finish is not None:
             return ""
         text, hit = self.stop.feed(self.detok.flush(), final=True)
-        self.finish = "stop" if hit else reason
+        self.finish = FinishReason.STOP if hit else reason
         return text

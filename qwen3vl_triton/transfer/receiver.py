@@ -28,13 +28,14 @@ from typing import Callable
 
 import numpy as np
 
-from qwen3vl_triton.errors import InputError, Unavailable
-from qwen3vl_triton.model.sampling import SamplingParams
-from qwen3vl_triton.model.table import stride_of
+from qwen3vl_triton.contract import Bounds, SamplingParams, validate
+from qwen3vl_triton.errors import LANGUAGE_STATE_FULL, InputError, Unavailable
 from qwen3vl_triton.text.detok import IncrementalDetokenizer
 from qwen3vl_triton.transfer.region import Region, SharedRegions
 
 OPS = ("start", "chunk", "status", "generate")
+# `start`'s inputs that carry contract values under their own names (DESIGN §5)
+START_NAMES = {"request_output_len": "max_tokens", "prompt_embedding_table": "table_rows"}
 
 class SequenceError(InputError):
     """A request that does not fit the sequence's state (no start, still open, ended, failed)."""
@@ -264,15 +265,14 @@ class SequenceStore:
 
     def __init__(self, hidden_size: int, table_dtype, max_bytes: int, idle_seconds: float, vocab_size: int,
                  levels: int, max_sequences: int = 256, max_positions: int = 1 << 30, rotary_dim: int | None = None,
-                 clock=time.monotonic):
+                 max_output_len: int | None = None, clock=time.monotonic):
         self.hidden_size = hidden_size
-        self.vocab_size = vocab_size  # prompt-table ids start here
-        self.levels = levels  # DeepStack levels stacked under the embeddings
+        # what `start` checks: prompt-table ids from vocab_size, `levels` DeepStack levels, the model's
+        # max_position_embeddings, `rotary_dim` values per position of mrope_rotary_cos_sin, max_tokens
+        self.bounds = Bounds(vocab_size, hidden_size, levels, max_positions, rotary_dim, max_output_len=max_output_len)
         self.table_dtype = np.dtype(table_dtype)
         self.max_bytes = max_bytes
         self.max_sequences = max_sequences
-        self.max_positions = max_positions  # the model's max_position_embeddings
-        self.rotary_dim = rotary_dim  # values per position of mrope_rotary_cos_sin
         self.idle_seconds = idle_seconds
         self.clock = clock
         self._seqs: dict[int, Sequence] = {}  # open sequences only
@@ -331,30 +331,11 @@ class SequenceStore:
             raise InputError("table_rows", f"must be >= 0, got {table_rows}")
         if prompt_vocab_size is not None and prompt_vocab_size != table_rows:
             raise InputError("prompt_vocab_size", f"is {prompt_vocab_size} but table_rows is {table_rows}")
-        if max_tokens < 1:
-            raise InputError("max_tokens", f"must be >= 1, got {max_tokens}")
+        validate(self.bounds, input_ids, max_new_tokens=max_tokens, table_rows=table_rows,
+                 mrope_cos_sin=mrope_cos_sin, mrope_delta=mrope_delta, names=START_NAMES)
         ids = np.ascontiguousarray(input_ids, dtype=np.int32).reshape(-1)
-        if ids.size == 0:
-            raise InputError("input_ids", "is empty")
-        try:
-            stride = stride_of(table_rows, self.levels)
-        except ValueError as exc:
-            raise InputError("table_rows", str(exc)) from None
-        if ids.min() < 0 or ids.max() >= self.vocab_size + stride:
-            raise InputError("input_ids", f"ids must be vocabulary ids (< {self.vocab_size}) or one of the {stride} "
-                                          f"image rows of the table (< {self.vocab_size + stride})")
-        # the generated tokens sit at M-RoPE positions L + delta + i, i < max_tokens: all must exist
-        low, high = -ids.size, self.max_positions - ids.size - max_tokens
-        if not low <= mrope_delta <= high:
-            raise InputError("mrope_position_deltas", f"must be in [{low}, {high}] for a prompt of {ids.size} tokens "
-                                                      f"and max_tokens {max_tokens}, got {mrope_delta}")
         if mrope_cos_sin is not None:
             mrope_cos_sin = np.ascontiguousarray(mrope_cos_sin, np.float32).reshape(-1)
-            if self.rotary_dim is not None and mrope_cos_sin.size < ids.size * self.rotary_dim:
-                raise InputError("mrope_rotary_cos_sin", f"must hold at least {ids.size} positions of "
-                                                         f"{self.rotary_dim} values, got {mrope_cos_sin.size} values")
-            if not np.isfinite(mrope_cos_sin).all():
-                raise InputError("mrope_rotary_cos_sin", "holds NaN or Inf")
         need = table_rows * self.hidden_size * self.table_dtype.itemsize + ids.nbytes
         need += 0 if mrope_cos_sin is None else mrope_cos_sin.nbytes
         with self._lock:
@@ -364,12 +345,12 @@ class SequenceStore:
                                         f"received_rows={old.received}); end it (the END flag) before starting it "
                                         "again, or use another correlation id", old.received)
             if len(self._seqs) >= self.max_sequences:
-                raise Unavailable(f"start refused: the language server holds its bound of {self.max_sequences} open "
+                raise Unavailable(f"{LANGUAGE_STATE_FULL} its bound of {self.max_sequences} open "
                                   "sequences (language_max_sequences); retry when other sequences end")
             held = sum(s.nbytes for s in self._seqs.values())
             if held + need > self.max_bytes:
                 raise Unavailable(
-                    f"start refused: the language server holds {held} bytes of sequence state for "
+                    f"{LANGUAGE_STATE_FULL} {held} bytes of sequence state for "
                     f"{len(self._seqs)} sequences, and this one needs {need} more (bound "
                     f"{self.max_bytes}); retry when other sequences end")
             seq = Sequence(corrid, ids, np.zeros((table_rows, self.hidden_size), self.table_dtype), mrope_cos_sin,

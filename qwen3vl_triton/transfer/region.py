@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import secrets
 import stat
 import threading
 
@@ -25,6 +26,11 @@ REGION_KEY = re.compile(r"^/qwen3vl_table_[0-9a-f]{32}$")
 REGION_MAGIC = b"qwen3vl-table\x00v1"  # 16 bytes
 
 REGION_HEADER = 4096
+
+def new_region() -> tuple[str, str]:
+    """A new region's Triton name and its shared-memory key (REGION_KEY: 128 random bits)."""
+    name = f"qwen3vl_table_{secrets.token_hex(16)}"
+    return name, f"/{name}"
 
 def region_header(secret: str) -> bytes:
     """The bytes a sender writes at the start of its region: the magic, then the secret."""

@@ -24,8 +24,6 @@ from typing import Callable
 
 from qwen3vl_triton.trtllm.deepstack import IMPLEMENTATIONS, PLUGIN_LIBRARY
 
-_TABLE_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
-
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -170,10 +168,12 @@ class EngineFacts:
                       max_queue_size: int, kv_cache_free_gpu_mem_fraction: float = 0.9) -> dict[str, str]:
         """Values for every placeholder of model_repository/tensorrt_llm/config.gpu.pbtxt; the two
         periods and the queue bound are the serving settings' (repository.Settings)."""
+        from qwen3vl_triton.arrays import config_type  # the serving host's (numpy, tritonclient)
+
         return {
             "engine_dir": str(engine_dir),
             "max_batch_size": str(self.max_batch_size),
-            "table_dtype": _TABLE_TYPES[self.dtype],
+            "table_dtype": config_type(self.dtype),
             "hidden_size": str(self.hidden_size),
             "kv_cache_free_gpu_mem_fraction": str(kv_cache_free_gpu_mem_fraction),
             "cancellation_check_period_ms": str(cancellation_check_period_ms),

@@ -62,14 +62,7 @@ def start_servers(checkpoint: Path, work: Path, log) -> dict:
 
 def region_contents(d, enc):
     """The table as it lies in the transport's shared region (read back by this process)."""
-    if d.transport != "cuda_shm":
-        import tritonclient.utils.shared_memory as regions
-
-        # the system region starts with the sender's header; the table follows at table_offset
-        return regions.get_contents_as_numpy(d._shm, enc.dtype, [enc.rows, enc.hidden], offset=d.table_offset)
-    import tritonclient.utils.cuda_shared_memory as cuda_regions
-
-    return cuda_regions.get_contents_as_numpy(d._shm, enc.dtype, [enc.rows, enc.hidden])
+    return d.transport.read_rows(enc)
 
 
 def run_case(part, oracle, enc_url: str, lang_url: str, name: str, prompt: str, images: list[bytes], n: int,

@@ -17,17 +17,17 @@ from qwen3vl_triton.backend.metrics import Gauges
 from qwen3vl_triton.backend.responses import error_response, send_response
 from qwen3vl_triton.backend.tensors import model_params, read_inputs
 from qwen3vl_triton.backend.workers import CancelPoll
-from qwen3vl_triton.clients import llm as llm_client
-from qwen3vl_triton.contract import stop_words_list
-from qwen3vl_triton.errors import InputError, Unavailable
+from qwen3vl_triton.clients.llm import LLMConnection, server_grpc_url
+from qwen3vl_triton.contract import ENCODE_OUTPUTS, LLMRequest, SamplingParams
+from qwen3vl_triton.errors import Failed, InputError, Unavailable
 from qwen3vl_triton.model.checkpoint import ModelSpec
-from qwen3vl_triton.model.sampling import SamplingParams
 from qwen3vl_triton.transfer.receiver import OPS, Listener, RowsRefused, SequenceStore
 from qwen3vl_triton.transfer.region import SharedRegions
 
-INPUTS = ("op", "input_ids", "table_rows", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
-          "max_tokens", "temperature", "top_k", "top_p", "seed", "chunk", "chunk_offset", "chunk_region",
-          "region_secret", "region_offset", "chunk_rows", "from_token")
+# `start` takes the encoder's outputs under their own names (the table as its row count, table_rows)
+IDS, _, ROWS, COS_SIN, DELTA = ENCODE_OUTPUTS
+INPUTS = ("op", IDS, "table_rows", ROWS, COS_SIN, DELTA, "max_tokens", "temperature", "top_k", "top_p", "seed",
+          "chunk", "chunk_offset", "chunk_region", "region_secret", "region_offset", "chunk_rows", "from_token")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 
@@ -61,16 +61,16 @@ class TritonPythonModel:
         params = model_params(args)
         self.spec = ModelSpec.load(params["checkpoint"])
         self.tokenizer = AutoTokenizer.from_pretrained(params["checkpoint"])
-        self.max_output_len = int(params["max_output_len"])
         self.cancel_check_seconds = int(params["cancellation_check_period_ms"]) / 1e3
         self.store = SequenceStore(self.spec.hidden_size, numpy_dtype(params["table_dtype"]),
                                    max_bytes=int(params["state_bytes"]),
                                    idle_seconds=int(params["sequence_idle_us"]) / 1e6,
                                    vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels,
                                    max_sequences=int(params["max_sequences"]),
-                                   max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim)
+                                   max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim,
+                                   max_output_len=int(params["max_output_len"]))
         self.regions = SharedRegions()
-        self.llm_url = llm_client.server_grpc_url()
+        self.llm = LLMConnection(server_grpc_url(), at_load=True)  # one channel, shared by every sequence
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.families = {
             name: pb_utils.MetricFamily(f"qwen3vl_language_{name}", text, kind) for name, text, kind in (
@@ -138,18 +138,15 @@ class TritonPythonModel:
 
     def _control(self, op, corrid, x):
         if op == "start":
-            max_tokens = scalar(x, "max_tokens", int, required=True)
-            if not 1 <= max_tokens <= self.max_output_len:
-                raise InputError("max_tokens", f"must be in [1, {self.max_output_len}], got {max_tokens}")
-            cos_sin = x.get("mrope_rotary_cos_sin")
+            cos_sin = x.get(COS_SIN)
             seq = self.store.start(
                 corrid,
-                input_ids=single_sequence(x, "input_ids"),
+                input_ids=single_sequence(x, IDS),
                 table_rows=scalar(x, "table_rows", int, required=True),
-                prompt_vocab_size=scalar(x, "prompt_vocab_size", int),
-                mrope_cos_sin=None if cos_sin is None else single_sequence(x, "mrope_rotary_cos_sin"),
-                mrope_delta=scalar(x, "mrope_position_deltas", int, default=0),
-                max_tokens=max_tokens,
+                prompt_vocab_size=scalar(x, ROWS, int),
+                mrope_cos_sin=None if cos_sin is None else single_sequence(x, COS_SIN),
+                mrope_delta=scalar(x, DELTA, int, default=0),
+                max_tokens=scalar(x, "max_tokens", int, required=True),
                 sampling=SamplingParams(temperature=scalar(x, "temperature", float, default=0.0),
                                         top_k=scalar(x, "top_k", int, default=0),
                                         top_p=scalar(x, "top_p", float, default=1.0),
@@ -178,7 +175,7 @@ class TritonPythonModel:
             ], FINAL if final else 0)
 
         def fail(message):
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+            sender.send(error_response(pb_utils, Failed(message)), flags=FINAL)
 
         listener = Listener(send, fail, CancelPoll(sender.is_cancelled, self.cancel_check_seconds), self.tokenizer)
         if seq.generate(listener, from_token, release_when_done):
@@ -191,31 +188,15 @@ class TritonPythonModel:
         """Stream the LLM's tokens into the sequence state (one tensorrt_llm request per sequence,
         over the server's own gRPC endpoint: see qwen3vl_triton/clients/llm.py). Once the sequence
         has ended (END flag), the LLM request is stopped and what it still sends is dropped."""
-        s = seq.sampling
-        tensors = {
-            "input_ids": seq.input_ids[None],
-            "input_lengths": np.array([[seq.input_ids.size]], np.int32),
-            "request_output_len": np.array([[seq.max_tokens]], np.int32),
-            "end_id": np.array([[self.spec.end_id]], np.int32),
-            "pad_id": np.array([[self.spec.pad_id]], np.int32),
-            "stop_words_list": stop_words_list(self.spec.end_ids),  # generation ends at any end id
-            "streaming": np.array([[True]]),
-            "temperature": np.array([[s.temperature]], np.float32),
-            "runtime_top_k": np.array([[s.top_k]], np.int32),
-            "runtime_top_p": np.array([[s.top_p]], np.float32),
-            "prompt_embedding_table": seq.table[None],
-            "prompt_vocab_size": np.array([[seq.rows]], np.int32),
-            "mrope_position_deltas": np.array([[seq.mrope_delta]], np.int64),
-        }
-        if s.seed is not None:
-            tensors["seed"] = np.array([[s.seed]], np.uint64)
-        if seq.mrope_cos_sin is not None:
-            tensors["mrope_rotary_cos_sin"] = seq.mrope_cos_sin[None]
+        request = LLMRequest(seq.input_ids, seq.max_tokens, end_id=self.spec.end_id, pad_id=self.spec.pad_id,
+                             stop_ids=self.spec.end_ids,  # generation ends at any end id
+                             table=seq.table, mrope_cos_sin=seq.mrope_cos_sin, mrope_delta=seq.mrope_delta,
+                             sampling=seq.sampling, streaming=True)
         if not seq.open:  # ended before the LLM was asked
             return
         stopped = False
         try:
-            for ids in llm_client.generate(self.llm_url, tensors, seq.generation_id):
+            for ids in self.llm.generate(request, seq.generation_id):
                 if not seq.open:  # END came while the request was on its way: stop it (again)
                     if not stopped:
                         self._stop_generation(seq.generation_id)
@@ -233,13 +214,14 @@ class TritonPythonModel:
         """Cancel a running tensorrt_llm request the way the tensorrtllm backend does: a request
         with `stop` set and the same request id."""
         try:
-            llm_client.stop(self.llm_url, generation_id)
+            self.llm.stop(generation_id)
         except Exception as exc:  # the sequence is released regardless; the LLM ends at max_tokens
             pb_utils.Logger.log_warn(f"stopping generation {generation_id}: {exc}")
 
     def finalize(self):
         self._stop.set()
         self._janitor.join(timeout=5)
+        self.llm.close()
         self.metrics.clear()  # each Metric before its MetricFamily, or the stub crashes on exit
         self.families.clear()
         exit_stub()  # backend/lifecycle.py: what CPython's own shutdown would cost

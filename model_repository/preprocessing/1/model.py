@@ -1,12 +1,11 @@
 """preprocessing: a prompt + encoded images, or chat messages -> input ids with prompt-table ids, pixel values."""
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.backend.lifecycle import exit_stub
 from qwen3vl_triton.backend.responses import error_response
-from qwen3vl_triton.backend.tensors import model_params, read_inputs
-from qwen3vl_triton.contract import stop_words_list
+from qwen3vl_triton.backend.tensors import model_params, output_tensor, read_inputs
+from qwen3vl_triton.contract import LLMRequest
 from qwen3vl_triton.model.checkpoint import ModelSpec
 from qwen3vl_triton.text.preprocess import TRTLLM_OPTIONAL_INPUTS, Limits, Preprocessor, parse_request
 
@@ -37,21 +36,13 @@ class TritonPythonModel:
                 req = parse_request(read_inputs(pb_utils, request, INPUTS), self.max_output_len, self.limits,
                                     self.spec.end_ids)
                 p = self.pre.request(req)
-                tensors = {
-                    "input_ids": p.input_ids[None],
-                    "input_lengths": np.array([[p.input_ids.size]], np.int32),
-                    # the context ends the generation at max_seq_len: say so up front, so that
-                    # max_tokens is where it ends ("length")
-                    "request_output_len": np.array([[min(req.max_tokens, self.max_seq_len - p.input_ids.size)]],
-                                                   np.int32),
-                    "pixel_values": p.pixel_values[None],
-                    "image_grid_thw": p.image_grid_thw[None],
-                    "end_id": np.array([[self.spec.end_id]], np.int32),
-                    "pad_id": np.array([[self.spec.pad_id]], np.int32),
-                    "stop_words_list": stop_words_list(self.spec.end_ids),  # generation ends at any end id
-                }
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(k, np.ascontiguousarray(v)) for k, v in tensors.items()]))
+                # the context ends the generation at max_seq_len: say so up front, so that max_tokens is
+                # where it ends ("length"); generation ends at any end id (the stop words)
+                llm = LLMRequest(p.input_ids, min(req.max_tokens, self.max_seq_len - p.input_ids.size),
+                                 end_id=self.spec.end_id, pad_id=self.spec.pad_id, stop_ids=self.spec.end_ids)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    *llm.pb_tensors(pb_utils), output_tensor(pb_utils, "pixel_values", p.pixel_values[None]),
+                    output_tensor(pb_utils, "image_grid_thw", p.image_grid_thw[None])]))
             except Exception as exc:
                 responses.append(error_response(pb_utils, exc, pb_utils.Logger))
         return responses

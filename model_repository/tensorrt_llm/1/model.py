@@ -17,9 +17,8 @@ from qwen3vl_triton.backend.responses import error
 from qwen3vl_triton.backend.tensors import model_params, read_inputs
 from qwen3vl_triton.backend.token_stream import TokenStream
 from qwen3vl_triton.clients import llm as llm_client
-from qwen3vl_triton.contract import CONTRACT_INPUTS, request_from_contract
-from qwen3vl_triton.engine.engine import Engine
-from qwen3vl_triton.errors import InputError
+from qwen3vl_triton.contract import INPUTS, FinishReason, StopRequest
+from qwen3vl_triton.engine import Engine, Request
 from qwen3vl_triton.model.checkpoint import ModelSpec
 from qwen3vl_triton.serve.cpu_engine import engine_threads
 
@@ -58,16 +57,15 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                stop = pb_utils.get_input_tensor_by_name(request, "stop")
-                if stop is not None and stop.as_numpy().any():
+                x = read_inputs(pb_utils, request, INPUTS)
+                if StopRequest.asked(x):
                     if not request.request_id():
-                        raise InputError("stop", "needs the request id of the requests to stop")
+                        raise StopRequest.missing_id()
                     self._stop(request.request_id())
                     sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     continue
-                req, streaming = request_from_contract(read_inputs(pb_utils, request, CONTRACT_INPUTS),
-                                                       self.engine.spec)
-                stream = TokenStream(pb_utils, sender, self.engine, streaming, pb_utils.Logger,
+                req = Request.from_arrays(x, default_end_id=self.engine.spec.end_id)
+                stream = TokenStream(pb_utils, sender, self.engine, req.streaming, pb_utils.Logger,
                                      cancel_check_seconds=self.cancel_check_seconds)
                 req.on_tokens = self._track(request.request_id(), stream)
                 try:
@@ -89,10 +87,10 @@ class TritonPythonModel:
             self.running.setdefault(triton_id, set()).add(stream)
 
         def on_tokens(tokens, finish, err):
-            if finish is not None and self._untrack(triton_id, stream) and finish == "cancelled":
+            if finish is not None and self._untrack(triton_id, stream) and finish == FinishReason.CANCELLED:
                 # stopped: the request ends as an ordinary one does, as in the tensorrtllm backend (and
                 # an error response sent here never reaches a decoupled BLS caller on Triton 2.51)
-                finish = "stopped"
+                finish = FinishReason.STOPPED
             stream.on_tokens(tokens, finish, err)
 
         return on_tokens

@@ -11,7 +11,6 @@ import os
 # alone and is within 5% of passive when contended (measured here, 448x448, small profile).
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -20,6 +19,7 @@ from qwen3vl_triton.backend.lifecycle import exit_stub
 from qwen3vl_triton.backend.metrics import Gauges
 from qwen3vl_triton.backend.responses import error_response
 from qwen3vl_triton.backend.tensors import model_params, output_tensor, read_inputs
+from qwen3vl_triton.contract import image_arrays
 from qwen3vl_triton.model.checkpoint import ModelSpec
 from qwen3vl_triton.model.vision import VisionEncoder, encode_request_from_arrays
 
@@ -83,12 +83,9 @@ class TritonPythonModel:
                 if isinstance(r, Exception):
                     responses[i] = error_response(pb_utils, r, pb_utils.Logger)
                     continue
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                    output_tensor(pb_utils, "prompt_embedding_table", r.prompt_embedding_table[None]),
-                    output_tensor(pb_utils, "prompt_vocab_size", np.array([[r.prompt_vocab_size]], np.int32)),
-                    output_tensor(pb_utils, "mrope_rotary_cos_sin", r.mrope_rotary_cos_sin[None]),
-                    output_tensor(pb_utils, "mrope_position_deltas", np.array([[r.mrope_position_deltas]], np.int64)),
-                ])
+                arrays = image_arrays(r.prompt_embedding_table, r.mrope_rotary_cos_sin, r.mrope_position_deltas)
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[output_tensor(pb_utils, name, value) for name, value in arrays.items()])
             self._report_cache()
         return responses
 
