@@ -100,14 +100,28 @@ class ServerStopWatch:
         try:
             if self._client is None:
                 self._client = grpcclient.InferenceServerClient(self.url)
-            return bool(self._client.is_server_live(client_timeout=self.timeout))
+            if self._client.is_server_live(client_timeout=self.timeout):
+                return True
         except Exception:  # noqa: BLE001 -- not up yet: try again next period
-            return False
+            pass
+        # A new channel next time: one opened before the server listened backs off between its
+        # attempts, and a call during the backoff fails at once with the old "connection refused"
+        # (which would read as a server that stops).
+        self._drop()
+        return False
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._client = None
 
     def _run(self) -> None:
         connected = False
         while not self._closed.wait(self.period):
-            if not connected and not self.busy():
+            if not connected:  # liveness is judged only over a channel that has reached the server
                 connected = self._connect()
                 continue
             if self.busy() and not self._live():
