@@ -161,7 +161,9 @@ def test_the_cpu_image_builds_the_ggml_runner_for_every_cpu_never_the_build_host
     dockerfile = DOCKERFILE.read_text()
     assert "ARG GGML_RUNNER=0" in dockerfile
     assert "python3 builders/llamacpp/build.py --python-package --portable" in dockerfile
-    for name, svc in services.items():  # the CPU image builds it, the GPU image (TensorRT-LLM) does not
+    built = {name: svc for name, svc in services.items() if "build" in svc}  # the project's images (not nginx)
+    assert {"deploy" in svc for svc in built.values()} == {True, False}  # GPU and CPU services both checked
+    for name, svc in built.items():  # the CPU image builds it, the GPU image (TensorRT-LLM) does not
         assert svc["build"]["args"].get("GGML_RUNNER", "0") == ("0" if "deploy" in svc else "1"), name
     portable = build.python_cmake_args(portable=True)
     assert "-DGGML_NATIVE=OFF" in portable and "-DGGML_BACKEND_DL=ON" in portable

@@ -73,7 +73,9 @@ def test_the_weights_are_converted_once_and_reused(tiny_checkpoint, spec, tmp_pa
     repo, choice = cpu_engine.render_prepared(tiny_checkpoint, tmp_path / "repo", tmp_path, Settings(),
                                               topology="single", log=logged.append)
     config = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
-    assert f'key: "gguf" value: {{ string_value: "{first.gguf}" }}' in config
+    # the configuration names the link in the model's folder, never the host path (model-config is open)
+    assert 'key: "gguf" value: { string_value: "weights.gguf" }' in config and str(tmp_path) not in config
+    assert (repo / "tensorrt_llm" / "weights.gguf").resolve() == first.gguf.resolve()
     assert 'key: "cpu_runner" value: { string_value: "ggml" }' in config
 
 

@@ -167,15 +167,13 @@ def test_a_bad_request_names_its_input(case):
 def test_byte_bounds_come_before_parsing(monkeypatch):
     # the order is the behaviour: a request above its byte bounds is refused before any of its
     # bytes are parsed as JSON or decoded as text (watched here, not timed)
-    import json
-
     from qwen3vl_triton.errors import InputError
-    from qwen3vl_triton.text import preprocess
+    from qwen3vl_triton.text import untrusted
     from qwen3vl_triton.text.preprocess import Limits, parse_request
 
-    calls, loads, utf8 = [], json.loads, preprocess._utf8
-    monkeypatch.setattr(json, "loads", lambda *a, **kw: calls.append("json.loads") or loads(*a, **kw))
-    monkeypatch.setattr(preprocess, "_utf8", lambda *a, **kw: calls.append("utf-8 decode") or utf8(*a, **kw))
+    calls, loads, text = [], untrusted.loads, untrusted.text
+    monkeypatch.setattr(untrusted, "loads", lambda *a, **kw: calls.append("loads") or loads(*a, **kw))
+    monkeypatch.setattr(untrusted, "text", lambda *a, **kw: calls.append("utf-8 decode") or text(*a, **kw))
     limits = Limits(text_bytes=100, image_bytes=1000, request_bytes=10_000)
     with pytest.raises(InputError, match=r"^request: is 20\d\d\d bytes, above the limit of 10000$"):
         parse_request(_arrays(messages="[" * 20_000), 64, limits)  # not parsed: it would fail as JSON
@@ -186,7 +184,7 @@ def test_byte_bounds_come_before_parsing(monkeypatch):
     with pytest.raises(InputError, match=r"^messages: the text is 120 bytes, above the limit of 100$"):
         parse_request(_arrays(messages='[{"role": "system", "content": "%s"}, {"role": "user", "content": '
                                        '[{"type": "text", "text": "%s"}]}]' % ("a" * 60, "b" * 60)), 64, limits)
-    assert calls == ["json.loads"]  # messages are measured once parsed, before any templating
+    assert calls == ["loads"]  # messages are measured once parsed, before any templating
 
 
 def test_messages_render_with_the_checkpoint_template(preprocessor, spec):

@@ -48,8 +48,10 @@ def test_perf_analyzer_measures_qwen3vl_with_an_image_without_the_admin_key(serv
     except PerfAnalyzerMissing as exc:
         pytest.skip(str(exc))
     data = input_data(tmp_path / "input.json", image_bytes(96, 64, 3), max_tokens=4)
-    out = subprocess.run(command(server.grpc_url, data, measurement_ms=1500, trials=3), capture_output=True,
-                         text=True, timeout=240)
+    # a window long enough for requests to complete in it on a loaded 2-core host (this checks that
+    # the tool works, not how fast)
+    out = subprocess.run(command(server.grpc_url, data, measurement_ms=6000, trials=3), capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     throughput = float(out.stdout.split("Throughput:")[1].split("infer/sec")[0])
     assert throughput > 0, out.stdout

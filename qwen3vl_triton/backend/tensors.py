@@ -26,7 +26,7 @@ def as_numpy(tensor) -> np.ndarray:
 
 # parameters that name a file or folder: a relative one is relative to the model's folder (the
 # rendered repository links what a model needs there, so no configuration shows a host path)
-PATH_PARAMS = ("checkpoint",)
+PATH_PARAMS = ("checkpoint", "gguf")
 
 
 def model_params(args: dict) -> dict[str, str]:

@@ -498,7 +498,9 @@ class GgmlRunner:
         """`sampling.sample` for each sequence; greedy ones at once (its rule: non-finite logits
         fail the sequence, else the argmax), sampled ones by `sample` itself."""
         out: list = [None] * len(seqs)
-        greedy = [k for k, seq in enumerate(seqs) if seq.req.sampling.greedy]
+        # as TensorRT-LLM's min_tokens: no end token before that many tokens (Runner._choose's rule)
+        banned = [seq.end_ids if seq.generated < seq.req.min_tokens else () for seq in seqs]
+        greedy = [k for k, seq in enumerate(seqs) if seq.req.sampling.greedy and not banned[k]]
         if greedy:
             rows = torch.stack([logits[k] for k in greedy])
             finite, best = torch.isfinite(rows).all(dim=1).tolist(), rows.argmax(dim=1).tolist()
@@ -508,7 +510,7 @@ class GgmlRunner:
         for k, seq in enumerate(seqs):
             if k not in greedy:
                 try:
-                    out[k] = sample(logits[k], seq.req.sampling, seq.gen)
+                    out[k] = sample(logits[k], seq.req.sampling, seq.gen, banned[k])
                 except Exception as exc:
                     out[k] = exc
         return out

@@ -42,6 +42,7 @@ TOPOLOGIES = {
 CHECKPOINT_LINK = "checkpoint"  # the Hugging Face checkpoint
 ENV_LINK = "python_env"  # the virtual environment the Python backend's stub runs in
 ENGINE_LINK = "engine"  # the TensorRT-LLM engine (GPU tensorrt_llm)
+GGUF_LINK = "weights.gguf"  # the ggml runner's weights, converted before the server starts (CPU tensorrt_llm)
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -256,9 +257,12 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
     return v
 
 
-def _link_paths(folder: Path, config, checkpoint: Path, engine_dir: str | Path | None) -> None:
+def _link_paths(folder: Path, config, checkpoint: Path, engine_dir: str | Path | None,
+                gguf: str | Path | None = None) -> None:
     """The links the configuration of the model in `folder` names instead of host paths."""
     params = config.parameters
+    if gguf and "gguf" in params:
+        (folder / GGUF_LINK).symlink_to(Path(gguf).resolve())
     links = {}
     if "checkpoint" in params:
         links[CHECKPOINT_LINK] = checkpoint
@@ -310,6 +314,9 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
             raise RenderError("device gpu needs engine_dir, the TensorRT-LLM engine built for this checkpoint")
         engine = engine_values(spec, settings, engine_dir)
     vals = values(spec, device, settings, {**engine, **(extra or {})})
+    gguf = vals.get("gguf") or None
+    if gguf:
+        vals["gguf"] = GGUF_LINK  # the link in the model's folder, not the host path
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -334,7 +341,7 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
                 raise RenderError(f"{template}: {kind}(s) {', '.join(twice)} declared more than once")
         (out / model).mkdir()
         (out / model / "config.pbtxt").write_text(text, encoding="utf-8")
-        _link_paths(out / model, config, spec.path, engine_dir)
+        _link_paths(out / model, config, spec.path, engine_dir, gguf)
         for version in (p for p in src.iterdir() if p.is_dir() and p.name.isdigit()):
             shutil.copytree(version, out / model / version.name, ignore=shutil.ignore_patterns("__pycache__"))
         # Triton loads a model only with a version folder; an ensemble's stays empty (git keeps none)
