@@ -29,8 +29,8 @@ PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 SECRET = {"name": "qwen3vl-admin-key", "key": "admin-key"}
 SETTINGS_PATH = "/etc/qwen3vl/serving.env"
 DRAIN_MARGIN_S = 10  # at least this much of the grace period is left after the drain for the server's stop
-# The language server's drain grace: a setting of the drain, which the launcher does not know on every
-# branch yet; every other key must be one of its --set names.
+# The language server's drain grace, which the grace periods are checked against; every key of serving.env
+# is a launcher --set name, and this one is accepted here even where the Settings dataclass lacks it.
 DRAIN_KEYS = {"drain_timeout_s"}
 
 
