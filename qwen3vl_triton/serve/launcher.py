@@ -4,7 +4,8 @@ Checks the checkpoint first (`check.check_checkpoint`: config, tokenizer, proces
 tensor's shape from the safetensors headers) and prints its facts; `--check` stops there, with
 exit status 0 when the checkpoint and the settings can be served, 1 otherwise. Prints one line
 starting with `ready:` once every model is ready; SIGINT or SIGTERM stops the server and every
-stub process it started. Triton's management APIs (shared memory, logging,
+stub process it started. Serving settings come from `--settings-file` (KEY=VALUE lines) and
+`--set KEY=VALUE`, which wins over the file. Triton's management APIs (shared memory, logging,
 trace, model repository, model config) answer only requests with the admin key: `--admin-key`,
 else QWEN3VL_ADMIN_KEY, else a random key written to <build-dir>/admin-key (mode 0600).
 """
@@ -42,6 +43,43 @@ def settings_from(pairs: list[str]) -> Settings:
     return settings
 
 
+def settings_file_pairs(path: str | Path) -> list[str]:
+    """The KEY=VALUE lines of a settings file as `--set` pairs, in order.
+
+    One setting a line, `#` starts a comment line, blank lines are skipped; the value is the rest of
+    the line after the first `=`, stripped (no inline comments, no quotes). A key that is not a
+    serving setting, or a value of the wrong type, is an error naming the file, the line and the key."""
+    known = {f.name for f in fields(Settings)}
+    defaults = Settings()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"--settings-file {path}: cannot read it: {exc}") from None
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise SystemExit(f"--settings-file {path}, line {number}: expected KEY=VALUE, got {line!r}")
+        if key not in known:
+            raise SystemExit(f"--settings-file {path}, line {number}: unknown setting {key!r} "
+                             f"(known: {', '.join(sorted(known))})")
+        try:
+            type(getattr(defaults, key))(value)
+        except ValueError:
+            raise SystemExit(f"--settings-file {path}, line {number}: {key}={value!r} is not a valid "
+                             f"{type(getattr(defaults, key)).__name__}") from None
+        pairs.append(f"{key}={value}")
+    return pairs
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """The settings file's values (--settings-file), then each --set over them."""
+    return settings_from((settings_file_pairs(args.settings_file) if args.settings_file else []) + args.set)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="qwen3vl-serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="Hugging Face Qwen3-VL-MoE checkpoint directory "
@@ -57,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--engine-dir", help="the TensorRT-LLM engine built for the checkpoint (device gpu)")
     ap.add_argument("--plugin", default=os.environ.get("QWEN3VL_DEEPSTACK_PLUGIN", DEFAULT_PLUGIN),
                     help="DeepStack plugin library preloaded for the tensorrtllm backend (GPU only)")
+    ap.add_argument("--settings-file", metavar="PATH",
+                    help="serving settings, one KEY=VALUE a line (# comments); --set overrides them")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a serving setting (repeatable): " + ", ".join(f.name for f in fields(Settings)))
     ap.add_argument("--check", action="store_true",
@@ -83,7 +123,7 @@ def main(argv=None) -> int:
               f"(use all or single)", file=sys.stderr)
         return 2
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(Path("checkpoints/tiny"))
-    settings = settings_from(args.set)
+    settings = settings_of(args)
     report = check_checkpoint(checkpoint, settings.engine_max_batch, settings.max_seq_len)
     if args.check:
         if report.spec is not None:
