@@ -16,9 +16,8 @@ from qwen3vl_triton.serve.cpu_engine import render_prepared
 from qwen3vl_triton.serve.repository import Settings
 from qwen3vl_triton.serve.server import Ports, ServerError, TritonServer, free_ports
 
+from . import SAMPLE_IMAGE as SAMPLE
 from .api import Client, ClientError, GenerationStats
-
-SAMPLE = Path(__file__).parent / "assets" / "sample.png"
 
 
 def main(argv=None) -> int:

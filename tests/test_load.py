@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from load_tests.run import read_stats, run_bounded, summary_table
+from load_tests.run import parse_args, read_stats, run_bounded, summary_table, user_classes
 from load_tests.workload import Workload, image_sizes, pixel_limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +80,34 @@ def test_make_load_test_passes_users_duration_and_url():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "-m load_tests.run --users 3 --duration 7 --url example:8000" in out.stdout
+
+
+# -- which user classes run ---------------------------------------------------------------------------
+def test_every_user_class_runs_when_there_are_enough_users():
+    assert user_classes(parse_args(["--users", "3"]), "127.0.0.1:9000") == (
+        ["HttpGenerateUser", "GrpcGenerateUser", "OpenAIChatUser"], {})
+
+
+def test_fewer_users_than_classes_skips_the_rest_and_says_why():
+    classes, skipped = user_classes(parse_args(["--users", "2"]), "127.0.0.1:9000")
+    assert classes == ["HttpGenerateUser", "GrpcGenerateUser"]
+    assert skipped == {"OpenAIChatUser": "2 user(s) for 3 user classes: give --users 3 or more to run every class"}
+    row = summary_table({}, 2, skipped).splitlines()[4]
+    assert row.startswith("OpenAI") and row.endswith("skipped: 2 user(s) for 3 user classes: give --users 3 or "
+                                                      "more to run every class")
+
+
+def test_the_openai_user_is_skipped_by_name_without_an_endpoint():
+    classes, skipped = user_classes(parse_args(["--users", "4", "--url", "h:8000"]), None)
+    assert classes == ["HttpGenerateUser", "GrpcGenerateUser"]
+    assert skipped["OpenAIChatUser"].startswith("no OpenAI endpoint")
+
+
+def test_an_unknown_user_class_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["HttpUser"])
+    assert "unknown user class HttpUser: choose from HttpGenerateUser, GrpcGenerateUser, OpenAIChatUser" in (
+        capsys.readouterr().err)
 
 
 # -- the smoke run -----------------------------------------------------------------------------------
