@@ -331,3 +331,20 @@ def test_dtype_auto_is_the_checkpoints_dtype(tiny_checkpoint, tmp_path):
     with pytest.raises(RenderError, match="dtype auto \\(the checkpoint's float16\\): the CPU engine serves float32 "
                                           "or bfloat16"):
         render(fp16, tmp_path / "repo4", settings=Settings(dtype="auto"))
+
+
+def test_a_checkpoint_another_process_wrote_meanwhile_is_kept(tmp_path):
+    """Two servers started at once from one checkout both build the missing tiny checkpoint: the first
+    complete one stays, the later one is dropped, and no reader sees the folder replaced."""
+    from qwen3vl_triton.model.tiny import _written_whole
+
+    out = tmp_path / "ckpt"
+    with _written_whole(out, replace=False) as tmp:
+        (tmp / "mine").write_text("x")
+        out.mkdir()
+        (out / "theirs").write_text("y")
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # this one's folder removed
+    with _written_whole(out) as tmp:  # replace (the default): the new one wins
+        (tmp / "mine").write_text("x")
+    assert [p.name for p in out.iterdir()] == ["mine"]
