@@ -192,7 +192,7 @@ def launcher_argv(command: str) -> list[str]:
     out = subprocess.run(["make", "-n", *shlex.split(command)[1:]], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, f"{command}: {out.stderr}"
-    line = next((x for x in out.stdout.splitlines() if "/qwen3vl-serve " in x), None)
+    line = next((x for x in out.stdout.replace("\\\n", " ").splitlines() if "/qwen3vl-serve " in x), None)
     assert line is not None, f"{command} runs no qwen3vl-serve:\n{out.stdout}"
     return shlex.split(line.split("/qwen3vl-serve ", 1)[1])
 
@@ -251,6 +251,15 @@ def test_a_broken_snippet_fails(server, tmp_path):
     assert "exit status 22" in no_model  # curl -f: the HTTP error is the exit status
     with pytest.raises(ValueError, match="port 8765 in a snippet is not one of the documented ports"):
         substitute("curl http://127.0.0.1:8765/", ports)
+
+
+def test_a_serve_line_the_launcher_refuses_fails():
+    from qwen3vl_triton.serve.launcher import parse_args
+
+    assert launcher_argv("make serve TOPOLOGY=language GRPC_PORT=8201")[:2] == ["--topology", "language"]
+    for command in ("make serve TOPOLOGY=singel", 'make serve ARGS="--open-ai-port 9000"'):
+        with pytest.raises(SystemExit):
+            parse_args(launcher_argv(command))
 
 
 # -- references between documents ----------------------------------------------------------------
