@@ -293,3 +293,18 @@ def test_relative_links_in_the_docs_point_to_files_that_exist():
             if "://" not in target and not (path.parent / target).exists():
                 broken.append(f"{path.relative_to(ROOT)} -> {target}")
     assert not broken, broken
+
+
+def test_every_topology_is_defined_in_the_help_the_readme_and_the_design():
+    from qwen3vl_triton.serve import launcher
+    from qwen3vl_triton.serve.repository import TOPOLOGIES
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    for name, models in TOPOLOGIES.items():
+        assert re.search(rf"(?m)^  {name} +\S", launcher.__doc__), f"--help does not define {name}"
+        assert re.search(rf"(?m)^\| `{name}`", readme), f"the README's topology table lacks {name}"
+        row = re.search(rf"(?m)^\| `{name}`[^|]*\|([^|]*)\|", design)
+        assert row, f"docs/design.md's topology table lacks {name}"
+        named = set(re.findall(r"`(\w+)`", row.group(1)))
+        assert named - {"language_url"} <= set(models), (name, named)  # language_url: the setting
