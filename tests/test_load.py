@@ -138,3 +138,14 @@ def test_locust_smoke_run_http_and_grpc_zero_failures(server, tiny_checkpoint, t
     table = summary_table(stats)
     assert table.splitlines()[2].startswith("HTTP") and table.splitlines()[3].startswith("gRPC")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("tool", ["serving_cost", "engine_step", "ggml_step"])
+def test_a_tool_without_its_checkpoint_says_in_one_line_how_to_make_it(tool, tmp_path):
+    missing = tmp_path / "small"
+    out = subprocess.run([sys.executable, "-m", f"load_tests.{tool}", str(missing)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [f"error: checkpoint directory {missing} does not exist; make one with "
+                                       "`make checkpoint PROFILE=small` (writes checkpoints/small) or "
+                                       f"`qwen3vl-build-checkpoint --profile small --out {missing}`"]
