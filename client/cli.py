@@ -1,14 +1,15 @@
 """python -m client: stream a generation from the server, single or disaggregated.
 
-    python -m client generate --url 127.0.0.1:8001 --image cat.png --prompt "Describe it." --max-tokens 64 --stats
+    python -m client generate --url 127.0.0.1:8001 --image sample.png --prompt "Describe it." --max-tokens 64 --stats
     python -m client generate --url 127.0.0.1:8000 --protocol http --prompt "Hello" --no-stream
-    python -m client disagg --encoder-url 127.0.0.1:8011 --language-url 127.0.0.1:8021 --transport grpc \\
-        --image cat.png --prompt "Describe it." --max-tokens 64
+    python -m client disagg --encoder-url 127.0.0.1:8101 --language-url 127.0.0.1:8201 --transport grpc \\
+        --image sample.png --prompt "Describe it." --max-tokens 64
     python -m client generate --messages chat.json --prompt "And the colours?" --save chat.json
 
 A conversation: --messages FILE.json holds OpenAI chat messages; --prompt (and --image) add a
 user turn to it, and --save FILE.json writes the conversation with the reply appended, so the
-next call continues it.
+next call continues it. A --messages file that does not exist yet is a new conversation, and so
+is --save without --messages.
 
 Text goes to stdout as it arrives; --stats adds TTFT, inter-token latency and tokens/s on stderr.
 Any failure (server down, model not ready, a refused input) is one line on stderr and exit code 1.
@@ -51,15 +52,24 @@ def _read_images(paths: list[str]) -> list[bytes]:
 
 
 def _conversation(args, images: list[bytes]) -> Conversation | None:
-    """The conversation of --messages, with --prompt/--image as a new user turn; None without it."""
-    if args.messages is None:
+    """The conversation of --messages, with --prompt/--image as a new user turn; None without
+    --messages and --save (a plain generation). A --messages file that does not exist yet, or
+    --save alone, starts a new conversation."""
+    if args.messages is None and args.save is None:
         if args.prompt is None:
             raise CliError("give --prompt, or --messages FILE.json")
         return None
-    try:
-        messages = json.loads(Path(args.messages).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CliError(f"--messages {args.messages}: {exc}") from None
+    path = Path(args.messages) if args.messages is not None else None
+    if path is None or not path.exists():
+        if args.prompt is None:
+            what = f"--messages {args.messages}: no such file yet" if path is not None else "--save alone"
+            raise CliError(f"{what}: give --prompt to start the conversation")
+        messages = []
+    else:
+        try:
+            messages = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--messages {args.messages}: {exc}") from None
     if not isinstance(messages, list):
         raise CliError(f"--messages {args.messages}: must hold a JSON array of chat messages")
     conv = Conversation(messages)

@@ -16,9 +16,8 @@ from qwen3vl_triton.serve.cpu_engine import render_prepared
 from qwen3vl_triton.serve.repository import Settings
 from qwen3vl_triton.serve.server import Ports, ServerError, TritonServer, free_ports
 
+from . import SAMPLE_IMAGE as SAMPLE
 from .api import Client, ClientError, GenerationStats
-
-SAMPLE = Path(__file__).parent / "assets" / "sample.png"
 
 
 def main(argv=None) -> int:
@@ -51,6 +50,9 @@ def main(argv=None) -> int:
             for piece in client.generate(args.prompt, [Path(args.image).read_bytes()], args.max_tokens, stats=stats):
                 print(piece, end="", flush=True)
         print(f"\n--- {stats.pieces} pieces, first after {stats.ttft * 1000:.0f} ms, total {stats.total:.2f}s ---")
+        if not args.checkpoint:
+            print("(the tiny checkpoint's weights are random: the text is gibberish by design, token for token "
+                  "what transformers generates from the same weights)")
         return 0
     except ClientError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)

@@ -5,7 +5,7 @@ The server runs as llama.cpp users run it for many clients: `-np 8 -cb` (eight p
 continuous batching), on 127.0.0.1 and a free port, with the threads the served engine takes
 (the bench passes serve/cpu_engine.engine_threads: decode `--threads`, prompt `--threads-batch`;
 both sides run the same ggml kernels, so the same threads make the comparison one of serving,
-not of thread counts; README "Performance" has llama-server on both threads beside one); it is
+not of thread counts; docs/performance.md has llama-server on both threads beside one); it is
 started and stopped by its PID. Each request is `/v1/chat/completions`, streamed, the image as a data URL, greedy
 (temperature 0), `ignore_eos` with `max_tokens` (so every request yields exactly that many
 tokens), no prompt cache (`cache_prompt` false and `--cache-ram 0`: the bench's requests would

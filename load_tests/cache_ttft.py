@@ -119,4 +119,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from load_tests import run_tool
+
+    sys.exit(run_tool(main))

@@ -66,11 +66,11 @@ def main(argv=None) -> int:
     from qwen3vl_triton.model.checkpoint import ModelSpec, torch_dtype
     from qwen3vl_triton.model.lm import LanguageModel, StepSeq
 
+    spec = ModelSpec.load(args.checkpoint)  # first: a missing checkpoint is one line, at once
     rates = machine_rates()
     rates["bf16_matmul_gflops"] = bf16_matmul_gflops()
     print("machine: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in rates.items()))
     torch.set_num_threads(args.threads)
-    spec = ModelSpec.load(args.checkpoint)
     batches = [int(b) for b in args.batches.split(",")]
     top = max(batches)
     ctx = args.context
@@ -119,4 +119,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from load_tests import run_tool
+
+    raise SystemExit(run_tool(main))

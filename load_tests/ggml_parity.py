@@ -274,4 +274,6 @@ def render(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from load_tests import run_tool
+
+    sys.exit(run_tool(main))

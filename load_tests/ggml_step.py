@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     from qwen3vl_triton.model.lm import LanguageModel, StepSeq
     from qwen3vl_triton.model.sampling import SamplingParams
 
+    spec = ModelSpec.load(args.checkpoint)  # first: a missing checkpoint is one line, at once
     rates = machine_rates()
     print("machine: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in rates.items()))
-    spec = ModelSpec.load(args.checkpoint)
     batches = [int(b) for b in args.batches.split(",")]
     top, ctx = max(batches), args.context
     gen = torch.Generator().manual_seed(0)
@@ -164,4 +164,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from load_tests import run_tool
+
+    raise SystemExit(run_tool(main))

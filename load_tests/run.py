@@ -79,12 +79,32 @@ def locust_command(args, http_url: str, grpc_url: str, prefix: Path, openai_url:
         cmd += ["--max-pixels", str(args.max_pixels)]
     else:
         cmd += ["--checkpoint", str(args.checkpoint_path)]
-    # named, so Locust does not run every user class of the locustfile
-    users = list(args.user_classes) or ["HttpGenerateUser", "GrpcGenerateUser"] + (["OpenAIChatUser"] if openai_url
-                                                                                    else [])
     if openai_url:
         cmd += ["--openai-url", openai_url]
-    return cmd + users
+    # named, so Locust does not run every user class of the locustfile
+    return cmd + user_classes(args, openai_url)[0]
+
+
+USER_CLASSES = {"HttpGenerateUser": "HTTP", "GrpcGenerateUser": "gRPC", "OpenAIChatUser": "OpenAI"}
+
+
+def user_classes(args, openai_url: str | None) -> tuple[list[str], dict[str, str]]:
+    """The user classes this run gives users to, and those it skips with the reason (name -> reason).
+
+    Locust gives each user one class, so with fewer users than classes some class would get none
+    and its row would read 0 without saying why: the run keeps the first `--users` classes instead
+    and names the others. With at least as many users as classes, every class gets a user."""
+    wanted = list(args.user_classes) or list(USER_CLASSES)
+    skipped = {}
+    if "OpenAIChatUser" in wanted and not openai_url:
+        wanted.remove("OpenAIChatUser")
+        skipped["OpenAIChatUser"] = "no OpenAI endpoint (give --openai-url, or let the run start a local server)"
+    if args.users < len(wanted):
+        for name in wanted[args.users:]:
+            skipped[name] = (f"{args.users} user(s) for {len(wanted)} user classes: give --users {len(wanted)} "
+                             "or more to run every class")
+        wanted = wanted[:args.users]
+    return wanted, skipped
 
 
 # -- reading the report ----------------------------------------------------------------------------
@@ -103,8 +123,11 @@ def _num(row: dict | None, column: str) -> float:
         return float("nan")
 
 
-def summary_table(stats: dict[tuple[str, str], dict[str, str]], users: int | None = None) -> str:
-    """One line per protocol: requests, failures, throughput, latency / TTFT / ITL percentiles (ms)."""
+def summary_table(stats: dict[tuple[str, str], dict[str, str]], users: int | None = None,
+                  skipped: dict[str, str] | None = None) -> str:
+    """One line per protocol: requests, failures, throughput, latency / TTFT / ITL percentiles (ms);
+    a protocol whose user class the run skipped (`skipped`: class -> reason) says so and why."""
+    skipped_kinds = {USER_CLASSES.get(name, name): reason for name, reason in (skipped or {}).items()}
     head = (f"{'protocol':<8} {'requests':>8} {'failures':>8} {'req/s':>7} {'tokens/s':>9}   "
             f"{'latency p50/p90/p99 ms':>22}   {'TTFT p50/p90/p99 ms':>20}   {'ITL p50/p90/p99 ms':>19}")
     lines = [head, "-" * len(head)]
@@ -115,7 +138,8 @@ def summary_table(stats: dict[tuple[str, str], dict[str, str]], users: int | Non
     for kind in REQUEST_TYPES:
         gen, ttft, itl = (stats.get((kind, n)) for n in ("generate", "ttft", "itl"))
         if gen is None:
-            lines.append(f"{kind:<8} {'0':>8}")
+            lines.append(f"{kind:<8} {'0':>8}" + (f"   skipped: {skipped_kinds[kind]}" if kind in skipped_kinds
+                                                  else ""))
             continue
         rps = _num(gen, "Requests/s")
         tokens_per_s = rps * _num(gen, "Average Content Size")  # content size = streamed responses (tokens)
@@ -163,7 +187,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m load_tests.run", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--users", type=int, default=4, help="concurrent users, split evenly between HTTP and gRPC")
+    ap.add_argument("--users", type=int, default=4,
+                    help="concurrent users, split evenly between the user classes (at least one user per class: "
+                         "with fewer users, the classes past --users are skipped, and the run says so)")
     ap.add_argument("--duration", type=int, default=30, help="seconds of load (Locust --run-time)")
     ap.add_argument("--spawn-rate", type=float, default=0, help="users started per second (default: all at once)")
     ap.add_argument("--stop-timeout", type=int, default=30,
@@ -193,11 +219,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                                   "of a local server")
     ap.add_argument("--loglevel", default="WARNING", help="Locust's log level")
     ap.add_argument("user_classes", nargs="*", metavar="USER_CLASS",
-                    help="HttpGenerateUser, GrpcGenerateUser and/or OpenAIChatUser (default: the first two, and "
-                         "the third when there is an OpenAI endpoint)")
+                    help="HttpGenerateUser, GrpcGenerateUser and/or OpenAIChatUser (default: all three; the "
+                         "third needs an OpenAI endpoint, which a local server always has)")
     args = ap.parse_args(argv)
     if args.users < 1 or args.duration < 1:
         ap.error("--users and --duration must be >= 1")
+    unknown = [name for name in args.user_classes if name not in USER_CLASSES]
+    if unknown:
+        ap.error(f"unknown user class {', '.join(unknown)}: choose from {', '.join(USER_CLASSES)}")
     if args.url is None and args.model != "qwen3vl":
         ap.error(f"--model {args.model} needs --url: the local server serves qwen3vl")
     return args
@@ -229,8 +258,12 @@ def main(argv=None) -> int:
             host, _, port = http_url.rpartition(":")
             grpc_url = args.grpc_url or f"{host}:{int(port) + 1}"
         bound = args.duration + args.stop_timeout + args.grace
-        print(f"locust: {args.users} users for {args.duration}s against http {http_url}, grpc {grpc_url} "
-              f"(bounded at {bound}s)", flush=True)
+        classes, skipped = user_classes(args, openai_url)
+        print(f"locust: {args.users} users for {args.duration}s against http {http_url}, grpc {grpc_url}"
+              + (f", openai {openai_url}" if openai_url else "") + f" (bounded at {bound}s)", flush=True)
+        print("user classes: " + ", ".join(classes), flush=True)
+        for name, reason in skipped.items():
+            print(f"skipped: {name}: {reason}", flush=True)
         done = run_bounded(locust_command(args, http_url, grpc_url, prefix, openai_url), timeout=bound)
     finally:
         if server is not None:
@@ -241,7 +274,7 @@ def main(argv=None) -> int:
     stats_csv = Path(f"{prefix}_stats.csv")
     print(f"\nreports: {stats_csv} (+ _stats_history, _failures, _exceptions), {prefix}.html")
     if stats_csv.is_file():
-        print(summary_table(read_stats(stats_csv), args.users))
+        print(summary_table(read_stats(stats_csv), args.users, skipped))
         for line in failures(prefix):
             print(f"failure: {line}")
     if done.timed_out:
@@ -252,4 +285,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from load_tests import run_tool
+
+    sys.exit(run_tool(main))

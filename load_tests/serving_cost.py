@@ -54,9 +54,9 @@ def main(argv=None) -> int:
     from qwen3vl_triton.serve.repository import Settings
     from qwen3vl_triton.text.preprocess import Preprocessor
 
+    spec = ModelSpec.load(args.checkpoint)  # first: a missing checkpoint is one line, at once
     rates = machine_rates()
     print("machine: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in rates.items()))
-    spec = ModelSpec.load(args.checkpoint)
     item = load.workload((448, 448), 1)[0]
     p = Preprocessor(spec, max_images=2)(item.prompt, [item.image])
     float_dtype = "float32" if args.dtype in ("q8_0", "q4_k") else args.dtype  # the vision tower's and table's
@@ -141,4 +141,6 @@ def profile(server, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from load_tests import run_tool
+
+    raise SystemExit(run_tool(main))

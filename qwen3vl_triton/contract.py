@@ -1,4 +1,4 @@
-"""The `tensorrt_llm` contract (DESIGN §3): the tensorrtllm backend's tensor names, the request
+"""The `tensorrt_llm` contract (docs/design.md §3): the tensorrtllm backend's tensor names, the request
 and response types every producer and the engine use, the stop request, the finish reasons, and
 the one validation of a request's content.
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 MODEL = "tensorrt_llm"
 
-# The `tensorrt_llm` inputs (DESIGN §3), as the tensorrtllm backend names them. `seed` is TensorRT-LLM
+# The `tensorrt_llm` inputs (docs/design.md §3), as the tensorrtllm backend names them. `seed` is TensorRT-LLM
 # 1.2's name; `random_seed` older backends'. `stop` ends the running requests of a request id.
 INPUTS = (
     "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list", "streaming",
@@ -41,11 +41,11 @@ INPUTS = (
 CONTRACT_INPUTS = INPUTS
 OUTPUTS = ("output_ids", "sequence_length")
 # What the vision encoder adds to a request (the table and the M-RoPE inputs); with the token ids,
-# the `encode` ensemble's outputs (DESIGN §5)
+# the `encode` ensemble's outputs (docs/design.md §5)
 IMAGE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas")
 ENCODE_OUTPUTS = ("input_ids", *IMAGE_INPUTS)
 
-# postprocessing's inputs that it forwards to `tensorrt_llm` -> the tensorrt_llm input names (DESIGN §3);
+# postprocessing's inputs that it forwards to `tensorrt_llm` -> the tensorrt_llm input names (docs/design.md §3);
 # it adds `streaming`, and `stop` to end a request
 LLM_INPUT_NAMES = {
     "input_ids": "input_ids",

@@ -331,3 +331,46 @@ def test_dtype_auto_is_the_checkpoints_dtype(tiny_checkpoint, tmp_path):
     with pytest.raises(RenderError, match="dtype auto \\(the checkpoint's float16\\): the CPU engine serves float32 "
                                           "or bfloat16"):
         render(fp16, tmp_path / "repo4", settings=Settings(dtype="auto"))
+
+
+def test_a_checkpoint_another_process_wrote_meanwhile_is_kept(tmp_path):
+    """Two servers started at once from one checkout both build the missing tiny checkpoint: the first
+    complete one stays, the later one is dropped, and no reader sees the folder replaced."""
+    from qwen3vl_triton.model.tiny import _written_whole
+
+    out = tmp_path / "ckpt"
+    with _written_whole(out, replace=False) as tmp:
+        (tmp / "mine").write_text("x")
+        out.mkdir()
+        (out / "theirs").write_text("y")
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # this one's folder removed
+    with _written_whole(out) as tmp:  # replace (the default): the new one wins
+        (tmp / "mine").write_text("x")
+    assert [p.name for p in out.iterdir()] == ["mine"]
+
+
+def test_the_layout_table_of_the_docs_matches_what_the_writers_write(tmp_path):
+    """docs/checkpoints.md's table of the two layouts, row by row, against the files the tiny writers
+    produce (hub: build_checkpoint; transformers: build_saved_checkpoint, i.e. save_pretrained)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in ("experts count", "rope", "chat template", "weights"):
+            rows[cells[0]] = cells[1:]
+    assert len(rows) == 4, rows
+    hub = build_checkpoint(tmp_path / "hub", log=lambda *_: None)
+    saved = build_saved_checkpoint(tmp_path / "saved", log=lambda *_: None)
+    for path, column in ((hub, 0), (saved, 1)):
+        text = json.loads((path / "config.json").read_text())["text_config"]
+        files = {p.name for p in path.iterdir()}
+        experts = "num_experts" if "num_experts" in text else "num_local_experts"
+        assert f"`text_config.{experts}`" in rows["experts count"][column]
+        assert ("`rope_scaling`" if "rope_scaling" in text else "`rope_parameters`") in rows["rope"][column]
+        template = "`chat_template.jinja`" if "chat_template.jinja" in files else "`tokenizer_config.json`"
+        assert template in rows["chat template"][column]
+        assert "model.safetensors" in files and "model.safetensors.index.json" not in files
+        assert rows["weights"][column].startswith("`model.safetensors`")

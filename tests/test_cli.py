@@ -1,6 +1,7 @@
 """`python -m client`: generate (gRPC, HTTP, streaming or not, --stats) and disagg, against the real server;
 every failure is one line on stderr and exit code 1."""
 
+import json
 import re
 import subprocess
 import sys
@@ -142,3 +143,45 @@ def test_python_dash_m_client_exit_codes(server):
                            "--prompt", "Hello"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert down.returncode == 1
     assert down.stderr.startswith("error: cannot reach the server") and "Traceback" not in down.stderr
+
+
+# -- conversations ---------------------------------------------------------------------------------
+def test_save_alone_starts_a_conversation_and_messages_continues_it(server, images, expected, tmp_path, capsys):
+    chat = tmp_path / "chat.json"
+    code, out, err = run_cli(capsys, "generate", "--url", server.grpc_url, "--image", *images, "--prompt", PROMPT,
+                             "--max-tokens", 24, "--save", chat)
+    assert code == 0, err
+    assert out == expected + "\n"  # the same prompt as one user turn: the same text
+    saved = json.loads(chat.read_text())
+    assert [m["role"] for m in saved] == ["user", "assistant"] and saved[1]["content"] == expected
+    code, out, err = run_cli(capsys, "generate", "--url", server.grpc_url, "--messages", chat, "--prompt",
+                             "And then?", "--max-tokens", 8, "--save", chat)
+    assert code == 0, err
+    assert [m["role"] for m in json.loads(chat.read_text())] == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_messages_file_not_there_yet_is_a_new_conversation(server, images, expected, tmp_path, capsys):
+    chat = tmp_path / "new.json"
+    code, out, err = run_cli(capsys, "generate", "--url", server.grpc_url, "--messages", chat, "--image", *images,
+                             "--prompt", PROMPT, "--max-tokens", 24, "--save", chat)
+    assert code == 0, err
+    assert out == expected + "\n"
+    assert [m["role"] for m in json.loads(chat.read_text())] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("argv, what", [(["--messages", "{chat}"], "no such file yet"), (["--save", "{chat}"],
+                                                                                         "--save alone")])
+def test_a_new_conversation_without_a_prompt_is_one_line(argv, what, tmp_path, capsys):
+    chat = tmp_path / "none.json"
+    code, _, err = run_cli(capsys, "generate", "--url", "127.0.0.1:1", *[a.format(chat=chat) for a in argv])
+    assert_one_line_error(code, err, what, "give --prompt to start the conversation")
+    assert not chat.exists()
+
+
+def test_the_client_is_installed_with_the_package(tmp_path):
+    """`import client` and `python -m client` work from any folder (pyproject installs `client`), and the
+    bundled image comes with it."""
+    out = subprocess.run([sys.executable, "-c", "import client; print(client.__file__, client.SAMPLE_IMAGE.is_file())"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(ROOT / "client" / "__init__.py"), "True"]

@@ -109,7 +109,7 @@ def test_memory_estimate_matches_the_converted_file(tiny_checkpoint, spec, tmp_p
 
 
 def test_engine_threads_leave_the_stubs_a_core_on_the_ggml_runner():
-    # measured on 2 cores (README "Threads"): ggml on 2 threads starved the stubs; torch keeps its own choice
+    # measured on 2 cores (docs/engine.md, "Threads"): ggml on 2 threads starved the stubs; torch keeps its own choice
     assert cpu_engine.engine_threads("ggml", 2) == (1, 1)
     assert cpu_engine.engine_threads("ggml", 16) == (15, 15)
     assert cpu_engine.engine_threads("ggml", 1) == (1, 1)

@@ -142,7 +142,8 @@ def test_management_grpc_apis_refuse_a_client_without_the_admin_key(call, langua
         assert getattr(c, call)(headers=admin.grpc_headers(language_server.admin_key)) is not None
 
 
-def test_an_shm_sender_registers_its_region_with_the_key_and_others_cannot_list_it(encoder_server, lang_server):
+def test_an_shm_sender_registers_its_region_with_the_key_and_others_cannot_list_it(encoder_server, lang_server,
+                                                                                   monkeypatch):
     with Disaggregated(encoder_server.grpc_url, lang_server.grpc_url, transport="shm", chunk_rows=16) as d:
         text = "".join(d.generate(*ONE_IMAGE, max_tokens=6))
         assert text
@@ -151,9 +152,17 @@ def test_an_shm_sender_registers_its_region_with_the_key_and_others_cannot_list_
         status, body = http(encoder_server, "GET", "/v2/systemsharedmemory/status",
                             admin.http_headers(encoder_server.admin_key))
         assert status == 200 and d.region in body
-    with pytest.raises(TransferError, match=r"registering the shm region failed: .*This protocol is restricted, "
-                                            r"expecting header 'triton-grpc-protocol-admin-key'.* QWEN3VL_ADMIN_KEY"):
+    # a wrong key is told as a wrong key, naming where it came from (Triton says "expecting header" either way)
+    with pytest.raises(TransferError) as refused:
         Disaggregated(encoder_server.grpc_url, lang_server.grpc_url, transport="shm", admin_key="x" * 20)
+    assert str(refused.value).startswith("registering the shm region failed: the encoder server refused the admin "
+                                         "key passed to it: it is not that server's key. Set $QWEN3VL_ADMIN_KEY")
+    assert "expecting header" not in str(refused.value)
+    with monkeypatch.context() as m:
+        m.setenv("QWEN3VL_ADMIN_KEY", "y" * 20)
+        with pytest.raises(TransferError, match=r"the encoder server refused the admin key in \$QWEN3VL_ADMIN_KEY: "
+                                                r"it is not that server's key"):
+            Disaggregated(encoder_server.grpc_url, lang_server.grpc_url, transport="shm")
 
 
 # -- finding 7: the language sequence lifecycle ---------------------------------------------------------

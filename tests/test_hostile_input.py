@@ -13,7 +13,7 @@ Triton 2.51's own HTTP frontend parses the outer JSON of generate_stream before 
 what its parser refuses it answers with 500 (a number too big for a double, a `\\ud800` escape not
 followed by its pair). Those cells are strict xfails: they document Triton's behaviour, not ours. Its
 parser also overflows the stack on deep nesting (tritonserver dies on ~40,000 nested arrays), so no
-case nests arrays in the outer JSON of Triton's endpoint; the README says to put a proxy in front.
+case nests arrays in the outer JSON of Triton's endpoint; docs/security.md says to put a proxy in front.
 """
 
 import base64

@@ -55,7 +55,7 @@ def test_serve_prints_ready_and_stops_the_server_and_its_stubs(sig, tiny_checkpo
         assert weights < next(i for i, line in enumerate(lines) if line.startswith("starting tritonserver"))
         assert len(list((tmp_path / "ggml").glob("*-f32-*.gguf"))) == 1
         # no key given: a random one, in a file only this user can read, and the ready line says where
-        key_file = tmp_path / "admin-key"
+        key_file = tmp_path / f"admin-key-language-{grpc}"  # one file per server: topology and gRPC port
         assert lines[-1].rstrip().endswith(f"admin-key={key_file}")
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         key = key_file.read_text().strip()
@@ -93,7 +93,7 @@ def test_serve_refuses_an_admin_key_triton_cannot_take(tiny_checkpoint, tmp_path
     assert out.returncode == 2
     assert ("error: --admin-key: an admin key is 16 to 256 characters from A-Z, a-z, 0-9, '_' and '-'"
             in out.stderr)
-    assert not (tmp_path / "admin-key").exists()
+    assert not list(tmp_path.glob("admin-key*"))
 
 
 def test_serve_reports_a_bad_setting_clearly(tiny_checkpoint, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from load_tests.run import read_stats, run_bounded, summary_table
+from load_tests.run import parse_args, read_stats, run_bounded, summary_table, user_classes
 from load_tests.workload import Workload, image_sizes, pixel_limits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +82,34 @@ def test_make_load_test_passes_users_duration_and_url():
     assert "-m load_tests.run --users 3 --duration 7 --url example:8000" in out.stdout
 
 
+# -- which user classes run ---------------------------------------------------------------------------
+def test_every_user_class_runs_when_there_are_enough_users():
+    assert user_classes(parse_args(["--users", "3"]), "127.0.0.1:9000") == (
+        ["HttpGenerateUser", "GrpcGenerateUser", "OpenAIChatUser"], {})
+
+
+def test_fewer_users_than_classes_skips_the_rest_and_says_why():
+    classes, skipped = user_classes(parse_args(["--users", "2"]), "127.0.0.1:9000")
+    assert classes == ["HttpGenerateUser", "GrpcGenerateUser"]
+    assert skipped == {"OpenAIChatUser": "2 user(s) for 3 user classes: give --users 3 or more to run every class"}
+    row = summary_table({}, 2, skipped).splitlines()[4]
+    assert row.startswith("OpenAI") and row.endswith("skipped: 2 user(s) for 3 user classes: give --users 3 or "
+                                                      "more to run every class")
+
+
+def test_the_openai_user_is_skipped_by_name_without_an_endpoint():
+    classes, skipped = user_classes(parse_args(["--users", "4", "--url", "h:8000"]), None)
+    assert classes == ["HttpGenerateUser", "GrpcGenerateUser"]
+    assert skipped["OpenAIChatUser"].startswith("no OpenAI endpoint")
+
+
+def test_an_unknown_user_class_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["HttpUser"])
+    assert "unknown user class HttpUser: choose from HttpGenerateUser, GrpcGenerateUser, OpenAIChatUser" in (
+        capsys.readouterr().err)
+
+
 # -- the smoke run -----------------------------------------------------------------------------------
 @pytest.mark.server
 def test_locust_smoke_run_http_and_grpc_zero_failures(server, tiny_checkpoint, tmp_path):
@@ -110,3 +138,14 @@ def test_locust_smoke_run_http_and_grpc_zero_failures(server, tiny_checkpoint, t
     table = summary_table(stats)
     assert table.splitlines()[2].startswith("HTTP") and table.splitlines()[3].startswith("gRPC")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("tool", ["serving_cost", "engine_step", "ggml_step"])
+def test_a_tool_without_its_checkpoint_says_in_one_line_how_to_make_it(tool, tmp_path):
+    missing = tmp_path / "small"
+    out = subprocess.run([sys.executable, "-m", f"load_tests.{tool}", str(missing)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [f"error: checkpoint directory {missing} does not exist; make one with "
+                                       "`make checkpoint PROFILE=small` (writes checkpoints/small) or "
+                                       f"`qwen3vl-build-checkpoint --profile small --out {missing}`"]

@@ -104,7 +104,7 @@ def test_rendered_inputs_and_outputs_are_the_tensorrtllm_backends(engine_dir):
     contract = {"input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "streaming", "temperature",
                 "runtime_top_k", "runtime_top_p", "prompt_embedding_table", "prompt_vocab_size",
                 "mrope_rotary_cos_sin", "mrope_position_deltas"}
-    assert contract <= {i[0] for i in inputs}  # DESIGN section 3 (the seed is `seed` in the backend)
+    assert contract <= {i[0] for i in inputs}  # docs/design.md §3 (the seed is `seed` in the backend)
 
 
 def test_engine_facts_give_the_stride_every_table_must_use(engine_dir, spec):

@@ -1,4 +1,4 @@
-"""A request to `qwen3vl` (DESIGN §4) and its responses, as one type each: every client builds the
+"""A request to `qwen3vl` (docs/design.md §4) and its responses, as one type each: every client builds the
 request here (the client library over gRPC and HTTP, the OpenAI endpoint, the disaggregated sender
 and `qwen3vl_disagg` for the `encode` ensemble, which takes the same inputs), and reads the
 responses here.

@@ -11,7 +11,7 @@ How the `tensorrt_llm` contract reaches llama.cpp:
 - **Prompt-table rows** (ids >= vocab_size) are embedding rows. llama.cpp's embedding input for
   a DeepStack model is `n_embd * (1 + n_deepstack_layers)` floats per token,
   `[main | level 0 | level 1 | level 2]`, and it adds level k after decoder layer k: the
-  row-stacked table `[E; D0; D1; D2]` (DESIGN §3) read at fake id `vocab + j` is rows
+  row-stacked table `[E; D0; D1; D2]` (docs/design.md §3) read at fake id `vocab + j` is rows
   `j, S + j, 2S + j, 3S + j` side by side. Text tokens (and decoded tokens) are token ids.
 - **A batch holds token ids or embedding rows, never both** (llama_batch_allocr refuses a mix),
   so a step is one `llama_decode` of token runs (every decoding sequence and every text run of
@@ -27,7 +27,7 @@ How the `tensorrt_llm` contract reaches llama.cpp:
   gives the position without wrap-around, higher ones refine it, and the recovered positions
   are checked by recomputing the table (a table that is not M-RoPE of integer positions fails
   its request, naming the input). So the ggml runner needs no input beyond the contract; the
-  CPU `tensorrt_llm` may still take explicit position ids (DESIGN §3) where a producer has them.
+  CPU `tensorrt_llm` may still take explicit position ids (docs/design.md §3) where a producer has them.
 - **KV cache**: llama.cpp's memory, one llama sequence id per engine slot. The cache is unified
   (one pool of cells for all sequences: any mix of sequences fits one ubatch, and a slot move
   is a metadata copy, `llama_memory_seq_cp` + `seq_rm`); a claimed, moved-into or released

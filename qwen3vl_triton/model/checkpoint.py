@@ -84,6 +84,16 @@ def refuse_unservable(config, where: str) -> None:
         raise CheckpointError(f"{where}: text_config.hidden_act {text.hidden_act!r} is not supported (silu)")
 
 
+def how_to_make(path: str | Path) -> str:
+    """One line on making a test checkpoint at `path` (the profile its name gives, else `small`)."""
+    from qwen3vl_triton.model.tiny import PROFILES
+
+    path = Path(path)
+    profile = path.name if path.name in PROFILES else "small"
+    return (f"make one with `make checkpoint PROFILE={profile}` (writes checkpoints/{profile}) or "
+            f"`qwen3vl-build-checkpoint --profile {profile} --out {path}`")
+
+
 def read_config(path: str | Path):
     """`config.json` as transformers reads it (a `Qwen3VLMoeConfig`), refused with the reason when
     the engines cannot run it."""
@@ -91,7 +101,7 @@ def read_config(path: str | Path):
 
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        raise CheckpointError(f"checkpoint directory {path} does not exist; {how_to_make(path)}")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}/config.json is missing")
     try:

@@ -11,7 +11,7 @@ and the rotary embedding run once over both, the experts run as two grouped matm
 everything that depends only on the batch's shape (rotary angles, cache indices, masks) is built
 once per step (`Step`) and shared by every layer.
 
-Inputs follow the TensorRT-LLM contract (DESIGN §3): ids `>= vocab_size` read rows of the
+Inputs follow the TensorRT-LLM contract (docs/design.md §3): ids `>= vocab_size` read rows of the
 request's row-stacked prompt table, DeepStack level k is added after decoder layer k at those
 tokens (`table.deepstack_row`), rotary angles of prompt tokens come from
 `mrope_rotary_cos_sin`, decode tokens use `position + mrope_position_deltas`.

@@ -224,23 +224,31 @@ def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
 
 
 @contextlib.contextmanager
-def _written_whole(out: Path):
+def _written_whole(out: Path, replace: bool = True):
     """A new folder beside `out` to write a checkpoint into: renamed to `out` (replacing an older
-    one) when the block completes, removed when it fails, so no reader sees half a checkpoint."""
+    one) when the block completes, removed when it fails, so no reader sees half a checkpoint.
+    With `replace` False a checkpoint another process put at `out` meanwhile is kept and this one
+    dropped (two servers started at once from one checkout both build the missing tiny checkpoint)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         yield tmp
-        if out.exists():
+        if out.exists() and replace:
             shutil.rmtree(out)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)  # fails when `out` is there, not empty: renaming onto it is atomic
+        except OSError:
+            if replace or not out.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtype: str = "float32",
-                     log=print) -> Path:
-    """Write the checkpoint directory `out` (replaced if present) and return its path."""
+                     log=print, replace: bool = True) -> Path:
+    """Write the checkpoint directory `out` (replaced if present, unless `replace` is False) and
+    return its path."""
     from safetensors.torch import save_file
 
     if profile not in PROFILES:
@@ -251,7 +259,7 @@ def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtyp
     torch_dtype = dtype_of(dtype)
     out = Path(out)
     t0 = time.time()
-    with _written_whole(out) as tmp:
+    with _written_whole(out, replace) as tmp:
         log(f"[checkpoint] profile={profile} seed={seed} dtype={dtype} -> {out}")
         tok = _train_tokenizer(vocab_target=1000)
         tok.save(str(tmp / "tokenizer.json"))
@@ -403,7 +411,7 @@ def ensure_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, log
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    return build_checkpoint(out, profile=profile, seed=seed, log=log)
+    return build_checkpoint(out, profile=profile, seed=seed, log=log, replace=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 The tower itself is transformers' `Qwen3VLMoeVisionModel` with the checkpoint's
 `model.visual.*` weights; this module batches the images of many requests into one forward
 (the tower attends within each image only), splits the result per request, and packs each
-request's table and rotary inputs (DESIGN §3).
+request's table and rotary inputs (docs/design.md §3).
 
 Two changes to how the tower runs, not to what it computes: its patch embedding (a Conv3d whose
 kernel equals its stride) runs as the matmul it is, and the per-image position inputs that the

@@ -9,7 +9,9 @@ configurations hold no host path (repository.py) and no secret.
 
 The key comes from `--admin-key`, else QWEN3VL_ADMIN_KEY, else it is generated: once per process,
 so servers and clients started by one process (tests, benchmarks, the demo) share it; the launcher
-writes a generated key to a file only its user can read.
+writes a generated key to a file only its user can read, one per server (`key_file`). A client in
+another process sends QWEN3VL_ADMIN_KEY (or the key it is given); Triton answers a missing key and a
+wrong one alike ("expecting header ..."), so `refused` tells the two apart by what was sent.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from pathlib import Path
 
 ENV = "QWEN3VL_ADMIN_KEY"
 HEADER = "admin-key"
@@ -40,6 +43,28 @@ def default_key() -> str:
     if _generated is None:
         _generated = secrets.token_urlsafe(32)
     return _generated
+
+
+def key_file(build: str | Path, topology: str, grpc_port: int) -> Path:
+    """Where qwen3vl-serve writes a key it generated: one file per server (topology and gRPC port)."""
+    return Path(build) / f"admin-key-{topology}-{grpc_port}"
+
+
+def key_source(given: str | None) -> str:
+    """Where the key a client sends comes from, in words (for an error message)."""
+    if given:
+        return "the admin key passed to it"
+    if os.environ.get(ENV):
+        return f"the admin key in ${ENV}"
+    return f"no admin key (${ENV} is not set; a random key of this process was sent)"
+
+
+def refused(server: str, given: str | None) -> str:
+    """What to say when `server` refused a management call made with the key from `given` (or the
+    default_key): a wrong key and a missing one are answered alike by Triton."""
+    return (f"{server} refused {key_source(given)}: it is not that server's key. Set ${ENV} to the key the "
+            f"server was started with (qwen3vl-serve --admin-key or ${ENV}; else the file its ready line "
+            f"names, <build-dir>/admin-key-<topology>-<grpc-port>), or pass admin_key=")
 
 
 def server_args(key: str) -> list[str]:

@@ -110,7 +110,7 @@ def engine_threads(runner: str, cores: int, prefill: int = 0, decode: int = 0) -
     ggml runner: every core but one, for both -- the other core is the stubs' (vision encoder,
     preprocessing, postprocessing, Triton). ggml's threads meet at a spinning barrier after every
     op, so a thread that loses its core to a stub stalls the step: measured on 2 cores
-    (load_tests/ggml_threads.py, README "Threads"), served decode on 2 threads gave 5x less
+    (load_tests/ggml_threads.py, docs/engine.md "Threads"), served decode on 2 threads gave 5x less
     throughput at concurrency 8 and a lone prefill on 2 threads a 4x longer time to first token
     than on 1. torch runner: every core for a lone prefill, DECODE_THREADS (1) otherwise, as measured
     for it (engine/runner.py)."""

@@ -6,8 +6,16 @@ exit status 0 when the checkpoint and the settings can be served, 1 otherwise. P
 starting with `ready:` once every model is ready; SIGINT or SIGTERM stops the server and every
 stub process it started. Serving settings come from `--settings-file` (KEY=VALUE lines) and
 `--set KEY=VALUE`, which wins over the file. Triton's management APIs (shared memory, logging,
-trace, model repository, model config) answer only requests with the admin key: `--admin-key`,
-else QWEN3VL_ADMIN_KEY, else a random key written to <build-dir>/admin-key (mode 0600).
+trace, model repository) answer only requests with the admin key: `--admin-key`,
+else QWEN3VL_ADMIN_KEY, else a random key written to <build-dir>/admin-key-<topology>-<grpc-port>
+(mode 0600; one file per server, so servers started from one checkout keep their own key).
+
+Topologies (which models one server holds):
+  all       every model: the qwen3vl ensemble and both disaggregated entry points (encode, language)
+  single    the qwen3vl ensemble alone (preprocessing, vision_encoder, tensorrt_llm, postprocessing)
+  encoder   the disaggregated encoder server: encode (preprocessing -> vision_encoder), and
+            qwen3vl_disagg when --set language_url=HOST:PORT names a language server
+  language  the disaggregated language server: language -> tensorrt_llm (+ postprocessing)
 """
 
 from __future__ import annotations
@@ -81,10 +89,13 @@ def settings_of(args: argparse.Namespace) -> Settings:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="qwen3vl-serve", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="qwen3vl-serve", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--checkpoint", help="Hugging Face Qwen3-VL-MoE checkpoint directory "
                                          "(default: build the tiny test checkpoint into checkpoints/tiny)")
-    ap.add_argument("--topology", choices=sorted(TOPOLOGIES), default="all")
+    ap.add_argument("--topology", choices=sorted(TOPOLOGIES), default="all",
+                    help="which models this server holds (default all; each is described below)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 inside a container)")
     ap.add_argument("--http-port", type=int, default=8000)
@@ -109,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--admin-key", default=os.environ.get(admin.ENV),
                     help="the key Triton's management APIs require (header admin-key; gRPC: "
                          f"{admin.GRPC_HEADER}); default ${admin.ENV}, else a random one written to "
-                         "<build-dir>/admin-key")
+                         "<build-dir>/admin-key-<topology>-<grpc-port>")
     ap.add_argument("--exit-timeout", type=int, default=30,
                     help="seconds a stop waits for in-flight requests (tritonserver --exit-timeout-secs)")
     return ap.parse_args(argv)
@@ -155,7 +166,7 @@ def main(argv=None) -> int:
         preload.append(args.plugin)
     log_file = Path(args.log_file) if args.log_file else build / f"tritonserver-{args.topology}.log"
     try:
-        key, key_note = admin_key(args.admin_key, build)
+        key, key_note = admin_key(args.admin_key, build, args.topology, args.grpc_port)
     except ValueError as exc:
         print(f"error: --admin-key: {exc}", file=sys.stderr)
         return 2
@@ -206,13 +217,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def admin_key(given: str | None, build: Path) -> tuple[str, str]:
+def admin_key(given: str | None, build: Path, topology: str, grpc_port: int) -> tuple[str, str]:
     """The admin key and how to find it: the one given, or a new random one written to
-    <build>/admin-key, readable by this user only (never printed: logs are read by others)."""
+    <build>/admin-key-<topology>-<grpc_port> (admin.key_file), readable by this user only (never
+    printed: logs are read by others). One file per server: an encoder and a language server
+    started from one checkout do not overwrite each other's key."""
     if given:
         return admin.check(given), "given"
     key = admin.default_key()
-    path = build / "admin-key"
+    path = admin.key_file(build, topology, grpc_port)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:

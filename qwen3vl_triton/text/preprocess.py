@@ -5,7 +5,7 @@ image processor configured by `preprocessor_config.json`) do the work; this modu
 inputs and replaces each image placeholder by the prompt-table ids the LLM reads.
 
 A request is either `text_input` + `image` (one user message: the images, then the text) or
-`messages`, a JSON array of OpenAI chat messages (DESIGN §4-5). Byte bounds on the text, each
+`messages`, a JSON array of OpenAI chat messages (docs/design.md §4-5). Byte bounds on the text, each
 image and the whole request are checked first, before any JSON parsing, templating or decoding.
 """
 

@@ -1,4 +1,4 @@
-"""Per-sequence state of the disaggregated `language` model (DESIGN §5).
+"""Per-sequence state of the disaggregated `language` model (docs/design.md §5).
 
 One Triton sequence (correlation id) per user request. `start` declares the prompt and the
 table size, `chunk`s fill the table in order, `generate` runs the LLM once and keeps the
@@ -34,7 +34,7 @@ from qwen3vl_triton.text.detok import IncrementalDetokenizer
 from qwen3vl_triton.transfer.region import Region, SharedRegions
 
 OPS = ("start", "chunk", "status", "generate")
-# `start`'s inputs that carry contract values under their own names (DESIGN §5)
+# `start`'s inputs that carry contract values under their own names (docs/design.md §5)
 START_NAMES = {"request_output_len": "max_tokens", "prompt_embedding_table": "table_rows"}
 
 class SequenceError(InputError):

@@ -1,5 +1,5 @@
 """Disaggregated serving, client side: encode on the encoder server, move the table to the
-language server in resumable chunks, then stream the generation (DESIGN §5).
+language server in resumable chunks, then stream the generation (docs/design.md §5).
 
 The same classes serve the CLI (`python -m client disagg`), library users, and a BLS model on
 the encoder host (`qwen3vl_disagg`, which makes one `Disaggregated` per model instance and

@@ -86,16 +86,21 @@ class _Region(Transport):
     def attach(self, encoder, language) -> None:
         if encoder is None:
             raise ValueError("shared-memory transports need the encoder server's url to register the region")
+        role = None
         try:
             self._create()
             for server in self._registered_on(encoder, language):
+                role = "the encoder server" if server is encoder else "the language server"
                 self._register(server)
                 self._servers.append(server)
         except Exception as exc:
             self.close()
-            raise TransportError(f"registering the {self.name} region failed: {message_of(exc)} (the servers "
-                                 f"need their admin key: pass admin_key, or set {admin.ENV}; qwen3vl-serve writes "
-                                 "a key it generated to <build-dir>/admin-key)") from None
+            message = message_of(exc)
+            if role is not None and "restricted, expecting header" in message:
+                # Triton answers a wrong key as it answers a missing one; a key was always sent
+                raise TransportError(f"registering the {self.name} region failed: "
+                                     f"{admin.refused(role, self._admin_key)}") from None
+            raise TransportError(f"registering the {self.name} region failed: {message}") from None
 
     def table_output(self, output) -> None:
         output.set_shared_memory(self.region, self.region_bytes - self.table_offset, offset=self.table_offset)

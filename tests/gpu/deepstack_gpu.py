@@ -2,7 +2,7 @@
 
 builders/plugin/src/deepstack_kernel.cu and the C entry point builders/plugin/test/deepstack_capi.cu
 are built with nvcc into one shared library, called through ctypes on torch's device tensors, and
-compared with `reference`: the batched DeepStack add of DESIGN section 3 as TensorRT-LLM's runtime
+compared with `reference`: the batched DeepStack add of docs/design.md §3 as TensorRT-LLM's runtime
 lays the batch out (request b's row-stacked table at rows [b P, (b + 1) P), `tasks[t]` the slot of
 token t; fake id vocab + j of a slot reads row b P + (level + 1) S + j; text ids, prompt-table ids
 past the image block and slots past the table add nothing). The row of each token comes from

@@ -9,7 +9,7 @@
  * (PromptTuningBuffers::fill): request b of the step owns rows [b * P, (b + 1) * P) where
  * P = prompt_vocab_size (the engine input, = max_prompt_embedding_table_size / max_batch_size),
  * and `tasks[t]` is the slot b of token t -- the same addressing PromptTuningEmbedding uses.
- * Inside a slot the table is row-stacked (DESIGN section 3): stride S = P / (levels + 1), rows
+ * Inside a slot the table is row-stacked (docs/design.md §3): stride S = P / (levels + 1), rows
  * [0, S) are the image embeddings, rows [(k + 1) S, (k + 1) S + n) DeepStack level k.
  */
 #pragma once

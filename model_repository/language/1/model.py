@@ -2,7 +2,7 @@
 
 Every input is read here in `execute`; generation threads get plain values and the response
 sender only. State lives in the package's SequenceStore (bounded, expiring on the sequence
-batcher's idle clock, never while generating); see DESIGN §5 for the ops and
+batcher's idle clock, never while generating); see docs/design.md §5 for the ops and
 qwen3vl_triton/transfer/receiver.py for a sequence's phases.
 """
 
