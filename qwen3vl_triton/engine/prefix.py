@@ -1,13 +1,15 @@
 """Prefix KV reuse: finished sequences' KV stays cached, and a new sequence starts from the
 longest cached prefix of its own tokens and prefills only the rest.
 
-Keys. A sequence's tokens are cut into blocks of `BLOCK` tokens; block b's key is a SHA-256 chain,
-`key_b = sha256(key_{b-1} | records of its tokens | its image rows)`, so a key names the whole
-prefix up to the block's end. Each token's record is its id, its `prompt_table_extra_ids` entry
-and its M-RoPE position (t, h, w, as integers); each prompt-table row (image token) adds the bytes
-of the row it reads, every DeepStack level included. So two prefixes share a key only when their
-tokens, their images' rows and their positions are the same -- the KV of a prefix depends on
-nothing else -- whatever a producer puts in `prompt_table_extra_ids`.
+Keys. Each token has a record: its id, its `prompt_table_extra_ids` entry, its M-RoPE position
+(t, h, w, as integers) and, for a prompt-table row (an image token), 64 bits of the SHA-256 of the
+row it reads (every DeepStack level, and its dtype; 0 for text). A sequence's records are cut
+into blocks of `BLOCK` tokens; block b's key is a SHA-256 chain, `key_b = sha256(key_{b-1} |
+records of the block)`, so a key names the whole prefix up to the block's end. Two prefixes share
+a key only when their tokens, their images' rows and their positions are the same -- the KV of a
+prefix depends on nothing else -- whatever a producer puts in `prompt_table_extra_ids`. (An
+image's rows are the same bits in every request through the vision encoder's cache of recent
+images; an image encoded again beside others may differ in the last bits, and is then not reused.)
 
 Fail closed. Reuse is off for a request (nothing looked up, nothing kept) when:
 - an image token has no `prompt_table_extra_ids` entry (the input is absent, or its entry is 0):
@@ -19,7 +21,8 @@ Entries. A finished sequence (not one that failed) is kept whole, as one entry: 
 keeps its KV (`PrefixStore.keep`: the torch runner copies its rows, the ggml runner keeps its
 llama.cpp sequence in a spare sequence id), and each of its full blocks' keys points at it. A new
 sequence walks its blocks' keys; the entry of the last key found holds the whole prefix, which the
-cache puts into the sequence's slot (`restore`). An entry whose blocks a newer entry holds too (the
+cache puts into the sequence's slot (`restore`), extended past the last full block token by token
+while the entry's records and the sequence's agree. An entry whose blocks a newer entry holds too (the
 turn before, in a conversation) is dropped. Entries are evicted least recently used first while
 their bytes pass the budget (`kv_cache_bytes`) or the store has no room for another.
 
@@ -79,23 +82,18 @@ class PrefixStats:
 
 @dataclass(eq=False)
 class Keys:
-    """A sequence's key material: per-token records, its image rows' source, its block keys."""
+    """A sequence's key material: per-token records and the keys of its full blocks."""
 
-    records: list[np.ndarray]  # (n, 5) int64 per part: id, extra id, t, h, w
-    table: torch.Tensor | None
-    delta: int
+    records: np.ndarray  # (n, 6) int64: id, extra id, t, h, w, row digest
+    delta: int  # mrope_position_deltas: decoded tokens are at index + delta
     blocks: list[bytes] = field(default_factory=list)
-    tokens: int = 0  # tokens the records cover
-
-    def t_positions(self) -> np.ndarray:
-        return np.concatenate([r[:, 2] for r in self.records]) if self.records else np.zeros(0, np.int64)
 
 
 @dataclass(eq=False)
 class Entry:
     handle: object
     blocks: list[bytes]
-    t_pos: np.ndarray  # t position of every token the entry holds
+    records: np.ndarray  # of every token the entry holds
     nbytes: int
 
 
@@ -132,44 +130,41 @@ class PrefixCache:
                 pos = mrope.positions_from_cos_sin(cos, sin, spec, tolerance=POSITION_TOLERANCE)
             except ValueError:
                 return None
-        records = np.empty((n, 5), np.int64)
+        records = np.zeros((n, 6), np.int64)
         records[:, 0] = arr
         records[:, 1] = extra.astype(np.uint64).view(np.int64)
-        records[:, 2:] = pos.T
+        records[:, 2:5] = pos.T
         if (np.diff(pos[0]) < 0).any():
             return None  # a prefix is cut by t position (module docstring): t must not go back
-        return Keys([records], req.table, req.mrope_delta, tokens=n)
+        if fake.any():
+            records[fake, 5] = self._row_digests(req.table, arr[fake] - spec.vocab_size)
+        return Keys(records, req.mrope_delta)
+
+    def _row_digests(self, table, j: np.ndarray) -> np.ndarray:
+        """64 bits of the SHA-256 of each prompt-table row `j`, its DeepStack levels and dtype included."""
+        levels = self.spec.deepstack_levels
+        rows = table.view(levels + 1, stride_of(table.shape[0], levels), table.shape[1])[:, torch.from_numpy(j)]
+        rows = rows.permute(1, 0, 2).contiguous()
+        tag = str(rows.dtype).encode()
+        data = (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).numpy()
+        return np.array([int.from_bytes(hashlib.sha256(tag + r.tobytes()).digest()[:8], "little", signed=True)
+                         for r in data], np.int64)
 
     def _extend(self, keys: Keys, tokens: list[int], upto: int) -> None:
         """Records of decoded tokens (text at `index + delta` on every row) up to `upto`, and the keys
         of every full block up to there."""
-        if upto > keys.tokens:
-            idx = np.arange(keys.tokens, upto)
-            rec = np.empty((idx.size, 5), np.int64)
-            rec[:, 0] = np.asarray(tokens[keys.tokens:upto], dtype=np.int64)
-            rec[:, 1] = 0
-            rec[:, 2:] = (idx + keys.delta)[:, None]
-            keys.records.append(rec)
-        records = np.concatenate(keys.records) if len(keys.records) > 1 else keys.records[0]
-        keys.records = [records]
-        keys.tokens = len(records)
+        have = len(keys.records)
+        if upto > have:
+            idx = np.arange(have, upto)
+            rec = np.zeros((idx.size, 6), np.int64)
+            rec[:, 0] = np.asarray(tokens[have:upto], dtype=np.int64)
+            rec[:, 2:5] = (idx + keys.delta)[:, None]
+            keys.records = np.concatenate([keys.records, rec])
         b = self.block
-        for k in range(len(keys.blocks), min(upto, keys.tokens) // b):
-            blk = records[k * b:(k + 1) * b]
+        for k in range(len(keys.blocks), min(upto, len(keys.records)) // b):
             h = hashlib.sha256(keys.blocks[-1] if keys.blocks else b"qwen3vl-prefix")
-            h.update(np.ascontiguousarray(blk).tobytes())
-            fake = blk[:, 0] >= self.spec.vocab_size
-            if fake.any():
-                h.update(self._rows(keys.table, blk[fake, 0] - self.spec.vocab_size))
+            h.update(np.ascontiguousarray(keys.records[k * b:(k + 1) * b]).tobytes())
             keys.blocks.append(h.digest())
-
-    def _rows(self, table, j: np.ndarray) -> bytes:
-        """The bytes of prompt-table rows `j` with their DeepStack levels (and the table's dtype)."""
-        levels = self.spec.deepstack_levels
-        stride = stride_of(table.shape[0], levels)
-        rows = table.view(levels + 1, stride, table.shape[1])[:, torch.from_numpy(j)]
-        flat = rows.contiguous().view(torch.uint8) if rows.dtype == torch.bfloat16 else rows.contiguous()
-        return str(rows.dtype).encode() + flat.numpy().tobytes()
 
     # -- admission and finish -----------------------------------------------------------------------
     def admit(self, keys: Keys | None, prompt_len: int, tokens: list[int], slot: int) -> int:
@@ -184,13 +179,19 @@ class PrefixCache:
             if not holders:
                 break
             entry, found = holders[-1], (b + 1) * self.block
+        if entry is not None:  # on past the last full block while the records agree
+            mine, theirs = keys.records[found:prompt_len], entry.records[found:]
+            m = min(len(mine), len(theirs))
+            differ = np.flatnonzero((mine[:m] != theirs[:m]).any(axis=1))
+            found += int(differ[0]) if differ.size else m
         reuse = min(found, prompt_len - 1)
         if entry is not None:
-            t = entry.t_pos
+            t = entry.records[:, 2]
             while reuse > 0 and reuse < len(t) and t[reuse] <= t[reuse - 1]:
                 reuse -= 1  # inside an image: back to where its t position starts
         if reuse > 0:
-            self.store.restore(entry.handle, slot, reuse, int(entry.t_pos[reuse]) if reuse < len(entry.t_pos) else -1)
+            t = entry.records[:, 2]
+            self.store.restore(entry.handle, slot, reuse, int(t[reuse]) if reuse < len(t) else -1)
             self._entries.move_to_end(entry)
         self.stats.hit_tokens += reuse
         self.stats.miss_tokens += prompt_len - reuse
@@ -203,7 +204,7 @@ class PrefixCache:
             return False
         self._extend(keys, tokens, cached)
         blocks = keys.blocks[:cached // self.block]
-        if blocks[-1] in self._index and any(len(e.t_pos) >= cached for e in self._index[blocks[-1]]):
+        if blocks[-1] in self._index and any(len(e.records) >= cached for e in self._index[blocks[-1]]):
             # an entry holds every block already (the same conversation again): refresh it
             self._entries.move_to_end(self._index[blocks[-1]][-1])
             return False
@@ -213,7 +214,7 @@ class PrefixCache:
         if kept is None:
             return False
         handle, nbytes = kept
-        entry = Entry(handle, blocks, keys.t_positions()[:cached], nbytes)
+        entry = Entry(handle, blocks, keys.records[:cached], nbytes)
         self._entries[entry] = None
         for key in blocks:
             self._index.setdefault(key, []).append(entry)
