@@ -5,6 +5,7 @@ to its sequences, and the statistics (see the package docstring).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from qwen3vl_triton.contract import FinishReason, LLMRequest
-from qwen3vl_triton.engine.prefix import Keys, PrefixCache
+from qwen3vl_triton.engine.prefix import Keys, PrefixCache, PrefixStats
 from qwen3vl_triton.errors import ENGINE_QUEUE_FULL, Unavailable
 from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec
@@ -56,6 +57,7 @@ class StepReport:
     seconds: float
     running: int  # sequences running after the step
     waiting: int  # requests queued for a place
+    prefix: PrefixStats | None = None  # the prefix cache's totals after the step (None: no cache)
 
 @dataclass
 class EngineStats:
@@ -269,6 +271,8 @@ class Scheduler:
             self._emit(seq.req, [token], None)
 
     def _report(self, report: StepReport) -> None:
+        if self.prefix is not None:
+            report.prefix = dataclasses.replace(self.prefix.stats)
         self.stats.add(report)
         if self.on_step is not None:
             self.emit(self.on_step, (report,))
