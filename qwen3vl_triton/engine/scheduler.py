@@ -209,7 +209,7 @@ class Scheduler:
         if seq in self._active:
             self._active.remove(seq)
             kept = False
-            if self.prefix is not None and reason is not FinishReason.ERROR:
+            if self.prefix is not None and reason != FinishReason.ERROR:
                 try:
                     kept = self.prefix.keep(seq.keys, seq.tokens, seq.cached, seq.slot)
                 except Exception:  # keeping is an optimisation: never fail a finished request for it
