@@ -180,7 +180,9 @@ def test_sixteen_sequences_interleave_their_chunks(encoder_server, language_serv
 def bounded_language_server(tiny_checkpoint, tmp_path_factory, preprocessor, spec):
     """Room for two one-image sequences of CASES[0], not three."""
     p = preprocessor(CASES[0][1], CASES[0][2])
-    one = 4 * p.num_image_tokens * spec.hidden_size * 4 + p.input_ids.nbytes + p.input_ids.size * spec.head_dim * 4
+    # the table, the ids, the rotary table and prompt_table_extra_ids (8 bytes a token)
+    one = (4 * p.num_image_tokens * spec.hidden_size * 4 + p.input_ids.nbytes + p.input_ids.size * spec.head_dim * 4
+           + p.input_ids.size * 8)
     srv = start_server(tiny_checkpoint, tmp_path_factory, "language", "bounded", language_state_bytes=2 * one + 100)
     yield srv
     srv.stop()

@@ -346,6 +346,7 @@ class SequenceStore:
             mrope_cos_sin = np.ascontiguousarray(mrope_cos_sin, np.float32).reshape(-1)
         need = table_rows * self.hidden_size * self.table_dtype.itemsize + ids.nbytes
         need += 0 if mrope_cos_sin is None else mrope_cos_sin.nbytes
+        need += 0 if extra_ids is None else extra_ids.nbytes
         with self._lock:
             old = self._seqs.get(corrid)
             if old is not None:  # received_rows says so as data: the open sequence's rows
