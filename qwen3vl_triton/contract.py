@@ -36,13 +36,15 @@ MODEL = "tensorrt_llm"
 INPUTS = (
     "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list", "streaming",
     "temperature", "runtime_top_k", "runtime_top_p", "seed", "random_seed", "min_tokens",
-    "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas", "stop",
+    "prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
+    "prompt_table_extra_ids", "stop",
 )
 CONTRACT_INPUTS = INPUTS
 OUTPUTS = ("output_ids", "sequence_length")
-# What the vision encoder adds to a request (the table and the M-RoPE inputs); with the token ids,
-# the `encode` ensemble's outputs (docs/design.md §5)
-IMAGE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas")
+# What the vision encoder adds to a request (the table, the M-RoPE inputs and the rows' image ids);
+# with the token ids, the `encode` ensemble's outputs (docs/design.md §5)
+IMAGE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size", "mrope_rotary_cos_sin", "mrope_position_deltas",
+                "prompt_table_extra_ids")
 ENCODE_OUTPUTS = ("input_ids", *IMAGE_INPUTS)
 
 # postprocessing's inputs that it forwards to `tensorrt_llm` -> the tensorrt_llm input names (docs/design.md §3);
@@ -64,6 +66,7 @@ LLM_INPUT_NAMES = {
     "prompt_vocab_size": "prompt_vocab_size",
     "mrope_rotary_cos_sin": "mrope_rotary_cos_sin",
     "mrope_position_deltas": "mrope_position_deltas",
+    "prompt_table_extra_ids": "prompt_table_extra_ids",
 }
 
 
@@ -161,6 +164,9 @@ class LLMRequest:
     pad_id: int | None = None
     streaming: bool = False
     min_tokens: int = 0  # min_tokens: no end token (end or stop id) before this many generated tokens
+    # prompt_table_extra_ids (L,) uint64: per token, 0 for text, for an image token an id of its
+    # image's content and its row in the image (`image_row_ids`); the KV-reuse key of image rows
+    extra_ids: np.ndarray | None = None
 
     @property
     def prompt_vocab_size(self) -> int:
@@ -193,7 +199,7 @@ class LLMRequest:
         if s.seed is not None:
             out["seed"] = _one(s.seed, np.uint64)
         table = None if self.table is None else to_numpy(self.table)
-        out.update(image_arrays(table, self.mrope_cos_sin, self.mrope_delta))
+        out.update(image_arrays(table, self.mrope_cos_sin, self.mrope_delta, self.extra_ids))
         return out
 
     def pb_tensors(self, pb) -> list:
@@ -210,10 +216,10 @@ class LLMRequest:
 
     # -- in: the one parser -----------------------------------------------------------------------------
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray | None], default_end_id: int | None = None, **extra):
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray | None], default_end_id: int | None = None, **fields):
         """The request that `tensorrt_llm` input arrays (batch dimension included: one sequence per
         request) carry; absent inputs take the contract's defaults (`end_id`: `default_end_id`).
-        `extra`: fields of a subclass (the engine's bookkeeping)."""
+        `fields`: fields of a subclass (the engine's bookkeeping)."""
         arrays = {k: v for k, v in arrays.items() if v is not None}
         ids = single_sequence(arrays, "input_ids").reshape(-1)
         length = scalar(arrays, "input_lengths", int, default=ids.size)
@@ -226,6 +232,14 @@ class LLMRequest:
             if rows != table.shape[0]:
                 raise InputError("prompt_vocab_size", f"is {rows} but prompt_embedding_table has {table.shape[0]} rows")
         cos_sin = single_sequence(arrays, "mrope_rotary_cos_sin") if "mrope_rotary_cos_sin" in arrays else None
+        extra = None
+        if "prompt_table_extra_ids" in arrays:
+            extra = single_sequence(arrays, "prompt_table_extra_ids").reshape(-1)
+            if extra.dtype.kind not in "iu":
+                raise InputError("prompt_table_extra_ids", f"must be unsigned 64-bit ids, got {extra.dtype}")
+            if extra.size < length:
+                raise InputError("prompt_table_extra_ids", f"holds {extra.size} ids for {length} input tokens")
+            extra = extra[:length].astype(np.uint64)
         sampling = SamplingParams(
             temperature=scalar(arrays, "temperature", float, default=0.0),
             top_k=scalar(arrays, "runtime_top_k", int, default=0),
@@ -244,23 +258,29 @@ class LLMRequest:
             pad_id=scalar(arrays, "pad_id", int),
             streaming=scalar(arrays, "streaming", bool, default=False),
             min_tokens=scalar(arrays, "min_tokens", int, default=0),
-            **extra,
+            extra_ids=extra,
+            **fields,
         )
 
     def validate(self, bounds: "Bounds") -> None:
         """Raise InputError naming the contract input that is wrong (see `validate`)."""
         validate(bounds, self.input_ids, max_new_tokens=self.max_new_tokens, table=self.table,
                  mrope_cos_sin=self.mrope_cos_sin, mrope_delta=self.mrope_delta, end_id=self.end_id)
+        if self.extra_ids is not None and np.asarray(self.extra_ids).size != np.asarray(self.input_ids).size:
+            raise InputError("prompt_table_extra_ids", f"holds {np.asarray(self.extra_ids).size} ids for "
+                                                       f"{np.asarray(self.input_ids).size} input tokens")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
             raise InputError("min_tokens", f"must be in [0, request_output_len = {self.max_new_tokens}], "
                                            f"got {self.min_tokens}")
 
 
-def image_arrays(table, mrope_cos_sin=None, mrope_delta: int = 0) -> dict:
+def image_arrays(table, mrope_cos_sin=None, mrope_delta: int = 0, extra_ids=None) -> dict:
     """The image inputs (IMAGE_INPUTS, batch dimension 1) of a prompt table `(rows, H)` (numpy or
-    torch, left as it is: the vision encoder's output may live on a GPU) and M-RoPE inputs; those
-    without a value are left out."""
+    torch, left as it is: the vision encoder's output may live on a GPU), M-RoPE inputs and the
+    tokens' `prompt_table_extra_ids`; those without a value are left out."""
     out = {}
+    if extra_ids is not None:
+        out["prompt_table_extra_ids"] = np.asarray(extra_ids, dtype=np.uint64).reshape(1, -1)
     if table is not None:
         out["prompt_embedding_table"] = table[None]
         out["prompt_vocab_size"] = _one(int(table.shape[0]), np.int32)
@@ -268,6 +288,19 @@ def image_arrays(table, mrope_cos_sin=None, mrope_delta: int = 0) -> dict:
         out["mrope_rotary_cos_sin"] = np.asarray(mrope_cos_sin).reshape(-1)[None]
     if mrope_cos_sin is not None or mrope_delta:
         out["mrope_position_deltas"] = _one(mrope_delta, np.int64)
+    return out
+
+
+def image_row_ids(image_hash: bytes, rows: int) -> np.ndarray:
+    """`prompt_table_extra_ids` of one image's `rows` tokens: for row r, the first 8 bytes of
+    SHA-256(image hash | r), never 0 (0 is a text token's). `image_hash`: the image's full content
+    hash (the vision encoder's cache key: SHA-256 of its patch grid and pixel values)."""
+    import hashlib
+
+    out = np.empty(rows, np.uint64)
+    for r in range(rows):
+        digest = hashlib.sha256(image_hash + r.to_bytes(8, "little")).digest()
+        out[r] = int.from_bytes(digest[:8], "little") or 1
     return out
 
 

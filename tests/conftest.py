@@ -66,7 +66,7 @@ def pipeline(preprocessor, encoder, spec):
         r = encoder.encode([EncodeRequest(p.input_ids, p.pixel_values, p.image_grid_thw)])[0]
         return Request(p.input_ids, max_new_tokens, end_id=spec.end_id, stop_ids=spec.end_ids,
                        table=r.prompt_embedding_table, mrope_cos_sin=r.mrope_rotary_cos_sin,
-                       mrope_delta=r.mrope_position_deltas, **kw)
+                       mrope_delta=r.mrope_position_deltas, extra_ids=r.prompt_table_extra_ids, **kw)
 
     return make
 

@@ -242,3 +242,21 @@ def test_a_worker_pool_starts_all_its_threads_at_once_and_keeps_that_count_under
     finally:
         pool.shutdown(wait=True)
     assert threading.active_count() == before
+
+
+def test_prefix_cache_metrics_count_the_engine_totals_once():
+    from qwen3vl_triton.engine.prefix import PrefixStats
+
+    sink, clock = Sink(), Clock()
+    m = EngineMetrics(sink, {"model": "tensorrt_llm"}, period=10.0, clock=clock)
+    first = report(1, prompt=40, generated=1, running=0)
+    first.prefix = PrefixStats(hit_tokens=0, miss_tokens=40, evictions=0, bytes=4096)
+    m.on_step(first)
+    second = report(1, prompt=8, generated=1, running=0)
+    second.prefix = PrefixStats(hit_tokens=32, miss_tokens=48, evictions=1, bytes=2048)
+    m.on_step(second)
+    got = totals(sink.sent)
+    assert got["qwen3vl_prefix_cache_hit_tokens_total"] == 32
+    assert got["qwen3vl_prefix_cache_miss_tokens_total"] == 48
+    assert got["qwen3vl_prefix_cache_evictions_total"] == 1
+    assert got["qwen3vl_prefix_cache_bytes"] == 2048

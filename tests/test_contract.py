@@ -130,3 +130,22 @@ def test_a_connection_shares_its_streams_and_opens_a_new_one_after_a_break(monke
     stops = FakeStream.made[2].sent
     assert stops == [("tensorrt_llm", "d", ["input_ids", "input_lengths", "request_output_len", "stop"])]
     conn.close()
+
+
+def test_prompt_table_extra_ids_travel_through_arrays_and_are_checked(spec):
+    from qwen3vl_triton.contract import image_row_ids
+
+    rows = image_row_ids(b"\x01" * 32, 4)
+    assert rows.dtype == np.uint64 and rows.all() and len(set(rows.tolist())) == 4
+    assert not np.array_equal(rows, image_row_ids(b"\x02" * 32, 4))  # another image, other ids
+    ids = np.array([1, 2, spec.vocab_size, spec.vocab_size + 1, 3], np.int32)
+    extra = np.array([0, 0, rows[0], rows[1], 0], np.uint64)
+    req = LLMRequest(ids, 4, extra_ids=extra)
+    arrays = req.arrays()
+    assert arrays["prompt_table_extra_ids"].dtype == np.uint64 and arrays["prompt_table_extra_ids"].shape == (1, 5)
+    back = LLMRequest.from_arrays(arrays)
+    assert np.array_equal(back.extra_ids, extra)
+    with pytest.raises(InputError, match="prompt_table_extra_ids"):
+        LLMRequest.from_arrays({**arrays, "prompt_table_extra_ids": extra[None, :3]})
+    with pytest.raises(InputError, match="prompt_table_extra_ids"):
+        LLMRequest.from_arrays({**arrays, "prompt_table_extra_ids": extra.astype(np.float32)[None]})

@@ -197,3 +197,27 @@ def test_seeded_sampling_through_the_ensemble_is_reproducible(server):
 def test_metrics_name_the_engine_that_serves(server):
     (labels,) = re.findall(r"^qwen3vl_engine_info\{([^}]*)\} 1$", metrics(server), re.M)
     assert {'model="tensorrt_llm"', f'runner="{server.runner}"', 'dtype="float32"'} <= set(labels.split(","))
+
+
+def test_a_served_conversation_reuses_its_earlier_turns_and_equals_the_oracle(server, oracle):
+    from tests.oracle import data_url
+
+    def user(text, image=None):
+        parts = [{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []
+        return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+    messages = [user("What is in this picture?", image_bytes(256, 128, 41))]
+    follow = [user("And what colour is it?"), user("Compare it with this one.", image_bytes(128, 192, 42))]
+    hits = []
+    with Client(server.grpc_url, "grpc") as c:
+        for turn in range(3):
+            before = metric(server, "qwen3vl_prefix_cache_hit_tokens_total", "tensorrt_llm")
+            served = "".join(c.chat(messages, max_tokens=12))
+            ids = oracle.generate_messages(messages, 12)
+            oracle.assert_served(served, ids)
+            assert wait_for(lambda: metric(server, "qwen3vl_engine_running_sequences", "tensorrt_llm") == 0)
+            hits.append(metric(server, "qwen3vl_prefix_cache_hit_tokens_total", "tensorrt_llm") - before)
+            if turn < 2:
+                messages = messages + [{"role": "assistant", "content": served}, follow[turn]]
+    assert hits[1] > 0 and hits[2] > 0, hits
+    assert metric(server, "qwen3vl_prefix_cache_bytes", "tensorrt_llm") > 0

@@ -48,6 +48,7 @@ UPSTREAM_INPUTS = [
     ("prompt_vocab_size", "TYPE_INT32", [1], [], True, False),
     ("mrope_rotary_cos_sin", "TYPE_FP32", [-1], None, True, False),
     ("mrope_position_deltas", "TYPE_INT64", [1], None, True, False),
+    ("prompt_table_extra_ids", "TYPE_UINT64", [-1], None, True, True),
 ]
 UPSTREAM_OUTPUTS = [
     ("output_ids", "TYPE_INT32", [-1, -1]),
@@ -87,7 +88,9 @@ def test_rendered_config_is_a_decoupled_inflight_tensorrtllm_model(engine_dir):
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["gpt_model_type"] == "inflight_fused_batching"
     assert params["gpt_model_path"] == str(engine_dir)
-    assert params["enable_kv_cache_reuse"] == "false"  # fake ids repeat across images
+    # fake ids repeat across images: reuse is on (a bf16 engine, paged context FMHA) with the images' ids declared
+    assert params["enable_kv_cache_reuse"] == "true"
+    assert any(i.name == "prompt_table_extra_ids" and i.data_type == mc.TYPE_UINT64 for i in config.input)
     assert params["kv_cache_free_gpu_mem_fraction"] == "0.9"
     # read by the backend without a default: must exist
     assert {"tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend"} <= params.keys()
@@ -124,6 +127,7 @@ def test_build_sizes_the_prompt_table_for_four_blocks_per_request(spec):
     assert fields["use_mrope"] is True
     assert fields["plugin_config"]["remove_input_padding"] and fields["plugin_config"]["paged_kv_cache"]
     assert fields["plugin_config"]["context_fmha"] is False  # no fp32 fused MHA
+    assert fields["plugin_config"]["use_paged_context_fmha"] is False  # so no KV cache reuse in fp32
     fp16 = build_config_fields(EngineSettings(max_seq_len=4096), trtllm_config(spec, "float16"))
     assert fp16["plugin_config"]["context_fmha"]
 

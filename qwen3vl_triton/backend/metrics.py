@@ -37,8 +37,25 @@ class EngineMetrics:
         "last_step_sequences": "sequences advanced by the last step",
     }
 
+    # the engine's prefix cache (engine.prefix): counters from its totals, and its bytes
+    PREFIX_COUNTERS = {
+        "hit_tokens": "prompt tokens whose KV came from the prefix cache",
+        "miss_tokens": "prompt tokens prefilled while the prefix cache is on",
+        "evictions": "prefix cache entries evicted for room",
+    }
+
     def __init__(self, pb, labels: dict[str, str], period: float, clock=time.monotonic):
         self.families, self.metrics = {}, {}
+        for name, help_text in self.PREFIX_COUNTERS.items():
+            key = f"prefix_{name}"
+            self.families[key] = pb.MetricFamily(f"qwen3vl_prefix_cache_{name}_total", help_text,
+                                                 pb.MetricFamily.COUNTER)
+            self.metrics[key] = self.families[key].Metric(labels=labels)
+        self.families["prefix_bytes"] = pb.MetricFamily(
+            "qwen3vl_prefix_cache_bytes", "bytes of KV the prefix cache holds", pb.MetricFamily.GAUGE)
+        self.metrics["prefix_bytes"] = self.families["prefix_bytes"].Metric(labels=labels)
+        self.prefix_sent = dict.fromkeys(self.PREFIX_COUNTERS, 0)  # totals already counted
+        self.prefix_totals: dict[str, int] = {}
         for kind, names, suffix in ((pb.MetricFamily.COUNTER, self.COUNTERS, "_total"),
                                     (pb.MetricFamily.GAUGE, self.GAUGES, "")):
             for name, help_text in names.items():
@@ -70,6 +87,10 @@ class EngineMetrics:
         p["generated_tokens"] += report.generated
         self.gauges["running_sequences"] = report.running
         self.gauges["waiting_requests"] = report.waiting
+        prefix = getattr(report, "prefix", None)
+        if prefix is not None:
+            self.prefix_totals = {name: getattr(prefix, name) for name in self.PREFIX_COUNTERS}
+            self.gauges["prefix_bytes"] = prefix.bytes
         now = self.clock()
         if now - self.last >= self.period or (report.running == 0 and report.waiting == 0):
             self.flush(now)
@@ -80,6 +101,10 @@ class EngineMetrics:
             if self.pending[name]:
                 self.metrics[name].increment(self.pending[name])
                 self.pending[name] = 0
+        for name, total in self.prefix_totals.items():
+            if total > self.prefix_sent[name]:
+                self.metrics[f"prefix_{name}"].increment(total - self.prefix_sent[name])
+                self.prefix_sent[name] = total
         for name, value in self.gauges.items():
             self.sender.set(name, value)
 

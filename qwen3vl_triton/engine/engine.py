@@ -13,7 +13,8 @@ import torch
 
 from qwen3vl_triton.arrays import to_torch
 from qwen3vl_triton.contract import Bounds, FinishReason
-from qwen3vl_triton.engine.runner import DECODE_THREADS, Runner
+from qwen3vl_triton.engine.prefix import PrefixCache
+from qwen3vl_triton.engine.runner import DECODE_THREADS, KVPrefixStore, Runner
 from qwen3vl_triton.engine.scheduler import Request, Scheduler, StepReport
 from qwen3vl_triton.model.checkpoint import ModelSpec
 from qwen3vl_triton.model.lm import LanguageModel
@@ -24,7 +25,7 @@ class Engine:
                  max_seq_len: int | None = None, max_num_tokens: int = 1024, max_output_len: int | None = None,
                  on_step: Callable[["StepReport"], None] | None = None, threads: int | None = None,
                  shared_threads: int = DECODE_THREADS, parallel_min_tokens: int = 64, max_queue: int = 128,
-                 runner: str = "torch", gguf: str | None = None):
+                 runner: str = "torch", gguf: str | None = None, kv_cache_bytes: int = 0):
         """`on_step` is called after every step, e.g. to export metrics, and with a report of zero
         sequences when cancellations empty the batch without a step. `max_queue` bounds the
         requests waiting for a place in the running batch; past it `submit` raises Unavailable.
@@ -41,7 +42,11 @@ class Engine:
         on llama.cpp's kernels, `ggml_runner.GgmlRunner`; raises `ggml_runner.Unsupported` with the
         reason for a checkpoint llama.cpp cannot serve) or "auto" (ggml where it can, else torch;
         `runner_note` says why). `gguf`: the ggml runner's weights file (default: converted from
-        the checkpoint into build/ggml at the first start)."""
+        the checkpoint into build/ggml at the first start).
+
+        `kv_cache_bytes`: the prefix cache's budget (engine.prefix: finished sequences' KV kept and
+        reused by sequences that start with the same tokens, images and positions); 0: off.
+        `prefix_note` says why a runner could not reuse any (the budget holds no entry)."""
         self.spec = spec
         self.max_seq_len = min(max_seq_len or 4096, spec.max_position_embeddings)
         self.max_output_len = max_output_len or self.max_seq_len
@@ -54,7 +59,8 @@ class Engine:
             try:
                 self.runner = GgmlRunner(spec, dtype, slots=max_batch, max_len=self.max_seq_len,
                                          max_num_tokens=max_num_tokens, threads=threads, shared_threads=shared_threads,
-                                         parallel_min_tokens=parallel_min_tokens, gguf=gguf)
+                                         parallel_min_tokens=parallel_min_tokens, gguf=gguf,
+                                         prefix_bytes=kv_cache_bytes)
                 self.runner_name, cache = "ggml", self.runner.cache
             except Unsupported as exc:
                 if runner == "ggml" or dtype not in ("float32", "bfloat16", "float16"):
@@ -64,9 +70,14 @@ class Engine:
             self.lm = LanguageModel(spec, dtype=dtype, slots=max_batch, max_len=self.max_seq_len)
             self.runner = Runner(self.lm, threads, min(shared_threads, threads), parallel_min_tokens)
             cache = self.lm.cache
+        store = cache if self.runner_name == "ggml" else KVPrefixStore(cache)
+        self.prefix_note = getattr(self.runner, "prefix_note", None)
+        prefix = PrefixCache(spec, store, kv_cache_bytes) if kv_cache_bytes and self.prefix_note is None else None
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.scheduler = Scheduler(spec, cache, max_batch, self.max_seq_len, max_num_tokens, max_queue,
-                                   emit=lambda callback, args: self._outbox.put((callback, args)), on_step=on_step)
+                                   emit=lambda callback, args: self._outbox.put((callback, args)), on_step=on_step,
+                                   prefix=prefix)
+        self.prefix = prefix  # None: no KV reuse
         self.stats = self.scheduler.stats
         self.bounds = Bounds.of(spec, max_seq_len=self.max_seq_len, max_output_len=self.max_output_len)
         self._ids = itertools.count()

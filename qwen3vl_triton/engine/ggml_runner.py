@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import threading
 import weakref
@@ -55,8 +54,8 @@ import numpy as np
 import torch
 
 from qwen3vl_triton.engine.ggml_weights import GGUF_TYPES, ensure_text_gguf
-from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec
+from qwen3vl_triton.model.mrope import position_rows, positions_from_cos_sin, recoverable  # noqa: F401
 from qwen3vl_triton.model.sampling import NonFiniteLogits, sample
 from qwen3vl_triton.model.table import stride_of
 
@@ -69,6 +68,8 @@ log = logging.getLogger(__name__)
 # value in a KV cell reaches every query that attends over it, masked or not (0 * NaN) -- other
 # sequences' too, once the cell is reused -- so such a request fails alone, before it runs.
 TABLE_BOUND = 1e15
+
+LLAMA_MAX_SEQ = 256  # llama.cpp's bound on a context's sequences (src/llama-cparams.h)
 
 
 class Unsupported(RuntimeError):
@@ -91,63 +92,10 @@ def unsupported_reason(spec: ModelSpec) -> str | None:
     if rope.get("rope_type", "default") != "default":
         return (f"llama.cpp's Qwen3-VL-MoE path here takes default RoPE; this checkpoint's rope_type is "
                 f"{rope['rope_type']!r}")
-    if not _recoverable(spec):
+    if not recoverable(spec):
         return (f"positions up to {spec.max_position_embeddings} cannot be recovered from mrope_rotary_cos_sin "
                 f"(rope_theta {spec.rope_theta}, head_dim {spec.head_dim}): the runner needs position ids")
     return None
-
-
-# -- M-RoPE positions from the contract's rotary table ------------------------------------------------------------
-
-def position_rows(spec: ModelSpec) -> np.ndarray:
-    """`[rotary_dim / 2]`: which M-RoPE row (0 t, 1 h, 2 w) drives each rotary frequency (mrope._compose)."""
-    half = spec.rotary_dim // 2
-    rows = np.zeros(half, dtype=np.int64)
-    sec = spec.mrope_section
-    if spec.mrope_interleaved:
-        for row in (1, 2):
-            rows[row:sec[row] * 3:3] = row
-    else:
-        start = 0
-        for i, n in enumerate(sec):
-            rows[start:start + n] = i % 3
-            start += n
-    return rows
-
-
-def _recoverable(spec: ModelSpec) -> bool:
-    """Every row's lowest frequency turns by less than pi over the model's positions."""
-    inv = mrope.inv_freq(spec).double().numpy()
-    rows = position_rows(spec)
-    return all(inv[rows == r].min() * spec.max_position_embeddings < math.pi for r in range(3) if (rows == r).any())
-
-
-def positions_from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, spec: ModelSpec) -> np.ndarray:
-    """M-RoPE position ids `[3, L]` (int64) whose rotary table is `cos`, `sin` `[L, rotary_dim / 2]`.
-
-    For each row, the angle of its lowest frequency is the position times that frequency without
-    wrap-around (`_recoverable`); each higher frequency of the row then refines the estimate
-    (the number of whole turns from the estimate, the position from the measured angle). The
-    result is checked by recomputing the table; ValueError when it does not match."""
-    angle = np.arctan2(sin.double().numpy(), cos.double().numpy())  # (L, d/2) in (-pi, pi]
-    inv = mrope.inv_freq(spec).double().numpy()
-    rows = position_rows(spec)
-    pos = np.zeros((3, angle.shape[0]), dtype=np.int64)
-    for r in range(3):
-        idx = np.flatnonzero(rows == r)
-        if idx.size == 0:
-            continue
-        idx = idx[np.argsort(inv[idx])]  # lowest frequency first
-        est = angle[:, idx[0]] / inv[idx[0]]
-        for j in idx[1:]:
-            turns = np.rint((est * inv[j] - angle[:, j]) / (2 * math.pi))
-            est = (angle[:, j] + 2 * math.pi * turns) / inv[j]
-        pos[r] = np.rint(est).astype(np.int64)
-    ang = mrope.angles(pos, spec)
-    err = max((float((ang.cos() - cos).abs().max()), float((ang.sin() - sin).abs().max()))) if pos.size else 0.0
-    if not err <= 0.05:
-        raise ValueError(f"mrope_rotary_cos_sin is not the M-RoPE table of integer positions (off by {err:.3g})")
-    return pos
 
 
 # -- llama.cpp through llama-cpp-python -----------------------------------------------------------------------------
@@ -380,25 +328,33 @@ class LlamaText:
 class SlotCache:
     """The engine's KV-cache interface over llama.cpp's memory: `claim` (a new sequence takes a
     slot), `move` (the scheduler compacts slots) and `release` (a sequence ended; engine.Scheduler
-    calls it when the cache has it).
+    calls it when the cache has it), and the prefix cache's store (`keep`, `restore`, `drop`).
 
     Engine slots map to llama sequence ids: a claimed slot gets the lowest free id, emptied; a
     move only remaps (no KV data moves: with one stream per sequence a copy between streams
     would copy a whole stream); a release empties the id and frees it. Without a unified cache,
     llama.cpp puts several sequences in one ubatch only when their ids are consecutive, so the
     lowest free id keeps the running ids dense; a gap left by a finished sequence lasts until the
-    next one is admitted (a step meanwhile runs as two ubatches)."""
+    next one is admitted (a step meanwhile runs as two ubatches).
 
-    def __init__(self, llama: LlamaText):
+    Prefix entries live in `spares` sequence ids beyond the engine's slots: a finished sequence
+    is kept by keeping its id (no copy; the slot takes a free id next time), and a new sequence
+    starts from an entry with `llama_memory_seq_cp` (one stream to another: llama.cpp copies the
+    whole stream's cells at its next decode) and `llama_memory_seq_rm` from the cut position on.
+    Each entry holds a whole stream (`stream_bytes`) whatever its length."""
+
+    def __init__(self, llama: LlamaText, spares: int = 0, stream_bytes: int = 0):
         self.llama = llama
         self.ids: dict[int, int] = {}  # engine slot -> llama sequence id
+        self.kept: set[int] = set()  # llama sequence ids that hold prefix entries
+        self.spares, self.stream_bytes = spares, stream_bytes
 
     def seq_id(self, slot: int) -> int:
         return self.ids[slot]
 
     def claim(self, slot: int) -> None:
         self.ids.pop(slot, None)  # a finished sequence's slot that was never released
-        used = set(self.ids.values())
+        used = set(self.ids.values()) | self.kept
         free = next(i for i in range(self.llama.seqs) if i not in used)
         self.llama.clear(free)
         self.ids[slot] = free
@@ -410,6 +366,31 @@ class SlotCache:
         seq_id = self.ids.pop(slot, None)
         if seq_id is not None:
             self.llama.clear(seq_id)
+
+    # -- prefix store (engine.prefix.PrefixStore) ----------------------------------------------------
+    def keep(self, slot: int, tokens: int):
+        if len(self.kept) >= self.spares or slot not in self.ids:
+            return None
+        seq_id = self.ids.pop(slot)
+        self.kept.add(seq_id)
+        return seq_id, self.stream_bytes
+
+    def restore(self, handle: int, slot: int, tokens: int, cut_position: int) -> None:
+        dst = self.ids[slot]
+        self.llama.clear(dst)
+        self.llama.lib.llama_memory_seq_cp(self.llama.mem, handle, dst, -1, -1)
+        if cut_position >= 0:
+            self.llama.lib.llama_memory_seq_rm(self.llama.mem, dst, cut_position, -1)
+
+    def drop(self, handle: int) -> None:
+        self.kept.discard(handle)
+        self.llama.clear(handle)
+
+    def room(self) -> int:
+        return self.spares - len(self.kept)
+
+    def cost(self, tokens: int) -> int:
+        return self.stream_bytes
 
 
 # -- the runner ------------------------------------------------------------------------------------------------------
@@ -424,7 +405,10 @@ class GgmlRunner:
     def __init__(self, spec: ModelSpec, dtype: str = "float32", slots: int = 16, max_len: int = 4096,
                  max_num_tokens: int = 1024, threads: int | None = None, shared_threads: int = 1,
                  parallel_min_tokens: int = 64, gguf: str | Path | None = None, build_dir: str | Path | None = None,
-                 kv_type: str | None = None, unified: bool = False, flash_attn: bool | None = None, log=print):
+                 kv_type: str | None = None, unified: bool = False, flash_attn: bool | None = None, log=print,
+                 prefix_bytes: int = 0):
+        """`prefix_bytes`: the prefix cache's budget; it buys whole llama.cpp sequences
+        (`SlotCache`), allocated with the context. `prefix_note` says why it bought none."""
         reason = unsupported_reason(spec)
         if reason is not None:
             raise Unsupported(reason)
@@ -436,7 +420,14 @@ class GgmlRunner:
         self.threads = threads or os.cpu_count() or 1
         self.shared_threads, self.parallel_min_tokens = min(shared_threads, self.threads), parallel_min_tokens
         self.kv_type = kv_type or ("f32" if dtype == "float32" else "f16")
-        self.llama = LlamaText(self.gguf, seqs=slots, max_len=max_len, n_batch=max_num_tokens + slots,
+        cells = -(-max_len // 256) * 256  # llama.cpp pads each sequence's cells to 256
+        stream_bytes = cells * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * (4 if self.kv_type == "f32"
+                                                                                           else 2)
+        spares = min(prefix_bytes // stream_bytes, LLAMA_MAX_SEQ - slots) if prefix_bytes else 0
+        self.prefix_note = None if spares or not prefix_bytes else (
+            f"prefix KV reuse is off: kv_cache_bytes {prefix_bytes} holds no llama.cpp sequence of {cells} cells "
+            f"({stream_bytes} bytes)")
+        self.llama = LlamaText(self.gguf, seqs=slots + spares, max_len=max_len, n_batch=max_num_tokens + slots,
                                threads=self.shared_threads, kv_type=self.kv_type, unified=unified,
                                flash_attn=self.kv_type != "f32" if flash_attn is None else flash_attn)
         if self.llama.n_vocab != spec.vocab_size or self.llama.n_embd != spec.hidden_size:
@@ -445,7 +436,7 @@ class GgmlRunner:
         if self.llama.n_embd_inp != spec.hidden_size * (1 + spec.deepstack_levels):
             raise RuntimeError(f"{self.gguf}: embedding rows of {self.llama.n_embd_inp} floats; the checkpoint's "
                                f"table needs {spec.hidden_size} x (1 + {spec.deepstack_levels} DeepStack levels)")
-        self.cache = SlotCache(self.llama)
+        self.cache = SlotCache(self.llama, spares, stream_bytes)
         self._positions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # _Seq -> (3, prompt_len)
 
     def close(self) -> None:

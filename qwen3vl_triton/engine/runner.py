@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from qwen3vl_triton.engine.scheduler import Plan, _Seq
-from qwen3vl_triton.model.lm import LanguageModel, StepSeq
+from qwen3vl_triton.model.lm import KVCache, LanguageModel, StepSeq
 from qwen3vl_triton.model.sampling import sample
 
 # torch threads of every step but a lone prompt's prefill (see Runner); the bench times the
@@ -70,3 +70,34 @@ class Runner:
             return sample(logits[-1], seq.req.sampling, seq.gen, banned)
         except Exception as exc:
             return exc
+
+
+class KVPrefixStore:
+    """The prefix cache's store (engine.prefix.PrefixStore) over the torch runner's `KVCache`: an
+    entry is a copy of the sequence's rows of every layer, put back into a slot when reused."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        k = cache.k[0]
+        self.token_bytes = 2 * len(cache.k) * k.shape[1] * k.shape[3] * k.element_size()
+
+    def keep(self, slot: int, tokens: int):
+        k = torch.stack([layer[slot, :, :tokens] for layer in self.cache.k])
+        v = torch.stack([layer[slot, :, :tokens] for layer in self.cache.v])
+        return (k, v), k.nbytes + v.nbytes
+
+    def restore(self, handle, slot: int, tokens: int, cut_position: int) -> None:
+        k, v = handle
+        for i, (kc, vc) in enumerate(zip(self.cache.k, self.cache.v)):
+            kc[slot, :, :tokens] = k[i, :, :tokens]
+            vc[slot, :, :tokens] = v[i, :, :tokens]
+        self.cache.written[slot] = self.cache.clean[slot] = tokens
+
+    def drop(self, handle) -> None:
+        pass
+
+    def room(self) -> None:
+        return None
+
+    def cost(self, tokens: int) -> int:
+        return tokens * self.token_bytes

@@ -5,6 +5,7 @@ to its sequences, and the statistics (see the package docstring).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from qwen3vl_triton.contract import FinishReason, LLMRequest
+from qwen3vl_triton.engine.prefix import Keys, PrefixCache, PrefixStats
 from qwen3vl_triton.errors import ENGINE_QUEUE_FULL, Unavailable
 from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec
@@ -44,6 +46,7 @@ class _Seq:
     cached: int = 0  # tokens in the KV cache
     generated: int = 0
     cancelled: bool = False
+    keys: Keys | None = None  # prefix-cache key material (None: no reuse for this sequence)
 
 @dataclass
 class StepReport:
@@ -54,6 +57,7 @@ class StepReport:
     seconds: float
     running: int  # sequences running after the step
     waiting: int  # requests queued for a place
+    prefix: PrefixStats | None = None  # the prefix cache's totals after the step (None: no cache)
 
 @dataclass
 class EngineStats:
@@ -86,8 +90,10 @@ class Scheduler:
     thread (`add`, `cancel`); everything else runs on the engine thread."""
 
     def __init__(self, spec: ModelSpec, cache: KVCache, max_batch: int, max_seq_len: int, max_num_tokens: int,
-                 max_queue: int, emit: Callable, on_step: Callable[[StepReport], None] | None):
-        self.spec, self.cache = spec, cache
+                 max_queue: int, emit: Callable, on_step: Callable[[StepReport], None] | None,
+                 prefix: PrefixCache | None = None):
+        """`prefix`: the prefix cache (None: no KV reuse) over `cache`'s store."""
+        self.spec, self.cache, self.prefix = spec, cache, prefix
         self.max_batch, self.max_seq_len, self.max_num_tokens, self.max_queue = (
             max_batch, max_seq_len, max_num_tokens, max_queue)
         self.emit = emit  # emit(callback, args): hand a consumer call to the delivery thread
@@ -202,8 +208,14 @@ class Scheduler:
                tokens: list[int] | None = None) -> None:
         if seq in self._active:
             self._active.remove(seq)
+            kept = False
+            if self.prefix is not None and reason != FinishReason.ERROR:
+                try:
+                    kept = self.prefix.keep(seq.keys, seq.tokens, seq.cached, seq.slot)
+                except Exception:  # keeping is an optimisation: never fail a finished request for it
+                    kept = False
             release = getattr(self.cache, "release", None)  # a cache that frees a slot's memory (ggml)
-            if release is not None:
+            if not kept and release is not None:
                 release(seq.slot)
         self._emit(seq.req, tokens or [], reason, error)
 
@@ -229,7 +241,15 @@ class Scheduler:
             self.cache.claim(slot)
             end_ids = (frozenset(self.spec.end_ids) | frozenset(req.stop_ids)
                        | ({req.end_id} if req.end_id is not None else set()))
-            self._active.append(_Seq(req, slot, ids, len(ids), cos, sin, gen, end_ids))
+            seq = _Seq(req, slot, ids, len(ids), cos, sin, gen, end_ids)
+            if self.prefix is not None:
+                try:
+                    seq.keys = self.prefix.keys(ids, cos, sin, req)
+                    seq.cached = self.prefix.admit(seq.keys, seq.prompt_len, seq.tokens, slot)
+                except Exception:  # reuse is an optimisation: this request prefills everything
+                    seq.keys, seq.cached = None, 0
+                    self.cache.claim(slot)
+            self._active.append(seq)
             self.stats.requests += 1
 
     def _compact(self) -> None:
@@ -251,6 +271,8 @@ class Scheduler:
             self._emit(seq.req, [token], None)
 
     def _report(self, report: StepReport) -> None:
+        if self.prefix is not None:
+            report.prefix = dataclasses.replace(self.prefix.stats)
         self.stats.add(report)
         if self.on_step is not None:
             self.emit(self.on_step, (report,))

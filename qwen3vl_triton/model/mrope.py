@@ -13,6 +13,8 @@ P = its max_position_embeddings; rows past the prompt are position 0), plus
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -117,3 +119,57 @@ def text_cos_sin(positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor
     """cos, sin `[n, dim/2]` for decode positions (all three M-RoPE rows equal)."""
     ang = positions.to(torch.int64)[:, None].float() * inv_freq(spec)
     return ang.cos(), ang.sin()
+
+
+# -- integer positions from a rotary table ------------------------------------------------------------
+
+def position_rows(spec: ModelSpec) -> np.ndarray:
+    """`[rotary_dim / 2]`: which M-RoPE row (0 t, 1 h, 2 w) drives each rotary frequency (mrope._compose)."""
+    half = spec.rotary_dim // 2
+    rows = np.zeros(half, dtype=np.int64)
+    sec = spec.mrope_section
+    if spec.mrope_interleaved:
+        for row in (1, 2):
+            rows[row:sec[row] * 3:3] = row
+    else:
+        start = 0
+        for i, n in enumerate(sec):
+            rows[start:start + n] = i % 3
+            start += n
+    return rows
+
+
+def recoverable(spec: ModelSpec) -> bool:
+    """Every row's lowest frequency turns by less than pi over the model's positions."""
+    inv = inv_freq(spec).double().numpy()
+    rows = position_rows(spec)
+    return all(inv[rows == r].min() * spec.max_position_embeddings < math.pi for r in range(3) if (rows == r).any())
+
+
+def positions_from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, spec: ModelSpec,
+                           tolerance: float = 0.05) -> np.ndarray:
+    """M-RoPE position ids `[3, L]` (int64) whose rotary table is `cos`, `sin` `[L, rotary_dim / 2]`.
+
+    For each row, the angle of its lowest frequency is the position times that frequency without
+    wrap-around (`recoverable`); each higher frequency of the row then refines the estimate
+    (the number of whole turns from the estimate, the position from the measured angle). The
+    result is checked by recomputing the table; ValueError when it does not match."""
+    angle = np.arctan2(sin.double().numpy(), cos.double().numpy())  # (L, d/2) in (-pi, pi]
+    inv = inv_freq(spec).double().numpy()
+    rows = position_rows(spec)
+    pos = np.zeros((3, angle.shape[0]), dtype=np.int64)
+    for r in range(3):
+        idx = np.flatnonzero(rows == r)
+        if idx.size == 0:
+            continue
+        idx = idx[np.argsort(inv[idx])]  # lowest frequency first
+        est = angle[:, idx[0]] / inv[idx[0]]
+        for j in idx[1:]:
+            turns = np.rint((est * inv[j] - angle[:, j]) / (2 * math.pi))
+            est = (angle[:, j] + 2 * math.pi * turns) / inv[j]
+        pos[r] = np.rint(est).astype(np.int64)
+    ang = angles(pos, spec)
+    err = max((float((ang.cos() - cos).abs().max()), float((ang.sin() - sin).abs().max()))) if pos.size else 0.0
+    if not err <= tolerance:
+        raise ValueError(f"mrope_rotary_cos_sin is not the M-RoPE table of integer positions (off by {err:.3g})")
+    return pos

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qwen3vl_triton.contract import image_row_ids
 from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec, load_state, torch_dtype
 from qwen3vl_triton.model.lm import warn_if_slow_bf16
@@ -42,6 +43,7 @@ class EncodeResult:
     prompt_vocab_size: int  # rows of the table
     mrope_rotary_cos_sin: np.ndarray  # (P * rotary_dim,) float32
     mrope_position_deltas: int
+    prompt_table_extra_ids: np.ndarray  # (L,) uint64: 0 for text, image tokens' contract.image_row_ids
 
 
 @dataclass
@@ -153,9 +155,10 @@ class VisionEncoder:
             out = self.model(pv, grid_thw=grid, return_dict=True, **self._position_kwargs(grid_thw, grid))
         return out.pooler_output, torch.stack(list(out.deepstack_features))
 
-    def image_rows(self, requests: list[EncodeRequest]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(E `[n, H]`, DeepStack `[levels, n, H]`) of every image of `requests`, in order: cached
-        images from the cache, the others in one forward (then cached)."""
+    def image_rows(self, requests: list[EncodeRequest]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bytes]]:
+        """(E `[n, H]`, DeepStack `[levels, n, H]`) of every image of `requests`, in order, and each
+        image's content hash (`ImageCache.key`): cached images from the cache, the others in one
+        forward (then cached)."""
         merge = self.spec.spatial_merge_size ** 2
         images = []  # (pixel rows, grid) of each image
         for r in requests:
@@ -165,10 +168,10 @@ class VisionEncoder:
                 images.append((r.pixel_values[start:start + n], g))
                 start += n
         rows: list = [None] * len(images)
-        keys = [self.cache.key(p, g) for p, g in images] if self.cache else [None] * len(images)
+        keys = [ImageCache.key(p, g) for p, g in images]
         missing = []
         for i, key in enumerate(keys):
-            rows[i] = self.cache.get(key) if key is not None else None
+            rows[i] = self.cache.get(key) if self.cache is not None else None
             if rows[i] is None:
                 missing.append(i)
         if missing:
@@ -179,16 +182,23 @@ class VisionEncoder:
                 n = int(np.prod(images[i][1])) // merge
                 rows[i] = (embeds[at:at + n], deepstack[:, at:at + n])
                 at += n
-                if keys[i] is not None:
+                if self.cache is not None:
                     self.cache.put(keys[i], *rows[i])
-        return rows
+        return rows, keys
 
     def encode(self, requests: list[EncodeRequest]) -> list[EncodeResult]:
         """Encode the images of all `requests` in one forward and pack each request's outputs."""
-        rows = self.image_rows(requests)
+        rows, keys = self.image_rows(requests)
         results, at = [], 0
         for r in requests:
             mine = rows[at:at + len(r.image_grid_thw)]
+            ids = np.asarray(r.input_ids).reshape(-1)
+            extra = np.zeros(ids.size, np.uint64)
+            if mine:  # table row j of the request -> its image's id of that row
+                row_ids = np.concatenate([image_row_ids(key, e.shape[0])
+                                          for key, (e, _) in zip(keys[at:at + len(mine)], mine)])
+                fake = ids >= self.spec.vocab_size
+                extra[fake] = row_ids[ids[fake] - self.spec.vocab_size]
             at += len(r.image_grid_thw)
             if mine:
                 table = pack_table(torch.cat([e for e, _ in mine]), torch.cat([d for _, d in mine], dim=1),
@@ -202,6 +212,7 @@ class VisionEncoder:
                 prompt_vocab_size=table.shape[0],
                 mrope_rotary_cos_sin=mrope.rotary_cos_sin(pos, self.spec, self.mrope_positions),
                 mrope_position_deltas=delta,
+                prompt_table_extra_ids=extra,
             ))
         return results
 

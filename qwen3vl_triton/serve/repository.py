@@ -70,6 +70,10 @@ class Settings:
     max_request_bytes: int = 64 * 2**20
     # the vision encoder's cache of recent images' rows (embeddings + DeepStack), in bytes; 0: off
     vision_cache_bytes: int = 256 * 2**20
+    # the CPU engine's prefix cache: finished sequences' KV kept for requests that start with the
+    # same tokens and images (a conversation's next turn), in bytes; 0: off. The ggml runner
+    # allocates it at start as whole llama.cpp sequences of max_seq_len cells.
+    kv_cache_bytes: int = 256 * 2**20
     # OpenAI endpoint: hosts whose http(s) image URLs it fetches (comma-separated; empty: none),
     # with a size and time limit per image
     image_url_hosts: str = ""

@@ -109,6 +109,7 @@ class Sequence:
     mrope_delta: int
     max_tokens: int
     sampling: SamplingParams
+    extra_ids: np.ndarray | None = None  # (L,) uint64 prompt_table_extra_ids
     clock: Callable[[], float] = time.monotonic
     phase: Phase = Phase.RECEIVING
     received: int = 0  # length of the contiguous prefix of the table held
@@ -133,6 +134,7 @@ class Sequence:
     @property
     def nbytes(self) -> int:
         extra = 0 if self.mrope_cos_sin is None else self.mrope_cos_sin.nbytes
+        extra += 0 if self.extra_ids is None else self.extra_ids.nbytes
         return self.table.nbytes + self.input_ids.nbytes + extra
 
     @property
@@ -326,7 +328,7 @@ class SequenceStore:
     # -- ops ---------------------------------------------------------------------------------------
     def start(self, corrid: int, input_ids: np.ndarray, table_rows: int, prompt_vocab_size: int | None,
               mrope_cos_sin: np.ndarray | None, mrope_delta: int, max_tokens: int,
-              sampling: SamplingParams) -> Sequence:
+              sampling: SamplingParams, extra_ids: np.ndarray | None = None) -> Sequence:
         if table_rows < 0:
             raise InputError("table_rows", f"must be >= 0, got {table_rows}")
         if prompt_vocab_size is not None and prompt_vocab_size != table_rows:
@@ -334,10 +336,17 @@ class SequenceStore:
         validate(self.bounds, input_ids, max_new_tokens=max_tokens, table_rows=table_rows,
                  mrope_cos_sin=mrope_cos_sin, mrope_delta=mrope_delta, names=START_NAMES)
         ids = np.ascontiguousarray(input_ids, dtype=np.int32).reshape(-1)
+        if extra_ids is not None:
+            extra_ids = np.asarray(extra_ids).reshape(-1)
+            if extra_ids.dtype.kind not in "iu" or extra_ids.size != ids.size:
+                raise InputError("prompt_table_extra_ids", f"must be {ids.size} unsigned 64-bit ids (one per "
+                                                           f"input token), got {extra_ids.size} {extra_ids.dtype}")
+            extra_ids = extra_ids.astype(np.uint64)
         if mrope_cos_sin is not None:
             mrope_cos_sin = np.ascontiguousarray(mrope_cos_sin, np.float32).reshape(-1)
         need = table_rows * self.hidden_size * self.table_dtype.itemsize + ids.nbytes
         need += 0 if mrope_cos_sin is None else mrope_cos_sin.nbytes
+        need += 0 if extra_ids is None else extra_ids.nbytes
         with self._lock:
             old = self._seqs.get(corrid)
             if old is not None:  # received_rows says so as data: the open sequence's rows
@@ -354,7 +363,7 @@ class SequenceStore:
                     f"{len(self._seqs)} sequences, and this one needs {need} more (bound "
                     f"{self.max_bytes}); retry when other sequences end")
             seq = Sequence(corrid, ids, np.zeros((table_rows, self.hidden_size), self.table_dtype), mrope_cos_sin,
-                           int(mrope_delta), int(max_tokens), sampling, clock=self.clock)
+                           int(mrope_delta), int(max_tokens), sampling, extra_ids=extra_ids, clock=self.clock)
             self._seqs[corrid] = seq
         return seq
 

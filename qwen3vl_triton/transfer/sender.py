@@ -50,6 +50,7 @@ class Encoded:
     mrope_cos_sin: np.ndarray
     mrope_delta: int
     table: np.ndarray | None = None  # (rows, H) when it came back in the response (grpc transport)
+    extra_ids: np.ndarray | None = None  # (L,) uint64 prompt_table_extra_ids: the image rows' ids
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
 
     @property
@@ -60,11 +61,12 @@ class Encoded:
     def from_outputs(cls, get, table_shape, table_dtype) -> "Encoded":
         """From the `encode` ensemble's outputs: `get(name)` gives each as numpy (the table None when
         it went to a shared-memory region), `table_shape` `[1, rows, H]` and `table_dtype` its own."""
-        ids, table, rows, cos_sin, delta = ENCODE_OUTPUTS
-        data = get(table)
+        ids, table, rows, cos_sin, delta, extra = ENCODE_OUTPUTS
+        data, extra_ids = get(table), get(extra)
         return cls(input_ids=get(ids).reshape(-1), rows=int(get(rows).reshape(-1)[0]), hidden=int(table_shape[2]),
                    mrope_cos_sin=get(cos_sin).reshape(-1), mrope_delta=int(get(delta).reshape(-1)[0]),
-                   table=None if data is None else data[0], dtype=np.dtype(table_dtype))
+                   table=None if data is None else data[0], dtype=np.dtype(table_dtype),
+                   extra_ids=None if extra_ids is None else extra_ids.reshape(-1))
 
 class LanguageClient:
     """The `language` model's ops over one gRPC stream, shared by every sequence of its user (each
@@ -142,7 +144,7 @@ class LanguageClient:
               seed=None) -> int:
         """Open the sequence; a refused start also ends it, so Triton's sequence slot is let go at
         once rather than at the idle timeout."""
-        ids, _, rows, cos_sin, delta = ENCODE_OUTPUTS  # `start` takes the encoder's outputs by their names
+        ids, _, rows, cos_sin, delta, extra = ENCODE_OUTPUTS  # `start` takes the encoder's outputs by their names
         inputs = [self._op("start"),
                   infer_input(ids, enc.input_ids.astype(np.int32)[None]),
                   infer_input("table_rows", np.array([[enc.rows]], np.int32)),
@@ -150,6 +152,8 @@ class LanguageClient:
                   infer_input(cos_sin, enc.mrope_cos_sin.astype(np.float32)[None]),
                   infer_input(delta, np.array([[enc.mrope_delta]], np.int64)),
                   infer_input("max_tokens", np.array([[max_tokens]], np.int32))]
+        if enc.extra_ids is not None:
+            inputs.append(infer_input(extra, np.asarray(enc.extra_ids, np.uint64)[None]))
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         inputs += [infer_input(name, value) for name, value in
                    Qwen3VLRequest("", max_tokens=max_tokens, **sampling).arrays().items() if name in sampling]

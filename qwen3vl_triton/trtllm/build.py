@@ -77,6 +77,8 @@ def build_config_fields(settings: EngineSettings, checkpoint_config: dict) -> di
             "remove_input_padding": True,  # in-flight batching; the DeepStack add expects packed tokens
             "paged_kv_cache": True,
             "context_fmha": dtype != "float32",  # fused MHA has no fp32 kernels
+            # KV cache reuse (enable_kv_cache_reuse) attends over cached blocks through paged context FMHA
+            "use_paged_context_fmha": dtype != "float32",
         },
     }
 
@@ -145,6 +147,7 @@ class EngineFacts:
     prompt_vocab_size: int  # rows of every request's table, (levels + 1) S
     mrope_positions: int  # rows of mrope_rotary_cos_sin
     deepstack_impl: str
+    kv_cache_reuse: bool = False  # built with paged context FMHA, which KV cache reuse needs
 
     @classmethod
     def load(cls, engine_dir: str | Path) -> "EngineFacts":
@@ -162,6 +165,7 @@ class EngineFacts:
             prompt_vocab_size=prompt_vocab_size,
             mrope_positions=pretrained["max_position_embeddings"],
             deepstack_impl=pretrained.get("deepstack_impl", "plugin"),
+            kv_cache_reuse=bool(build_config.get("plugin_config", {}).get("use_paged_context_fmha", False)),
         )
 
     def config_values(self, engine_dir: str | Path, *, cancellation_check_period_ms: int, stats_check_period_ms: int,
@@ -179,4 +183,5 @@ class EngineFacts:
             "cancellation_check_period_ms": str(cancellation_check_period_ms),
             "stats_check_period_ms": str(stats_check_period_ms),
             "max_queue_size": str(max_queue_size),
+            "enable_kv_cache_reuse": "true" if self.kv_cache_reuse else "false",
         }

@@ -25,8 +25,8 @@ from qwen3vl_triton.transfer.receiver import OPS, Listener, RowsRefused, Sequenc
 from qwen3vl_triton.transfer.region import SharedRegions
 
 # `start` takes the encoder's outputs under their own names (the table as its row count, table_rows)
-IDS, _, ROWS, COS_SIN, DELTA = ENCODE_OUTPUTS
-INPUTS = ("op", IDS, "table_rows", ROWS, COS_SIN, DELTA, "max_tokens", "temperature", "top_k", "top_p", "seed",
+IDS, _, ROWS, COS_SIN, DELTA, EXTRA = ENCODE_OUTPUTS
+INPUTS = ("op", IDS, "table_rows", ROWS, COS_SIN, DELTA, EXTRA, "max_tokens", "temperature", "top_k", "top_p", "seed",
           "chunk", "chunk_offset", "chunk_region", "region_secret", "region_offset", "chunk_rows", "from_token")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
@@ -146,6 +146,7 @@ class TritonPythonModel:
                 prompt_vocab_size=scalar(x, ROWS, int),
                 mrope_cos_sin=None if cos_sin is None else single_sequence(x, COS_SIN),
                 mrope_delta=scalar(x, DELTA, int, default=0),
+                extra_ids=None if x.get(EXTRA) is None else single_sequence(x, EXTRA),
                 max_tokens=scalar(x, "max_tokens", int, required=True),
                 sampling=SamplingParams(temperature=scalar(x, "temperature", float, default=0.0),
                                         top_k=scalar(x, "top_k", int, default=0),
@@ -191,7 +192,7 @@ class TritonPythonModel:
         request = LLMRequest(seq.input_ids, seq.max_tokens, end_id=self.spec.end_id, pad_id=self.spec.pad_id,
                              stop_ids=self.spec.end_ids,  # generation ends at any end id
                              table=seq.table, mrope_cos_sin=seq.mrope_cos_sin, mrope_delta=seq.mrope_delta,
-                             sampling=seq.sampling, streaming=True)
+                             extra_ids=seq.extra_ids, sampling=seq.sampling, streaming=True)
         if not seq.open:  # ended before the LLM was asked
             return
         stopped = False

@@ -43,13 +43,16 @@ class TritonPythonModel:
                              max_seq_len=int(params["max_seq_len"]), max_output_len=int(params["max_output_len"]),
                              max_num_tokens=int(params["max_num_tokens"]), max_queue=int(params["max_queue"]),
                              on_step=self.metrics.on_step, threads=prefill_threads, shared_threads=decode_threads,
-                             runner=params["cpu_runner"], gguf=params["gguf"] or None)
+                             runner=params["cpu_runner"], gguf=params["gguf"] or None,
+                             kv_cache_bytes=int(params["kv_cache_bytes"]))
         # when the server stops, every generation ends with an error its caller receives
         self.stop_watch = ServerStopWatch(llm_client.server_grpc_url(), self.cancel_check_seconds,
                                           busy=lambda: self.engine.load() > 0,
                                           on_stop=lambda: self.engine.close(STOPPING))
         if self.engine.runner_note:
             pb_utils.Logger.log_warn(self.engine.runner_note)
+        if self.engine.prefix_note:
+            pb_utils.Logger.log_warn(self.engine.prefix_note)
         pb_utils.Logger.log_info(f"tensorrt_llm: the {self.engine.runner_name} runner serves, dtype {params['dtype']}")
         self.metrics.info(runner=self.engine.runner_name, dtype=params["dtype"])
 

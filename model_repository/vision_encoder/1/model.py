@@ -83,7 +83,8 @@ class TritonPythonModel:
                 if isinstance(r, Exception):
                     responses[i] = error_response(pb_utils, r, pb_utils.Logger)
                     continue
-                arrays = image_arrays(r.prompt_embedding_table, r.mrope_rotary_cos_sin, r.mrope_position_deltas)
+                arrays = image_arrays(r.prompt_embedding_table, r.mrope_rotary_cos_sin, r.mrope_position_deltas,
+                                      r.prompt_table_extra_ids)
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[output_tensor(pb_utils, name, value) for name, value in arrays.items()])
             self._report_cache()
