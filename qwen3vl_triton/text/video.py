@@ -119,8 +119,9 @@ def _prompt_processor(tokenizer, video_processor):
 
 
 def _av_error(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.split("; last error log:")[0]
+    """FFmpeg's reason, without the errno and the '<none>' file name PyAV adds for an in-memory file."""
+    text = getattr(exc, "strerror", None) or str(exc).strip() or type(exc).__name__
+    return str(text).split("; last error log:")[0]
 
 
 def probe(raw: bytes, name: str, limits: VideoLimits) -> None:
@@ -130,8 +131,12 @@ def probe(raw: bytes, name: str, limits: VideoLimits) -> None:
     try:
         container = av.open(io.BytesIO(raw), mode="r")
     except Exception as exc:  # noqa: BLE001 -- any failure to parse the container is the input's
-        raise InputError(name, f"cannot be decoded: not a video file PyAV/FFmpeg can read ({_av_error(exc)})") from None
+        raise InputError(name, f"cannot be decoded: not a complete video file in a format FFmpeg reads "
+                               f"({_av_error(exc)})") from None
     with container:
+        kind = container.format.name or ""
+        if kind.endswith("_pipe") or kind in ("image2", "gif", "apng", "webp"):  # FFmpeg's still-image demuxers
+            raise InputError(name, f"is an image ({kind.removesuffix('_pipe')}), not a video: send it as an image")
         if not container.streams.video:
             raise InputError(name, "has no video stream")
         stream = container.streams.video[0]
