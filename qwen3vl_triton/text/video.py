@@ -138,7 +138,7 @@ def probe(raw: bytes, name: str, limits: VideoLimits) -> None:
         if kind.endswith("_pipe") or kind in ("image2", "gif", "apng", "webp"):  # FFmpeg's still-image demuxers
             raise InputError(name, f"is an image ({kind.removesuffix('_pipe')}), not a video: send it as an image")
         if not container.streams.video:
-            raise InputError(name, "has no video stream")
+            raise InputError(name, "has no video stream (or a video track without frames)")
         stream = container.streams.video[0]
         if stream.codec_context is None or not stream.codec_context.name:
             raise InputError(name, "has a video stream in a codec this server cannot decode")
