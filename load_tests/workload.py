@@ -80,9 +80,8 @@ def make_image(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-@dataclass
 def make_video(seconds: float = 3.0, fps: int = 30, width: int = 160, height: int = 120, seed: int = 0,
-                codec: str = "libx264", fmt: str = "mp4", frames: int | None = None) -> bytes:
+               codec: str = "libx264", fmt: str = "mp4", frames: int | None = None) -> bytes:
     """A deterministic synthetic video written with PyAV: a red disc crossing left to right, a green
     square crossing the other way, over a gradient whose hue depends on `seed`."""
     import av
@@ -109,6 +108,7 @@ def make_video(seconds: float = 3.0, fps: int = 30, width: int = 160, height: in
 
 
 
+@dataclass
 class Workload:
     cases: list[Case]
     weights: list[float] = field(default_factory=list)
