@@ -409,8 +409,8 @@ class Preprocessor:
         if input_ids.size >= self.max_input_len:
             raise InputError(
                 source,
-                f"the prompt is {input_ids.size} tokens (images and videos included), the context limit is "
-                f"{self.max_input_len}",
+                f"the prompt is {input_ids.size} tokens ({'images and videos' if decoded else 'images'} included), "
+                f"the context limit is {self.max_input_len}",
             )
         patch_dim = 3 * self.spec.temporal_patch_size * self.spec.patch_size ** 2
         pixels = (np.concatenate([b[2] for b in blocks]) if blocks else np.zeros((0, patch_dim), np.float32))
