@@ -193,7 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                                   "of a local server")
     ap.add_argument("--loglevel", default="WARNING", help="Locust's log level")
     ap.add_argument("user_classes", nargs="*", metavar="USER_CLASS",
-                    help="HttpGenerateUser, GrpcGenerateUser and/or OpenAIChatUser (default: the first two, and "
+                    help="HttpGenerateUser, GrpcGenerateUser, VideoUser (short MP4 clips) and/or OpenAIChatUser "
+                         "(default: the first two, and "
                          "the third when there is an OpenAI endpoint)")
     args = ap.parse_args(argv)
     if args.users < 1 or args.duration < 1:
