@@ -120,15 +120,17 @@ class Client:
     def generate(self, prompt: str | None, images: list[bytes | str] = (), max_tokens: int = 128, *,
                  stream: bool = True, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, request_id: str | None = None,
-                 stats: GenerationStats | None = None, messages: list[dict] | None = None) -> Iterator[str]:
+                 stats: GenerationStats | None = None, messages: list[dict] | None = None,
+                 videos: list[bytes | str] = ()) -> Iterator[str]:
         """Yield the text as it is generated (one piece per response; one piece if not `stream`).
 
-        `messages` (OpenAI chat messages, see `Conversation`) replaces `prompt` and `images`."""
+        `videos`: encoded video files (MP4, ...), after the images in the prompt. `messages` (OpenAI
+        chat messages, see `Conversation`) replaces `prompt`, `images` and `videos`."""
         request_id = request_id or uuid.uuid4().hex
         if (prompt is None) == (messages is None):
             raise ValueError("give a prompt or messages, not both")
         request = Qwen3VLRequest(prompt, list(images), max_tokens, messages=messages, stream=stream,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, videos=list(videos))
         pieces = (self._grpc_generate if self.protocol == "grpc" else self._http_generate)(request, request_id)
         try:
             for piece in pieces:
@@ -211,8 +213,9 @@ class Conversation:
         if system is not None:
             self.messages.append({"role": "system", "content": system})
 
-    def user(self, text: str, images: list[bytes | str] = ()) -> "Conversation":
+    def user(self, text: str, images: list[bytes | str] = (), videos: list[bytes | str] = ()) -> "Conversation":
         parts = [{"type": "image_url", "image_url": {"url": _data_url(i)}} for i in images]
+        parts += [{"type": "video_url", "video_url": {"url": video_data_url(v)}} for v in videos]
         self.messages.append({"role": "user", "content": parts + [{"type": "text", "text": text}]})
         return self
 
@@ -227,6 +230,15 @@ def _data_url(image: bytes | str) -> str:
         return image
     kind = "jpeg" if image[:3] == b"\xff\xd8\xff" else "webp" if image[8:12] == b"WEBP" else "png"
     return f"data:image/{kind};base64," + base64.b64encode(image).decode("ascii")
+
+
+def video_data_url(video: bytes | str) -> str:
+    """A video as a data URL (or the string given: a data URL or base64 already)."""
+    if isinstance(video, str):
+        return video
+    kind = ("webm" if video[:4] == b"\x1a\x45\xdf\xa3" else "quicktime" if video[4:12] == b"ftypqt  "
+            else "mp4")
+    return f"data:video/{kind};base64," + base64.b64encode(video).decode("ascii")
 
 
 def _http_error(text: str) -> str:

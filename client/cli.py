@@ -41,18 +41,18 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
-def _read_images(paths: list[str]) -> list[bytes]:
+def _read_images(paths: list[str], kind: str = "image") -> list[bytes]:
     images = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
-            raise CliError(f"image {p}: no such file")
+            raise CliError(f"{kind} {p}: no such file")
         images.append(path.read_bytes())
     return images
 
 
-def _conversation(args, images: list[bytes]) -> Conversation | None:
-    """The conversation of --messages, with --prompt/--image as a new user turn; None without
+def _conversation(args, images: list[bytes], videos: list[bytes] = ()) -> Conversation | None:
+    """The conversation of --messages, with --prompt/--image/--video as a new user turn; None without
     --messages and --save (a plain generation). A --messages file that does not exist yet, or
     --save alone, starts a new conversation."""
     if args.messages is None and args.save is None:
@@ -74,9 +74,9 @@ def _conversation(args, images: list[bytes]) -> Conversation | None:
         raise CliError(f"--messages {args.messages}: must hold a JSON array of chat messages")
     conv = Conversation(messages)
     if args.prompt is not None:
-        conv.user(args.prompt, images)
-    elif images:
-        raise CliError("--image adds to a new turn: give --prompt with it")
+        conv.user(args.prompt, images, videos)
+    elif images or videos:
+        raise CliError("--image and --video add to a new turn: give --prompt with them")
     return conv
 
 
@@ -147,8 +147,8 @@ def _emit(pieces, stats: GenerationStats | None, out) -> int:
 def cmd_generate(args, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
-    images = _read_images(args.image)
-    conv = _conversation(args, images)
+    images, videos = _read_images(args.image), _read_images(args.video, "video")
+    conv = _conversation(args, images, videos)
     tee = _Tee(out)
     with Client(url, args.protocol, model=args.model, timeout=args.timeout) as client:
         client.check_ready()
@@ -157,7 +157,7 @@ def cmd_generate(args, out=None, err=None) -> int:
             pieces = client.chat(conv.messages, args.max_tokens, stream=not args.no_stream, **_sampling(args))
         else:
             pieces = client.generate(args.prompt, images, args.max_tokens, stream=not args.no_stream,
-                                     **_sampling(args))
+                                     videos=videos, **_sampling(args))
         tokens = _emit(pieces, stats, tee)
     _save(args, conv, tee.text)
     if stats is not None:
@@ -173,8 +173,8 @@ def cmd_disagg(args, out=None, err=None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     from qwen3vl_triton.transfer.sender import Disaggregated, TransferError
 
-    images = _read_images(args.image)
-    conv = _conversation(args, images)
+    images, videos = _read_images(args.image), _read_images(args.video, "video")
+    conv = _conversation(args, images, videos)
     tee = _Tee(out)
     # one clear message for a server that is down or a model that is not loaded, before any work
     for url, model in ((args.encoder_url, "encode"), (args.language_url, "language")):
@@ -185,7 +185,8 @@ def cmd_disagg(args, out=None, err=None) -> int:
                            chunk_rows=args.chunk_rows, chunk_window=args.chunk_window, timeout=args.timeout) as dis:
             stats = GenerationStats() if args.stats else None
             pieces = (dis.generate(messages=conv.messages, max_tokens=args.max_tokens, **_sampling(args))
-                      if conv is not None else dis.generate(args.prompt, images, args.max_tokens, **_sampling(args)))
+                      if conv is not None else dis.generate(args.prompt, images, args.max_tokens, videos=videos,
+                                                            **_sampling(args)))
             tokens = _emit(pieces, stats, tee)
             moved = dis.stats
     except TransferError as exc:
@@ -209,9 +210,11 @@ def _positive(value: str) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
                    help="image file(s), in prompt order (repeat the flag or list several)")
+    p.add_argument("--video", action="extend", nargs="+", default=[], metavar="PATH",
+                   help="video file(s) (MP4, ...), after the images, in prompt order")
     p.add_argument("--prompt", help="the user prompt (the server applies the chat template)")
     p.add_argument("--messages", metavar="FILE.json", help="a conversation (OpenAI chat messages); --prompt and "
-                                                           "--image add a user turn to it")
+                                                           "--image/--video add a user turn to it")
     p.add_argument("--save", metavar="FILE.json", help="write the conversation with the reply appended (to "
                                                        "continue it with --messages)")
     p.add_argument("--max-tokens", type=_positive, default=128)

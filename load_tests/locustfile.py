@@ -2,7 +2,8 @@
 with base64 images) and one over gRPC (tritonclient's bidirectional stream), both through client.api,
 and one for the OpenAI-compatible endpoint (`openai` client, streamed /v1/chat/completions): each of
 its tasks is a two-turn conversation, the workload's images in the first turn and a follow-up
-question in the second (the same images again: the encoder's cache serves them).
+question in the second (the same images again: the encoder's cache serves them). VideoUser sends
+short synthetic MP4 clips over gRPC (`locust ... VideoUser`; request_type "video").
 
 Each request is reported three ways, as separate Locust entries (request_type "HTTP", "gRPC" or
 "OpenAI"; an OpenAI conversation's two turns are two requests):
@@ -46,9 +47,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the `client` and `load_tests` packages of this checkout
 
 from client.api import Client, GenerationStats  # noqa: E402
-from load_tests.workload import Workload, pixel_limits  # noqa: E402
+from load_tests.workload import Workload, make_video, pixel_limits  # noqa: E402
 
 _WORKLOAD: Workload | None = None
+_VIDEOS: list[bytes] = []  # short synthetic MP4s (VideoUser), written once per run
 _CLIENTS: list[Client] = []  # every client a user opened, closed at the latest on `quit`
 _USER_INDEX = itertools.count()
 
@@ -73,6 +75,8 @@ def _options(parser):
                         help="distinct image sizes, from small to the pixel limit")
     parser.add_argument("--workload-seed", type=int, env_var="QWEN3VL_SEED", default=0,
                         help="seed of the images and of each user's request mix")
+    parser.add_argument("--video-seconds", type=float, env_var="QWEN3VL_VIDEO_SECONDS", default=2.0,
+                        help="length of VideoUser's clips (three clips, 0.5x, 1x and 1.5x this)")
     parser.add_argument("--request-timeout", type=float, env_var="QWEN3VL_REQUEST_TIMEOUT", default=300.0,
                         help="seconds a request may wait for its next response")
 
@@ -89,6 +93,9 @@ def _build_workload(environment, **_kw):
         min_pixels, max_pixels = pixel_limits(opts.checkpoint)
     _WORKLOAD = Workload.build(max_pixels, min_pixels, seed=opts.workload_seed, max_tokens=opts.max_tokens,
                                sizes=opts.image_sizes)
+    if any(u.__name__ == "VideoUser" for u in environment.user_classes):
+        _VIDEOS[:] = [make_video(seconds=opts.video_seconds * k, seed=opts.workload_seed + i)
+                      for i, k in enumerate((0.5, 1.0, 1.5))]
 
 
 @events.quit.add_listener
@@ -124,24 +131,30 @@ class _GenerateUser(User):
         self.environment.events.request.fire(request_type=self.request_type, name=name, response_time=ms,
                                              response_length=length, exception=exception, context=context or {})
 
+    def request(self, stats: GenerationStats):
+        """(the streamed pieces of one request, the context its report entries carry)."""
+        case = _WORKLOAD.pick(self.rng)
+        return self.client.generate(case.prompt, list(case.images), case.max_tokens, stats=stats), {"case": case.label}
+
     @task
     def generate(self):
-        case = _WORKLOAD.pick(self.rng)
         stats = GenerationStats()
         responses = 0
         error = None
+        context = {}
         try:
-            for _piece in self.client.generate(case.prompt, list(case.images), case.max_tokens, stats=stats):
+            pieces, context = self.request(stats)
+            for _piece in pieces:
                 responses += 1
         except Exception as exc:  # noqa: BLE001 -- every failure is a failed request in the report
             error = exc
             stats.end = time.perf_counter()
-        self._fire("generate", stats.total * 1000, responses, error, {"case": case.label})
+        self._fire("generate", stats.total * 1000, responses, error, context)
         if error is not None:
             return
         if stats.ttft is None:  # the model ended at once (end-of-turn first): no text, nothing to time
             return
-        self._fire("ttft", stats.ttft * 1000, context={"case": case.label})
+        self._fire("ttft", stats.ttft * 1000, context=context)
         for gap in stats.inter_token:
             self._fire("itl", gap * 1000)
 
@@ -154,6 +167,19 @@ class HttpGenerateUser(_GenerateUser):
 class GrpcGenerateUser(_GenerateUser):
     protocol = "grpc"
     request_type = "gRPC"
+
+
+class VideoUser(GrpcGenerateUser):
+    """Short videos (MP4, 160x120, 30 fps; 1, 2 and 3 s by default) with a question, over gRPC:
+    request_type "video"."""
+
+    request_type = "video"
+
+    def request(self, stats: GenerationStats):
+        video = self.rng.choice(_VIDEOS)
+        max_tokens = self.environment.parsed_options.max_tokens
+        return (self.client.generate("What happens in this video?", [], max_tokens, stats=stats, videos=[video]),
+                {"bytes": len(video)})
 
 
 class OpenAIChatUser(User):

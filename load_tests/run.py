@@ -85,7 +85,8 @@ def locust_command(args, http_url: str, grpc_url: str, prefix: Path, openai_url:
     return cmd + user_classes(args, openai_url)[0]
 
 
-USER_CLASSES = {"HttpGenerateUser": "HTTP", "GrpcGenerateUser": "gRPC", "OpenAIChatUser": "OpenAI"}
+USER_CLASSES = {"HttpGenerateUser": "HTTP", "GrpcGenerateUser": "gRPC", "OpenAIChatUser": "OpenAI", "VideoUser": "video"}
+DEFAULT_CLASSES = ("HttpGenerateUser", "GrpcGenerateUser", "OpenAIChatUser")  # VideoUser when named
 
 
 def user_classes(args, openai_url: str | None) -> tuple[list[str], dict[str, str]]:
@@ -94,7 +95,7 @@ def user_classes(args, openai_url: str | None) -> tuple[list[str], dict[str, str
     Locust gives each user one class, so with fewer users than classes some class would get none
     and its row would read 0 without saying why: the run keeps the first `--users` classes instead
     and names the others. With at least as many users as classes, every class gets a user."""
-    wanted = list(args.user_classes) or list(USER_CLASSES)
+    wanted = list(args.user_classes) or list(DEFAULT_CLASSES)
     skipped = {}
     if "OpenAIChatUser" in wanted and not openai_url:
         wanted.remove("OpenAIChatUser")
@@ -135,7 +136,8 @@ def summary_table(stats: dict[tuple[str, str], dict[str, str]], users: int | Non
     def pct(row):
         return "/".join("-" if _num(row, c) != _num(row, c) else f"{_num(row, c):.0f}" for c in ("50%", "90%", "99%"))
 
-    for kind in REQUEST_TYPES:
+    kinds = [*REQUEST_TYPES, *(k for k in ("video",) if k not in REQUEST_TYPES and (k, "generate") in stats)]
+    for kind in kinds:
         gen, ttft, itl = (stats.get((kind, n)) for n in ("generate", "ttft", "itl"))
         if gen is None:
             lines.append(f"{kind:<8} {'0':>8}" + (f"   skipped: {skipped_kinds[kind]}" if kind in skipped_kinds
@@ -219,8 +221,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                                   "of a local server")
     ap.add_argument("--loglevel", default="WARNING", help="Locust's log level")
     ap.add_argument("user_classes", nargs="*", metavar="USER_CLASS",
-                    help="HttpGenerateUser, GrpcGenerateUser and/or OpenAIChatUser (default: all three; the "
-                         "third needs an OpenAI endpoint, which a local server always has)")
+                    help="HttpGenerateUser, GrpcGenerateUser, OpenAIChatUser and/or VideoUser (short MP4 clips over "
+                         "gRPC) (default: the first three; the third needs an OpenAI endpoint, which a local server "
+                         "always has)")
     args = ap.parse_args(argv)
     if args.users < 1 or args.duration < 1:
         ap.error("--users and --duration must be >= 1")

@@ -80,6 +80,34 @@ def make_image(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+def make_video(seconds: float = 3.0, fps: int = 30, width: int = 160, height: int = 120, seed: int = 0,
+               codec: str = "libx264", fmt: str = "mp4", frames: int | None = None) -> bytes:
+    """A deterministic synthetic video written with PyAV: a red disc crossing left to right, a green
+    square crossing the other way, over a gradient whose hue depends on `seed`."""
+    import av
+
+    buf = io.BytesIO()
+    count = frames if frames is not None else int(round(seconds * fps))
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.zeros((height, width, 3), np.uint8)
+    base[..., (2 + seed) % 3] = (x * 255 // max(width, 1)).astype(np.uint8)
+    base[..., (1 + seed) % 3] = (y * 128 // max(height, 1)).astype(np.uint8)
+    with av.open(buf, mode="w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(count):
+            img = base.copy()
+            cx, r = int(i / max(count, 1) * width), max(height // 8, 2)
+            img[(x - cx) ** 2 + (y - height // 2) ** 2 < r * r] = (230, 30, 30)
+            img[(abs(x - (width - cx)) < r) & (abs(y - height // 4) < r)] = (30, 220, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+
 @dataclass
 class Workload:
     cases: list[Case]

@@ -33,6 +33,7 @@ from qwen3vl_triton.clients.llm import LLMConnection, stop_left
 from qwen3vl_triton.clients.qwen3vl import MODEL, Qwen3VLRequest, Qwen3VLResponse
 from qwen3vl_triton.errors import Code, InputError, parse
 from qwen3vl_triton.text import preprocess, untrusted
+from qwen3vl_triton.text.video import VideoLimits
 
 # Request fields this server does not implement, each with the values that ask for nothing (those
 # are accepted, as clients send them by default); any other value is a 400 naming the field rather
@@ -335,8 +336,9 @@ def create_app(backend: Backend, served_model: str = MODEL, max_output_len: int 
         """What the model would refuse without decoding anything, refused here: no copy of a request
         that will fail is forwarded (the model checks the same again)."""
         try:
-            _, found, names = preprocess.parse_messages(messages, limits)
-            preprocess.check_images(found, names, limits, max_images)
+            videos, video_names = [], []
+            _, found, names = preprocess.parse_messages(messages, limits, videos, video_names)
+            preprocess.check_images(found, names, limits, max_images, videos=videos, video_names=video_names)
         except InputError as exc:
             raise APIError(400, str(exc), exc.input) from None
 
@@ -480,6 +482,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-text-bytes", type=int, default=defaults.text_bytes, help="all text of a request")
     ap.add_argument("--max-image-bytes", type=int, default=defaults.image_bytes, help="each image")
     ap.add_argument("--max-images", type=int, default=8, help="images per request")
+    ap.add_argument("--max-video-bytes", type=int, default=defaults.video.bytes, help="each video")
+    ap.add_argument("--max-videos", type=int, default=defaults.video.count, help="videos per request")
     ap.add_argument("--header-timeout-ms", type=int, default=int(http.header_timeout * 1e3),
                     help="for a request's line and headers to arrive (then 408 and close)")
     ap.add_argument("--body-timeout-ms", type=int, default=int(http.body_timeout * 1e3),
@@ -489,7 +493,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     policy = ImagePolicy.parse(args.image_url_hosts, args.image_url_max_bytes, args.image_url_timeout_ms / 1e3)
     limits = preprocess.Limits(text_bytes=args.max_text_bytes, image_bytes=args.max_image_bytes,
-                               request_bytes=args.max_request_bytes)
+                               request_bytes=args.max_request_bytes,
+                               video=VideoLimits(count=args.max_videos, bytes=args.max_video_bytes))
     http = HTTPLimits(args.header_timeout_ms / 1e3, args.body_timeout_ms / 1e3, args.max_connections)
 
     async def serve():

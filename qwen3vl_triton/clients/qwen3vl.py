@@ -15,8 +15,8 @@ import numpy as np
 
 MODEL = "qwen3vl"
 ENCODE_MODEL = "encode"  # the encoder server's ensemble: the same prompt inputs, the table out
-# the inputs `encode` takes: the prompt and its images, and max_tokens (checked there)
-ENCODE_INPUTS = ("text_input", "messages", "image", "max_tokens")
+# the inputs `encode` takes: the prompt, its images and videos, and max_tokens (checked there)
+ENCODE_INPUTS = ("text_input", "messages", "image", "video", "max_tokens")
 SAMPLING = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "seed": np.uint64}
 INPUTS = (*ENCODE_INPUTS, *SAMPLING, "stream", "stop_words")
 
@@ -26,14 +26,15 @@ def _bytes(value) -> bytes:
 
 
 def image_b64(data: bytes | str) -> str:
-    """An image for a JSON body: bytes are base64-encoded; a str (base64 or data URL) is sent as is."""
+    """An image or video for a JSON body: bytes are base64-encoded; a str (base64 or data URL) is sent as is."""
     return data if isinstance(data, str) else base64.b64encode(data).decode("ascii")
 
 
 @dataclass
 class Qwen3VLRequest:
-    """One request: a prompt and images, or OpenAI chat `messages` (a list, or its JSON text);
-    optional sampling, streaming and stop strings. A str or bytes prompt is sent as it is."""
+    """One request: a prompt with images and videos (encoded files), or OpenAI chat `messages` (a
+    list, or its JSON text); optional sampling, streaming and stop strings. A str or bytes prompt is
+    sent as it is."""
 
     prompt: str | bytes | None = None
     images: Sequence[bytes | str] = ()
@@ -45,6 +46,7 @@ class Qwen3VLRequest:
     seed: int | None = None
     stream: bool | None = None
     stop: Sequence[str] = ()
+    videos: Sequence[bytes | str] = ()
 
     def _prompt(self) -> dict[str, bytes]:
         """`text_input` and/or `messages` (the server refuses both, or neither, by name)."""
@@ -62,6 +64,8 @@ class Qwen3VLRequest:
         out["max_tokens"] = np.array([[self.max_tokens]], np.int32)
         if self.images:
             out["image"] = np.array([[_bytes(i) for i in self.images]], dtype=np.object_)
+        if self.videos:
+            out["video"] = np.array([[_bytes(v) for v in self.videos]], dtype=np.object_)
         if encode_only:
             return out
         if self.stream is not None:
@@ -89,6 +93,8 @@ class Qwen3VLRequest:
             body["stream"] = self.stream
         if self.images:
             body["image"] = [image_b64(i) for i in self.images]
+        if self.videos:
+            body["video"] = [image_b64(v) for v in self.videos]
         body.update({k: getattr(self, k) for k in SAMPLING if getattr(self, k) is not None})
         if self.stop:
             body["stop_words"] = list(self.stop)
@@ -103,10 +109,11 @@ class Qwen3VLRequest:
             value = arrays.get(name)
             return None if value is None else value.reshape(-1)[0]
 
-        images = arrays.get("image")
+        images, videos = arrays.get("image"), arrays.get("video")
         stops = arrays.get("stop_words")
         return cls(prompt=one("text_input"), messages=one("messages"),
                    images=() if images is None else list(images.reshape(-1)),
+                   videos=() if videos is None else list(videos.reshape(-1)),
                    max_tokens=scalar(arrays, "max_tokens", int, required=True),
                    stream=scalar(arrays, "stream", bool), stop=() if stops is None else list(stops.reshape(-1)),
                    **{k: scalar(arrays, k, float if v is np.float32 else int) for k, v in SAMPLING.items()})

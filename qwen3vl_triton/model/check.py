@@ -270,6 +270,10 @@ def facts(spec: ModelSpec, stored: dict[str, int] | None = None, end_names: dict
         names = end_names or {}
         out.append(("end ids", ", ".join(f"{i} {names[i]}" if i in names else str(i) for i in spec.end_ids)))
         out.append(("image pixels", f"{spec.min_pixels}-{spec.max_pixels} per image"))
+        if spec.video_max_pixels is not None:
+            out.append(("video", f"{spec.video_min_pixels}-{spec.video_max_pixels} pixels per video (all frames kept), "
+                                 f"{spec.video_fps:g} frames per second, {spec.video_min_frames}-"
+                                 f"{spec.video_max_frames} frames, in groups of {spec.temporal_patch_size}"))
     out.append(("parameters", f"{_billions(counts['total'])} (language {_billions(counts['language'])}, vision "
                               f"{_billions(counts['vision'])}); active per token {_billions(counts['active'])}"))
     out += memory_facts(spec, host_bytes, sequences, max_len)

@@ -238,6 +238,14 @@ class ModelSpec:
     max_pixels: int
     # transformers' reading of config.json (a Qwen3VLMoeConfig), for what needs the whole config
     config: Any = field(repr=False, compare=False)
+    # video: the placeholder token and the video processor's bounds (video_preprocessor_config.json):
+    # pixels of all frames kept together, frames sampled per second, and the frames kept
+    video_token_id: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
+    video_fps: float | None = None
+    video_min_frames: int | None = None
+    video_max_frames: int | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -283,7 +291,7 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config, path: str | Path | None = None, *, dtype: str | None = None,
                     end_id: int | None = None, end_ids: tuple[int, ...] = (), pad_id: int | None = None,
-                    min_pixels: int | None = None, max_pixels: int | None = None) -> "ModelSpec":
+                    min_pixels: int | None = None, max_pixels: int | None = None, **video) -> "ModelSpec":
         """The spec of a transformers `Qwen3VLMoeConfig` and the token facts read beside it. Built
         from a config alone (a known configuration, no tokenizer or processor files), the token
         and pixel facts are None and `path` is empty: enough to check shapes, not to serve."""
@@ -338,6 +346,8 @@ class ModelSpec:
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             config=config,
+            video_token_id=getattr(config, "video_token_id", None),
+            **video,
         )
 
 
@@ -386,7 +396,34 @@ def _token_facts(path: Path, config) -> dict:
             raise CheckpointError(f"{path}: preprocessor_config.json {name} {theirs} disagrees with "
                                   f"config.json vision_config.{key} {ours}")
     return dict(end_id=int(end_id), end_ids=end_ids, pad_id=int(pad_id), min_pixels=int(min_pixels),
-                max_pixels=int(max_pixels))
+                max_pixels=int(max_pixels), **_video_facts(path, config))
+
+
+def _video_facts(path: Path, config) -> dict:
+    """The video processor's bounds, read by transformers' Qwen3-VL video processor (which falls back
+    to preprocessor_config.json when the checkpoint has no video_preprocessor_config.json)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    try:
+        processor = Qwen3VLVideoProcessor.from_pretrained(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: the video processor cannot be loaded (video_preprocessor_config.json): "
+                              f"{type(exc).__name__}: {exc}") from None
+    vision = config.vision_config
+    for name, ours in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
+                       ("merge_size", vision.spatial_merge_size)):
+        theirs = getattr(processor, name, ours)
+        if theirs != ours:
+            key = "spatial_merge_size" if name == "merge_size" else name
+            raise CheckpointError(f"{path}: video_preprocessor_config.json {name} {theirs} disagrees with "
+                                  f"config.json vision_config.{key} {ours}")
+    size = processor.size
+    if not size.shortest_edge or not size.longest_edge:
+        raise CheckpointError(f"{path}/video_preprocessor_config.json gives no min/max pixel bounds "
+                              "(size.shortest_edge / size.longest_edge)")
+    return dict(video_min_pixels=int(size.shortest_edge), video_max_pixels=int(size.longest_edge),
+                video_fps=float(processor.fps), video_min_frames=int(processor.min_frames),
+                video_max_frames=int(processor.max_frames))
 
 
 def experts_out_in(tensor: torch.Tensor, out_features: int, in_features: int, name: str) -> torch.Tensor:

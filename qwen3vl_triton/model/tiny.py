@@ -7,7 +7,8 @@ module, in two layouts:
   checkpoints (`config.json` in the hub's layout -- `num_experts`, `rope_scaling` beside
   `rope_theta` --, safetensors with the hub's tensor names and `[E, in, out]` fused experts, a
   byte-level BPE `tokenizer.json` with the Qwen special tokens, the chat template in
-  `tokenizer_config.json`, `preprocessor_config.json`, `generation_config.json`), written file
+  `tokenizer_config.json`, `preprocessor_config.json`, `video_preprocessor_config.json`,
+  `generation_config.json`), written file
   by file. Same profile and seed -> the same bytes.
 - `build_saved_checkpoint` (layout "transformers"): the same kind of model written by
   transformers' own `save_pretrained` -- model, tokenizer, image processor and generation
@@ -53,6 +54,8 @@ PROFILES: dict[str, dict] = {
             deepstack_visual_indexes=[1, 2, 3], num_position_embeddings=64,
         ),
         "pixels": (64 * 64, 256 * 256),
+        # pixels of all frames a video keeps together (video_preprocessor_config.json size)
+        "video_pixels": (64 * 64, 4 * 256 * 256),
     },
     "small": {
         "text": dict(
@@ -66,6 +69,7 @@ PROFILES: dict[str, dict] = {
             deepstack_visual_indexes=[1, 3, 5], num_position_embeddings=2304,
         ),
         "pixels": (64 * 64, 1024 * 1024),
+        "video_pixels": (64 * 64, 8 * 448 * 448),
     },
 }
 
@@ -76,7 +80,9 @@ SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 
-# A Qwen-style chat template: images and videos become <|vision_start|><|image_pad|><|vision_end|>.
+# A Qwen-style chat template, as the published Qwen3-VL files render media: an image becomes
+# <|vision_start|><|image_pad|><|vision_end|>, a video <|vision_start|><|video_pad|><|vision_end|> (whose
+# <|video_pad|> the processor replaces by a `<t seconds>` and a block of pads per frame group).
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
@@ -184,6 +190,25 @@ def _config(profile: dict, vocab_size: int, ids: dict[str, int], dtype: str) -> 
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
         },
+    }
+
+
+def _video_preprocessor(profile: dict) -> dict:
+    """video_preprocessor_config.json as the published Qwen3-VL checkpoints write it (transformers'
+    Qwen3VLVideoProcessor; fps 2, 4 to 768 frames: the class's defaults, which those files keep)."""
+    min_px, max_px = profile["video_pixels"]
+    return {
+        "video_processor_type": "Qwen3VLVideoProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "size": {"shortest_edge": min_px, "longest_edge": max_px},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "fps": 2,
+        "min_frames": 4,
+        "max_frames": 768,
     }
 
 
@@ -305,6 +330,8 @@ def build_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0, dtyp
             "resample": 3,
             "size": {"shortest_edge": min_px, "longest_edge": max_px},
         }, indent=2, sort_keys=True) + "\n")
+        (tmp / "video_preprocessor_config.json").write_text(json.dumps(_video_preprocessor(prof), indent=2,
+                                                                       sort_keys=True) + "\n")
 
         shapes = _param_shapes(config)
         gen = torch.Generator().manual_seed(seed)
@@ -391,6 +418,8 @@ def build_saved_checkpoint(out: str | Path, profile: str = "tiny", seed: int = 0
         Qwen2VLImageProcessorPil(size={"shortest_edge": min_px, "longest_edge": max_px}, patch_size=16,
                                  temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
                                  image_std=[0.5, 0.5, 0.5]).save_pretrained(str(tmp))
+        (tmp / "video_preprocessor_config.json").write_text(json.dumps(_video_preprocessor(prof), indent=2,
+                                                                       sort_keys=True) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
     log(f"[checkpoint] wrote {len(list(out.iterdir()))} files, {size / 2**20:.1f} MiB in {time.time() - t0:.1f}s")
     return out

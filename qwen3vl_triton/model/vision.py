@@ -247,11 +247,27 @@ class PatchLinear(torch.nn.Module):
         return torch.nn.functional.linear(patches.reshape(patches.shape[0], -1), self.weight, self.bias)
 
 
+def block_bounds(spec: ModelSpec, max_images: int | None, max_videos: int = 0) -> tuple[int | None, int, int]:
+    """(most blocks, least and most pixels of a block) that preprocessing sends: a block is an image
+    or one frame group of a video (grid (1, h, w) either way). A video's frames keep at most
+    `video_max_pixels` together, in groups of `temporal_patch_size` (so each group at most that
+    share), and smart_resize keeps a frame at least one merged patch wide and high."""
+    blocks, low, high = max_images, spec.min_pixels, spec.max_pixels
+    if max_videos and spec.video_max_pixels:
+        groups = -(-int(spec.video_max_frames) // spec.temporal_patch_size)
+        blocks = None if blocks is None else blocks + max_videos * groups
+        low = min(low, spec.merge_factor ** 2)
+        high = max(high, spec.video_max_pixels // spec.temporal_patch_size)
+    return blocks, low, high
+
+
 def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int | None = None,
-                               max_images: int | None = None, max_input_len: int | None = None) -> EncodeRequest:
+                               max_images: int | None = None, max_input_len: int | None = None,
+                               max_videos: int = 0) -> EncodeRequest:
     """Validate one request's `vision_encoder` inputs (batch dimension removed): anything the
     ensemble's preprocessing would never send is refused here, so a direct call cannot make the
-    tower do more work than the checkpoint allows or fail inside a batch."""
+    tower do more work than the checkpoint allows or fail inside a batch. `image_grid_thw` holds a
+    grid per block of the table: each image, and each frame group of each video."""
     from qwen3vl_triton.contract import Bounds, check_input_ids
     from qwen3vl_triton.errors import InputError
 
@@ -261,8 +277,10 @@ def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int 
     pixels = np.asarray(arrays["pixel_values"], dtype=np.float32)
     grid = np.asarray(arrays["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
     patch_dim = 3 * spec.temporal_patch_size * spec.patch_size ** 2
-    if max_images is not None and len(grid) > max_images:
-        raise InputError("image_grid_thw", f"{len(grid)} images, at most {max_images} are allowed")
+    max_blocks, low, high = block_bounds(spec, max_images, max_videos)
+    if max_blocks is not None and len(grid) > max_blocks:
+        raise InputError("image_grid_thw", f"{len(grid)} images and video frame groups, at most {max_blocks} are "
+                                           "allowed")
     if pixels.ndim != 2 or pixels.shape[1] != patch_dim:
         raise InputError("pixel_values", f"must be [patches, {patch_dim}], got {list(pixels.shape)}")
     if (grid < 1).any() or (grid[:, 1:] % spec.spatial_merge_size).any():
@@ -271,9 +289,9 @@ def encode_request_from_arrays(arrays: dict, spec: ModelSpec, table_stride: int 
         pixels_of_image = h * w * spec.patch_size ** 2
         if t != 1:
             raise InputError("image_grid_thw", f"image {k} has {t} temporal patches; images have 1")
-        if not spec.min_pixels <= pixels_of_image <= spec.max_pixels:
+        if not low <= pixels_of_image <= high:
             raise InputError("image_grid_thw", f"image {k} is {h}x{w} patches = {pixels_of_image} pixels, outside "
-                                               f"the checkpoint's [{spec.min_pixels}, {spec.max_pixels}]")
+                                               f"the checkpoint's [{low}, {high}]")
     patches = int(grid.prod(axis=1).sum())
     if patches != pixels.shape[0]:
         raise InputError("pixel_values", f"has {pixels.shape[0]} patches, image_grid_thw describes {patches}")

@@ -68,6 +68,15 @@ class Settings:
     max_text_bytes: int = 0
     max_image_bytes: int = 20 * 2**20
     max_request_bytes: int = 64 * 2**20
+    # videos per request, and each one's bounds, checked before its frames are decoded: the encoded
+    # file's bytes, the frames and seconds its container declares, width x height of a frame, and the
+    # pixels of the frames kept (sampled), all together
+    max_videos: int = 2
+    max_video_bytes: int = 32 * 2**20
+    max_video_frames: int = 18_000
+    max_video_seconds: int = 600
+    max_video_frame_pixels: int = 3840 * 2160
+    max_video_pixels: int = 2**28
     # the vision encoder's cache of recent images' rows (embeddings + DeepStack), in bytes; 0: off
     vision_cache_bytes: int = 256 * 2**20
     # the CPU engine's prefix cache: finished sequences' KV kept for requests that start with the
@@ -146,6 +155,11 @@ class Settings:
             "stats_check_period_ms",
             "max_image_bytes",
             "max_request_bytes",
+            "max_video_bytes",
+            "max_video_frames",
+            "max_video_seconds",
+            "max_video_frame_pixels",
+            "max_video_pixels",
             "image_url_max_bytes",
             "image_url_timeout_ms",
             "openai_header_timeout_ms",

@@ -322,6 +322,7 @@ class OpenAIServer:
                 # the model's bounds, checked before a request is forwarded (the body's before it is read)
                 "--max-request-bytes", str(s.max_request_bytes), "--max-text-bytes", str(s.text_bytes),
                 "--max-image-bytes", str(s.max_image_bytes), "--max-images", str(s.max_images),
+                "--max-video-bytes", str(s.max_video_bytes), "--max-videos", str(s.max_videos),
                 "--header-timeout-ms", str(s.openai_header_timeout_ms),
                 "--body-timeout-ms", str(s.openai_body_timeout_ms),
                 "--max-connections", str(s.openai_max_connections),

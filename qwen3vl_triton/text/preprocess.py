@@ -1,12 +1,18 @@
-"""Request preprocessing: chat template, tokenization, image decode, resize/patchify, placeholders.
+"""Request preprocessing: chat template, tokenization, image and video decode, resize/patchify, placeholders.
 
-The checkpoint's own tokenizer, chat template and image processor (transformers' Qwen2-VL
-image processor configured by `preprocessor_config.json`) do the work; this module validates
-inputs and replaces each image placeholder by the prompt-table ids the LLM reads.
+The checkpoint's own tokenizer, chat template, image processor (transformers' Qwen2-VL image
+processor configured by `preprocessor_config.json`) and video processor (`text/video.py`) do the
+work; this module validates inputs and replaces each image's and each video frame group's
+placeholder tokens by the prompt-table ids the LLM reads.
 
-A request is either `text_input` + `image` (one user message: the images, then the text) or
-`messages`, a JSON array of OpenAI chat messages (docs/design.md §4-5). Byte bounds on the text, each
-image and the whole request are checked first, before any JSON parsing, templating or decoding.
+A request is either `text_input` + `image` + `video` (one user message: the images, the videos,
+then the text) or `messages`, a JSON array of OpenAI chat messages (docs/design.md §4-5). Byte bounds on
+the text, each image, each video and the whole request are checked first, before any JSON parsing,
+templating or decoding.
+
+The prompt table holds one block of rows per image and per frame group of a video (a video of
+grid (T, h, w) is T blocks of grid (1, h, w): the vision tower attends within each frame group, and
+transformers' `get_rope_index` positions each group as an image of its own), in prompt order.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from PIL import Image
 from qwen3vl_triton.errors import InputError
 from qwen3vl_triton.text import untrusted
 from qwen3vl_triton.text.image_size import declared_size
+from qwen3vl_triton.text.video import VideoLimits
 
 if TYPE_CHECKING:  # not imported at run time: the OpenAI endpoint checks messages here without torch
     from qwen3vl_triton.model.checkpoint import ModelSpec
@@ -44,6 +51,7 @@ class Limits:
     text_bytes: int = 64 * 2**10
     image_bytes: int = 20 * 2**20
     request_bytes: int = 64 * 2**20
+    video: VideoLimits = field(default_factory=VideoLimits)  # each video: bytes, frames, seconds, pixels
 
 
 def encoded_size(data: bytes | str) -> int:
@@ -167,6 +175,8 @@ class Request:
     source: str  # the input the prompt came from: "text_input" or "messages"
     image_names: list[str] | None = None  # what an error about each image names
     options: Options = field(default_factory=Options)  # the TensorRT-LLM ensemble's optional inputs
+    videos: list[bytes | str] = field(default_factory=list)  # encoded video files, base64 or data URLs
+    video_names: list[str] | None = None  # what an error about each video names
 
 
 @dataclass
@@ -174,9 +184,11 @@ class Prompt:
     """A tokenized request, ready for the vision encoder and the LLM."""
 
     input_ids: np.ndarray  # (L,) int32; image tokens are prompt-table ids vocab_size + j
-    pixel_values: np.ndarray  # (num_patches, C * T * P * P) float32, all images concatenated
-    image_grid_thw: np.ndarray  # (num_images, 3) int64, patch grid of each image
-    num_image_tokens: int
+    pixel_values: np.ndarray  # (num_patches, C * T * P * P) float32, every block's patches, in prompt order
+    image_grid_thw: np.ndarray  # (blocks, 3) int64: the patch grid of each image and each video frame group
+    num_image_tokens: int  # prompt-table rows: image and video tokens
+    video_grid_thw: np.ndarray | None = None  # (videos, 3) int64, as transformers' processor gives it
+    video_timestamps: list[list[float]] | None = None  # seconds of each video's frame groups, as the prompt says
 
 
 def decode_image(data: bytes | str, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -212,6 +224,24 @@ def decode_image(data: bytes | str, name: str, max_pixels: int = DEFAULT_MAX_IMA
         raise InputError(name, f"cannot be decoded: {type(exc).__name__}: {exc}") from None
 
 
+def encoded_file(data: bytes | str, name: str, kind: str = "video") -> bytes:
+    """The file a `data:` URL, base64 text or the raw bytes carry."""
+    raw = bytes(data.encode() if isinstance(data, str) else data)
+    if raw[:5].lower() == b"data:":
+        header, sep, payload = raw.partition(b",")
+        if not sep or not header.endswith(b";base64"):
+            raise InputError(name, f"a data URL must look like data:{kind}/<type>;base64,<payload>")
+        return _b64(payload, name)
+    if not raw:
+        raise InputError(name, "is empty")
+    if _BASE64.match(raw[:256]) and len(raw) % 4 == 0:
+        try:
+            return base64.b64decode(raw.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return raw
+
+
 def _check_bytes(name: str, data: bytes, max_bytes: int) -> None:
     size = encoded_size(data)
     if size > max_bytes:
@@ -219,14 +249,20 @@ def _check_bytes(name: str, data: bytes, max_bytes: int) -> None:
 
 
 def check_images(images: list[bytes | str], names: list[str], limits: Limits, max_images: int,
-                 source: str = "messages") -> None:
-    """The bounds on a request's images that need no decoding: how many, and each one's bytes (the
-    OpenAI endpoint checks them too, before it forwards a request)."""
+                 source: str = "messages", videos: Sequence[bytes | str] = (),
+                 video_names: Sequence[str] = ()) -> None:
+    """The bounds on a request's images and videos that need no decoding: how many, and each one's
+    bytes (the OpenAI endpoint checks them too, before it forwards a request)."""
     if len(images) > max_images:
         raise InputError("image" if source == "text_input" else "messages",
                          f"{len(images)} images given, at most {max_images} are allowed")
+    if len(videos) > limits.video.count:
+        raise InputError("video" if source == "text_input" else "messages",
+                         f"{len(videos)} videos given, at most {limits.video.count} are allowed")
     for image, name in zip(images, names):
         _check_bytes(name, image, limits.image_bytes)
+    for video, name in zip(videos, video_names):
+        _check_bytes(name, video, limits.video.bytes)
 
 
 def _b64(payload: bytes, name: str) -> bytes:
@@ -280,10 +316,13 @@ class Preprocessor:
         self.image_processor = AutoImageProcessor.from_pretrained(str(spec.path))
         if self.image_processor.patch_size != spec.patch_size:
             raise ValueError("preprocessor_config.json patch_size disagrees with the vision tower")
+        from qwen3vl_triton.text.video import VideoReader
 
-    def chat_text(self, text: str, num_images: int) -> str:
-        """The prompt layout: one user message, the images in order, then the text."""
-        return self.template(single_turn(text, num_images))
+        self.videos = VideoReader(spec, self.tokenizer, self.limits.video)
+
+    def chat_text(self, text: str, num_images: int, num_videos: int = 0) -> str:
+        """The prompt layout: one user message, the images, the videos in order, then the text."""
+        return self.template(single_turn(text, num_images, num_videos))
 
     def template(self, conversation: list[dict]) -> str:
         """The checkpoint's chat template over a conversation, with the generation prompt."""
@@ -307,74 +346,111 @@ class Preprocessor:
             grids.append(np.asarray(out["image_grid_thw"], dtype=np.int64))
         return np.concatenate(pixel_values), np.concatenate(grids)
 
-    def __call__(self, text: str, images: list[bytes | str]) -> Prompt:
+    def __call__(self, text: str, images: list[bytes | str], videos: Sequence[bytes | str] = ()) -> Prompt:
         if not isinstance(text, str):
             raise InputError("text_input", "must be a UTF-8 string")
         if len(text.encode("utf-8")) > self.limits.text_bytes:
             raise InputError("text_input", f"is {len(text.encode('utf-8'))} bytes, above the limit of "
                                            f"{self.limits.text_bytes}")
-        return self.render(single_turn(text, len(images)), images, "text_input")
+        return self.render(single_turn(text, len(images), len(videos)), images, "text_input", videos=list(videos))
 
     def request(self, req: Request) -> Prompt:
         """A validated request (parse_request) -> Prompt."""
-        return self.render(req.conversation, req.images, req.source, req.image_names)
+        return self.render(req.conversation, req.images, req.source, req.image_names, req.videos, req.video_names)
 
     def render(self, conversation: list[dict], images: list[bytes | str], source: str = "messages",
-               image_names: list[str] | None = None) -> Prompt:
-        """Template a conversation whose images are `{"type": "image"}` items, in the order of `images`."""
+               image_names: list[str] | None = None, videos: Sequence[bytes | str] = (),
+               video_names: Sequence[str] | None = None) -> Prompt:
+        """Template a conversation whose images are `{"type": "image"}` items, in the order of `images`,
+        and whose videos are `{"type": "video"}` items, in the order of `videos`."""
         names = image_names or [f"image[{i}]" for i in range(len(images))]
-        check_images(images, names, self.limits, self.max_images, source)
+        vnames = list(video_names or [f"video[{i}]" for i in range(len(videos))])
+        check_images(images, names, self.limits, self.max_images, source, videos, vnames)
         pixel_values, grid_thw = self.images(images, names)
-        ids = self.tokenizer(self.template(conversation), add_special_tokens=False)["input_ids"]
+        decoded = [self.videos(encoded_file(v, n), n) for v, n in zip(videos, vnames)]
+        text = self.template(conversation)
+        video_token = self.videos.prompt.video_token
+        if text.count(video_token) != len(decoded):
+            raise InputError(source, "must not contain video placeholder tokens")
+        ids = self.tokenizer(self.videos.expand(text, decoded), add_special_tokens=False)["input_ids"]
         ids = np.asarray(ids, dtype=np.int64)
-        placeholder = np.flatnonzero(ids == self.spec.image_token_id)
-        if placeholder.size != len(images):
+        image_at = np.flatnonzero(ids == self.spec.image_token_id)
+        if image_at.size != len(images):
             raise InputError(source, "must not contain image placeholder tokens")
         merge = self.spec.spatial_merge_size ** 2
-        counts = [int(np.prod(g)) // merge for g in grid_thw]
+        # the blocks of the prompt table, in prompt order: (position, tokens in the prompt, patches, grid)
+        blocks, start = [], 0
+        for at, g in zip(image_at, grid_thw):
+            blocks.append((int(at), 1, pixel_values[start:start + int(np.prod(g))], g))
+            start += int(np.prod(g))
+        is_video = ids == self.spec.video_token_id
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], is_video.astype(np.int8), [0]])))
+        groups = iter(zip(runs[0::2], runs[1::2]))
+        for v in decoded:
+            t, h, w = (int(x) for x in v.grid_thw)
+            for k in range(t):
+                at, end = next(groups, (None, None))
+                if at is None or end - at != h * w // merge:
+                    raise InputError(source, "must not contain video placeholder tokens")
+                blocks.append((int(at), h * w // merge, v.pixel_values[k * h * w:(k + 1) * h * w],
+                               np.array([1, h, w], np.int64)))
+        if next(groups, None) is not None:
+            raise InputError(source, "must not contain video placeholder tokens")
+        blocks.sort(key=lambda b: b[0])
         pieces, start, row = [], 0, 0
-        for at, n in zip(placeholder, counts):
+        for at, length, _, g in blocks:
+            n = int(np.prod(g)) // merge
             pieces.append(ids[start:at])
             pieces.append(np.arange(self.spec.vocab_size + row, self.spec.vocab_size + row + n))
             row += n
-            start = at + 1
+            start = at + length
         pieces.append(ids[start:])
         input_ids = np.concatenate(pieces).astype(np.int32)
         if input_ids.size >= self.max_input_len:
             raise InputError(
                 source,
-                f"the prompt is {input_ids.size} tokens (images included), the context limit is {self.max_input_len}",
+                f"the prompt is {input_ids.size} tokens ({'images and videos' if decoded else 'images'} included), "
+                f"the context limit is {self.max_input_len}",
             )
-        return Prompt(input_ids, pixel_values, grid_thw, row)
+        patch_dim = 3 * self.spec.temporal_patch_size * self.spec.patch_size ** 2
+        pixels = (np.concatenate([b[2] for b in blocks]) if blocks else np.zeros((0, patch_dim), np.float32))
+        grids = np.stack([b[3] for b in blocks]) if blocks else np.zeros((0, 3), np.int64)
+        return Prompt(input_ids, pixels.astype(np.float32, copy=False), grids.astype(np.int64), row,
+                      np.stack([v.grid_thw for v in decoded]) if decoded else np.zeros((0, 3), np.int64),
+                      [v.timestamps for v in decoded])
 
 
-def single_turn(text: str, num_images: int) -> list[dict]:
-    """The `text_input` prompt layout: one user message, the images in order, then the text."""
-    return [
-        {"role": "user", "content": [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]}
-    ]
+def single_turn(text: str, num_images: int, num_videos: int = 0) -> list[dict]:
+    """The `text_input` prompt layout: one user message, the images, the videos in order, then the text."""
+    media = [{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)]
+    return [{"role": "user", "content": media + [{"type": "text", "text": text}]}]
 
 
-def _image_url(part: dict, name: str) -> str:
-    """The image of an `image_url` part: a data URL or raw base64 (remote URLs are the HTTP
-    frontend's to fetch, for hosts its operator allowed; the model server never fetches)."""
-    value = part.get("image_url")
+def _image_url(part: dict, name: str, kind: str = "image") -> str:
+    """The file of an `image_url` (or `video_url`) part: a data URL or raw base64 (remote image URLs
+    are the HTTP frontend's to fetch, for hosts its operator allowed; the model server never fetches)."""
+    key = f"{kind}_url"
+    value = part.get(key)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
-        raise InputError(f"{name}.image_url", 'must be {"url": "<data URL or base64>"}')
+        raise InputError(f"{name}.{key}", 'must be {"url": "<data URL or base64>"}')
     scheme = url[:12].lower()
     if scheme.startswith(("http://", "https://")):
-        raise InputError(f"{name}.image_url", "remote URLs are not fetched here: send the image as a data URL or "
-                                              "base64 (an OpenAI endpoint fetches hosts its operator allowed)")
+        where = " (an OpenAI endpoint fetches hosts its operator allowed)" if kind == "image" else ""
+        raise InputError(f"{name}.{key}", f"remote URLs are not fetched here: send the {kind} as a data URL or "
+                                          f"base64{where}")
     if not scheme.startswith("data:") and re.match(r"^[a-z][a-z0-9+.-]*:", scheme):
-        raise InputError(f"{name}.image_url", f"URL scheme {url.split(':', 1)[0]!r} is not supported: send a data "
-                                              "URL or base64")
+        raise InputError(f"{name}.{key}", f"URL scheme {url.split(':', 1)[0]!r} is not supported: send a data "
+                                          "URL or base64")
     return url  # encoded only to be decoded (a data URL may be megabytes)
 
 
-def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[str], list[str]]:
+def parse_messages(raw, limits: Limits, videos: list | None = None,
+                   video_names: list | None = None) -> tuple[list[dict], list[str], list[str]]:
     """OpenAI chat messages (JSON text or parsed) -> the chat template's conversation and the images,
-    in order. Images are allowed in user messages; text parts and string contents anywhere."""
+    in order; `video_url` parts (vLLM's convention) go to `videos` and `video_names` when given, and
+    are refused otherwise. Images and videos are allowed in user messages; text parts and string
+    contents anywhere."""
     if isinstance(raw, (bytes, bytearray, str)):
         raw = untrusted.loads(raw, "messages")  # bounded nesting, no lone surrogates, no huge numbers
     else:
@@ -414,9 +490,15 @@ def parse_messages(raw, limits: Limits) -> tuple[list[dict], list[str], list[str
                 images.append(_image_url(part, name))
                 names.append(f"{name}.image_url")
                 parts.append({"type": "image"})
+            elif kind == "video_url" and videos is not None:
+                if role != "user":
+                    raise InputError(name, f"videos go in user messages, not in {role} messages")
+                videos.append(_image_url(part, name, "video"))
+                video_names.append(f"{name}.video_url")
+                parts.append({"type": "video"})
             else:
-                raise InputError(f"{name}.type", f"{untrusted.short(kind)} is not supported: parts are text or "
-                                                 "image_url")
+                allowed = "text, image_url or video_url" if videos is not None else "text or image_url"
+                raise InputError(f"{name}.type", f"{untrusted.short(kind)} is not supported: parts are {allowed}")
         conversation.append({"role": role, "content": parts})
     if text_bytes > limits.text_bytes:
         raise InputError("messages", f"the text is {text_bytes} bytes, above the limit of {limits.text_bytes}")
@@ -453,6 +535,8 @@ def parse_request(arrays: dict, max_output_len: int, limits: Limits | None = Non
     text, messages = _one_string(arrays, "text_input"), _one_string(arrays, "messages")
     images = arrays.get("image")
     images = [] if images is None else [bytes(x) if not isinstance(x, str) else x.encode() for x in images.reshape(-1)]
+    videos = arrays.get("video")
+    videos = [] if videos is None else [bytes(x) if not isinstance(x, str) else x.encode() for x in videos.reshape(-1)]
     max_tokens = scalar(arrays, "max_tokens", int, required=True)
     if not 1 <= max_tokens <= max_output_len:
         raise InputError("max_tokens", f"must be in [1, {max_output_len}], got {max_tokens}")
@@ -462,14 +546,18 @@ def parse_request(arrays: dict, max_output_len: int, limits: Limits | None = Non
             raise InputError("messages", "give text_input or messages, not both")
         if images:
             raise InputError("image", "with messages, images go in the messages' image_url parts")
-        conversation, images, names = parse_messages(messages, limits)
-        return Request(conversation, images, max_tokens, "messages", names, options)
+        if videos:
+            raise InputError("video", "with messages, videos go in the messages' video_url parts")
+        video_names: list[str] = []
+        conversation, images, names = parse_messages(messages, limits, videos, video_names)
+        return Request(conversation, images, max_tokens, "messages", names, options, videos, video_names)
     if text is None:
         raise InputError("text_input", "is required (or messages)")
     if isinstance(text, bytes) and len(text) > limits.text_bytes:
         raise InputError("text_input", f"is {len(text)} bytes, above the limit of {limits.text_bytes}")
     prompt = untrusted.text(text, "text_input")
-    return Request(single_turn(prompt, len(images)), images, max_tokens, "text_input", options=options)
+    return Request(single_turn(prompt, len(images), len(videos)), images, max_tokens, "text_input", options=options,
+                   videos=videos)
 
 
 def parse_generate_inputs(arrays: dict, max_output_len: int) -> tuple[str, list[bytes], int]:

@@ -340,12 +340,12 @@ class Disaggregated:
         self.close()
 
     # -- stages ---------------------------------------------------------------------------------------
-    def encode(self, prompt: str | None, images=(), max_tokens: int = 128, messages=None) -> Encoded:
-        """`prompt` + `images`, or `messages` (OpenAI chat messages, a list or its JSON text). With a
-        shared-memory transport the table goes to its region: hold `transport.hold()` until sent."""
+    def encode(self, prompt: str | None, images=(), max_tokens: int = 128, messages=None, videos=()) -> Encoded:
+        """`prompt` + `images` + `videos`, or `messages` (OpenAI chat messages, a list or its JSON text).
+        With a shared-memory transport the table goes to its region: hold `transport.hold()` until sent."""
         import tritonclient.grpc as grpcclient
 
-        request = Qwen3VLRequest(prompt, images, max_tokens, messages=messages)
+        request = Qwen3VLRequest(prompt, images, max_tokens, messages=messages, videos=videos)
         outputs = [grpcclient.InferRequestedOutput(n) for n in ENCODE_OUTPUTS]
         self.transport.table_output(outputs[1])  # where the encoder writes the table
         try:
@@ -403,12 +403,12 @@ class Disaggregated:
             self.lang.end(corrid)
 
     def generate(self, prompt: str | None = None, images=(), max_tokens: int = 128, sequence_id: int | None = None,
-                 messages=None, **sampling) -> Iterator[str]:
-        """Text pieces of the whole disaggregated request (a prompt and images, or `messages`)."""
+                 messages=None, videos=(), **sampling) -> Iterator[str]:
+        """Text pieces of the whole disaggregated request (a prompt, images and videos, or `messages`)."""
         corrid = sequence_id or secrets.randbits(63) or 1
         try:
             with self.transport.hold():  # a shared region holds this request's table until it is sent
-                enc = self.encode(prompt, images, max_tokens, messages)
+                enc = self.encode(prompt, images, max_tokens, messages, videos)
                 self.transfer(corrid, enc, max_tokens, **sampling)
             for text, _ in self.stream(corrid):
                 yield text

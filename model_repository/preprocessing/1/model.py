@@ -1,4 +1,5 @@
-"""preprocessing: a prompt + encoded images, or chat messages -> input ids with prompt-table ids, pixel values."""
+"""preprocessing: a prompt + encoded images and videos, or chat messages -> input ids with prompt-table ids,
+pixel values."""
 
 import triton_python_backend_utils as pb_utils
 
@@ -8,8 +9,9 @@ from qwen3vl_triton.backend.tensors import model_params, output_tensor, read_inp
 from qwen3vl_triton.contract import LLMRequest
 from qwen3vl_triton.model.checkpoint import ModelSpec
 from qwen3vl_triton.text.preprocess import TRTLLM_OPTIONAL_INPUTS, Limits, Preprocessor, parse_request
+from qwen3vl_triton.text.video import VideoLimits
 
-INPUTS = ("text_input", "messages", "image", "max_tokens", *TRTLLM_OPTIONAL_INPUTS)
+INPUTS = ("text_input", "messages", "image", "video", "max_tokens", *TRTLLM_OPTIONAL_INPUTS)
 
 
 class TritonPythonModel:
@@ -24,7 +26,12 @@ class TritonPythonModel:
         self.max_output_len = int(params["max_output_len"])
         self.max_seq_len = int(params["max_input_len"]) + 1
         self.limits = Limits(text_bytes=int(params["max_text_bytes"]), image_bytes=int(params["max_image_bytes"]),
-                             request_bytes=int(params["max_request_bytes"]))
+                             request_bytes=int(params["max_request_bytes"]),
+                             video=VideoLimits(count=int(params["max_videos"]), bytes=int(params["max_video_bytes"]),
+                                               frames=int(params["max_video_frames"]),
+                                               seconds=float(params["max_video_seconds"]),
+                                               frame_pixels=int(params["max_video_frame_pixels"]),
+                                               pixels=int(params["max_video_pixels"])))
         self.pre = Preprocessor(self.spec, max_images=int(params["max_images"]),
                                 max_input_len=int(params["max_input_len"]),
                                 max_image_pixels=int(params["max_image_pixels"]), limits=self.limits)

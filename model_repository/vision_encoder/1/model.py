@@ -34,6 +34,7 @@ class TritonPythonModel:
         positions, stride = int(params["mrope_positions"]), int(params["table_stride"])
         self.table_stride = stride or None  # 0: each table sized to its request
         self.max_images, self.max_input_len = int(params["max_images"]), int(params["max_input_len"])
+        self.max_videos = int(params["max_videos"])
         self.encoder = VisionEncoder(self.spec, device=params["device"], dtype=params["dtype"],
                                      mrope_positions=positions or None, table_stride=self.table_stride,
                                      cache_bytes=int(params["vision_cache_bytes"]))
@@ -69,7 +70,7 @@ class TritonPythonModel:
                 arrays = read_inputs(pb_utils, request, INPUTS)
                 batch.append(encode_request_from_arrays(
                     {k: single_sequence(arrays, k) for k in INPUTS}, self.spec, self.table_stride,
-                    max_images=self.max_images, max_input_len=self.max_input_len))
+                    max_images=self.max_images, max_input_len=self.max_input_len, max_videos=self.max_videos))
                 where.append(i)
             except Exception as exc:
                 responses[i] = error_response(pb_utils, exc, pb_utils.Logger)
