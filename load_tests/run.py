@@ -85,7 +85,8 @@ def locust_command(args, http_url: str, grpc_url: str, prefix: Path, openai_url:
     return cmd + user_classes(args, openai_url)[0]
 
 
-USER_CLASSES = {"HttpGenerateUser": "HTTP", "GrpcGenerateUser": "gRPC", "OpenAIChatUser": "OpenAI", "VideoUser": "video"}
+USER_CLASSES = {"HttpGenerateUser": "HTTP", "GrpcGenerateUser": "gRPC", "OpenAIChatUser": "OpenAI",
+                "VideoUser": "video"}
 DEFAULT_CLASSES = ("HttpGenerateUser", "GrpcGenerateUser", "OpenAIChatUser")  # VideoUser when named
 
 
