@@ -117,3 +117,17 @@ def text_cos_sin(positions: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor
     """cos, sin `[n, dim/2]` for decode positions (all three M-RoPE rows equal)."""
     ang = positions.to(torch.int64)[:, None].float() * inv_freq(spec)
     return ang.cos(), ang.sin()
+
+
+def continue_cos_sin(flat: np.ndarray | None, spec: ModelSpec, length: int, delta: int,
+                     count: int) -> np.ndarray | None:
+    """`mrope_rotary_cos_sin` of a prompt of `length` tokens followed by `count` text tokens (tokens
+    a generation already produced, now part of the prompt): those take the decode positions
+    `index + delta` on all three rows, as they had when they were generated. None stays None (text
+    positions are then the indices themselves)."""
+    if flat is None or count == 0:
+        return flat
+    half = spec.rotary_dim // 2
+    head = np.asarray(flat, np.float32).reshape(-1)[:length * 2 * half]
+    cos, sin = text_cos_sin(torch.arange(length, length + count) + int(delta), spec)
+    return np.concatenate([head, torch.stack((cos, sin), dim=-1).reshape(-1).numpy()])
