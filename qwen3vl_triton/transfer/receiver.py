@@ -123,6 +123,7 @@ class Sequence:
     listener: Listener | None = None
     region: "Region | None" = None  # the shared-memory region this sequence proved it may read
     release_when_done: bool = False  # `generate` came with the END flag
+    prior: int = 0  # trailing prompt tokens a generation begun elsewhere produced (start's prior_ids)
     # the LLM request's id, unguessable: a `stop` request names it (tensorrtllm's cancellation)
     generation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -205,7 +206,8 @@ class Sequence:
             if not 0 <= from_token <= len(self.tokens):
                 raise InputError("from_token", f"must be in [0, {len(self.tokens)}] (the tokens generated so far), "
                                                f"got {from_token}")
-            listener.prime(self.tokens[:from_token])
+            before = self.input_ids[self.input_ids.size - self.prior:].tolist() if self.prior else []
+            listener.prime(before + self.tokens[:from_token])  # text goes on from the tokens before
             old, self.listener = self.listener, listener
             if old is not None:
                 old.fail(f"generate stream replaced: a later generate on sequence {self.corrid} "
@@ -366,7 +368,7 @@ class SequenceStore:
     # -- ops ---------------------------------------------------------------------------------------
     def start(self, corrid: int, input_ids: np.ndarray, table_rows: int, prompt_vocab_size: int | None,
               mrope_cos_sin: np.ndarray | None, mrope_delta: int, max_tokens: int,
-              sampling: SamplingParams) -> Sequence:
+              sampling: SamplingParams, prior: int = 0) -> Sequence:
         if table_rows < 0:
             raise InputError("table_rows", f"must be >= 0, got {table_rows}")
         if prompt_vocab_size is not None and prompt_vocab_size != table_rows:
@@ -396,7 +398,7 @@ class SequenceStore:
                     f"{len(self._seqs) + len(self._detached)} sequences, and this one needs {need} more (bound "
                     f"{self.max_bytes}); retry when other sequences end")
             seq = Sequence(corrid, ids, np.zeros((table_rows, self.hidden_size), self.table_dtype), mrope_cos_sin,
-                           int(mrope_delta), int(max_tokens), sampling, clock=self.clock)
+                           int(mrope_delta), int(max_tokens), sampling, clock=self.clock, prior=prior)
             self._seqs[corrid] = seq
             self.started += 1
         return seq

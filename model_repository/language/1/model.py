@@ -161,6 +161,7 @@ class TritonPythonModel:
     def _control(self, op, corrid, x):
         if op == "start":
             ids, cos_sin, delta = single_sequence(x, IDS), x.get(COS_SIN), scalar(x, DELTA, int, default=0)
+            prior = np.zeros(0, np.int64)
             cos_sin = None if cos_sin is None else single_sequence(x, COS_SIN)
             if x.get("prior_ids") is not None:  # a generation moved here: its tokens so far join the prompt
                 prior = single_sequence(x, "prior_ids").astype(np.int64)
@@ -180,6 +181,7 @@ class TritonPythonModel:
                                         top_k=scalar(x, "top_k", int, default=0),
                                         top_p=scalar(x, "top_p", float, default=1.0),
                                         seed=scalar(x, "seed", int)),
+                prior=prior.size,
             )
             self.metrics["sequences_started_total"].increment(1)
             return seq.received
