@@ -39,6 +39,8 @@ from qwen3vl_triton.text.detok import IncrementalDetokenizer
 from qwen3vl_triton.transfer.region import Region, SharedRegions
 
 OPS = ("start", "chunk", "status", "generate", "load")
+# the file the launcher creates in the `language` model's folder when its server drains (SIGTERM)
+DRAIN_FILE = "draining"
 # `start`'s inputs that carry contract values under their own names (DESIGN §5)
 START_NAMES = {"request_output_len": "max_tokens", "prompt_embedding_table": "table_rows"}
 

@@ -23,7 +23,7 @@ from qwen3vl_triton.contract import ENCODE_OUTPUTS, LLMRequest, SamplingParams
 from qwen3vl_triton.errors import Failed, InputError, Unavailable
 from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec
-from qwen3vl_triton.transfer.receiver import OPS, Listener, RowsRefused, SequenceStore
+from qwen3vl_triton.transfer.receiver import DRAIN_FILE, OPS, Listener, RowsRefused, SequenceStore
 from qwen3vl_triton.transfer.region import SharedRegions
 
 # `start` takes the encoder's outputs under their own names (the table as its row count, table_rows)
@@ -31,8 +31,6 @@ IDS, _, ROWS, COS_SIN, DELTA = ENCODE_OUTPUTS
 INPUTS = ("op", IDS, "table_rows", ROWS, COS_SIN, DELTA, "max_tokens", "temperature", "top_k", "top_p", "seed",
           "chunk", "chunk_offset", "chunk_region", "region_secret", "region_offset", "chunk_rows", "from_token",
           "prior_ids")
-# the file the launcher creates in this model's folder when the server drains (serve/launcher.py)
-DRAIN_FILE = "draining"
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 
