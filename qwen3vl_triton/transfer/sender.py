@@ -204,11 +204,13 @@ class LanguageClient:
         except TransferError:
             pass  # already gone (expired or failed): nothing is held
 
-    def generate(self, corrid: int, from_token: int = 0, stream: GrpcStream | None = None
+    def generate(self, corrid: int, from_token: int = 0, stream: GrpcStream | None = None, end: bool = False
                  ) -> Iterator[tuple[str, list[int]]]:
-        """Yield (text, token ids) per response; StreamBroken if the stream ends early."""
+        """Yield (text, token ids) per response; StreamBroken if the stream ends early. `end`: send
+        the END flag with it: the id is free at once (a new start on it is accepted) and the
+        sequence ends with its generation."""
         inputs = [self._op("generate"), infer_input("from_token", np.array([[from_token]], np.int32))]
-        for r in self._results(self._submit(inputs, stream, sequence_id=corrid)):
+        for r in self._results(self._submit(inputs, stream, sequence_id=corrid, sequence_end=end)):
             text = r.as_numpy("text_output")
             if text is None:  # the empty final response, or received_rows before a refusal
                 continue
