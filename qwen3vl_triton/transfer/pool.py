@@ -230,7 +230,13 @@ def conversation_key(conversation_id=None, messages=None, prompt=None, images=()
         except (ValueError, TypeError):
             first = None
         if first is not None:
-            h.update(b"msg\0" + json.dumps(first.get("content"), sort_keys=True).encode())
+            h.update(b"msg")
+            content = first.get("content")
+            for part in content if isinstance(content, list) else [content]:
+                if isinstance(part, dict):  # its text or its image's URL (data URLs: the image itself)
+                    value = part.get("text") or part.get("image_url") or part.get("image") or ""
+                    part = value.get("url", "") if isinstance(value, dict) else value
+                h.update(b"\0" + _bytes(part if isinstance(part, (str, bytes)) else repr(part)))
             return h.digest()
     h.update(b"prompt\0" + _bytes(prompt or b""))
     for image in images:
