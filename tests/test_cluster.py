@@ -23,7 +23,8 @@ def test_a_cluster_of_one_encoder_and_two_language_servers(tiny_checkpoint, tmp_
 
     http, grpc, openai_port = free_ports(3)
     build = tmp_path / "build"
-    proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_triton.serve.cluster", "--encoders", "1", "--languages", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_triton.serve.cluster", "--encoders", "1",
+                             "--languages", "2",
                              "--checkpoint", str(tiny_checkpoint), "--http-port", str(http), "--grpc-port", str(grpc),
                              "--openai-port", str(openai_port), "--build-dir", str(build),
                              "--set", "max_output_len=64", "--set", "max_seq_len=2048"],
