@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -49,9 +49,11 @@ class Member:
     ready_line: str = ""
 
     def record(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("process", "ready_line", "name")}
-        if not self.openai:
-            out.pop("openai")
+        """Its object in cluster.json."""
+        out = {"role": self.role, "pid": self.pid, "tritonserver_pid": self.tritonserver_pid, "http": self.http,
+               "grpc": self.grpc, "metrics": self.metrics}
+        if self.openai:
+            out["openai"] = self.openai
         return out
 
 

@@ -83,7 +83,7 @@ def rendezvous(key: bytes, url: str) -> int:
 
 class LanguagePool:
     def __init__(self, urls: str | list[str], timeout: float = 120.0, load_seconds: float = 0.25,
-                 resolve_seconds: float = 5.0, balance: float = 1.15, recent_seconds: float = 2.0,
+                 resolve_seconds: float = 5.0, balance: float = 1.15, recent_seconds: float = 5.0,
                  probe_timeout: float = 2.0, client_factory=None):
         from qwen3vl_triton.transfer.sender import LanguageClient
 
