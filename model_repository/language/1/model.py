@@ -181,7 +181,8 @@ class TritonPythonModel:
                                         seed=scalar(x, "seed", int)),
                 prior=prior.size,
             )
-            self.metrics["sequences_started_total"].increment(1)
+            with self._gauge_lock:  # the janitor thread sends the gauges: one metric call at a time
+                self.metrics["sequences_started_total"].increment(1)
             return seq.received
         if op == "chunk":
             offset = scalar(x, "chunk_offset", int, required=True)

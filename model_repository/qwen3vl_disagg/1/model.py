@@ -46,10 +46,10 @@ class TritonPythonModel:
                                             "sequences moved to another language server after theirs failed",
                                             pb_utils.MetricFamily.COUNTER)
         self.migrations = self.family.Metric(labels=labels)
+        self._metric_lock = threading.Lock()  # the stub crashes on metric calls from two threads at once
         self.disagg = Disaggregated(None, params["language_urls"], transport="grpc",
                                     chunk_rows=int(params["chunk_rows"]),
-                                    migration_limit=int(params["migration_limit"]),
-                                    on_migrate=lambda: self.migrations.increment(1))
+                                    migration_limit=int(params["migration_limit"]), on_migrate=self._migrated)
         self.pool = worker_pool(workers, "disagg")
         # requests running or waiting for a worker: past the bound one is refused, as a full queue is
         self.slots = threading.BoundedSemaphore(workers + queued)
@@ -77,6 +77,10 @@ class TritonPythonModel:
             except Exception as exc:
                 sender.send(error_response(pb_utils, exc, pb_utils.Logger), flags=FINAL)
         return None
+
+    def _migrated(self):
+        with self._metric_lock:
+            self.migrations.increment(1)
 
     def _encode(self, req: Qwen3VLRequest) -> Encoded:
         inputs = [pb_utils.Tensor(name, value) for name, value in req.arrays(encode_only=True).items()]
