@@ -313,7 +313,8 @@ def test_a_killed_language_server_hands_its_sequences_to_the_others(encoders, la
     _check_long(results, oracle, expected)
     assert migrations(encoders) - moved >= min(held, 4)
     # restarted on its ports, it takes new sequences once ready
-    assert wait_for(lambda: _serves(encoders, _restart(languages, index)), 60)
+    restarted = _restart(languages, index)
+    assert wait_for(lambda: _serves(encoders, restarted), 60)
 
 
 def _restart(languages, index):
@@ -370,7 +371,8 @@ def test_a_draining_language_server_loses_nothing(encoders, languages, oracle):
     assert not errors, errors
     _check_long(results, oracle, expected)
     (target.repository / "language" / DRAIN_FILE).unlink()  # the launcher renders a new repository each start
-    assert wait_for(lambda: _serves(encoders, _restart(languages, index)), 60)
+    restarted = _restart(languages, index)
+    assert wait_for(lambda: _serves(encoders, restarted), 60)
 
 
 @pytest.mark.server
