@@ -18,7 +18,7 @@ USERS       ?= 4
 DURATION    ?= 30
 URL         ?=
 
-.PHONY: venv demo test lint serve checkpoint clean load-test tools gpu-bundle soak perf perf-analyzer
+.PHONY: venv demo test lint serve cluster checkpoint clean load-test tools gpu-bundle soak perf perf-analyzer
 
 venv: $(BIN)/.installed $(BIN)/.llama_cpp
 
@@ -104,6 +104,15 @@ checkpoint: venv
 serve: venv
 	$(BIN)/qwen3vl-serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) --topology $(TOPOLOGY) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		$(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT),) $(ARGS)
+
+# A loopback cluster: ENCODERS encoder servers and LANGUAGES language servers on 127.0.0.1; the front
+# door (qwen3vl_disagg, and the OpenAI endpoint with OPENAI_PORT) on HTTP_PORT/GRPC_PORT
+ENCODERS ?= 2
+LANGUAGES ?= 3
+cluster: venv
+	$(BIN)/python -m qwen3vl_triton.serve.cluster --encoders $(ENCODERS) --languages $(LANGUAGES) \
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 		$(if $(OPENAI_PORT),--openai-port $(OPENAI_PORT),) $(ARGS)
 
 # keeps build/llamacpp (a 7-60 min build; `rm -rf build` drops it too)

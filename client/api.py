@@ -13,7 +13,7 @@ import numpy as np
 
 from qwen3vl_triton.clients.llm import LLMConnection, stop_http, stop_left
 from qwen3vl_triton.clients.qwen3vl import MODEL, Qwen3VLRequest, Qwen3VLResponse, image_b64
-from qwen3vl_triton.errors import RemoteError, message_of
+from qwen3vl_triton.errors import Code, RemoteError, message_of
 
 
 class ClientError(RemoteError):
@@ -57,14 +57,29 @@ encode_image_b64 = image_b64
 
 
 class Client:
-    """`url` is HOST:PORT of the server's gRPC or HTTP endpoint, per `protocol`."""
+    """`url` is HOST:PORT of the server's gRPC or HTTP endpoint, per `protocol`; several
+    (comma-separated: servers of one pool, e.g. encoder servers) make `generate` retry a request
+    that fails UNAVAILABLE (the server is down, stopping or full) on the next one, but only before
+    its first piece of text: a stream that has begun is never replayed."""
 
     def __init__(self, url: str, protocol: str = "grpc", model: str = MODEL, timeout: float = 600.0):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be grpc or http, got {protocol!r}")
-        self.url, self.protocol, self.model, self.timeout = url, protocol, model, timeout
+        self.urls = [u.strip() for u in url.split(",") if u.strip()]
+        if not self.urls:
+            raise ValueError(f"url: expected HOST:PORT[,HOST:PORT...], got {url!r}")
+        self.protocol, self.model, self.timeout = protocol, model, timeout
         self._grpc = self._llm = self._http = None
-        if protocol == "grpc":
+        self._next = 0  # the server the next request tries first
+        self._use(self.urls[0])
+
+    def _use(self, url: str) -> None:
+        """Talk to `url` from now on (its own channel)."""
+        if getattr(self, "url", None) == url:
+            return
+        self.close()
+        self.url = url
+        if self.protocol == "grpc":
             import tritonclient.grpc as grpcclient
 
             self._grpc = grpcclient.InferenceServerClient(url)  # one channel for every request
@@ -131,14 +146,24 @@ class Client:
             raise ValueError("give a prompt or messages, not both")
         request = Qwen3VLRequest(prompt, list(images), max_tokens, messages=messages, stream=stream,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, videos=list(videos))
-        pieces = (self._grpc_generate if self.protocol == "grpc" else self._http_generate)(request, request_id)
-        try:
-            for piece in pieces:
-                if stats is not None:
-                    stats.mark(piece)
-                yield piece
-        finally:  # a caller that leaves stops the generation now, while this client's connections are open
-            pieces.close()
+        for attempt in range(len(self.urls)):
+            if len(self.urls) > 1:
+                self._use(self.urls[(self._next + attempt) % len(self.urls)])
+            pieces = (self._grpc_generate if self.protocol == "grpc" else self._http_generate)(request, request_id)
+            begun = False
+            try:
+                for piece in pieces:
+                    begun = True
+                    if stats is not None:
+                        stats.mark(piece)
+                    yield piece
+                break
+            except ClientError as exc:
+                if begun or attempt == len(self.urls) - 1 or exc.error.code is not Code.UNAVAILABLE:
+                    raise
+            finally:  # a caller that leaves stops the generation now, while this client's connections are open
+                pieces.close()
+        self._next = (self._next + 1) % len(self.urls)
         if stats is not None:
             stats.end = time.perf_counter()
 
@@ -163,7 +188,10 @@ class Client:
             finished = True
         except StreamError as exc:
             finished = True
-            raise ClientError(str(exc)) from None
+            # a stream that broke (server gone, stopping): UNAVAILABLE, which a retry may get past
+            if exc.broken:
+                raise ClientError(f"the server at {self.url} is unavailable: {exc}", "UNAVAILABLE") from None
+            raise ClientError(str(exc), exc.error.code.name) from None
         finally:
             if not finished and generation is not None:
                 self._stop_left(generation)  # first: closing the stream waits for the request's end

@@ -66,8 +66,9 @@ class Failed(RuntimeError):
 # How this project's UNAVAILABLE messages begin (the text is all a stream reader gets)
 ENGINE_QUEUE_FULL = "engine queue full"
 LANGUAGE_STATE_FULL = "start refused: the language server holds"
+LANGUAGE_DRAINING = "start refused: the language server is draining"
 QUEUE_SIZE = "Exceeds maximum queue size"  # Triton's own phrase, which qwen3vl_disagg's bound reuses
-UNAVAILABLE_LEADS = (ENGINE_QUEUE_FULL, LANGUAGE_STATE_FULL, QUEUE_SIZE)
+UNAVAILABLE_LEADS = (ENGINE_QUEUE_FULL, LANGUAGE_STATE_FULL, LANGUAGE_DRAINING, QUEUE_SIZE)
 # Triton's own refusals of a request it cannot serve now, and a stream that ended under its requests
 _TRITON_UNAVAILABLE = ("maximum queue size", "is not ready", "unknown model", "is not found",
                        "the server closed the stream")

@@ -387,3 +387,50 @@ def test_links_fifos_foreign_names_and_missing_regions_are_refused_without_block
     t.join(10)
     assert done.is_set(), "opening a region blocked (a FIFO?)"
     assert len(regions) == 0
+
+
+def test_a_generate_with_end_frees_the_id_while_its_generation_goes_on():
+    st, _ = store(max_sequences=2)
+    old = fill(st)
+    stream = Stream()
+    assert old.generate(stream.listener, 0, release_when_done=True) is True
+    st.free_id(7)  # what the model does for a generate carrying END
+    assert st.load() == (1, old.max_tokens)  # still held, still counted
+    new = fill(st)  # a new START on the id is accepted at once
+    with pytest.raises(Unavailable, match="its bound of 2 open sequences"):
+        start(st, corrid=8)  # the old sequence still counts against the bound
+    old.record([5, 6], final=False)
+    old.record([7], final=True)
+    assert stream.ids == [5, 6, 7] and stream.final and not old.open
+    st.release(old)
+    assert st.get(7) is new and len(st) == 1
+
+
+def test_a_freed_sequence_whose_client_left_ends_and_stops():
+    st, _ = store()
+    seq = fill(st)
+    stream = Stream(cancelled=True)
+    seq.generate(stream.listener, 0, release_when_done=True)
+    st.free_id(7)
+    seq.record([5], final=False)
+    assert not seq.open  # the caller (the model's generation thread) stops the LLM request
+    st.release(seq)
+    assert len(st) == 0
+
+
+def test_a_draining_store_refuses_new_sequences_and_keeps_the_open_ones():
+    st, _ = store()
+    seq = fill(st)
+    st.draining = True
+    with pytest.raises(Unavailable, match="^start refused: the language server is draining"):
+        start(st, corrid=8)
+    assert st.get(7) is seq and seq.generate(Stream().listener, 0) is True
+
+
+def test_prior_tokens_prime_the_text_of_a_moved_generation():
+    st, _ = store()
+    ids = np.array([1, 2, 3, 40, 41], np.int32)  # a prompt of three, then two tokens generated elsewhere
+    seq = st.start(9, ids, 0, 0, None, 0, 6, SamplingParams(), prior=2)
+    stream = Stream()
+    seq.generate(stream.listener, 0)
+    assert stream.listener.detok.ids == [40, 41]  # the text goes on after them

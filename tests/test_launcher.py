@@ -187,11 +187,13 @@ def test_serve_with_openai_port_starts_and_stops_the_openai_endpoint(tiny_checkp
             proc.wait()
 
 
-def test_serve_refuses_openai_port_without_qwen3vl(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("topology", ["language", "encoder"])  # an encoder server without language_urls
+def test_serve_refuses_openai_port_without_qwen3vl(tiny_checkpoint, tmp_path, topology):
     out = subprocess.run([sys.executable, "-m", "qwen3vl_triton.serve.launcher", "--checkpoint", str(tiny_checkpoint),
-                          "--topology", "language", "--openai-port", "9", "--build-dir", str(tmp_path)],
+                          "--topology", topology, "--openai-port", "9", "--build-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "error: --openai-port needs the qwen3vl model; topology language" in out.stderr
+    assert out.returncode == 2 and ("error: --openai-port needs the qwen3vl model, or qwen3vl_disagg (topology encoder "
+                                    f"with language_urls); topology {topology} has neither") in out.stderr
 
 
 def test_check_prints_the_memory_of_each_dtype_and_the_engine(tiny_checkpoint, tmp_path):

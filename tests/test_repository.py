@@ -71,7 +71,24 @@ def test_settings_and_checkpoint_facts_reach_the_configs(tiny_checkpoint, tmp_pa
     assert list(table.dims) == [-1, spec.hidden_size]
     assert not (repo / "qwen3vl_disagg").exists()  # not in the `all` topology
     enc = render(tiny_checkpoint, tmp_path / "enc", topology="encoder", settings=Settings(language_url="h:1"))
-    assert params(load(enc, "qwen3vl_disagg"))["language_url"] == "h:1"
+    assert params(load(enc, "qwen3vl_disagg"))["language_urls"] == "h:1"  # a one-server list
+    pool = render(tiny_checkpoint, tmp_path / "pool", topology="encoder",
+                  settings=Settings(language_urls="a:1,b:2", migration_limit=5))
+    assert params(load(pool, "qwen3vl_disagg"))["language_urls"] == "a:1,b:2"
+    assert params(load(pool, "qwen3vl_disagg"))["migration_limit"] == "5"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(language_urls="a:1", language_url="b:2"), "set language_urls or language_url, not both"),
+    (dict(language_urls="a:1,nohost"), "language_urls: 'nohost' is not HOST:PORT"),
+    (dict(language_urls="a:1,a:1"), "language_urls: a server is listed twice"),
+    (dict(language_urls="dns:svc"), "language_urls: expected dns:NAME:PORT"),
+    (dict(language_url="a:1,b:2"), "language_url: one HOST:PORT"),
+    (dict(migration_limit=-1), "migration_limit must be >= 0"),
+])
+def test_language_server_settings_are_checked_by_name(tiny_checkpoint, tmp_path, settings, message):
+    with pytest.raises(RenderError, match=message):
+        render(tiny_checkpoint, tmp_path / "bad", topology="encoder", settings=Settings(**settings))
 
 
 def test_an_unfilled_placeholder_fails_at_render_time(tiny_checkpoint, tmp_path):

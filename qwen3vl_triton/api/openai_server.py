@@ -142,6 +142,7 @@ class Params:
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    user: str | None = None  # the end user: qwen3vl_disagg keeps one user's turns on one language server
 
     @classmethod
     def parse(cls, body, model: str, max_output_len: int) -> "Params":
@@ -193,10 +194,13 @@ class Params:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise APIError(400, "stream_options: must be an object", "stream_options")
+        user = body.get("user")
+        if user is not None and not isinstance(user, str):
+            raise APIError(400, "user: must be a string", "user")
         return cls(messages=messages, max_tokens=max_tokens or max_output_len, stream=stream,
                    include_usage=bool(options.get("include_usage")), temperature=number("temperature", 0, 2),
                    top_p=number("top_p", 0, 1, low_open=True), seed=number("seed", 0, 2**63 - 1, integer=True),
-                   stop=stop)
+                   stop=stop, user=user or None)
 
 
 # the model's inputs that an OpenAI client knows by another name
@@ -211,19 +215,22 @@ def triton_error(message: str, status: str | None = None) -> APIError:
 
 
 class Backend:
-    """`qwen3vl` over tritonclient's asyncio gRPC stream."""
+    """`qwen3vl` (or `qwen3vl_disagg`, the same interface on an encoder server) over tritonclient's
+    asyncio gRPC stream."""
 
     def __init__(self, url: str, model: str = MODEL):
         import tritonclient.grpc.aio as aio
 
         self.url, self.model = url, model
         self.client = aio.InferenceServerClient(url)
-        self.llm = LLMConnection(url)  # stops of generations whose client left, from a thread
+        # the ensemble's generation is stopped by its id (tensorrt_llm `stop`), from a thread;
+        # qwen3vl_disagg, a plain decoupled model, sees the cancelled stream and stops its own
+        self.llm = LLMConnection(url) if model == MODEL else None
 
-    @staticmethod
-    def request(p: Params) -> Qwen3VLRequest:
+    def request(self, p: Params) -> Qwen3VLRequest:
         return Qwen3VLRequest(messages=p.messages, max_tokens=p.max_tokens, stream=True, temperature=p.temperature,
-                              top_p=p.top_p, seed=p.seed, stop=p.stop)
+                              top_p=p.top_p, seed=p.seed, stop=p.stop,
+                              conversation_id=p.user if self.model != MODEL else None)
 
     async def generate(self, p: Params):
         """Yield (text, token count, prompt tokens, finish reason or None) per response; a stream
@@ -257,7 +264,7 @@ class Backend:
             raise triton_error(f"the model server at {self.url} failed: {exc.details()}", str(exc.code())) from None
         finally:
             stream.cancel()  # a no-op after the final response; otherwise Triton cancels the request
-            if not finished and generation is not None:
+            if not finished and generation is not None and self.llm is not None:
                 # Triton 2.51 does not cancel an ensemble step that is already running, so the
                 # generation itself is ended by its id (tensorrt_llm's `stop`), off the event loop
                 threading.Thread(target=self._stop, args=(generation,), name="stop", daemon=True).start()
@@ -269,7 +276,8 @@ class Backend:
 
     async def close(self):
         await self.client.close()
-        self.llm.close()
+        if self.llm is not None:
+            self.llm.close()
 
 
 def error_body(status: int, message: str) -> bytes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import traceback
 
+import numpy as np
+
 from qwen3vl_triton.errors import Code, unexpected, wire
 
 
@@ -32,3 +34,16 @@ def send_response(pb, sender, tensors: list, flags: int = 0) -> None:
     while `language`, which asks it for `output_ids` only, was being answered. Held here, the
     arrays are freed after `send`, with the GIL."""
     sender.send(pb.InferenceResponse(output_tensors=tensors), flags=flags)
+
+
+def qwen3vl_outputs(pb, text: str, ids, prompt_tokens: int, finish, generation_id: str) -> list:
+    """The tensors of one `qwen3vl` response (`qwen3vl_disagg` answers the same): the new text, its
+    token ids, the prompt's length, the finish reason (empty before the last response) and the
+    generation's id."""
+    return [
+        pb.Tensor("text_output", np.array([[text.encode("utf-8")]], np.object_)),
+        pb.Tensor("output_ids", np.asarray(ids, np.int32).reshape(1, -1)),
+        pb.Tensor("prompt_tokens", np.array([[prompt_tokens]], np.int32)),
+        pb.Tensor("finish_reason", np.array([[(finish or "").encode()]], np.object_)),
+        pb.Tensor("generation_id", np.array([[generation_id.encode()]], np.object_)),
+    ]

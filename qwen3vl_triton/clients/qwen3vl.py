@@ -47,6 +47,7 @@ class Qwen3VLRequest:
     stream: bool | None = None
     stop: Sequence[str] = ()
     videos: Sequence[bytes | str] = ()
+    conversation_id: str | None = None  # qwen3vl_disagg only: keeps a conversation on one language server
 
     def _prompt(self) -> dict[str, bytes]:
         """`text_input` and/or `messages` (the server refuses both, or neither, by name)."""
@@ -75,6 +76,8 @@ class Qwen3VLRequest:
                 out[key] = np.array([[getattr(self, key)]], dtype=dtype)
         if self.stop:
             out["stop_words"] = np.array([[_bytes(s) for s in self.stop]], dtype=np.object_)
+        if self.conversation_id is not None:
+            out["conversation_id"] = np.array([[_bytes(self.conversation_id)]], dtype=np.object_)
         return out
 
     def grpc_inputs(self, encode_only: bool = False) -> list:
@@ -98,6 +101,8 @@ class Qwen3VLRequest:
         body.update({k: getattr(self, k) for k in SAMPLING if getattr(self, k) is not None})
         if self.stop:
             body["stop_words"] = list(self.stop)
+        if self.conversation_id is not None:
+            body["conversation_id"] = self.conversation_id
         return body
 
     @classmethod
@@ -121,8 +126,8 @@ class Qwen3VLRequest:
 
 @dataclass
 class Qwen3VLResponse:
-    """One response: the new text, and what `qwen3vl` sends beside it (absent from `qwen3vl_disagg`'s
-    responses: None)."""
+    """One response: the new text, and what `qwen3vl` (and `qwen3vl_disagg`) sends beside it (None
+    where a response lacks it)."""
 
     text: str
     output_ids: np.ndarray | None = None

@@ -501,7 +501,7 @@ class GgmlRunner:
         for k, seq in enumerate(seqs):
             if k not in greedy:
                 try:
-                    out[k] = sample(logits[k], seq.req.sampling, seq.gen, banned[k])
+                    out[k] = sample(logits[k], seq.req.sampling, seq.gen, banned[k], seq.prompt_len + seq.generated)
                 except Exception as exc:
                     out[k] = exc
         return out

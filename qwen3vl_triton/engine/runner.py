@@ -67,7 +67,7 @@ class Runner:
         # as TensorRT-LLM's min_tokens: no end token before that many tokens
         banned = seq.end_ids if seq.generated < seq.req.min_tokens else ()
         try:
-            return sample(logits[-1], seq.req.sampling, seq.gen, banned)
+            return sample(logits[-1], seq.req.sampling, seq.gen, banned, seq.prompt_len + seq.generated)
         except Exception as exc:
             return exc
 

@@ -19,7 +19,7 @@ from qwen3vl_triton.errors import ENGINE_QUEUE_FULL, Unavailable
 from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec
 from qwen3vl_triton.model.lm import KVCache
-from qwen3vl_triton.model.sampling import make_generator
+from qwen3vl_triton.model.sampling import TokenDraws, make_generator
 
 # on_tokens(new_token_ids, finish_reason, error): finish_reason is None while the sequence runs,
 # then a FinishReason: STOP (end token), LENGTH (max tokens or context), CANCELLED, ERROR.
@@ -41,7 +41,7 @@ class _Seq:
     prompt_len: int
     cos: torch.Tensor  # (prompt_len, d/2) prompt rotary angles
     sin: torch.Tensor
-    gen: torch.Generator | None
+    gen: TokenDraws | None  # the request's random draws (sampling.TokenDraws)
     end_ids: frozenset[int]
     cached: int = 0  # tokens in the KV cache
     generated: int = 0

@@ -173,3 +173,17 @@ def positions_from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, spec: ModelSpec
     if not err <= tolerance:
         raise ValueError(f"mrope_rotary_cos_sin is not the M-RoPE table of integer positions (off by {err:.3g})")
     return pos
+
+
+def continue_cos_sin(flat: np.ndarray | None, spec: ModelSpec, length: int, delta: int,
+                     count: int) -> np.ndarray | None:
+    """`mrope_rotary_cos_sin` of a prompt of `length` tokens followed by `count` text tokens (tokens
+    a generation already produced, now part of the prompt): those take the decode positions
+    `index + delta` on all three rows, as they had when they were generated. None stays None (text
+    positions are then the indices themselves)."""
+    if flat is None or count == 0:
+        return flat
+    half = spec.rotary_dim // 2
+    head = np.asarray(flat, np.float32).reshape(-1)[:length * 2 * half]
+    cos, sin = text_cos_sin(torch.arange(length, length + count) + int(delta), spec)
+    return np.concatenate([head, torch.stack((cos, sin), dim=-1).reshape(-1).numpy()])

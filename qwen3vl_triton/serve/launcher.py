@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for every model to be ready")
     ap.add_argument("--openai-port", type=int, default=0,
                     help="also serve the OpenAI-compatible API (/v1/chat/completions, /v1/models) on this port, "
-                         "same address (topologies with qwen3vl: all, single)")
+                         "same address (topologies with qwen3vl: all, single; or encoder with language_urls, "
+                         "through qwen3vl_disagg)")
     ap.add_argument("--admin-key", default=os.environ.get(admin.ENV),
                     help="the key Triton's management APIs require (header admin-key; gRPC: "
                          f"{admin.GRPC_HEADER}); default ${admin.ENV}, else a random one written to "
@@ -129,12 +131,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     build = Path(args.build_dir).resolve()
-    if args.openai_port and "qwen3vl" not in TOPOLOGIES[args.topology]:
-        print(f"error: --openai-port needs the qwen3vl model; topology {args.topology} has none "
-              f"(use all or single)", file=sys.stderr)
+    settings = settings_of(args)
+    chat_model = openai_model(args.topology, settings)
+    if args.openai_port and chat_model is None:
+        print(f"error: --openai-port needs the qwen3vl model, or qwen3vl_disagg (topology encoder with "
+              f"language_urls); topology {args.topology} has neither", file=sys.stderr)
         return 2
     checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_checkpoint(Path("checkpoints/tiny"))
-    settings = settings_of(args)
     report = check_checkpoint(checkpoint, settings.engine_max_batch, settings.max_seq_len)
     if args.check:
         if report.spec is not None:
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
     try:
         if args.openai_port:
             openai = OpenAIServer(server.grpc_url, args.address, args.openai_port, settings,
-                                  log_file=build / f"openai-{args.topology}.log").start()
+                                  log_file=build / f"openai-{args.topology}.log", model=chat_model).start()
     except ServerError as exc:
         server.stop()
         print(f"error: {exc}", file=sys.stderr)
@@ -206,6 +209,8 @@ def main(argv=None) -> int:
                     print(f"error: {name} exited with code {proc.returncode}; see {log}", file=sys.stderr)
                     return 1
     finally:
+        if "language" in TOPOLOGIES[args.topology] and server.process.poll() is None:
+            drain(server, repo, settings.drain_timeout_s)
         # both at once: the generations the OpenAI server relays end as soon as Triton ends them
         for running in (openai, server):
             if running is not None:
@@ -215,6 +220,41 @@ def main(argv=None) -> int:
         server.stop()
     print("stopped", flush=True)
     return 0
+
+
+def openai_model(topology: str, settings: Settings) -> str | None:
+    """The model the OpenAI endpoint calls on this topology (None: none it can call)."""
+    if "qwen3vl" in TOPOLOGIES[topology]:
+        return "qwen3vl"
+    if "qwen3vl_disagg" in TOPOLOGIES[topology] and settings.language_servers:
+        return "qwen3vl_disagg"
+    return None
+
+
+def drain(server: TritonServer, repo: Path, seconds: float, log=print) -> None:
+    """A language server's stop: the `language` model takes no new sequence (its readiness in
+    op=load says so, and orchestrators choose other servers), and the open ones have up to
+    `seconds` to end; the server stops after that (orchestrators move those still running)."""
+    from qwen3vl_triton.transfer.receiver import DRAIN_FILE
+    from qwen3vl_triton.transfer.sender import LanguageClient
+
+    (repo / "language" / DRAIN_FILE).touch()
+    log(f"draining: no new sequence; waiting up to {seconds}s for the open ones", flush=True)
+    deadline = time.monotonic() + seconds
+    lang = LanguageClient(server.grpc_url, timeout=5)
+    sequences = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                sequences, _, draining = lang.load()
+            except Exception:  # noqa: BLE001 -- the server is gone: nothing left to wait for
+                break
+            if draining and sequences == 0:
+                break
+            time.sleep(0.2)
+    finally:
+        lang.close()
+    log(f"drained: {sequences if sequences is not None else 'unknown'} sequence(s) still open", flush=True)
 
 
 def admin_key(given: str | None, build: Path, topology: str, grpc_port: int) -> tuple[str, str]:

@@ -125,9 +125,22 @@ class Settings:
     language_state_bytes: int = 2 * 2**30  # bound on the tables held by `language` sequences
     sequence_idle_us: int = 60_000_000  # sequence batcher max_sequence_idle_microseconds
     language_max_sequences: int = 256  # open `language` sequences; a start past it is refused (UNAVAILABLE)
-    # encoder server: where qwen3vl_disagg sends tables (HOST:PORT, gRPC); empty: no qwen3vl_disagg
+    # language server: on SIGTERM it takes no new sequence and lets the open ones finish for up to
+    # this many seconds (an orchestrator moves those still running when it stops), then stops
+    drain_timeout_s: int = 30
+    # encoder server: the language servers qwen3vl_disagg sends tables to (gRPC): HOST:PORT[,HOST:PORT...]
+    # or dns:NAME:PORT (NAME's A records, resolved again every few seconds); empty: no qwen3vl_disagg.
+    # language_url: one HOST:PORT, the same as a one-server language_urls
+    language_urls: str = ""
     language_url: str = ""
     chunk_rows: int = 256  # table rows per chunk sent by qwen3vl_disagg
+    # times qwen3vl_disagg moves one sequence whose language server failed, then the request fails
+    migration_limit: int = 3
+
+    @property
+    def language_servers(self) -> str:
+        """Where qwen3vl_disagg sends tables: language_urls, else language_url (empty: nowhere)."""
+        return self.language_urls or self.language_url
 
     @property
     def text_bytes(self) -> int:
@@ -168,6 +181,20 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.language_urls and self.language_url:
+            problems.append("set language_urls or language_url, not both (language_url is a one-server language_urls)")
+        for name in ("language_urls", "language_url"):
+            if getattr(self, name):
+                from qwen3vl_triton.transfer.pool import parse_urls
+
+                try:
+                    urls, dns = parse_urls(getattr(self, name), name)
+                except ValueError as exc:
+                    problems.append(str(exc))
+                else:
+                    if name == "language_url" and (dns or len(urls) != 1):
+                        problems.append(f"language_url: one HOST:PORT (several go in language_urls), "
+                                        f"got {self.language_url!r}")
         if self.max_seq_len > spec.max_position_embeddings:
             problems.append(f"max_seq_len {self.max_seq_len} exceeds the model's max_position_embeddings "
                             f"{spec.max_position_embeddings}")
@@ -267,6 +294,7 @@ def values(spec: ModelSpec, device: str, settings: Settings, extra: dict | None 
         python_env=_python_env_block(),
         # the CPU LLM: its runner (auto resolved), its weights' dtype, the GGUF file when converted
         # before the server starts (serve/cpu_engine.prepare; empty: the model converts at load)
+        language_servers=settings.language_servers,
         cpu_runner=engine.runner,
         llm_dtype=engine.dtype,
         gguf="",
@@ -340,7 +368,7 @@ def render(checkpoint: str | Path, out: str | Path, device: str = "cpu", topolog
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for model in TOPOLOGIES[topology]:
-        if model == "qwen3vl_disagg" and not settings.language_url:
+        if model == "qwen3vl_disagg" and not settings.language_servers:
             continue  # it needs a language server to send to
         src = templates / model
         if not src.is_dir():

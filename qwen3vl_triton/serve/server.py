@@ -306,6 +306,7 @@ class OpenAIServer:
     port: int
     settings: object  # repository.Settings: max_output_len, the image URL policy, the request bounds
     log_file: Path | None = None
+    model: str = "qwen3vl"  # the Triton model it calls: qwen3vl, or qwen3vl_disagg on an encoder server
     process: subprocess.Popen | None = None
     _stopping: bool = field(default=False, repr=False)
 
@@ -316,6 +317,7 @@ class OpenAIServer:
     def command(self) -> list[str]:
         s = self.settings
         return [sys.executable, "-m", "qwen3vl_triton.api.openai_server", "--grpc-url", self.grpc_url,
+                "--model", self.model,
                 "--host", self.address, "--port", str(self.port), "--max-output-len", str(s.max_output_len),
                 "--image-url-hosts", s.image_url_hosts, "--image-url-max-bytes", str(s.image_url_max_bytes),
                 "--image-url-timeout-ms", str(s.image_url_timeout_ms),

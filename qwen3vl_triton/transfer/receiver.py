@@ -15,6 +15,11 @@ A sequence's life is its `Phase`, changed only by `Sequence`'s methods:
 
 ENDED is final: the store forgets the sequence at once, so its correlation id can start again
 at once, and whatever the old generation still produces reaches nobody.
+
+A `generate` that carries the END flag frees the correlation id as Triton's sequence batcher does
+(`SequenceStore.free_id`): a new `start` on that id is accepted while the old generation goes on
+streaming to its own client, and the old sequence is released when its generation ends (or when
+that client goes away, which stops the generation). Until then it still counts against the bounds.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from typing import Callable
 import numpy as np
 
 from qwen3vl_triton.contract import Bounds, SamplingParams, validate
-from qwen3vl_triton.errors import LANGUAGE_STATE_FULL, InputError, Unavailable
+from qwen3vl_triton.errors import LANGUAGE_DRAINING, LANGUAGE_STATE_FULL, InputError, Unavailable
 from qwen3vl_triton.text.detok import IncrementalDetokenizer
 from qwen3vl_triton.transfer.region import Region, SharedRegions
 
-OPS = ("start", "chunk", "status", "generate")
+OPS = ("start", "chunk", "status", "generate", "load")
+# the file the launcher creates in the `language` model's folder when its server drains (SIGTERM)
+DRAIN_FILE = "draining"
 # `start`'s inputs that carry contract values under their own names (docs/design.md §5)
 START_NAMES = {"request_output_len": "max_tokens", "prompt_embedding_table": "table_rows"}
 
@@ -72,6 +79,7 @@ class Listener:
         self.cancelled = cancelled
         self.detok = IncrementalDetokenizer(tokenizer)
         self.closed = False
+        self.left = False  # the client went away (its stream was cancelled)
 
     def prime(self, prior_ids: list[int]) -> None:
         self.detok.add(prior_ids)
@@ -80,7 +88,7 @@ class Listener:
         if self.closed:
             return
         if self.cancelled():
-            self.closed = True
+            self.closed = self.left = True
             return
         text = self.detok.add(ids)
         if final:
@@ -118,6 +126,7 @@ class Sequence:
     listener: Listener | None = None
     region: "Region | None" = None  # the shared-memory region this sequence proved it may read
     release_when_done: bool = False  # `generate` came with the END flag
+    prior: int = 0  # trailing prompt tokens a generation begun elsewhere produced (start's prior_ids)
     # the LLM request's id, unguessable: a `stop` request names it (tensorrtllm's cancellation)
     generation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -140,6 +149,16 @@ class Sequence:
     @property
     def open(self) -> bool:
         return self.phase is not Phase.ENDED
+
+    @property
+    def tokens_left(self) -> int:
+        """Tokens the sequence may still cost the engine: its prompt until prefilled, and the
+        generated tokens still to come (a load figure: see SequenceStore.load)."""
+        if self.phase in (Phase.RECEIVING, Phase.READY):
+            return int(self.input_ids.size) + self.max_tokens
+        if self.phase is Phase.GENERATING:
+            return max(self.max_tokens - len(self.tokens), 0)
+        return 0
 
     def touch(self) -> None:
         self.last_seen = self.clock()
@@ -191,7 +210,8 @@ class Sequence:
             if not 0 <= from_token <= len(self.tokens):
                 raise InputError("from_token", f"must be in [0, {len(self.tokens)}] (the tokens generated so far), "
                                                f"got {from_token}")
-            listener.prime(self.tokens[:from_token])
+            before = self.input_ids[self.input_ids.size - self.prior:].tolist() if self.prior else []
+            listener.prime(before + self.tokens[:from_token])  # text goes on from the tokens before
             old, self.listener = self.listener, listener
             if old is not None:
                 old.fail(f"generate stream replaced: a later generate on sequence {self.corrid} "
@@ -223,6 +243,9 @@ class Sequence:
                     self.phase = Phase.FINISHED
                 if listener is not None:
                     listener.push(ids, final)
+                    if listener.left and self.release_when_done:  # nobody will resume it: stop
+                        self._end_locked("the client went away")
+                        return
             if self.phase is not Phase.GENERATING:
                 self.touch()  # the idle clock starts when the generation ends
                 if self.release_when_done:
@@ -278,17 +301,37 @@ class SequenceStore:
         self.idle_seconds = idle_seconds
         self.clock = clock
         self._seqs: dict[int, Sequence] = {}  # open sequences only
+        self._detached: set[Sequence] = set()  # generating after a `generate` with END freed their id
         self._lock = threading.Lock()
+        self.started = 0  # sequences started (a counter)
+        self.draining = False  # the server is stopping: no new sequence, the open ones go on
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def __len__(self) -> int:
         with self._lock:
-            return len(self._seqs)
+            return len(self._seqs) + len(self._detached)
+
+    def _held(self) -> list[Sequence]:
+        return [*self._seqs.values(), *self._detached]
 
     @property
     def bytes_held(self) -> int:
         with self._lock:
-            return sum(s.nbytes for s in self._seqs.values())
+            return sum(s.nbytes for s in self._held())
+
+    def load(self) -> tuple[int, int]:
+        """(open sequences, tokens they may still cost): what a router weighs servers by."""
+        with self._lock:
+            held = self._held()
+        return len(held), sum(s.tokens_left for s in held)
+
+    def free_id(self, corrid: int) -> None:
+        """The END flag on a `generate`: `corrid` may start again at once; the sequence under it,
+        if still generating, is held apart until `release` (its generation's end)."""
+        with self._lock:
+            seq = self._seqs.pop(corrid, None)
+            if seq is not None and seq.open:
+                self._detached.add(seq)
 
     def expire(self) -> list[Sequence]:
         """End the sequences idle longer than `idle_seconds` (Triton has released them too)."""
@@ -313,6 +356,7 @@ class SequenceStore:
     def release(self, seq: Sequence) -> None:
         """Forget `seq` if it is still the one under its id (never a newer sequence of that id)."""
         with self._lock:
+            self._detached.discard(seq)
             if self._seqs.get(seq.corrid) is seq:
                 del self._seqs[seq.corrid]
 
@@ -328,7 +372,7 @@ class SequenceStore:
     # -- ops ---------------------------------------------------------------------------------------
     def start(self, corrid: int, input_ids: np.ndarray, table_rows: int, prompt_vocab_size: int | None,
               mrope_cos_sin: np.ndarray | None, mrope_delta: int, max_tokens: int,
-              sampling: SamplingParams, extra_ids: np.ndarray | None = None) -> Sequence:
+              sampling: SamplingParams, extra_ids: np.ndarray | None = None, prior: int = 0) -> Sequence:
         if table_rows < 0:
             raise InputError("table_rows", f"must be >= 0, got {table_rows}")
         if prompt_vocab_size is not None and prompt_vocab_size != table_rows:
@@ -353,18 +397,22 @@ class SequenceStore:
                 raise RowsRefused("op", f"start refused: sequence {corrid} is still open ({old.phase.value}, "
                                         f"received_rows={old.received}); end it (the END flag) before starting it "
                                         "again, or use another correlation id", old.received)
-            if len(self._seqs) >= self.max_sequences:
+            if self.draining:
+                raise Unavailable(f"{LANGUAGE_DRAINING}: it takes no new sequence; start it on another server")
+            if len(self._seqs) + len(self._detached) >= self.max_sequences:
                 raise Unavailable(f"{LANGUAGE_STATE_FULL} its bound of {self.max_sequences} open "
                                   "sequences (language_max_sequences); retry when other sequences end")
-            held = sum(s.nbytes for s in self._seqs.values())
+            held = sum(s.nbytes for s in self._held())
             if held + need > self.max_bytes:
                 raise Unavailable(
                     f"{LANGUAGE_STATE_FULL} {held} bytes of sequence state for "
-                    f"{len(self._seqs)} sequences, and this one needs {need} more (bound "
+                    f"{len(self._seqs) + len(self._detached)} sequences, and this one needs {need} more (bound "
                     f"{self.max_bytes}); retry when other sequences end")
             seq = Sequence(corrid, ids, np.zeros((table_rows, self.hidden_size), self.table_dtype), mrope_cos_sin,
-                           int(mrope_delta), int(max_tokens), sampling, extra_ids=extra_ids, clock=self.clock)
+                           int(mrope_delta), int(max_tokens), sampling, extra_ids=extra_ids, clock=self.clock,
+                           prior=prior)
             self._seqs[corrid] = seq
+            self.started += 1
         return seq
 
     def _check_rows(self, rows: np.ndarray) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from qwen3vl_triton.clients.grpc_stream import GrpcStream, infer_input
 from qwen3vl_triton.clients.qwen3vl import ENCODE_MODEL, Qwen3VLRequest
 from qwen3vl_triton.contract import ENCODE_OUTPUTS
-from qwen3vl_triton.errors import RemoteError, StreamError, message_of
+from qwen3vl_triton.errors import RemoteError, StreamError, Unavailable, message_of
 from qwen3vl_triton.transfer.transport import Transport, TransportError, make_transport
 
 
@@ -140,10 +140,23 @@ class LanguageClient:
     def _op(name: str):
         return infer_input("op", np.array([[name.encode()]], dtype=np.object_))
 
+    def load(self) -> tuple[int, int, bool]:
+        """The server's load: (open sequences, the tokens they may still cost, draining), from a
+        one-request sequence (START and END on a random id: nothing is held)."""
+        handle = self._submit([self._op("load")], sequence_id=secrets.randbits(63) or 1, sequence_start=True,
+                              sequence_end=True)
+        for r in self._results(handle):
+            sequences = r.as_numpy("open_sequences")
+            if sequences is not None:
+                return (int(sequences.reshape(-1)[0]), int(r.as_numpy("open_tokens").reshape(-1)[0]),
+                        bool(r.as_numpy("draining").reshape(-1)[0]))
+        raise TransferError(f"{self.model} answered op=load without open_sequences")
+
     def start(self, corrid: int, enc: Encoded, max_tokens: int, temperature=None, top_k=None, top_p=None,
-              seed=None) -> int:
+              seed=None, prior_ids=()) -> int:
         """Open the sequence; a refused start also ends it, so Triton's sequence slot is let go at
-        once rather than at the idle timeout."""
+        once rather than at the idle timeout. `prior_ids`: tokens a generation of this request
+        already delivered elsewhere; they join the prompt and `max_tokens` counts the rest."""
         ids, _, rows, cos_sin, delta, extra = ENCODE_OUTPUTS  # `start` takes the encoder's outputs by their names
         inputs = [self._op("start"),
                   infer_input(ids, enc.input_ids.astype(np.int32)[None]),
@@ -154,6 +167,8 @@ class LanguageClient:
                   infer_input("max_tokens", np.array([[max_tokens]], np.int32))]
         if enc.extra_ids is not None:
             inputs.append(infer_input(extra, np.asarray(enc.extra_ids, np.uint64)[None]))
+        if len(prior_ids):
+            inputs.append(infer_input("prior_ids", np.asarray(prior_ids, np.int32)[None]))
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
         inputs += [infer_input(name, value) for name, value in
                    Qwen3VLRequest("", max_tokens=max_tokens, **sampling).arrays().items() if name in sampling]
@@ -193,11 +208,13 @@ class LanguageClient:
         except TransferError:
             pass  # already gone (expired or failed): nothing is held
 
-    def generate(self, corrid: int, from_token: int = 0, stream: GrpcStream | None = None
+    def generate(self, corrid: int, from_token: int = 0, stream: GrpcStream | None = None, end: bool = False
                  ) -> Iterator[tuple[str, list[int]]]:
-        """Yield (text, token ids) per response; StreamBroken if the stream ends early."""
+        """Yield (text, token ids) per response; StreamBroken if the stream ends early. `end`: send
+        the END flag with it: the id is free at once (a new start on it is accepted) and the
+        sequence ends with its generation."""
         inputs = [self._op("generate"), infer_input("from_token", np.array([[from_token]], np.int32))]
-        for r in self._results(self._submit(inputs, stream, sequence_id=corrid)):
+        for r in self._results(self._submit(inputs, stream, sequence_id=corrid, sequence_end=end)):
             text = r.as_numpy("text_output")
             if text is None:  # the empty final response, or received_rows before a refusal
                 continue
@@ -287,29 +304,51 @@ class Disaggregated:
     """Encode on one server, generate on another; resumable at every stage. Made once and reused:
     its clients, streams and transport serve every request, from any number of threads.
 
+    language_url: one `HOST:PORT`, several (a list, or comma-separated), or `dns:NAME:PORT` (the A
+    records of NAME, re-resolved): a `LanguagePool` (transfer/pool.py) picks the server of each
+    request by load and conversation key. `run` and `generate` move a sequence whose server fails
+    (its process dies, its stream breaks, it answers UNAVAILABLE) to another one, at most
+    `migration_limit` times: the rows are sent again and the tokens already delivered join the
+    prompt, so the caller sees one uninterrupted stream; `on_migrate()` is called for each move.
+
     transport: a Transport, or its name: "grpc" (payloads), "shm" (system shared memory, co-located
     servers) or "cuda_shm" (CUDA shared memory on a GPU host). The shared-memory transports register
-    their region with the servers' admin key (`admin_key`, default: see admin.default_key)."""
+    their region with the servers' admin key (`admin_key`, default: see admin.default_key), and
+    take one language server."""
 
-    def __init__(self, encoder_url: str | None, language_url: str, transport: "str | Transport" = "grpc",
+    def __init__(self, encoder_url: str | None, language_url: "str | list[str]", transport: "str | Transport" = "grpc",
                  chunk_rows: int = 1024, region_bytes: int = 64 * 2**20, timeout: float = 120.0,
-                 cuda_device: int = 0, chunk_window: int = 4, admin_key: str | None = None):
+                 cuda_device: int = 0, chunk_window: int = 4, admin_key: str | None = None, migration_limit: int = 3,
+                 on_migrate=None):
         """`encoder_url` None: the caller encodes (e.g. a BLS model on the encoder host) and calls `run`."""
         import tritonclient.grpc as grpcclient
 
+        from qwen3vl_triton.transfer.pool import LanguagePool
+
         if chunk_rows < 1 or chunk_window < 1:
             raise ValueError(f"chunk_rows and chunk_window must be >= 1, got {chunk_rows} and {chunk_window}")
-        self.transport = make_transport(transport, region_bytes, admin_key, cuda_device)
+        if migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {migration_limit}")
         self.chunk_rows, self.chunk_window, self.timeout = chunk_rows, chunk_window, timeout
+        self.migration_limit, self.on_migrate = migration_limit, on_migrate
+        self.pool = LanguagePool(language_url, timeout=timeout)
+        members = list(self.pool.members.values())
+        if not isinstance(transport, str) or transport != "grpc":
+            if self.pool.dns is not None or len(members) != 1:
+                self.pool.close()
+                raise ValueError(f"transport {getattr(transport, 'name', transport)} takes one language server "
+                                 f"(shared memory is local to one host); got {language_url!r}")
+        self.transport = make_transport(transport, region_bytes, admin_key, cuda_device)
         self.encoder = grpcclient.InferenceServerClient(encoder_url) if encoder_url else None
         self.language_url = language_url
-        self._language = grpcclient.InferenceServerClient(language_url)  # one channel for every sequence
-        self.lang = LanguageClient(self._language, timeout=timeout)
+        # the stage methods (transfer, stream) act on one server: the first one listed
+        self.lang = members[0].lang if members else None
+        self._first = self.lang
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
         try:
             if self.transport.name != "grpc":
-                self.transport.attach(self.encoder, self._language if language_url != encoder_url else None)
+                self.transport.attach(self.encoder, self.lang.client if language_url != encoder_url else None)
         except (TransportError, ValueError) as exc:
             self.close()
             raise TransferError(str(exc)) if isinstance(exc, TransportError) else exc from None
@@ -328,8 +367,9 @@ class Disaggregated:
         try:
             self.transport.close()
         finally:
-            self.lang.close()
-            self._language.close()
+            if self.lang is not None and self.lang is not self._first:  # one its user put in place
+                self.lang.close()
+            self.pool.close()
             if self.encoder is not None:
                 self.encoder.close()
 
@@ -392,25 +432,99 @@ class Disaggregated:
                 if stream.broken:  # else it timed out: the next `generate` takes the sequence over
                     self.lang.reconnect(stream)
 
-    def run(self, enc: Encoded, max_tokens: int, sequence_id: int | None = None, **sampling) -> Iterator[str]:
-        """Transfer an encoded request and stream its text; the sequence is ended afterwards."""
+    def tokens(self, enc: Encoded, max_tokens: int, key: bytes = b"", sequence_id: int | None = None,
+               rows_kept: bool = True, **sampling) -> Iterator[tuple[str, list[int]]]:
+        """Transfer an encoded request to a language server of the pool and stream its (text, ids);
+        a server that fails hands the sequence to another (see the class). Closing the iterator
+        early ends the sequence, which stops its generation. `rows_kept` False: the table's rows
+        can be sent only until the first piece (a shared region reused by the next request)."""
+        delivered: list[int] = []
+        avoid: list = []
+        moves = 0
         corrid = sequence_id or secrets.randbits(63) or 1
+        while True:
+            try:
+                member = self.pool.choose(key, avoid)
+            except Unavailable as exc:
+                member, failure = None, TransferError(str(exc), status="StatusCode.UNAVAILABLE")
+            else:
+                failure = None
+                try:
+                    for text, ids in self._on(member, corrid, enc, max_tokens, delivered, sampling):
+                        delivered.extend(ids)
+                        yield text, ids
+                    return
+                except TransferError as exc:
+                    if not _movable(exc) or (delivered and not rows_kept):
+                        raise
+                    failure = exc
+                    self.pool.failed(member, str(exc))
+            moves += 1
+            if moves > self.migration_limit or len(delivered) >= max_tokens:
+                if len(delivered) >= max_tokens:  # every token arrived; only the end was lost
+                    return
+                raise TransferError(f"the sequence failed on its language server {moves} times (migration_limit="
+                                    f"{self.migration_limit}); last: {message_of(failure)}",
+                                    status="StatusCode.UNAVAILABLE") from None
+            if member is not None:
+                avoid.append(member)
+            else:
+                time.sleep(min(0.2 * moves, 1.0))  # none ready: give a restarting server a moment
+            if self.on_migrate is not None:
+                self.on_migrate()
+            corrid = secrets.randbits(63) or 1
+
+    def _on(self, member, corrid: int, enc: Encoded, max_tokens: int, delivered: list[int], sampling: dict):
+        """The request on one language server, from the tokens already `delivered`."""
+        lang, started = member.lang, False
+        self.pool.started(member)
         try:
-            self.transfer(corrid, enc, max_tokens, **sampling)
-            for text, _ in self.stream(corrid):
-                yield text
+            lang.start(corrid, enc, max_tokens - len(delivered), prior_ids=delivered, **sampling)
+            started = True
+            stats = TransferStats()
+            try:
+                send_table(lang, corrid, self.source(enc), self.chunk_rows, 0, stats, window=self.chunk_window)
+            finally:
+                with self._stats_lock:
+                    self.stats.add(stats)
+            yield from lang.generate(corrid, 0)
         finally:
-            self.lang.end(corrid)
+            self.pool.finished(member)
+            if started:
+                lang.end(corrid)
+
+    def run(self, enc: Encoded, max_tokens: int, sequence_id: int | None = None, key: bytes = b"",
+            **sampling) -> Iterator[str]:
+        """Transfer an encoded request and stream its text; the sequence is ended afterwards."""
+        for text, _ in self.tokens(enc, max_tokens, key, sequence_id, **sampling):
+            yield text
 
     def generate(self, prompt: str | None = None, images=(), max_tokens: int = 128, sequence_id: int | None = None,
                  messages=None, videos=(), **sampling) -> Iterator[str]:
         """Text pieces of the whole disaggregated request (a prompt, images and videos, or `messages`)."""
-        corrid = sequence_id or secrets.randbits(63) or 1
-        try:
-            with self.transport.hold():  # a shared region holds this request's table until it is sent
-                enc = self.encode(prompt, images, max_tokens, messages, videos)
-                self.transfer(corrid, enc, max_tokens, **sampling)
-            for text, _ in self.stream(corrid):
-                yield text
-        finally:
-            self.lang.end(corrid)
+        from qwen3vl_triton.transfer.pool import conversation_key
+
+        with self.transport.hold():  # a shared region holds this request's table until it is sent
+            enc = self.encode(prompt, images, max_tokens, messages, videos)
+            pieces = self.tokens(enc, max_tokens, conversation_key(None, messages, prompt, [*images, *videos]), sequence_id,
+                                 rows_kept=self.transport.table_in_response, **sampling)
+            first = next(pieces, None)  # the table is sent once the first piece came
+        if first is None:
+            return
+        yield first[0]
+        for text, _ in pieces:
+            yield text
+
+
+def _movable(exc: TransferError) -> bool:
+    """Whether a failure on a language server is the server's (the sequence moves to another) rather
+    than the request's: a broken stream, UNAVAILABLE, an internal failure, or a sequence the
+    server lost; a bad input (refused at `start`, with no received_rows) is the request's."""
+    from qwen3vl_triton.errors import Code
+
+    if isinstance(exc, StreamBroken):
+        return True
+    error = exc.error
+    if error.code is Code.INVALID_ARG:
+        return "has no state" in error.text or "has ended" in error.text or exc.received_rows is not None
+    return True

@@ -6,6 +6,7 @@ batcher's idle clock, never while generating); see docs/design.md §5 for the op
 qwen3vl_triton/transfer/receiver.py for a sequence's phases.
 """
 
+import os
 import threading
 
 import numpy as np
@@ -20,16 +21,25 @@ from qwen3vl_triton.backend.workers import CancelPoll
 from qwen3vl_triton.clients.llm import LLMConnection, server_grpc_url
 from qwen3vl_triton.contract import ENCODE_OUTPUTS, LLMRequest, SamplingParams
 from qwen3vl_triton.errors import Failed, InputError, Unavailable
+from qwen3vl_triton.model import mrope
 from qwen3vl_triton.model.checkpoint import ModelSpec
-from qwen3vl_triton.transfer.receiver import OPS, Listener, RowsRefused, SequenceStore
+from qwen3vl_triton.transfer.receiver import DRAIN_FILE, OPS, Listener, RowsRefused, SequenceStore
 from qwen3vl_triton.transfer.region import SharedRegions
 
 # `start` takes the encoder's outputs under their own names (the table as its row count, table_rows)
 IDS, _, ROWS, COS_SIN, DELTA, EXTRA = ENCODE_OUTPUTS
 INPUTS = ("op", IDS, "table_rows", ROWS, COS_SIN, DELTA, EXTRA, "max_tokens", "temperature", "top_k", "top_p", "seed",
-          "chunk", "chunk_offset", "chunk_region", "region_secret", "region_offset", "chunk_rows", "from_token")
+          "chunk", "chunk_offset", "chunk_region", "region_secret", "region_offset", "chunk_rows", "from_token",
+          "prior_ids")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+
+
+def _load_response(store):
+    sequences, tokens = store.load()
+    return [pb_utils.Tensor("open_sequences", np.array([[sequences]], np.int32)),
+            pb_utils.Tensor("open_tokens", np.array([[tokens]], np.int64)),
+            pb_utils.Tensor("draining", np.array([[store.draining]], bool))]
 
 
 def _rows_response(received):
@@ -70,6 +80,7 @@ class TritonPythonModel:
                                    max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim,
                                    max_output_len=int(params["max_output_len"]))
         self.regions = SharedRegions()
+        self.drain_file = os.path.join(args["model_repository"], DRAIN_FILE)
         self.llm = LLMConnection(server_grpc_url(), at_load=True)  # one channel, shared by every sequence
         labels = {"model": args["model_name"], "version": args["model_version"]}
         self.families = {
@@ -78,6 +89,8 @@ class TritonPythonModel:
                 ("state_bytes", "bytes of sequence state", pb_utils.MetricFamily.GAUGE),
                 ("regions", "shared-memory regions open for sequences", pb_utils.MetricFamily.GAUGE),
                 ("prefills_total", "generations started (each prefills its prompt once)",
+                 pb_utils.MetricFamily.COUNTER),
+                ("sequences_started_total", "sequences started (op=start accepted)",
                  pb_utils.MetricFamily.COUNTER))}
         self.metrics = {name: family.Metric(labels=labels) for name, family in self.families.items()}
         self.gauges, self._gauge_lock = Gauges(self.metrics), threading.Lock()
@@ -89,6 +102,9 @@ class TritonPythonModel:
     def _expire_loop(self):
         while not self._stop.wait(0.5):
             self.store.expire()
+            if not self.store.draining and os.path.exists(self.drain_file):
+                self.store.draining = True  # the server stops soon: new sequences go elsewhere
+                pb_utils.Logger.log_info("language: draining (no new sequence; the open ones go on)")
             self._update_gauges()
 
     def _update_gauges(self):
@@ -110,11 +126,15 @@ class TritonPythonModel:
             try:
                 x = read_inputs(pb_utils, request, INPUTS)
                 op = scalar(x, "op", _op, required=True)
-                if (op == "start") != bool(flags & START):
+                if (op in ("start", "load")) != bool(flags & START):
                     raise InputError("op", "a sequence begins with op=start carrying the sequence START flag"
-                                     if op != "start" else "op=start must carry the sequence START flag")
-                if op == "generate":  # with END, the sequence is released once its generation ends
+                                     if op not in ("start", "load") else f"op={op} must carry the sequence START flag")
+                if op == "load":  # a one-request sequence (START and END): nothing is held
+                    send_response(pb_utils, sender, _load_response(self.store), FINAL)
+                elif op == "generate":  # with END, the id is free at once; the sequence ends with its generation
                     self._generate(sender, corrid, x, release_when_done=end_now)
+                    if end_now:
+                        self.store.free_id(corrid)
                     end_now = False
                 else:
                     send_response(pb_utils, sender, _rows_response(self._control(op, corrid, x)), FINAL)
@@ -138,21 +158,35 @@ class TritonPythonModel:
 
     def _control(self, op, corrid, x):
         if op == "start":
-            cos_sin = x.get(COS_SIN)
+            ids, cos_sin, delta = single_sequence(x, IDS), x.get(COS_SIN), scalar(x, DELTA, int, default=0)
+            prior = np.zeros(0, np.int64)
+            cos_sin = None if cos_sin is None else single_sequence(x, COS_SIN)
+            extra = None if x.get(EXTRA) is None else single_sequence(x, EXTRA).reshape(-1)
+            if x.get("prior_ids") is not None:  # a generation moved here: its tokens so far join the prompt
+                prior = single_sequence(x, "prior_ids").astype(np.int64)
+                if prior.size and not ((prior >= 0) & (prior < self.spec.vocab_size)).all():
+                    raise InputError("prior_ids", f"must be token ids in [0, {self.spec.vocab_size})")
+                cos_sin = mrope.continue_cos_sin(cos_sin, self.spec, ids.size, delta, prior.size)
+                ids = np.concatenate([np.asarray(ids).reshape(-1), prior]).astype(np.int32)
+                if extra is not None and extra.size == ids.size - prior.size:  # the moved tokens are text: id 0
+                    extra = np.concatenate([extra, np.zeros(prior.size, extra.dtype)])
             seq = self.store.start(
                 corrid,
-                input_ids=single_sequence(x, IDS),
+                input_ids=ids,
                 table_rows=scalar(x, "table_rows", int, required=True),
                 prompt_vocab_size=scalar(x, ROWS, int),
-                mrope_cos_sin=None if cos_sin is None else single_sequence(x, COS_SIN),
-                mrope_delta=scalar(x, DELTA, int, default=0),
-                extra_ids=None if x.get(EXTRA) is None else single_sequence(x, EXTRA),
+                mrope_cos_sin=cos_sin,
+                mrope_delta=delta,
+                extra_ids=extra,
                 max_tokens=scalar(x, "max_tokens", int, required=True),
                 sampling=SamplingParams(temperature=scalar(x, "temperature", float, default=0.0),
                                         top_k=scalar(x, "top_k", int, default=0),
                                         top_p=scalar(x, "top_p", float, default=1.0),
                                         seed=scalar(x, "seed", int)),
+                prior=prior.size,
             )
+            with self._gauge_lock:  # the janitor thread sends the gauges: one metric call at a time
+                self.metrics["sequences_started_total"].increment(1)
             return seq.received
         if op == "chunk":
             offset = scalar(x, "chunk_offset", int, required=True)

@@ -9,12 +9,11 @@ that id, as the tensorrtllm backend cancels."""
 
 import uuid
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_triton.arrays import scalar
 from qwen3vl_triton.backend.lifecycle import exit_stub
-from qwen3vl_triton.backend.responses import error, send_response
+from qwen3vl_triton.backend.responses import error, qwen3vl_outputs, send_response
 from qwen3vl_triton.backend.tensors import model_params, read_inputs
 from qwen3vl_triton.backend.workers import CancelPoll, worker_pool
 from qwen3vl_triton.clients.llm import LLMConnection, server_grpc_url
@@ -57,13 +56,8 @@ class TritonPythonModel:
         return None
 
     def _respond(self, sender, rid: str, stream: TextStream, text: str, ids: list[int], flags: int = 0) -> None:
-        send_response(pb_utils, sender, [
-            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], np.object_)),
-            pb_utils.Tensor("output_ids", np.asarray(ids, np.int32).reshape(1, -1)),
-            pb_utils.Tensor("prompt_tokens", np.array([[stream.prompt_tokens]], np.int32)),
-            pb_utils.Tensor("finish_reason", np.array([[(stream.finish or "").encode()]], np.object_)),
-            pb_utils.Tensor("generation_id", np.array([[rid.encode()]], np.object_)),
-        ], flags)
+        send_response(pb_utils, sender, qwen3vl_outputs(pb_utils, text, ids, stream.prompt_tokens, stream.finish, rid),
+                      flags)
 
     def _run(self, sender, llm: LLMRequest, stream: TextStream, streaming: bool) -> None:
         rid = uuid.uuid4().hex
