@@ -506,8 +506,9 @@ class Disaggregated:
 
         with self.transport.hold():  # a shared region holds this request's table until it is sent
             enc = self.encode(prompt, images, max_tokens, messages, videos)
-            pieces = self.tokens(enc, max_tokens, conversation_key(None, messages, prompt, [*images, *videos]), sequence_id,
-                                 rows_kept=self.transport.table_in_response, **sampling)
+            key = conversation_key(None, messages, prompt, [*images, *videos])
+            pieces = self.tokens(enc, max_tokens, key, sequence_id, rows_kept=self.transport.table_in_response,
+                                 **sampling)
             first = next(pieces, None)  # the table is sent once the first piece came
         if first is None:
             return
