@@ -92,31 +92,23 @@ class ServerStopWatch:
             return not server_stopping(exc)
 
     def _connect(self) -> bool:
-        """Open the channel once the server answers, before any work: the stub's threads and
-        descriptors are then fixed from the start (a channel opened at the first busy period
-        showed up as a leak of 6 threads and 5 descriptors)."""
+        """Open the channel once the server listens and answers, before any work: the stub's
+        threads and descriptors are then fixed from the start (a channel opened at the first busy
+        period showed up as a leak of 6 threads and 5 descriptors). No channel is made before the
+        port accepts connections: one made earlier backs off between attempts, and a call during
+        the backoff fails at once with the old "connection refused" (read as a stopping server)."""
         import tritonclient.grpc as grpcclient
 
-        try:
-            if self._client is None:
-                self._client = grpcclient.InferenceServerClient(self.url)
-            if self._client.is_server_live(client_timeout=self.timeout):
-                return True
-        except Exception:  # noqa: BLE001 -- not up yet: try again next period
-            pass
-        # A new channel next time: one opened before the server listened backs off between its
-        # attempts, and a call during the backoff fails at once with the old "connection refused"
-        # (which would read as a server that stops).
-        self._drop()
-        return False
+        from qwen3vl_triton.clients.llm import listening
 
-    def _drop(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._client = None
+        if self._client is None:
+            if not listening(self.url, self.timeout):
+                return False
+            self._client = grpcclient.InferenceServerClient(self.url)
+        try:
+            return bool(self._client.is_server_live(client_timeout=self.timeout))
+        except Exception:  # noqa: BLE001 -- not up yet: try again next period
+            return False
 
     def _run(self) -> None:
         connected = False

@@ -27,6 +27,21 @@ from qwen3vl_triton.clients.grpc_stream import GrpcStream, InFlight
 from qwen3vl_triton.contract import MODEL, LLMRequest, LLMResponse, StopRequest
 from qwen3vl_triton.errors import StreamError
 
+
+def listening(url: str, timeout: float = 1.0) -> bool:
+    """Whether HOST:PORT accepts a TCP connection. A model's stub asks this before it opens a gRPC
+    channel to its own server during load: no channel exists before the server listens (one made
+    earlier reconnects with backoff, and gRPC work during a stub's load is best left out)."""
+    import socket
+
+    host, _, port = url.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 # the longest wait for the next response of a generation (a request queued behind a full batch
 # waits for a place): past it the generation fails instead of waiting forever
 RESPONSE_TIMEOUT_S = 600.0
@@ -70,8 +85,8 @@ class LLMConnection:
     requests waiting on it with a StreamError that says so; the next request opens a new one.
 
     `at_load`: made in a model's `initialize`, to the server that runs the model: both streams are
-    opened now (so the stub's thread count does not depend on the traffic it has seen) and wait
-    for the server's endpoint, which listens once the models have loaded. Otherwise (clients)
+    opened by a thread as soon as the server's endpoint listens (once the models have loaded), so
+    the stub's thread count does not depend on the traffic it has seen and `initialize` never waits. Otherwise (clients)
     each stream is opened when first used."""
 
     def __init__(self, client, timeout: float = RESPONSE_TIMEOUT_S, stop_timeout: float = STOP_TIMEOUT_S,
@@ -83,9 +98,23 @@ class LLMConnection:
         self.timeout, self.stop_timeout, self.model, self.wait_for_ready = timeout, stop_timeout, model, at_load
         self._streams: dict[str, GrpcStream | None] = {"generations": None, "stops": None}
         self._lock = threading.Lock()
-        if at_load:
+        if at_load:  # opened by a thread once the server listens: `initialize` returns at once
+            url = client if isinstance(client, str) else None
+            self._opener = threading.Thread(target=self._open_when_listening, args=(url,), name="llm-open",
+                                            daemon=True)
+            self._opener.start()
+
+    def _open_when_listening(self, url: str | None, period: float = 0.1, limit_s: float = 3600.0) -> None:
+        import time
+
+        deadline = time.monotonic() + limit_s
+        while url is not None and not listening(url) and time.monotonic() < deadline:
+            time.sleep(period)
+        try:
             for kind in self._streams:
                 self._stream(kind)
+        except Exception:  # noqa: BLE001 -- the first request opens them instead
+            pass
 
     def _stream(self, kind: str) -> GrpcStream:
         """The open stream of `kind`, a new one when there is none or it broke."""
