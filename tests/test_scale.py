@@ -304,7 +304,7 @@ def test_a_killed_language_server_hands_its_sequences_to_the_others(encoders, la
     assert wait_for(lambda: len(progress) == 15 and max(gauges()) >= 4, 120), (progress, gauges())
     index = int(np.argmax(gauges()))
     victim, held = languages[index], max(gauges())
-    os.kill(victim.process.pid, signal.SIGKILL)
+    kill_hard(victim)
     victim.process.wait(30)
     for t in threads:
         t.join(600)
@@ -315,6 +315,21 @@ def test_a_killed_language_server_hands_its_sequences_to_the_others(encoders, la
     # restarted on its ports, it takes new sequences once ready
     restarted = _restart(languages, index)
     assert wait_for(lambda: _serves(encoders, restarted), 60)
+
+
+def kill_hard(server) -> None:
+    """SIGKILL a tritonserver and its Python-backend stubs (by PID), as a dead host takes them all:
+    stubs whose server was killed are not reaped by it and would outlive the test."""
+    import psutil
+
+    stubs = psutil.Process(server.process.pid).children(recursive=True)
+    os.kill(server.process.pid, signal.SIGKILL)
+    for stub in stubs:
+        try:
+            stub.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(stubs, timeout=10)
 
 
 def _restart(languages, index):
@@ -404,7 +419,7 @@ def test_a_killed_encoder_is_unavailable_and_the_client_retries_on_another(encod
     with Client(dying.grpc_url, model="qwen3vl_disagg") as c:
         pieces = c.generate(LONG_PROMPT, max_tokens=LONG)
         next(pieces)
-        os.kill(dying.process.pid, signal.SIGKILL)
+        kill_hard(dying)
         with pytest.raises(ClientError) as err:
             for _ in pieces:
                 pass
