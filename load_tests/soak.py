@@ -137,10 +137,9 @@ class Worker:
         self.stream = GrpcStream(self.urls["single"], self.timeout)
 
     def fresh_language(self, d):
-        from qwen3vl_triton.transfer.sender import LanguageClient
-
-        d.lang.close(cancel=True)
-        d.lang = LanguageClient(self.urls["language"], timeout=self.timeout)
+        """A new stream on the sender's language connection (its pool's, shared by the other requests:
+        the channel stays open), as a client reconnecting after a cancel."""
+        d.lang.reconnect()
 
 
 def _corrid() -> int:

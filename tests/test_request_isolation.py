@@ -13,6 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client import Client
+from tests.conftest import SERVER_SETTINGS
 from tests.oracle import image_bytes
 from tests.test_server_errors import stream_once, tensor
 
@@ -167,8 +168,14 @@ def test_the_vision_encoder_refuses_an_image_16x_the_pixel_bound(server, spec):
     pixels = np.zeros((patches, 3 * spec.temporal_patch_size * spec.patch_size ** 2), np.float32)
     out = call_vision(server, vision_inputs(ids, pixels, [[1, side, side]]))
     assert isinstance(out, Exception)
+    # a block is an image or a video's frame group: the bounds of either (the server's max_videos)
+    from qwen3vl_triton.model.vision import block_bounds
+    from qwen3vl_triton.serve.repository import Settings
+
+    _, low, high = block_bounds(spec, SERVER_SETTINGS["max_images"], Settings().max_videos)
+    assert patches * spec.patch_size ** 2 > high >= spec.max_pixels and low <= spec.min_pixels
     assert f"image_grid_thw: image 0 is {side}x{side} patches = {patches * spec.patch_size ** 2} pixels, outside " \
-           f"the checkpoint's [{spec.min_pixels}, {spec.max_pixels}]" in str(out)
+           f"the checkpoint's [{low}, {high}]" in str(out)
 
 
 def test_the_vision_encoder_refuses_non_finite_pixels(server, spec, preprocessor):

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     if not args.admin_key:
         from qwen3vl_triton.serve.launcher import admin_key
 
-        args.admin_key, _ = admin_key(None, build)
+        args.admin_key, _ = admin_key(None, build, "cluster", args.grpc_port)
     for name in ("http_port", "grpc_port", "metrics_port", "openai_port"):
         port = getattr(args, name)
         if port and not port_free("127.0.0.1", port):
