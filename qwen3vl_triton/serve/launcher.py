@@ -14,7 +14,7 @@ Topologies (which models one server holds):
   all       every model: the qwen3vl ensemble and both disaggregated entry points (encode, language)
   single    the qwen3vl ensemble alone (preprocessing, vision_encoder, tensorrt_llm, postprocessing)
   encoder   the disaggregated encoder server: encode (preprocessing -> vision_encoder), and
-            qwen3vl_disagg when --set language_url=HOST:PORT names a language server
+            qwen3vl_disagg when --set language_urls=HOST:PORT[,HOST:PORT...] (or dns:NAME:PORT) names language servers
   language  the disaggregated language server: language -> tensorrt_llm (+ postprocessing)
 """
 
