@@ -387,16 +387,21 @@ def _token_facts(path: Path, config) -> dict:
     if not min_pixels or not max_pixels:
         raise CheckpointError(f"{path}/preprocessor_config.json gives no min/max pixel bounds "
                               "(size.shortest_edge / size.longest_edge)")
+    _check_patching(path, config, processor, "preprocessor_config.json")
+    return dict(end_id=int(end_id), end_ids=end_ids, pad_id=int(pad_id), min_pixels=int(min_pixels),
+                max_pixels=int(max_pixels), **_video_facts(path, config))
+
+
+def _check_patching(path: Path, config, processor, filename: str) -> None:
+    """The processor's patch, temporal patch and merge sizes equal the vision config's."""
     vision = config.vision_config
     for name, ours in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
                        ("merge_size", vision.spatial_merge_size)):
         theirs = getattr(processor, name, ours)
         if theirs != ours:
             key = "spatial_merge_size" if name == "merge_size" else name
-            raise CheckpointError(f"{path}: preprocessor_config.json {name} {theirs} disagrees with "
+            raise CheckpointError(f"{path}: {filename} {name} {theirs} disagrees with "
                                   f"config.json vision_config.{key} {ours}")
-    return dict(end_id=int(end_id), end_ids=end_ids, pad_id=int(pad_id), min_pixels=int(min_pixels),
-                max_pixels=int(max_pixels), **_video_facts(path, config))
 
 
 def _video_facts(path: Path, config) -> dict:
@@ -409,14 +414,7 @@ def _video_facts(path: Path, config) -> dict:
     except Exception as exc:
         raise CheckpointError(f"{path}: the video processor cannot be loaded (video_preprocessor_config.json): "
                               f"{type(exc).__name__}: {exc}") from None
-    vision = config.vision_config
-    for name, ours in (("patch_size", vision.patch_size), ("temporal_patch_size", vision.temporal_patch_size),
-                       ("merge_size", vision.spatial_merge_size)):
-        theirs = getattr(processor, name, ours)
-        if theirs != ours:
-            key = "spatial_merge_size" if name == "merge_size" else name
-            raise CheckpointError(f"{path}: video_preprocessor_config.json {name} {theirs} disagrees with "
-                                  f"config.json vision_config.{key} {ours}")
+    _check_patching(path, config, processor, "video_preprocessor_config.json")
     size = processor.size
     if not size.shortest_edge or not size.longest_edge:
         raise CheckpointError(f"{path}/video_preprocessor_config.json gives no min/max pixel bounds "
