@@ -199,16 +199,7 @@ def stepwise(runner, ids, table, pos, forced, forced_pos):
 
     from qwen3vl_triton.engine.ggml_runner import Segment
 
-    class _Req:
-        pass
-
-    class _Seq:
-        pass
-
-    req, seq = _Req(), _Seq()
-    req.table, req.mrope_delta = table, 0
-    seq.req, seq.tokens, seq.cached, seq.prompt_len = req, [int(x) for x in ids], 0, len(ids)
-    runner._positions[seq] = np.asarray(pos, dtype=np.int64)
+    seq = runner.check_sequence(ids, table, pos)
     llama = runner.llama
     llama.clear(0)
     try:

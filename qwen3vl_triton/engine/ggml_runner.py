@@ -602,11 +602,9 @@ class GgmlRunner:
         return segs
 
     # -- for checks ---------------------------------------------------------------------------
-    def all_logits(self, ids, table: torch.Tensor | None, positions: np.ndarray, seq_id: int = 0) -> torch.Tensor:
-        """Logits `[L, vocab]` of every token of one sequence (prompt ids, with fake ids reading
-        `table`, and any continuation), at M-RoPE `positions` `[3, L]`, in as few calls as the
-        kinds allow. Uses llama sequence `seq_id` and empties it before and after: only while no
-        engine runs on this runner."""
+    def check_sequence(self, ids, table: torch.Tensor | None, positions: np.ndarray):
+        """A stand-in for a scheduler sequence (no engine): prompt `ids` reading `table`, at M-RoPE
+        `positions` `[3, L]`, nothing cached; what `segments` needs."""
 
         class _Req:
             pass
@@ -619,6 +617,15 @@ class GgmlRunner:
         seq.req, seq.tokens, seq.cached = req, [int(x) for x in np.asarray(ids).reshape(-1)], 0
         seq.prompt_len = len(seq.tokens)
         self._positions[seq] = np.asarray(positions, dtype=np.int64)
+        return seq
+
+    def all_logits(self, ids, table: torch.Tensor | None, positions: np.ndarray, seq_id: int = 0) -> torch.Tensor:
+        """Logits `[L, vocab]` of every token of one sequence (prompt ids, with fake ids reading
+        `table`, and any continuation), at M-RoPE `positions` `[3, L]`, in as few calls as the
+        kinds allow. Uses llama sequence `seq_id` and empties it before and after: only while no
+        engine runs on this runner."""
+
+        seq = self.check_sequence(ids, table, positions)
         self.llama.clear(seq_id)
         try:
             out = []
