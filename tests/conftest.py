@@ -200,8 +200,10 @@ def encoder_server(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def language_server(tiny_checkpoint, tmp_path_factory):
-    """The disaggregated language server (`language` -> tensorrt_llm), in its own process."""
-    srv = start_server(tiny_checkpoint, tmp_path_factory, "language", "language")
+    """The disaggregated language server (`language` -> tensorrt_llm), in its own process. Its row
+    cache is off: the tests that use it check the transfer, so every request sends every row (the
+    row cache is tested in test_scale.py, on the cluster's servers)."""
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "language", "language", language_row_cache_bytes=0)
     yield srv
     srv.stop()
 

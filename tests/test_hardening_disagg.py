@@ -29,8 +29,10 @@ LONG = LONG_TOKENS  # max_tokens of the generations that should run for a while,
 
 @pytest.fixture(scope="module")
 def lang_server(tiny_checkpoint, tmp_path_factory):
-    """A language server that allows long generations."""
-    srv = start_server(tiny_checkpoint, tmp_path_factory, "language", "lifecycle", max_output_len=LONG)
+    """A language server that allows long generations (its row cache off: every start receives
+    every row, whatever an earlier test sent)."""
+    srv = start_server(tiny_checkpoint, tmp_path_factory, "language", "lifecycle", max_output_len=LONG,
+                       language_row_cache_bytes=0)
     yield srv
     srv.stop()
 
@@ -266,7 +268,7 @@ def test_an_ended_id_starts_again_at_once_and_the_old_generation_never_touches_i
         next(old)
         lang.end(cid)  # END while generating, then the same id at once
         enc = encoded["text"]
-        assert lang.start(cid, enc, 12) == 0
+        assert lang.start(cid, enc, 12).received == 0
         assert lang.chunk(cid, 0, [infer_input("chunk", enc.table[None])]) == enc.rows
         # the old generation is over (stopped; before, it ran on to its end and then dropped the new one)
         assert wait_for(lambda: engine(lang_server, "running_sequences") == 0, 60)
@@ -336,7 +338,7 @@ def test_a_start_past_the_sequence_bound_is_refused_at_once(four_slot_server, en
             with pytest.raises(TransferError, match="start refused"):
                 lang.start(corrid(), encoded["text"], 4)
         lang.end(cids[0])
-        assert lang.start(corrid(), encoded["text"], 4) == 0
+        assert lang.start(corrid(), encoded["text"], 4).received == 0
     finally:
         lang.close()
 

@@ -434,3 +434,95 @@ def test_prior_tokens_prime_the_text_of_a_moved_generation():
     stream = Stream()
     seq.generate(stream.listener, 0)
     assert stream.listener.detok.ids == [40, 41]  # the text goes on after them
+
+
+# -- the row cache: a later start gets the rows of images the server received before ----------------------
+def image_start(st, corrid, images, text=(1, 2), extra=None):
+    """A sequence of `images` (name, tokens) in turn, each image's token r under the id name * 1000 + r + 1;
+    returns it and its table ((LEVELS + 1) blocks of stride S, model/table.py), whose rows depend on the
+    image, the block and the token only."""
+    ids, keys, at = list(text), [0] * len(text), 0
+    for name, n in images:
+        ids += [VOCAB + at + r for r in range(n)] + [3]
+        keys += [name * 1000 + r + 1 for r in range(n)] + [0]
+        at += n
+    table = np.zeros(((LEVELS + 1) * at, H), np.float32)
+    first = 0
+    for name, n in images:
+        for block in range(LEVELS + 1):
+            table[block * at + first:block * at + first + n] = (name * 100 + block * 10 + np.arange(n))[:, None]
+        first += n
+    keys = np.array(keys if extra is None else extra(keys), np.uint64)
+    seq = st.start(corrid, np.array(ids, np.int32), len(table), len(table), None, 0, 8, SamplingParams(),
+                   extra_ids=keys)
+    return seq, table
+
+
+def send_missing(st, corrid, seq, table):
+    """What a sender does after `start`: each range `missing` names, in order."""
+    for first, count in seq.missing():
+        st.chunk(corrid, first, table[first:first + count])
+
+
+def test_a_later_start_takes_held_image_rows_and_is_told_which_to_send():
+    st, _ = store(row_cache_bytes=1 << 20)
+    first, table = image_start(st, 1, [(5, 3)])
+    assert first.held is None and first.missing() == [(0, 12)]
+    send_missing(st, 1, first, table)
+    assert first.phase is Phase.READY
+
+    same, table = image_start(st, 2, [(5, 3)])  # the next turn: the same image
+    assert same.phase is Phase.READY and same.received == 12 and same.missing() == []
+    np.testing.assert_array_equal(same.table, table)
+
+    # a new image after the held one: only its rows are missing (one range in each block)
+    both, table = image_start(st, 3, [(5, 3), (6, 2)])
+    assert both.received == 3 and both.missing() == [(3, 2), (8, 2), (13, 2), (18, 2)]
+    send_missing(st, 3, both, table)
+    assert both.phase is Phase.READY
+    np.testing.assert_array_equal(both.table, table)
+
+    # a new image before the held one: received stays 0, the held rows are skipped once it is sent
+    before, table = image_start(st, 4, [(7, 2), (6, 2)])
+    assert before.received == 0 and before.missing() == [(0, 2), (4, 2), (8, 2), (12, 2)]
+    send_missing(st, 4, before, table)
+    assert before.received == 16 and before.phase is Phase.READY
+    np.testing.assert_array_equal(before.table, table)
+    assert st.rows_skipped == 12 + 12 + 8
+
+
+def test_rows_are_taken_only_under_full_ids_and_never_from_another_image():
+    st, _ = store(row_cache_bytes=1 << 20)
+    seq, table = image_start(st, 1, [(5, 3)])
+    send_missing(st, 1, seq, table)
+    other, _ = image_start(st, 2, [(9, 3)])  # the same text and positions, another image
+    assert other.received == 0 and other.held is None
+    # an image token without an id (0) turns reuse off for the whole request: nothing taken
+    unnamed, table = image_start(st, 3, [(5, 3)], extra=lambda k: [k[0], k[1], 0, *k[3:]])
+    assert unnamed.received == 0 and unnamed.keys is None
+    # no ids at all: the same
+    plain = st.start(4, np.array([1, VOCAB, VOCAB + 1, VOCAB + 2], np.int32), 12, 12, None, 0, 8, SamplingParams())
+    assert plain.received == 0 and plain.keys is None
+    # one row read under two ids: malformed, no reuse
+    ids = np.array([VOCAB, VOCAB, VOCAB + 1], np.int32)
+    twice = st.start(5, ids, 8, 8, None, 0, 8, SamplingParams(), extra_ids=np.array([5001, 5002, 5003], np.uint64))
+    assert twice.keys is None
+    assert st.rows_skipped == 0
+    # what requests without ids sent never entered the cache either
+    send_missing(st, 3, unnamed, table)
+    assert len(st.row_cache) == 12
+
+
+def test_the_row_cache_keeps_its_bound_dropping_the_oldest_images_first():
+    row = H * 4
+    st, _ = store(row_cache_bytes=20 * row)  # two images of 2 tokens (8 rows each), not three
+    for corrid, name in enumerate((1, 2, 3), start=1):
+        seq, table = image_start(st, corrid, [(name, 2)])
+        send_missing(st, corrid, seq, table)
+        assert st.row_cache.bytes <= 20 * row
+    assert image_start(st, 10, [(1, 2)])[0].received == 0  # the oldest went first
+    assert image_start(st, 11, [(3, 2)])[0].received == 8
+    off, _ = store(row_cache_bytes=0)
+    seq, table = image_start(off, 1, [(1, 2)])
+    send_missing(off, 1, seq, table)
+    assert image_start(off, 2, [(1, 2)])[0].received == 0 and len(off.row_cache) == 0

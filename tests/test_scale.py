@@ -46,14 +46,21 @@ def test_a_conversation_stays_on_its_server_and_a_burst_spreads():
     try:
         key = conversation_key(messages=[{"role": "user", "content": "hello"}])
         first = pool.choose(key)
-        for _ in range(5):  # one turn after another, each ended: the same server
+        for _ in range(5):  # one turn after another, each ended: the same server (its own turns are no load)
             m = pool.choose(key)
             assert m is first
+            pool.started(m, key)
+            pool.finished(m)
+    finally:
+        pool.close()
+    pool = fake_pool(urls, {})
+    try:
         # a burst of 30 new conversations, none ended: every server within the bound of the mean
         counts = {u: 0 for u in urls}
         for i in range(30):
-            m = pool.choose(conversation_key(conversation_id=f"user-{i}"))
-            pool.started(m)
+            key = conversation_key(conversation_id=f"user-{i}")
+            m = pool.choose(key)
+            pool.started(m, key)
             counts[m.url] += 1
         assert all(5 <= c <= 15 for c in counts.values()), counts
         assert max(counts.values()) <= int(np.ceil(pool.balance * 30 / 3)), counts
@@ -178,7 +185,8 @@ def test_a_generate_with_end_frees_its_id_while_it_finishes(encoders, languages,
         d.transfer(77, enc, n)
         old = d.lang.generate(77, end=True)
         first = next(old)  # the first generation runs
-        assert d.lang.start(77, enc, n) == 0  # the id was freed by END: a new sequence starts at once
+        # the id was freed by END: a new sequence starts at once, its rows held already (the row cache)
+        assert d.lang.start(77, enc, n).received == enc.rows
         d.transfer(77, enc, n, resume=True)
         again = "".join(t for t, _ in d.lang.generate(77, end=True))
         rest = "".join(t for t, _ in old)
@@ -427,3 +435,36 @@ def test_a_killed_encoder_is_unavailable_and_the_client_retries_on_another(encod
     dying.process.wait(30)
     with Client(f"{dying.grpc_url},{alive.grpc_url}", model="qwen3vl_disagg") as c:
         assert c.generate_text(LONG_PROMPT, max_tokens=LONG) == oracle.text(expected)
+
+
+@pytest.mark.server
+def test_a_conversations_next_turns_move_no_rows_of_its_earlier_images(encoders, languages, oracle):
+    """A three-turn conversation through qwen3vl_disagg, an image in turn 1 and another in turn 3:
+    every turn equals transformers' `generate`; turn 2 sends none of turn 1's image rows (the
+    language server that held turn 1 keeps them), turn 3 only the new image's."""
+    def image_part(raw):
+        return {"type": "image_url", "image_url": {"url": data_url(raw)}}
+
+    first, second = image_bytes(96, 64, 21), image_bytes(64, 96, 22)
+    messages = [{"role": "user", "content": [image_part(first), {"type": "text", "text": "What is this?"}]}]
+    with Disaggregated(encoders[0].grpc_url, languages[0].grpc_url) as d:
+        rows_of = {name: d.encode(None, max_tokens=8, messages=[{"role": "user", "content": [image_part(raw)]}]).rows
+                   for name, raw in (("first", first), ("second", second))}
+
+    def skipped():
+        return sum(metric(s, "qwen3vl_language_rows_skipped_total", "language") for s in languages)
+
+    moved = []
+    for turn, follow_up in enumerate([None, "And its colours?", [image_part(second), "Compare the two."]]):
+        if follow_up is not None:
+            content = (follow_up if isinstance(follow_up, str)
+                       else [follow_up[0], {"type": "text", "text": follow_up[1]}])
+            messages = [*messages, {"role": "user", "content": content}]
+        before = skipped()
+        responses, error = request(encoders[0].grpc_url, None, max_tokens=10, messages=messages)
+        assert error is None, error
+        ids = np.concatenate([r.output_ids.reshape(-1) for r in responses]).tolist()
+        assert ids == oracle.generate_messages(messages, 10), f"turn {turn + 1}"
+        moved.append(skipped() - before)
+        messages = [*messages, {"role": "assistant", "content": oracle.text(ids)}]
+    assert moved == [0, rows_of["first"], rows_of["first"]], moved

@@ -120,3 +120,37 @@ def test_window_below_one_is_refused():
     store, _, source = started()
     with pytest.raises(ValueError, match="window must be >= 1"):
         send_table(InOrderStream(store), CORRID, source, 8, window=0)
+
+
+@pytest.mark.parametrize("held_image", [0, 1])
+def test_rows_the_server_held_are_not_sent(held_image):
+    """Two images of 6 tokens each (table: 4 blocks of stride 12); the server's row cache holds one
+    of them (from an earlier sequence of that image alone): the sender sends only the other's rows,
+    in the ranges `start` named, and the table ends whole and equal to the encoder's."""
+    rng = np.random.default_rng(1)
+    blocks = LEVELS + 1
+    images = [rng.standard_normal((blocks, 6, H), dtype=np.float32) for _ in range(2)]
+    keys = [np.arange(1, 7, dtype=np.uint64) + 1000 * (i + 1) for i in range(2)]
+    store = SequenceStore(H, np.float32, 1 << 24, 10.0, VOCAB, LEVELS, row_cache_bytes=1 << 20)
+    alone = np.array([1] + [VOCAB + j for j in range(6)] + [2], np.int32)  # the earlier turn: one image
+    alone_ids = np.concatenate([[0], keys[held_image], [0]]).astype(np.uint64)
+    store.start(1, alone, 24, 24, None, 0, 8, SamplingParams(), extra_ids=alone_ids)
+    store.chunk(1, 0, images[held_image].reshape(24, H))
+
+    ids = np.array([1] + [VOCAB + j for j in range(12)] + [2], np.int32)
+    both = np.concatenate([[0], *keys, [0]]).astype(np.uint64)
+    seq = store.start(CORRID, ids, 48, 48, None, 0, 8, SamplingParams(), extra_ids=both)
+    source = Rows(np.concatenate(images, axis=1).reshape(48, H))
+    lang, stats, sent = InOrderStream(store), TransferStats(), []
+
+    def record(start, count):
+        sent.append((start, count))
+        return [(start, count)]
+
+    missing = seq.missing()
+    other = 6 * (1 - held_image)
+    assert missing == [(12 * b + other, 6) for b in range(blocks) if 12 * b + other >= seq.received]
+    assert send_table(lang, CORRID, source, 4, seq.received, stats, plan=record, missing=missing) == 48
+    np.testing.assert_array_equal(seq.table, source.table)
+    assert sum(n for _, n in sent) == 24 and all((a - other) % 12 < 6 for a, _ in sent)
+    assert stats.skipped == 24 and stats.rows == 24

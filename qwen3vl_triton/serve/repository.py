@@ -125,6 +125,9 @@ class Settings:
     language_state_bytes: int = 2 * 2**30  # bound on the tables held by `language` sequences
     sequence_idle_us: int = 60_000_000  # sequence batcher max_sequence_idle_microseconds
     language_max_sequences: int = 256  # open `language` sequences; a start past it is refused (UNAVAILABLE)
+    # rows of recently received images kept by a language server, by their prompt_table_extra_ids: a
+    # conversation's next turn sends none of its earlier images' rows; in bytes, 0: off
+    language_row_cache_bytes: int = 512 * 2**20
     # language server: on SIGTERM it takes no new sequence and lets the open ones finish for up to
     # this many seconds (an orchestrator moves those still running when it stops), then stops
     drain_timeout_s: int = 30

@@ -68,13 +68,16 @@ class Member:
     tokens: int = 0  # the tokens they may still cost
     mine_at_report: int = 0  # this sender's open sequences when that figure came
     open: int = 0  # this sender's open sequences here
-    recent: collections.deque = field(default_factory=collections.deque)  # start times of ours
+    recent: collections.deque = field(default_factory=collections.deque)  # (start time, key) of ours
     error: str | None = None  # why the last load call failed
 
-    def load(self, now: float, recent_seconds: float) -> int:
-        while self.recent and now - self.recent[0] > recent_seconds:
+    def load(self, now: float, recent_seconds: float, key: bytes = b"") -> int:
+        """Open sequences here, as `key`'s conversation sees them: its own recent turns (ended, or
+        the one before) are no load against it, or a conversation would move on its second turn."""
+        while self.recent and now - self.recent[0][0] > recent_seconds:
             self.recent.popleft()
-        return max(self.reported - self.mine_at_report, 0) + max(self.open, len(self.recent))
+        recent = sum(1 for _, k in self.recent if not key or k != key)
+        return max(self.reported - self.mine_at_report, 0) + max(self.open, recent)
 
 
 def rendezvous(key: bytes, url: str) -> int:
@@ -178,7 +181,6 @@ class LanguagePool:
         """The member for a sequence whose conversation key is `key` (empty: a random one), not
         one of `avoid` (where it just failed) unless no other is ready."""
         self._keep_fresh()
-        key = key or secrets.token_bytes(16)
         with self._lock:
             members = list(self.members.values())
         ready = [m for m in members if m.ready and m not in avoid] or [m for m in members if m.ready]
@@ -186,16 +188,18 @@ class LanguagePool:
             why = "; ".join(f"{m.url}: {'draining' if m.draining else m.error or 'not ready'}" for m in members)
             raise Unavailable(f"no language server is ready ({why or 'none found'})")
         now = time.monotonic()
-        loads = {m: m.load(now, self.recent_seconds) for m in ready}
+        loads = {m: m.load(now, self.recent_seconds, key) for m in ready}
+        key = key or secrets.token_bytes(16)
         cap = math.ceil(self.balance * (sum(loads.values()) + 1) / len(ready))
         for m in sorted(ready, key=lambda m: rendezvous(key, m.url), reverse=True):
             if loads[m] < cap:
                 return m
         return min(ready, key=lambda m: (loads[m], m.tokens))
 
-    def started(self, m: Member) -> None:
+    def started(self, m: Member, key: bytes = b"") -> None:
+        """A sequence of conversation `key` started on `m`."""
         m.open += 1
-        m.recent.append(time.monotonic())
+        m.recent.append((time.monotonic(), key))
 
     def finished(self, m: Member) -> None:
         m.open -= 1

@@ -16,6 +16,14 @@ A sequence's life is its `Phase`, changed only by `Sequence`'s methods:
 ENDED is final: the store forgets the sequence at once, so its correlation id can start again
 at once, and whatever the old generation still produces reaches nobody.
 
+Rows of recent images (`RowCache`, `language_row_cache_bytes`): a sequence whose table is whole
+leaves its image rows in a cache keyed by their `prompt_table_extra_ids`; a later `start` whose
+image rows carry ids the cache holds gets those rows at once, and `received_rows` counts them (the
+contiguous prefix held skips them), so its sender sends only the others (`start` answers their
+ranges as `missing_rows`): a conversation's next turn moves none of its earlier images' rows.
+Fail closed: a request with an image token without an id (absent, or 0), or one table row named
+with two ids, neither takes nor leaves rows.
+
 A `generate` that carries the END flag frees the correlation id as Triton's sequence batcher does
 (`SequenceStore.free_id`): a new `start` on that id is accepted while the old generation goes on
 streaming to its own client, and the old sequence is released when its generation ends (or when
@@ -24,6 +32,7 @@ that client goes away, which stops the generation). Until then it still counts a
 
 from __future__ import annotations
 
+import collections
 import enum
 import threading
 import time
@@ -55,6 +64,76 @@ class RowsRefused(SequenceError):
     def __init__(self, input_name: str, message: str, received_rows: int):
         super().__init__(input_name, message)
         self.received_rows = received_rows
+
+def row_keys(input_ids: np.ndarray, extra_ids: np.ndarray | None, vocab_size: int, rows: int,
+             levels: int) -> list[int] | None:
+    """The row cache's key of each row of the table (model/table.py's layout: `levels + 1` blocks of
+    stride S; image token `vocab + j` reads row j and, of DeepStack level k, row (k + 1) S + j):
+    the token's `prompt_table_extra_ids` entry and the block, 0 for a row no token reads. None --
+    no reuse for the request -- when an image token has no id (no extra ids, or 0) or one row is
+    read under two ids."""
+    if rows == 0 or extra_ids is None or rows % (levels + 1):
+        return None
+    ids = np.asarray(input_ids).reshape(-1)
+    image = ids >= vocab_size
+    extra = np.asarray(extra_ids, np.uint64).reshape(-1)[image]
+    at = ids[image].astype(np.int64) - vocab_size
+    stride = rows // (levels + 1)
+    if not image.any() or (extra == 0).any() or (at >= stride).any():
+        return None
+    named = np.zeros(stride, np.uint64)
+    named[at] = extra
+    if (named[at] != extra).any():  # a row named twice, under different ids
+        return None
+    main = named.tolist()
+    return [(e << 8 | block) if e else 0 for block in range(levels + 1) for e in main]
+
+
+class RowCache:
+    """Image rows by their id (`row_keys`), least recently used dropped first past `max_bytes`.
+    The ids come from the orchestrator (the first 8 bytes of SHA-256 over the image's content hash
+    and the row's index, contract.image_row_ids): a language server trusts its clients, which the
+    deployment restricts to the orchestrators (docs/security.md)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._rows: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    def take(self, keys: list[int]) -> dict[int, np.ndarray]:
+        """The held rows among `keys` (0s skipped), by table row."""
+        out = {}
+        with self._lock:
+            for i, key in enumerate(keys):
+                row = self._rows.get(key) if key else None
+                if row is not None:
+                    self._rows.move_to_end(key)
+                    out[i] = row
+        return out
+
+    def put(self, keys: list[int], table: np.ndarray) -> None:
+        """Keep the rows of `table` under `keys` (copies; rows already held are only refreshed)."""
+        if self.max_bytes <= 0 or table.shape[0] == 0 or table[0].nbytes > self.max_bytes:
+            return
+        with self._lock:
+            for i, key in enumerate(keys):
+                if not key:
+                    continue
+                if key in self._rows:
+                    self._rows.move_to_end(key)
+                    continue
+                row = table[i].copy()
+                self._rows[key] = row
+                self.bytes += row.nbytes
+            while self.bytes > self.max_bytes:
+                _, old = self._rows.popitem(last=False)
+                self.bytes -= old.nbytes
+
 
 class Phase(enum.Enum):
     RECEIVING = "receiving rows"
@@ -127,6 +206,8 @@ class Sequence:
     region: "Region | None" = None  # the shared-memory region this sequence proved it may read
     release_when_done: bool = False  # `generate` came with the END flag
     prior: int = 0  # trailing prompt tokens a generation begun elsewhere produced (start's prior_ids)
+    keys: list[int] | None = None  # the row cache's key of each table row (row_keys), None: no reuse
+    held: np.ndarray | None = None  # (rows,) bool: rows the row cache filled at start
     # the LLM request's id, unguessable: a `stop` request names it (tensorrtllm's cancellation)
     generation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -189,9 +270,37 @@ class Sequence:
             if end > self.received:
                 fill(self.table[self.received:end], self.received - offset)
                 self.received = end
-                if end == self.rows:
-                    self.phase = Phase.READY
+                self._skip_held()
             return self.received
+
+    def _skip_held(self) -> None:
+        """`received` past the rows the row cache filled; READY once every row is held."""
+        if self.held is not None:
+            while self.received < self.rows and self.held[self.received]:
+                self.received += 1
+        if self.received == self.rows and self.phase is Phase.RECEIVING:
+            self.phase = Phase.READY
+
+    def fill_held(self, rows: dict[int, np.ndarray]) -> int:
+        """Rows the row cache holds, put in place at start; returns how many."""
+        with self.cond:
+            if not rows or self.phase is not Phase.RECEIVING:
+                return 0
+            self.held = np.zeros(self.rows, bool)
+            for i, row in rows.items():
+                self.table[i] = row
+                self.held[i] = True
+            self._skip_held()
+            return len(rows)
+
+    def missing(self) -> list[tuple[int, int]]:
+        """The ranges (first row, count) still to send, from `received` on."""
+        with self.cond:
+            if self.phase is not Phase.RECEIVING:
+                return []
+            need = np.ones(self.rows - self.received, bool) if self.held is None else ~self.held[self.received:]
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], need.astype(np.int8), [0]])))
+            return [(self.received + int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
 
     def generate(self, listener: Listener, from_token: int, release_when_done: bool = False) -> bool:
         """Make `listener` the sequence's stream from token `from_token`. Returns True when the
@@ -290,8 +399,9 @@ class SequenceStore:
 
     def __init__(self, hidden_size: int, table_dtype, max_bytes: int, idle_seconds: float, vocab_size: int,
                  levels: int, max_sequences: int = 256, max_positions: int = 1 << 30, rotary_dim: int | None = None,
-                 max_output_len: int | None = None, clock=time.monotonic):
+                 max_output_len: int | None = None, row_cache_bytes: int = 0, clock=time.monotonic):
         self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
         # what `start` checks: prompt-table ids from vocab_size, `levels` DeepStack levels, the model's
         # max_position_embeddings, `rotary_dim` values per position of mrope_rotary_cos_sin, max_tokens
         self.bounds = Bounds(vocab_size, hidden_size, levels, max_positions, rotary_dim, max_output_len=max_output_len)
@@ -305,6 +415,8 @@ class SequenceStore:
         self._lock = threading.Lock()
         self.started = 0  # sequences started (a counter)
         self.draining = False  # the server is stopping: no new sequence, the open ones go on
+        self.row_cache = RowCache(row_cache_bytes)  # rows of recent images (0 bytes: off)
+        self.rows_skipped = 0  # table rows a start found in the row cache (a counter)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -413,7 +525,22 @@ class SequenceStore:
                            prior=prior)
             self._seqs[corrid] = seq
             self.started += 1
+        if self.row_cache.max_bytes > 0:
+            seq.keys = row_keys(ids, extra_ids, self.vocab_size, table_rows, self.bounds.levels)
+            if seq.keys is not None:
+                skipped = seq.fill_held(self.row_cache.take(seq.keys))
+                with self._lock:
+                    self.rows_skipped += skipped
         return seq
+
+    def _received(self, seq: Sequence, before: int, received: int) -> int:
+        """After a chunk: a table that has just become whole leaves its rows in the row cache."""
+        if received == seq.rows and before < seq.rows and seq.keys is not None:
+            with seq.cond:
+                table = seq.table if seq.open else None
+            if table is not None and table.shape[0] == seq.rows:
+                self.row_cache.put(seq.keys, table)
+        return received
 
     def _check_rows(self, rows: np.ndarray) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.hidden_size:
@@ -429,7 +556,8 @@ class SequenceStore:
         def fill(dest, first):
             dest[...] = rows[first:first + dest.shape[0]]
 
-        return seq.chunk(offset, rows.shape[0], fill)
+        before = seq.received
+        return self._received(seq, before, seq.chunk(offset, rows.shape[0], fill))
 
     def chunk_from_region(self, corrid: int, offset: int, count: int, regions: "SharedRegions", key: str,
                           secret: str, byte_offset: int) -> int:
@@ -442,7 +570,8 @@ class SequenceStore:
         def fill(dest, first):
             region.read_into(dest, byte_offset + first * row_bytes)
 
-        return seq.chunk(offset, count, fill)
+        before = seq.received
+        return self._received(seq, before, seq.chunk(offset, count, fill))
 
     def status(self, corrid: int) -> Sequence:
         return self.get(corrid)

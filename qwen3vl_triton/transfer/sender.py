@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -36,6 +36,15 @@ class TransferError(RemoteError):
     def __init__(self, message: str, received_rows: int | None = None, status: str | None = None):
         super().__init__(message, status)
         self.received_rows = received_rows
+
+class Held(NamedTuple):
+    """What a language server holds of a sequence's table after `start`: `received` (the
+    contiguous prefix) and `missing`, the ranges (first row, count) still to send -- fewer than
+    the rest of the table when its row cache held some of the image rows."""
+
+    received: int
+    missing: list[tuple[int, int]]
+
 
 class StreamBroken(TransferError):
     """The response stream ended before its final response (network, client cancel, timeout)."""
@@ -127,10 +136,23 @@ class LanguageClient:
             raise TransferError(str(exc), received) from None
 
     def _received(self, handle: tuple[GrpcStream, str]) -> int:
+        return self._held(handle, 0).received
+
+    def _held(self, handle: tuple[GrpcStream, str], rows: int) -> Held:
+        """received_rows, and the ranges still to send of a table of `rows` rows: `missing_rows`
+        when the server sent it, else every row from received_rows."""
         for r in list(self._results(handle)):
             out = r.as_numpy("received_rows")
             if out is not None:
-                return int(out.reshape(-1)[0])
+                received = int(out.reshape(-1)[0])
+                missing = r.as_numpy("missing_rows")
+                if missing is None:
+                    return Held(received, [(received, rows - received)] if rows > received else [])
+                pairs = missing.reshape(-1, 2).tolist()
+                if any(a < received or n < 1 or a + n > rows for a, n in pairs):
+                    raise TransferError(f"{self.model} answered missing_rows {pairs} outside rows "
+                                        f"[{received}, {rows})")
+                return Held(received, [(a, n) for a, n in pairs])
         raise TransferError(f"{self.model} answered without received_rows")
 
     def _rows(self, corrid: int, inputs, start=False, end=False) -> int:
@@ -153,8 +175,9 @@ class LanguageClient:
         raise TransferError(f"{self.model} answered op=load without open_sequences")
 
     def start(self, corrid: int, enc: Encoded, max_tokens: int, temperature=None, top_k=None, top_p=None,
-              seed=None, prior_ids=()) -> int:
-        """Open the sequence; a refused start also ends it, so Triton's sequence slot is let go at
+              seed=None, prior_ids=()) -> Held:
+        """Open the sequence; what the server holds of its table already (rows its row cache had)
+        and the ranges to send. A refused start also ends it, so Triton's sequence slot is let go at
         once rather than at the idle timeout. `prior_ids`: tokens a generation of this request
         already delivered elsewhere; they join the prompt and `max_tokens` counts the rest."""
         ids, _, rows, cos_sin, delta, extra = ENCODE_OUTPUTS  # `start` takes the encoder's outputs by their names
@@ -173,7 +196,7 @@ class LanguageClient:
         inputs += [infer_input(name, value) for name, value in
                    Qwen3VLRequest("", max_tokens=max_tokens, **sampling).arrays().items() if name in sampling]
         try:
-            return self._rows(corrid, inputs, start=True)
+            return self._held(self._submit(inputs, sequence_id=corrid, sequence_start=True), enc.rows)
         except TransferError as exc:
             # a refusal with received_rows: the id holds an open sequence, which is not ours to end
             if exc.received_rows is None:
@@ -238,14 +261,28 @@ class TransferStats:
     payload_bytes: int = 0  # table bytes moved into the language server
     resumes: int = 0  # times the sender resynchronised from received_rows
     seconds: float = 0.0
+    skipped: int = 0  # rows not sent: the language server held them (its row cache)
 
     def add(self, other: "TransferStats") -> None:
-        for name in ("chunks", "rows", "payload_bytes", "resumes", "seconds"):
+        for name in ("chunks", "rows", "payload_bytes", "resumes", "seconds", "skipped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+def _spans(missing, received: int, rows: int, chunk_rows: int) -> Iterator[tuple[int, int]]:
+    """Chunks (first row, count) of at most `chunk_rows` rows covering the `missing` ranges (None:
+    every row) from `received` on."""
+    for first, count in missing if missing is not None else [(received, rows - received)]:
+        first, end = max(first, received), first + count
+        while first < end:
+            n = min(chunk_rows, end - first)
+            yield first, n
+            first += n
+
+
 def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_rows: int, received: int = 0,
-               stats: TransferStats | None = None, max_resumes: int = 8, plan=None, window: int = 4) -> int:
-    """Send rows [received, rows) in chunks; resync from the server's received_rows on refusal.
+               stats: TransferStats | None = None, max_resumes: int = 8, plan=None, window: int = 4,
+               missing=None) -> int:
+    """Send rows [received, rows) in chunks -- only those in the `missing` ranges when the server
+    said which it lacks (`start`'s Held) -- and resync from the server's received_rows on refusal.
 
     Up to `window` chunks are in flight on the stream (the language server applies them in the
     order they were sent), so a transfer costs about one round trip plus the server's work rather
@@ -260,22 +297,23 @@ def send_table(lang: LanguageClient, corrid: int, source: ChunkSource, chunk_row
     stats = stats or TransferStats()
     t0 = time.perf_counter()
     resumes = 0
+    if missing is not None:  # start's answer: every row outside its ranges the server held already
+        stats.skipped += enc.rows - sum(n for _, n in missing)
     while received < enc.rows:
         pending = collections.deque()  # (handle, rows) in the order sent
         refused: TransferError | None = None
-        position = received  # the next row the plan covers
+        spans = _spans(missing, received, enc.rows, chunk_rows)  # the chunks the plan covers
         queued: collections.deque = collections.deque()  # planned chunks not sent yet
         while True:
             while refused is None and len(pending) < window:
                 if not queued:
-                    if position >= enc.rows:
+                    span = next(spans, None)
+                    if span is None:
                         break
-                    count = min(chunk_rows, enc.rows - position)
-                    chunks = plan(position, count) if plan else [(position, count)]
+                    chunks = plan(*span) if plan else [span]
                     if not chunks:
-                        raise TransferError(f"the chunk plan sends nothing from row {position}", received)
+                        raise TransferError(f"the chunk plan sends nothing from row {span[0]}", received)
                     queued.extend(chunks)
-                    position += count
                 start, n = queued.popleft()
                 pending.append((lang.send_chunk(corrid, start, source.rows(start, n)), n))
             if not pending:
@@ -406,11 +444,14 @@ class Disaggregated:
     def transfer(self, corrid: int, enc: Encoded, max_tokens: int, resume: bool = False, plan=None,
                  **sampling) -> int:
         """Start the sequence (or, with `resume`, ask its status) and send the missing rows."""
-        received = self.lang.status(corrid) if resume else self.lang.start(corrid, enc, max_tokens, **sampling)
+        if resume:
+            received, missing = self.lang.status(corrid), None
+        else:
+            received, missing = self.lang.start(corrid, enc, max_tokens, **sampling)
         stats = TransferStats()
         try:
             return send_table(self.lang, corrid, self.source(enc), self.chunk_rows, received, stats, plan=plan,
-                              window=self.chunk_window)
+                              window=self.chunk_window, missing=missing)
         finally:
             with self._stats_lock:
                 self.stats.add(stats)
@@ -450,7 +491,7 @@ class Disaggregated:
             else:
                 failure = None
                 try:
-                    for text, ids in self._on(member, corrid, enc, max_tokens, delivered, sampling):
+                    for text, ids in self._on(member, corrid, enc, max_tokens, delivered, sampling, key):
                         delivered.extend(ids)
                         yield text, ids
                     return
@@ -474,16 +515,18 @@ class Disaggregated:
                 self.on_migrate()
             corrid = secrets.randbits(63) or 1
 
-    def _on(self, member, corrid: int, enc: Encoded, max_tokens: int, delivered: list[int], sampling: dict):
+    def _on(self, member, corrid: int, enc: Encoded, max_tokens: int, delivered: list[int], sampling: dict,
+            key: bytes = b""):
         """The request on one language server, from the tokens already `delivered`."""
         lang, started = member.lang, False
-        self.pool.started(member)
+        self.pool.started(member, key)
         try:
-            lang.start(corrid, enc, max_tokens - len(delivered), prior_ids=delivered, **sampling)
+            held = lang.start(corrid, enc, max_tokens - len(delivered), prior_ids=delivered, **sampling)
             started = True
             stats = TransferStats()
             try:
-                send_table(lang, corrid, self.source(enc), self.chunk_rows, 0, stats, window=self.chunk_window)
+                send_table(lang, corrid, self.source(enc), self.chunk_rows, held.received, stats,
+                           window=self.chunk_window, missing=held.missing)
             finally:
                 with self._stats_lock:
                     self.stats.add(stats)

@@ -42,8 +42,13 @@ def _load_response(store):
             pb_utils.Tensor("draining", np.array([[store.draining]], bool))]
 
 
-def _rows_response(received):
-    return [pb_utils.Tensor("received_rows", np.array([[received]], np.int32))]
+def _rows_response(received, missing=()):
+    """received_rows, and after a start that found rows in the row cache, `missing_rows`: the ranges
+    (first row, count) still to send, flattened."""
+    out = [pb_utils.Tensor("received_rows", np.array([[received]], np.int32))]
+    if missing:
+        out.append(pb_utils.Tensor("missing_rows", np.asarray(missing, np.int32).reshape(1, -1)))
+    return out
 
 
 def _text(name):
@@ -78,7 +83,8 @@ class TritonPythonModel:
                                    vocab_size=self.spec.vocab_size, levels=self.spec.deepstack_levels,
                                    max_sequences=int(params["max_sequences"]),
                                    max_positions=self.spec.max_position_embeddings, rotary_dim=self.spec.rotary_dim,
-                                   max_output_len=int(params["max_output_len"]))
+                                   max_output_len=int(params["max_output_len"]),
+                                   row_cache_bytes=int(params["row_cache_bytes"]))
         self.regions = SharedRegions()
         self.drain_file = os.path.join(args["model_repository"], DRAIN_FILE)
         self.llm = LLMConnection(server_grpc_url(), at_load=True)  # one channel, shared by every sequence
@@ -91,7 +97,11 @@ class TritonPythonModel:
                 ("prefills_total", "generations started (each prefills its prompt once)",
                  pb_utils.MetricFamily.COUNTER),
                 ("sequences_started_total", "sequences started (op=start accepted)",
-                 pb_utils.MetricFamily.COUNTER))}
+                 pb_utils.MetricFamily.COUNTER),
+                ("rows_skipped_total", "table rows not sent because the server held them (its row cache)",
+                 pb_utils.MetricFamily.COUNTER),
+                ("row_cache_bytes", "bytes of image rows kept for later sequences (language_row_cache_bytes)",
+                 pb_utils.MetricFamily.GAUGE))}
         self.metrics = {name: family.Metric(labels=labels) for name, family in self.families.items()}
         self.gauges, self._gauge_lock = Gauges(self.metrics), threading.Lock()
         self._stop = threading.Event()
@@ -114,6 +124,7 @@ class TritonPythonModel:
             self.gauges.set("sequences", len(self.store))
             self.gauges.set("state_bytes", self.store.bytes_held)
             self.gauges.set("regions", len(self.regions))
+            self.gauges.set("row_cache_bytes", self.store.row_cache.bytes)
 
     # -- requests ------------------------------------------------------------------------------------
     def execute(self, requests):
@@ -137,7 +148,7 @@ class TritonPythonModel:
                         self.store.free_id(corrid)
                     end_now = False
                 else:
-                    send_response(pb_utils, sender, _rows_response(self._control(op, corrid, x)), FINAL)
+                    send_response(pb_utils, sender, self._control(op, corrid, x), FINAL)
             except RowsRefused as exc:  # received_rows as data first, then the error for people
                 send_response(pb_utils, sender, _rows_response(exc.received_rows))
                 sender.send(error_response(pb_utils, exc), flags=FINAL)
@@ -185,19 +196,23 @@ class TritonPythonModel:
                                         seed=scalar(x, "seed", int)),
                 prior=prior.size,
             )
+            skipped = 0 if seq.held is None else int(seq.held.sum())
             with self._gauge_lock:  # the janitor thread sends the gauges: one metric call at a time
                 self.metrics["sequences_started_total"].increment(1)
-            return seq.received
+                if skipped:
+                    self.metrics["rows_skipped_total"].increment(skipped)
+            # the ranges to send only when the row cache filled some: else every row from received_rows
+            return _rows_response(seq.received, seq.missing() if skipped else ())
         if op == "chunk":
             offset = scalar(x, "chunk_offset", int, required=True)
             if x.get("chunk_region") is not None:  # co-located sender: rows read from its region
-                return self.store.chunk_from_region(
+                return _rows_response(self.store.chunk_from_region(
                     corrid, offset, scalar(x, "chunk_rows", int, required=True), self.regions,
                     scalar(x, "chunk_region", _text("chunk_region"), required=True),
                     scalar(x, "region_secret", _text("region_secret"), required=True),
-                    scalar(x, "region_offset", int, required=True))
-            return self.store.chunk(corrid, offset, single_sequence(x, "chunk"))
-        return self.store.status(corrid).received
+                    scalar(x, "region_offset", int, required=True)))
+            return _rows_response(self.store.chunk(corrid, offset, single_sequence(x, "chunk")))
+        return _rows_response(self.store.status(corrid).received)
 
     def _generate(self, sender, corrid, x, release_when_done):
         from_token = scalar(x, "from_token", int, default=0)
