@@ -98,6 +98,12 @@ SEQUENCES ?= 1000
 soak: venv
 	$(BIN)/python -m load_tests.soak --sequences $(SEQUENCES)
 
+# A conversation's second turn across the split: rows moved and TTFT with the language server's row
+# cache on and off, in one run (one encoder, two language servers, small profile)
+.PHONY: bench-turns
+bench-turns: venv
+	$(BIN)/python -m load_tests.disagg_turns $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
+
 checkpoint: venv
 	$(BIN)/python -m qwen3vl_triton.model.tiny --profile $(PROFILE) --out checkpoints/$(PROFILE)
 

@@ -437,7 +437,7 @@ def test_prior_tokens_prime_the_text_of_a_moved_generation():
 
 
 # -- the row cache: a later start gets the rows of images the server received before ----------------------
-def image_start(st, corrid, images, text=(1, 2), extra=None):
+def image_start(st, corrid, images, text=(1, 2), extra=None, reuse=True):
     """A sequence of `images` (name, tokens) in turn, each image's token r under the id name * 1000 + r + 1;
     returns it and its table ((LEVELS + 1) blocks of stride S, model/table.py), whose rows depend on the
     image, the block and the token only."""
@@ -454,7 +454,7 @@ def image_start(st, corrid, images, text=(1, 2), extra=None):
         first += n
     keys = np.array(keys if extra is None else extra(keys), np.uint64)
     seq = st.start(corrid, np.array(ids, np.int32), len(table), len(table), None, 0, 8, SamplingParams(),
-                   extra_ids=keys)
+                   extra_ids=keys, reuse_rows=reuse)
     return seq, table
 
 
@@ -471,6 +471,7 @@ def test_a_later_start_takes_held_image_rows_and_is_told_which_to_send():
     send_missing(st, 1, first, table)
     assert first.phase is Phase.READY
 
+    assert image_start(st, 9, [(5, 3)], reuse=False)[0].received == 0  # a start that does not ask: every row
     same, table = image_start(st, 2, [(5, 3)])  # the next turn: the same image
     assert same.phase is Phase.READY and same.received == 12 and same.missing() == []
     np.testing.assert_array_equal(same.table, table)
@@ -505,7 +506,8 @@ def test_rows_are_taken_only_under_full_ids_and_never_from_another_image():
     assert plain.received == 0 and plain.keys is None
     # one row read under two ids: malformed, no reuse
     ids = np.array([VOCAB, VOCAB, VOCAB + 1], np.int32)
-    twice = st.start(5, ids, 8, 8, None, 0, 8, SamplingParams(), extra_ids=np.array([5001, 5002, 5003], np.uint64))
+    twice = st.start(5, ids, 8, 8, None, 0, 8, SamplingParams(), extra_ids=np.array([5001, 5002, 5003], np.uint64),
+                     reuse_rows=True)
     assert twice.keys is None
     assert st.rows_skipped == 0
     # what requests without ids sent never entered the cache either

@@ -149,3 +149,17 @@ def test_a_tool_without_its_checkpoint_says_in_one_line_how_to_make_it(tool, tmp
     assert out.stderr.splitlines() == [f"error: checkpoint directory {missing} does not exist; make one with "
                                        "`make checkpoint PROFILE=small` (writes checkpoints/small) or "
                                        f"`qwen3vl-build-checkpoint --profile small --out {missing}`"]
+
+
+def test_the_turns_bench_refuses_what_no_correct_run_shows():
+    from load_tests.disagg_turns import check
+
+    good = {"rows": {"turn1": [0.4], "turn2": [0.1], "rows1": [1024], "rows2": [0]},
+            "plain": {"turn1": [0.4], "turn2": [0.2], "rows1": [1024], "rows2": [1024]}}
+    assert check(good) == []
+    moved = {**good, "rows": {**good["rows"], "rows2": [256]}}
+    assert check(moved) == ["rows: a turn 2 moved rows [256] (the server held its image)"]
+    instant = {**good, "plain": {**good["plain"], "turn2": [0.0]}}
+    assert check(instant) == ["plain: a time to first token <= 0"]
+    nothing = {**good, "plain": {**good["plain"], "rows1": [0]}}
+    assert check(nothing) == ["plain: a turn 1 moved no rows (its image is new)"]

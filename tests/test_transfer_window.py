@@ -139,7 +139,7 @@ def test_rows_the_server_held_are_not_sent(held_image):
 
     ids = np.array([1] + [VOCAB + j for j in range(12)] + [2], np.int32)
     both = np.concatenate([[0], *keys, [0]]).astype(np.uint64)
-    seq = store.start(CORRID, ids, 48, 48, None, 0, 8, SamplingParams(), extra_ids=both)
+    seq = store.start(CORRID, ids, 48, 48, None, 0, 8, SamplingParams(), extra_ids=both, reuse_rows=True)
     source = Rows(np.concatenate(images, axis=1).reshape(48, H))
     lang, stats, sent = InOrderStream(store), TransferStats(), []
 

@@ -17,10 +17,11 @@ ENDED is final: the store forgets the sequence at once, so its correlation id ca
 at once, and whatever the old generation still produces reaches nobody.
 
 Rows of recent images (`RowCache`, `language_row_cache_bytes`): a sequence whose table is whole
-leaves its image rows in a cache keyed by their `prompt_table_extra_ids`; a later `start` whose
-image rows carry ids the cache holds gets those rows at once, and `received_rows` counts them (the
-contiguous prefix held skips them), so its sender sends only the others (`start` answers their
-ranges as `missing_rows`): a conversation's next turn moves none of its earlier images' rows.
+leaves its image rows in a cache keyed by their `prompt_table_extra_ids`; a later `start` that
+asks (`reuse_rows`) and whose image rows carry ids the cache holds gets those rows at once, and
+`received_rows` counts them (the contiguous prefix held skips them), so its sender sends only the
+others (`start` answers their ranges as `missing_rows`): a conversation's next turn moves none of
+its earlier images' rows. A start that does not ask starts at received_rows 0, as it always did.
 Fail closed: a request with an image token without an id (absent, or 0), or one table row named
 with two ids, neither takes nor leaves rows.
 
@@ -484,7 +485,8 @@ class SequenceStore:
     # -- ops ---------------------------------------------------------------------------------------
     def start(self, corrid: int, input_ids: np.ndarray, table_rows: int, prompt_vocab_size: int | None,
               mrope_cos_sin: np.ndarray | None, mrope_delta: int, max_tokens: int,
-              sampling: SamplingParams, extra_ids: np.ndarray | None = None, prior: int = 0) -> Sequence:
+              sampling: SamplingParams, extra_ids: np.ndarray | None = None, prior: int = 0,
+              reuse_rows: bool = False) -> Sequence:
         if table_rows < 0:
             raise InputError("table_rows", f"must be >= 0, got {table_rows}")
         if prompt_vocab_size is not None and prompt_vocab_size != table_rows:
@@ -527,7 +529,7 @@ class SequenceStore:
             self.started += 1
         if self.row_cache.max_bytes > 0:
             seq.keys = row_keys(ids, extra_ids, self.vocab_size, table_rows, self.bounds.levels)
-            if seq.keys is not None:
+            if seq.keys is not None and reuse_rows:
                 skipped = seq.fill_held(self.row_cache.take(seq.keys))
                 with self._lock:
                     self.rows_skipped += skipped

@@ -188,8 +188,9 @@ class LanguageClient:
                   infer_input(cos_sin, enc.mrope_cos_sin.astype(np.float32)[None]),
                   infer_input(delta, np.array([[enc.mrope_delta]], np.int64)),
                   infer_input("max_tokens", np.array([[max_tokens]], np.int32))]
-        if enc.extra_ids is not None:
-            inputs.append(infer_input(extra, np.asarray(enc.extra_ids, np.uint64)[None]))
+        if enc.extra_ids is not None:  # and the rows the server holds under them: not sent again
+            inputs += [infer_input(extra, np.asarray(enc.extra_ids, np.uint64)[None]),
+                       infer_input("reuse_rows", np.array([[True]], bool))]
         if len(prior_ids):
             inputs.append(infer_input("prior_ids", np.asarray(prior_ids, np.int32)[None]))
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}

@@ -30,7 +30,7 @@ from qwen3vl_triton.transfer.region import SharedRegions
 IDS, _, ROWS, COS_SIN, DELTA, EXTRA = ENCODE_OUTPUTS
 INPUTS = ("op", IDS, "table_rows", ROWS, COS_SIN, DELTA, EXTRA, "max_tokens", "temperature", "top_k", "top_p", "seed",
           "chunk", "chunk_offset", "chunk_region", "region_secret", "region_offset", "chunk_rows", "from_token",
-          "prior_ids")
+          "prior_ids", "reuse_rows")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
 
@@ -195,6 +195,7 @@ class TritonPythonModel:
                                         top_p=scalar(x, "top_p", float, default=1.0),
                                         seed=scalar(x, "seed", int)),
                 prior=prior.size,
+                reuse_rows=scalar(x, "reuse_rows", bool, default=False),
             )
             skipped = 0 if seq.held is None else int(seq.held.sum())
             with self._gauge_lock:  # the janitor thread sends the gauges: one metric call at a time
