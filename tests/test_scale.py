@@ -15,6 +15,7 @@ from qwen3vl_triton.transfer.pool import LanguagePool, conversation_key, parse_u
 from qwen3vl_triton.transfer.sender import Disaggregated
 from tests.conftest import LONG_PROMPT, start_server
 from tests.oracle import data_url, image_bytes
+from tests.tcp_proxy import TcpProxy
 from tests.test_server import metric, wait_for
 from tests.test_tools import stream_infer
 
@@ -325,6 +326,103 @@ def test_a_killed_language_server_hands_its_sequences_to_the_others(encoders, la
     assert wait_for(lambda: _serves(encoders, restarted), 60)
 
 
+@pytest.fixture(scope="module")
+def proxies(languages):
+    """A TcpProxy in front of each language server's gRPC port: the network between an
+    orchestrator and a language server, which a test can break while both processes live."""
+    ps = [TcpProxy(s.grpc_url) for s in languages]
+    yield ps
+    for p in ps:
+        p.close()
+
+
+@pytest.fixture(scope="module")
+def proxied_encoder(tiny_checkpoint, tmp_path_factory, proxies):
+    """An encoder server whose qwen3vl_disagg reaches the language servers through `proxies`."""
+    server = start_server(tiny_checkpoint, tmp_path_factory, "encoder", "pool-encoder-proxied",
+                          language_urls=",".join(p.url for p in proxies), max_output_len=LONG, chunk_rows=64)
+    yield server
+    server.stop()
+
+
+def test_the_proxy_resets_its_connections_and_accepts_new_ones():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        with TcpProxy(f"127.0.0.1:{target.getsockname()[1]}") as proxy:
+            client = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            server, _ = target.accept()
+            client.sendall(b"ping")
+            assert server.recv(4) == b"ping"
+            assert proxy.cut() == 1
+            for side in (client, server):  # both ends see a reset, not an orderly close
+                with pytest.raises(ConnectionResetError):
+                    side.recv(4)
+                side.close()
+            again = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+            server, _ = target.accept()
+            server.sendall(b"pong")
+            assert again.recv(4) == b"pong"
+            again.close()
+            server.close()
+
+
+def generating(server, before) -> int:
+    """At least how many sequences generate on a language server now: its open ones less those
+    started since `before` (its counters then: `language_counters`) that have not begun their
+    generation (each begins it once: qwen3vl_language_prefills_total)."""
+    started_now, prefills_now = language_counters(server)
+    started_then, prefills_then = before
+    return int(metric(server, "qwen3vl_language_sequences", "language")
+               - ((started_now - started_then) - (prefills_now - prefills_then)))
+
+
+def language_counters(server) -> tuple[float, float]:
+    return (metric(server, "qwen3vl_language_sequences_started_total", "language"),
+            metric(server, "qwen3vl_language_prefills_total", "language"))
+
+
+@pytest.mark.server
+def test_a_stream_broken_to_a_language_server_hands_its_sequences_to_the_others(proxied_encoder, proxies, languages,
+                                                                                oracle):
+    """The connection between the orchestrator and a language server breaks, both processes live:
+    the sequences on it move to the other servers (the stream broke: a migration, as when the
+    server dies), and the ones left behind on it are ended."""
+    expected = oracle.generate(LONG_PROMPT, [], LONG)
+    moved = migrations([proxied_encoder])
+    before = [language_counters(s) for s in languages]
+    results, errors, progress = {}, [], {}
+    threads = _long_requests(lambda i: proxied_encoder.grpc_url, 15, results, errors, progress)
+    # cut as soon as one server has 4 generating: the 15 begin over seconds on a loaded host, and
+    # 1,200 tokens take few, so waiting for the last one to begin could find the first ones done
+    counts = []
+
+    def four_generate():
+        counts[:] = [generating(s, b) for s, b in zip(languages, before)]
+        return max(counts) >= 4
+
+    assert wait_for(four_generate, 120), (counts, progress)
+    index = int(np.argmax(counts))
+    target = languages[index]
+    assert proxies[index].cut() >= 1
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    assert len(results) == 15
+    _check_long(results, oracle, expected)
+    assert migrations([proxied_encoder]) - moved >= 4
+    # the server behind the proxy lived through it, and kept nothing for the sequences it lost: they
+    # were ended (the orchestrator sends END again over a new connection), not left open until their
+    # generation's end and then the sequence expiry (60 s); nothing runs there any more
+    assert target.process.poll() is None
+    assert wait_for(lambda: metric(target, "qwen3vl_language_sequences", "language") == 0, 10)
+    generated = metric(target, "qwen3vl_engine_generated_tokens_total", "tensorrt_llm")
+    time.sleep(1.0)
+    assert metric(target, "qwen3vl_engine_generated_tokens_total", "tensorrt_llm") == generated
+    # and it takes new sequences through the proxy again
+    assert wait_for(lambda: _serves([proxied_encoder], target), 60)
+
+
 def kill_hard(server) -> None:
     """SIGKILL a tritonserver and its Python-backend stubs (by PID), as a dead host takes them all:
     stubs whose server was killed are not reaped by it and would outlive the test."""
@@ -356,7 +454,8 @@ def _serves(encoders, server):
     """Whether new conversations reach `server` (its started counter moves)."""
     before = metric(server, "qwen3vl_language_sequences_started_total", "language")
     for i in range(6):
-        responses, error = request(encoders[i % 2].grpc_url, "Hello again.", [], 4, conversation_id=f"new-{i}")
+        url = encoders[i % len(encoders)].grpc_url
+        responses, error = request(url, "Hello again.", [], 4, conversation_id=f"new-{i}")
         assert error is None, error
     return metric(server, "qwen3vl_language_sequences_started_total", "language") > before
 
