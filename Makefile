@@ -17,8 +17,10 @@ PYTEST_ARGS ?=
 USERS       ?= 4
 DURATION    ?= 30
 URL         ?=
+CLUSTER     ?=
 
-.PHONY: venv demo test lint serve cluster checkpoint clean load-test tools gpu-bundle soak perf perf-analyzer
+.PHONY: venv demo test lint serve cluster checkpoint clean load-test tools gpu-bundle soak perf perf-analyzer \
+	bench-cluster
 
 venv: $(BIN)/.installed $(BIN)/.llama_cpp
 
@@ -87,9 +89,11 @@ perf: perf-analyzer
 
 # Locust, headless and bounded: make load-test USERS=8 DURATION=60 [URL=host:8000] (gRPC on the next port;
 # set QWEN3VL_GRPC_URL otherwise). Without URL it starts and stops a local server on the tiny checkpoint.
-# Reports: load_tests/reports/.
+# CLUSTER=build/cluster.json: against a running `make cluster` (its encoder servers), and the report
+# shows the spread of sequences over its language servers. Reports: load_tests/reports/.
 load-test: venv
-	$(BIN)/python -m load_tests.run --users $(USERS) --duration $(DURATION) $(if $(URL),--url $(URL),)
+	$(BIN)/python -m load_tests.run --users $(USERS) --duration $(DURATION) $(if $(URL),--url $(URL),) \
+		$(if $(CLUSTER),--cluster $(CLUSTER),)
 
 # 1,000 sequences through the qwen3vl ensemble and the disaggregated servers at once (good, malformed,
 # cancelled, abandoned, transfer faults): wrong outputs, failed good requests, and every server process's
@@ -145,6 +149,14 @@ bench: venv $(LLAMA_SERVER)
 	$(BIN)/python -m load_tests.bench $(if $(QUICK),--quick,)
 
 llamacpp: $(LLAMA_SERVER)
+
+# The loopback cluster (ENCODERS=2, LANGUAGES=3) against one encoder + one language server, started
+# side by side and loaded in alternating rounds with the same requests: req/s, tokens/s, TTFT, ITL of
+# each and cluster/pair, the spread over language servers, routing's cost per request (< 1 ms), the
+# machine's rates. QUICK=1: fewer requests. Report: load_tests/reports/bench-cluster-latest.json.
+bench-cluster: venv
+	$(BIN)/python -m load_tests.bench_cluster $(if $(QUICK),--quick,) --encoders $(ENCODERS) \
+		--languages $(LANGUAGES) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
 # built when missing (not rebuilt when a source changes: the pinned source never does)
 $(LLAMA_SERVER): | venv

@@ -65,12 +65,15 @@ def size_name(size: tuple[int, int]) -> str:
 
 
 def closed_loop(session_factory, items: list[Item], concurrency: int, warmup: int, max_tokens: int,
-                warmup_tokens: int, mode: str, log=print, warmup_item: Item | None = None) -> Run:
+                warmup_tokens: int, mode: str, log=print, warmup_item: Item | None = None,
+                image: str | None = None) -> Run:
     """Run `items` split over `concurrency` workers; each worker opens one session.
 
     `session_factory()` returns an object with `request(item, max_tokens) -> Sample` and `close()`.
     Each worker warms up with `warmup` requests of `warmup_item` (default: its first item); an
-    item that is not measured keeps caches of images or prompts from helping the measured ones."""
+    item that is not measured keeps caches of images or prompts from helping the measured ones.
+    `image`: the run's image column (default: the first item's size; items of other kinds, such
+    as load_tests.workload's cases, name it)."""
     barrier = threading.Barrier(concurrency + 1)
     samples: list[Sample] = []
     errors: list[BaseException] = []
@@ -109,7 +112,7 @@ def closed_loop(session_factory, items: list[Item], concurrency: int, warmup: in
     seconds = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{mode} at concurrency {concurrency} failed: {errors[0]}") from errors[0]
-    run = Run(mode, concurrency, size_name(items[0].size), max_tokens, seconds, samples)
+    run = Run(mode, concurrency, image or size_name(items[0].size), max_tokens, seconds, samples)
     log(f"[bench] {mode:12s} c={concurrency:<2d} {run.image}: {len(samples)} requests, "
         f"{run.tokens / seconds:.1f} output tokens/s")
     return run

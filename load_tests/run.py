@@ -2,6 +2,7 @@
 
     python -m load_tests.run --users 4 --duration 15                       # starts a local server (tiny checkpoint)
     python -m load_tests.run --users 16 --duration 120 --url host:8000 --grpc-url host:8001
+    python -m load_tests.run --users 6 --duration 60 --cluster build/cluster.json  # a running `make cluster`
 
 Without --url it renders the single-server repository for the checkpoint (default: the tiny one,
 built on first use), starts tritonserver on free ports of 127.0.0.1 and stops it afterwards (by PID).
@@ -10,12 +11,20 @@ process still alive `--grace` seconds after its run time and stop timeout is sto
 SIGKILL, by PID) and the run fails. Reports go to load_tests/reports/<prefix>{_stats.csv,
 _stats_history.csv, _failures.csv, _exceptions.csv, .html}. The exit code is Locust's: non-zero when
 any request failed.
+
+With --cluster (the cluster.json of a running `make cluster`) the users load qwen3vl_disagg on
+every encoder server of it (each user's requests go round the encoders; the OpenAI user, when the
+front door has the endpoint, on the front door), and the run reads each language server's
+`qwen3vl_language_sequences_started_total` before and after: the report shows how the sequences
+spread over the language servers, each one's count against the mean (target: 0.5x-1.5x), printed
+and written to <prefix>_spread.json (load_tests/spread.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -207,8 +216,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--openai-url", default=os.environ.get("QWEN3VL_OPENAI_URL") or None,
                     help="HOST:PORT of the server's OpenAI endpoint (qwen3vl-serve --openai-port): adds the "
                          "OpenAIChatUser (a local server always has one)")
-    ap.add_argument("--model", default="qwen3vl",
-                    help="qwen3vl (single server) or qwen3vl_disagg (an encoder host of the disaggregated pair)")
+    ap.add_argument("--cluster", default=os.environ.get("QWEN3VL_CLUSTER") or None, metavar="CLUSTER_JSON",
+                    help="a running loopback cluster's cluster.json (make cluster writes build/cluster.json): load "
+                         "its encoder servers and report the spread of sequences over its language servers")
+    ap.add_argument("--model", default=None,
+                    help="qwen3vl (single server; the default) or qwen3vl_disagg (an encoder host of the "
+                         "disaggregated topology; the default with --cluster)")
     ap.add_argument("--checkpoint", help="checkpoint to serve and to read the pixel limit from "
                                          "(default: checkpoints/tiny, built on first use)")
     ap.add_argument("--max-pixels", type=int, default=int(os.environ.get("QWEN3VL_MAX_PIXELS", "0")),
@@ -231,14 +244,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [name for name in args.user_classes if name not in USER_CLASSES]
     if unknown:
         ap.error(f"unknown user class {', '.join(unknown)}: choose from {', '.join(USER_CLASSES)}")
-    if args.url is None and args.model != "qwen3vl":
-        ap.error(f"--model {args.model} needs --url: the local server serves qwen3vl")
+    if args.cluster and args.url:
+        ap.error("--cluster gives the URLs: leave out --url")
+    args.model = args.model or ("qwen3vl_disagg" if args.cluster else "qwen3vl")
+    if args.url is None and not args.cluster and args.model != "qwen3vl":
+        ap.error(f"--model {args.model} needs --url or --cluster: the local server serves qwen3vl")
     return args
+
+
+def cluster_urls(servers: list[dict], openai_url: str | None = None) -> tuple[str, str, str | None]:
+    """(HTTP urls, gRPC urls, OpenAI url) of a cluster.json's encoder servers: every encoder, comma-
+    separated (client.Client takes each request to the next one); the front door's OpenAI endpoint
+    unless one is given."""
+    encoders = [s for s in servers if s["role"] == "encoder"]
+    front = encoders[0]
+    return (",".join(f"127.0.0.1:{s['http']}" for s in encoders), ",".join(f"127.0.0.1:{s['grpc']}" for s in encoders),
+            openai_url or (f"127.0.0.1:{front['openai']}" if front.get("openai") else None))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not args.max_pixels or args.url is None:
+    if not args.max_pixels or (args.url is None and not args.cluster):
         from qwen3vl_triton.model.tiny import ensure_checkpoint
 
         args.checkpoint_path = (Path(args.checkpoint) if args.checkpoint
@@ -247,9 +273,20 @@ def main(argv=None) -> int:
     reports.mkdir(parents=True, exist_ok=True)
     prefix = reports / (args.prefix or f"u{args.users}-d{args.duration}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    server = None
+    server, servers, before = None, None, None
+    if args.cluster:
+        from load_tests import spread
+
+        try:
+            servers = spread.read_cluster(args.cluster)
+            before = spread.sequences_started(servers)
+        except (OSError, ValueError, KeyError) as exc:  # no such file, not a cluster's, a server down
+            print(f"error: --cluster {args.cluster}: {exc}", file=sys.stderr)
+            return 1
     try:
-        if args.url is None:
+        if servers is not None:
+            http_url, grpc_url, openai_url = cluster_urls(servers, args.openai_url)
+        elif args.url is None:
             try:
                 server = start_local_server(args.checkpoint_path, Path(args.build_dir).resolve())
             except Exception as exc:  # noqa: BLE001 -- render or start failure: one clear line
@@ -276,11 +313,21 @@ def main(argv=None) -> int:
             print("local server stopped", flush=True)
 
     stats_csv = Path(f"{prefix}_stats.csv")
-    print(f"\nreports: {stats_csv} (+ _stats_history, _failures, _exceptions), {prefix}.html")
+    print(f"\nreports: {stats_csv} (+ _stats_history, _failures, _exceptions), {prefix}.html"
+          + (f", {prefix}_spread.json" if servers is not None else ""))
     if stats_csv.is_file():
         print(summary_table(read_stats(stats_csv), args.users, skipped))
         for line in failures(prefix):
             print(f"failure: {line}")
+    if servers is not None:
+        try:
+            spread_of_run = spread.spread(before, spread.sequences_started(servers))
+        except OSError as exc:
+            print(f"error: the language servers' counters could not be read after the run: {exc}", file=sys.stderr)
+            return 1
+        Path(f"{prefix}_spread.json").write_text(json.dumps(spread_of_run, indent=1) + "\n")
+        print("\nsequences per language server (qwen3vl_language_sequences_started_total, after - before):")
+        print(spread.format_spread(spread_of_run))
     if done.timed_out:
         print(f"error: locust did not exit within {bound}s and was stopped", file=sys.stderr)
         return 1

@@ -494,3 +494,69 @@ def test_bf16_matmul_rate_is_measured_within_its_time_budget():
     t0 = time.perf_counter()
     rate = bench_micro.matmul_gflops(torch.bfloat16, repeats=2, budget_s=0.01)
     assert rate > 0 and math.isfinite(rate) and time.perf_counter() - t0 < 30
+
+
+# -- the cluster bench (load_tests/bench_cluster.py) ----------------------------------------------------
+def _side(name, samples, seconds, servers):
+    from load_tests.bench_cluster import Side
+
+    side = Side(name, servers)
+    side.run = Run(name, 2, "mix", 8, seconds, samples)
+    side.round_seconds = [seconds]
+    return side
+
+
+def _cluster_data(cluster_samples=None, pair_seconds=1.0):
+    from load_tests import bench_cluster
+
+    lang = [{"role": "language", "name": f"language-{i}", "grpc": i, "metrics": i} for i in range(3)]
+    enc = [{"role": "encoder", "name": "encoder-0", "grpc": 9, "metrics": 9}]
+    cluster = _side("cluster", cluster_samples or [_sample(0.05, 0.002, 8) for _ in range(4)], 1.0, enc * 2 + lang)
+    cluster.started = {"language-0": 1, "language-1": 2, "language-2": 1}
+    pair = _side("pair", [_sample(0.04, 0.002, 8) for _ in range(4)], pair_seconds, enc + lang[:1])
+    routing = {"servers": 3, "requests": 10, "image_kib": 64,
+               **{k: {"mean": 150.0, "p50": 100.0, "p99": 900.0} for k in ("key_us", "choose_us", "routing_us")}}
+    machine = {"read_gbps": 20.0, "copy_gbps": 18.0, "matmul_gflops": 70.0, "matmul_bf16_gflops": 100.0,
+               "read_gbps_1_thread": 15.0, "torch_threads": 2}
+    env = {"cpu_model": "x", "cpu_flags": ["avx2"], "cores": 2, "loadavg_start": [1, 1, 1], "loadavg_end": [1, 1, 1]}
+    sides = {"cluster": cluster, "pair": pair}
+    problems = bench_cluster.sample_problems("cluster", cluster.run, 8)
+    return bench_cluster.report(sides, routing, machine, env, {}, problems)
+
+
+def test_the_cluster_bench_reports_both_sides_their_ratios_spread_and_routing():
+    from load_tests.bench_cluster import render_text
+
+    data = _cluster_data(pair_seconds=2.0)
+    assert set(data["table"]) == {"cluster", "pair"} and data["impossible"] == []
+    c, p = data["table"]["cluster"], data["table"]["pair"]
+    assert (c["encoders"], c["languages"], p["encoders"], p["languages"]) == (2, 3, 1, 1)
+    assert c["requests_per_s"] == pytest.approx(4.0) and p["requests_per_s"] == pytest.approx(2.0)
+    assert data["ratios"]["requests_per_s"] == pytest.approx(2.0)
+    assert data["ratios"]["ttft_p50"] == pytest.approx(50 / 40)
+    assert data["spread"]["total"] == 4 and data["spread"]["within"]
+    assert data["routing_overhead_ms"] == pytest.approx(0.15) and data["routing_met"]
+    text = render_text(data)
+    assert "cluster / pair: requests_per_s 2.00" in text and "routing overhead 0.150 ms per request: under 1 ms" in text
+
+
+@pytest.mark.parametrize("bad, why", [
+    (_sample(0.05, 0.002, 9), "9 tokens, more than the 8"),
+    (Sample(float("nan"), [], 10), "got no token"),
+    (Sample(0.05, [0.05, 0.04, 0.06], 10), "not positive and in order"),
+    (Sample(-0.01, [-0.01, 0.02], 10), "not positive and in order"),
+    (_sample(0.5, 0.2, 8), "past its round's"),
+])
+def test_an_impossible_request_fails_the_cluster_bench(bad, why):
+    data = _cluster_data([_sample(0.05, 0.002, 8) for _ in range(3)] + [bad])
+    assert any(why in problem for problem in data["impossible"]), data["impossible"]
+
+
+def test_a_rate_that_is_not_positive_is_impossible():
+    from load_tests import bench_cluster
+
+    data = _cluster_data()
+    data["table"]["pair"]["tokens_per_s"] = 0.0
+    data["machine"]["read_gbps"] = float("nan")
+    found = bench_cluster.impossible(data)
+    assert "pair: tokens_per_s = 0.0" in found and "machine read_gbps = nan" in found

@@ -82,6 +82,57 @@ def test_make_load_test_passes_users_duration_and_url():
     assert "-m load_tests.run --users 3 --duration 7 --url example:8000" in out.stdout
 
 
+def test_make_load_test_and_bench_cluster_pass_the_cluster():
+    out = subprocess.run(["make", "-n", "load-test", "bench-cluster", "CLUSTER=build/cluster.json", "QUICK=1",
+                          "LANGUAGES=4"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.replace("\\\n", " ").split())
+    assert "-m load_tests.run --users 4 --duration 30 --cluster build/cluster.json" in text
+    assert "-m load_tests.bench_cluster --quick --encoders 2 --languages 4" in text
+
+
+# -- a running cluster (cluster.json) -----------------------------------------------------------------
+CLUSTER = [{"role": "language", "name": "language-0", "pid": 1, "http": 1, "grpc": 2, "metrics": 3},
+           {"role": "encoder", "name": "encoder-0", "pid": 2, "http": 8000, "grpc": 8001, "metrics": 8002,
+            "openai": 9000},
+           {"role": "encoder", "name": "encoder-1", "pid": 3, "http": 4, "grpc": 5, "metrics": 6}]
+
+
+def test_a_cluster_run_loads_every_encoder_and_the_front_doors_openai_endpoint(tmp_path):
+    from load_tests.run import cluster_urls
+
+    args = parse_args(["--cluster", "build/cluster.json"])
+    assert args.model == "qwen3vl_disagg" and args.url is None
+    assert parse_args(["--cluster", "c.json", "--model", "qwen3vl"]).model == "qwen3vl"
+    assert cluster_urls(CLUSTER) == ("127.0.0.1:8000,127.0.0.1:4", "127.0.0.1:8001,127.0.0.1:5", "127.0.0.1:9000")
+    assert cluster_urls(CLUSTER, "h:1")[2] == "h:1"
+    with pytest.raises(SystemExit):
+        parse_args(["--cluster", "c.json", "--url", "h:8000"])
+
+
+def test_a_cluster_file_without_language_servers_is_refused(tmp_path):
+    from load_tests import spread
+
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(CLUSTER[1:]))
+    with pytest.raises(ValueError, match="no language server"):
+        spread.read_cluster(path)
+    path.write_text(json.dumps(CLUSTER))
+    assert [s["name"] for s in spread.read_cluster(path)] == ["language-0", "encoder-0", "encoder-1"]
+
+
+def test_the_spread_is_each_language_servers_sequences_over_the_mean():
+    from load_tests.spread import format_spread, spread
+
+    s = spread({"a": 10, "b": 0, "c": 3}, {"a": 14, "b": 6, "c": 8})  # 4, 6, 5: mean 5
+    assert s["total"] == 15 and s["mean"] == 5
+    assert {k: v["sequences"] for k, v in s["servers"].items()} == {"a": 4, "b": 6, "c": 5}
+    assert s["servers"]["a"]["share_of_mean"] == pytest.approx(0.8) and s["within"]
+    uneven = spread({}, {"a": 1, "b": 9, "c": 5})  # 0.2x and 1.8x the mean
+    assert not uneven["within"] and "NOT every server within 0.5x-1.5x" in format_spread(uneven)
+    assert not spread({"a": 2, "b": 2}, {"a": 2, "b": 2})["within"]  # nothing started: nothing shown
+
+
 # -- which user classes run ---------------------------------------------------------------------------
 def test_every_user_class_runs_when_there_are_enough_users():
     assert user_classes(parse_args(["--users", "3"]), "127.0.0.1:9000") == (

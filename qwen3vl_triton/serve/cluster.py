@@ -9,9 +9,16 @@ a language server's drain included). The language servers start first; every enc
 on the given HTTP and gRPC ports, with the OpenAI endpoint; every other server takes free ports.
 The serving settings are the cluster's shared ones: the file `deploy/k8s/base/serving.env` where the
 checkout has it (the Kubernetes manifests read the same file), else Settings' defaults, then each
-`--set`. Writes `<build-dir>/cluster.json` (one object per server: role, pid, tritonserver_pid, http,
-grpc, metrics), prints one `ready:` line when every server is ready, and stops them all on SIGINT
+`--set`. Writes `<build-dir>/cluster.json` (one object per server: role, name, pid, tritonserver_pid,
+http, grpc, metrics), prints one `ready:` line when every server is ready, and stops them all on SIGINT
 or SIGTERM (the language servers drain).
+
+In Python (load_tests/bench_cluster.py starts two clusters side by side this way):
+
+    with running(["--encoders", "2", "--languages", "3", "--http-port", "0", "--grpc-port", "0"]) as members:
+        front(members).grpc, [m.metrics for m in members if m.role == "language"]
+
+(port 0 on the command line: a free one).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,8 +58,8 @@ class Member:
 
     def record(self) -> dict:
         """Its object in cluster.json."""
-        out = {"role": self.role, "pid": self.pid, "tritonserver_pid": self.tritonserver_pid, "http": self.http,
-               "grpc": self.grpc, "metrics": self.metrics}
+        out = {"role": self.role, "name": self.name, "pid": self.pid, "tritonserver_pid": self.tritonserver_pid,
+               "http": self.http, "grpc": self.grpc, "metrics": self.metrics}
         if self.openai:
             out["openai"] = self.openai
         return out
@@ -126,8 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--encoders", type=int, default=2)
     ap.add_argument("--languages", type=int, default=3)
     ap.add_argument("--checkpoint", help="the checkpoint directory (default: the tiny test checkpoint)")
-    ap.add_argument("--http-port", type=int, default=8000, help="the front door's HTTP port")
-    ap.add_argument("--grpc-port", type=int, default=8001, help="the front door's gRPC port")
+    ap.add_argument("--http-port", type=int, default=8000, help="the front door's HTTP port (0: a free one)")
+    ap.add_argument("--grpc-port", type=int, default=8001, help="the front door's gRPC port (0: a free one)")
     ap.add_argument("--metrics-port", type=int, default=0, help="the front door's metrics port (default: a free one)")
     ap.add_argument("--openai-port", type=int, default=0, help="the OpenAI endpoint's port (0: none)")
     ap.add_argument("--build-dir", default="build")
@@ -145,20 +153,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    build = Path(args.build_dir).resolve()
-    if not args.admin_key:
-        from qwen3vl_triton.serve.launcher import admin_key
-
-        args.admin_key, _ = admin_key(None, build, "cluster", args.grpc_port)
+def check_ports(args) -> str | None:
+    """Why a port given on the command line cannot be used (None: they all can)."""
     for name in ("http_port", "grpc_port", "metrics_port", "openai_port"):
         port = getattr(args, name)
         if port and not port_free("127.0.0.1", port):
-            print(f"error: --{name.replace('_', '-')} {port} is already in use on 127.0.0.1", file=sys.stderr)
-            return 2
-    ports = iter(free_ports(3 * (args.encoders + args.languages)))
-    given = {args.http_port, args.grpc_port, args.metrics_port, args.openai_port}
+            return f"--{name.replace('_', '-')} {port} is already in use on 127.0.0.1"
+    return None
+
+
+def plan(args, taken: set[int] = frozenset()) -> list[Member]:
+    """The servers and their ports: the language servers, then the encoder servers, the first of
+    which is the front door (on the given ports; a port of 0 and every other server's: free ones,
+    none of `taken`)."""
+    ports = iter(free_ports(3 * (args.encoders + args.languages) + 4))
+    given = {args.http_port, args.grpc_port, args.metrics_port, args.openai_port, *taken}
 
     def port():
         return next(p for p in ports if p not in given)
@@ -166,28 +175,82 @@ def main(argv=None) -> int:
     members = [Member("language", f"language-{i}", port(), port(), port()) for i in range(args.languages)]
     for i in range(args.encoders):
         if i == 0:
-            members.append(Member("encoder", "encoder-0", args.http_port, args.grpc_port,
+            members.append(Member("encoder", "encoder-0", args.http_port or port(), args.grpc_port or port(),
                                   args.metrics_port or port(), openai=args.openai_port))
         else:
             members.append(Member("encoder", f"encoder-{i}", port(), port(), port()))
+    return members
+
+
+def front(members: list[Member]) -> Member:
+    """The front door: the first encoder server."""
+    return next(m for m in members if m.role == "encoder")
+
+
+def launch(members: list[Member], args, build: Path, stop: threading.Event | None = None) -> bool:
+    """Start the language servers, then the encoder servers with every language server in
+    `language_urls`; wait until each is ready (RuntimeError naming the one that is not) and write
+    <build>/cluster.json. False when `stop` was set meanwhile (the caller stops them: stop_all)."""
     urls = ",".join(f"127.0.0.1:{m.grpc}" for m in members if m.role == "language")
+    deadline = time.monotonic() + args.timeout
+    for role, extra in (("language", []), ("encoder", [f"language_urls={urls}"])):
+        group = [m for m in members if m.role == role]
+        for m in group:
+            start(m, launcher_command(m, args, extra), build / "cluster" / f"{m.name}.log")
+        for m in group:
+            wait_ready(m, deadline)
+            if stop is not None and stop.is_set():
+                return False
+    (build / "cluster.json").write_text(json.dumps([m.record() for m in members], indent=1) + "\n")
+    return True
+
+
+def prepare(args, members: list[Member]) -> Path:
+    """The build folder (absolute), and the cluster's admin key in `args` (a random one written to
+    <build>/admin-key-cluster-<front door's grpc port> when none was given)."""
+    build = Path(args.build_dir).resolve()
+    args.build_dir = str(build)
+    if not args.admin_key:
+        from qwen3vl_triton.serve.launcher import admin_key
+
+        args.admin_key, _ = admin_key(None, build, "cluster", front(members).grpc)
+    return build
+
+
+@contextmanager
+def running(argv: list[str], taken: set[int] = frozenset()):
+    """The cluster of `argv` (this module's command line), every server ready; its members (cluster.json
+    written in its --build-dir). Stopped, all of it, on leaving."""
+    args = parse_args(argv)
+    problem = check_ports(args)
+    if problem:
+        raise RuntimeError(problem)
+    members = plan(args, taken)
+    build = prepare(args, members)
+    try:
+        launch(members, args, build)
+        yield members
+    finally:
+        stop_all(members)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    problem = check_ports(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    members = plan(args)
+    build = prepare(args, members)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        deadline = time.monotonic() + args.timeout
-        for role, extra in (("language", []), ("encoder", [f"language_urls={urls}"])):
-            group = [m for m in members if m.role == role]
-            for m in group:
-                start(m, launcher_command(m, args, extra), build / "cluster" / f"{m.name}.log")
-            for m in group:
-                wait_ready(m, deadline)
-                if stop.is_set():
-                    return 1
-        (build / "cluster.json").write_text(json.dumps([m.record() for m in members], indent=1) + "\n")
-        front = members[args.languages]
-        print(f"ready: front door http=127.0.0.1:{front.http} grpc=127.0.0.1:{front.grpc} model=qwen3vl_disagg"
-              + (f" openai=http://127.0.0.1:{front.openai}/v1" if front.openai else "")
+        if not launch(members, args, build, stop):
+            return 1
+        door = front(members)
+        print(f"ready: front door http=127.0.0.1:{door.http} grpc=127.0.0.1:{door.grpc} model=qwen3vl_disagg"
+              + (f" openai=http://127.0.0.1:{door.openai}/v1" if door.openai else "")
               + f" encoders={args.encoders} languages={args.languages} servers={build / 'cluster.json'}", flush=True)
         reported = set()
         while not stop.wait(0.5):  # a server that exits is reported; the others go on (sequences move)
