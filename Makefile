@@ -144,9 +144,18 @@ gpu-bundle: venv
 # (builders/llamacpp/build.py; `make llamacpp` builds it alone).
 QUICK ?=
 LLAMA_SERVER := build/llamacpp/bin/llama-server
-.PHONY: bench llamacpp
+.PHONY: bench bench-prefix llamacpp
 bench: venv $(LLAMA_SERVER)
 	$(BIN)/python -m load_tests.bench $(if $(QUICK),--quick,)
+
+# Prefix KV reuse over HTTP (issue 23): a conversation's second turn against its first, the served
+# stack (its OpenAI endpoint, the prefix cache on) in turn with llama-server (cache_prompt, its
+# prompt cache on) on the same conversations, ROUNDS rounds after a warm-up; prints each round, the
+# medians and ratios, the host's load and rates; JSON in load_tests/reports/prefix-ttft-latest.json
+ROUNDS ?= 5
+bench-prefix: venv $(LLAMA_SERVER)
+	$(BIN)/python -m load_tests.prefix_ttft --served --llamacpp --rounds $(ROUNDS) \
+		--json load_tests/reports/prefix-ttft-latest.json
 
 llamacpp: $(LLAMA_SERVER)
 

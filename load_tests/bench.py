@@ -17,8 +17,8 @@ Rows (warm-up excluded, closed loop, 128 greedy output tokens per request):
   table moved through system shared memory or gRPC payloads, generation on the language server)
   at concurrency 1 and 8.
 At concurrency 1 the rows of a phase take turns request by request. Every request sends an image
-no other request sent, and no side keeps a cache of images or prompts (the servers' encoder cache
-is off, as llama.cpp's prompt cache is). Plus the micro-benchmarks behind the targets
+no other request sent, and no side keeps a cache of images or prompts (the servers' encoder and
+pixel caches are off, as llama.cpp's prompt cache is). Plus the micro-benchmarks behind the targets
 (bench_micro.py), the roofline of the workload, a check that llama.cpp's greedy tokens equal
 transformers', and the host's CPU features beside its measured rates. A figure outside what it
 can physically be (a negative time, a ratio above its ceiling) is a failed target. Writes
@@ -64,10 +64,11 @@ from load_tests.bench_report import (  # noqa: E402
 TARGET_SIZE = (448, 448)  # the image size the targets are stated for
 
 # Serving settings of every server the bench starts (the repository defaults otherwise). The encoder's
-# cache is off, as llama.cpp's prompt cache is (`cache_prompt` false, `--cache-ram 0`): both sides
-# compute every request (and no request sends an image another sent: bench_load.Pool).
+# and preprocessing's image caches are off, as llama.cpp's prompt cache is (`cache_prompt` false,
+# `--cache-ram 0`): both sides compute every request (and no request sends an image another sent:
+# bench_load.Pool).
 SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=2, engine_max_batch=16, max_batch_size=16,
-                       vision_cache_bytes=0)
+                       vision_cache_bytes=0, pixel_cache_bytes=0)
 
 
 @dataclass

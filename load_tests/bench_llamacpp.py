@@ -10,7 +10,8 @@ started and stopped by its PID. Each request is `/v1/chat/completions`, streamed
 (temperature 0), `ignore_eos` with `max_tokens` (so every request yields exactly that many
 tokens), no prompt cache (`cache_prompt` false and `--cache-ram 0`: the bench's requests would
 otherwise reuse the warm-up's prefix), and `timings_per_token`, whose `predicted_n` says how many
-tokens each streamed chunk carries.
+tokens each streamed chunk carries. prefix_ttft.py starts the same server with its prompt cache on
+(`cache_ram_mib`) and asks with `cache_prompt` (`messages_body`), to measure a conversation's turns.
 
 llama-server sends a chunk only when the text grows: a token that ends inside a UTF-8 character,
 or one that renders as nothing (a special token), arrives with the next chunk. Tokens that
@@ -44,16 +45,20 @@ class PeerError(RuntimeError):
 
 # -- the server's command line and the request body (pure) ------------------------------------------------
 def server_command(binary: Path, model: Path, mmproj: Path, port: int, threads: int, slots: int = SLOTS,
-                   ctx_per_slot: int = CTX_PER_SLOT, threads_batch: int | None = None) -> list[str]:
+                   ctx_per_slot: int = CTX_PER_SLOT, threads_batch: int | None = None,
+                   cache_ram_mib: int = 0) -> list[str]:
     """llama-server's arguments: the model and its vision projector, `slots` parallel slots with
     continuous batching (the context is split evenly between them), `threads` for decode and
-    `threads_batch` (default: the same) for prompt processing, no prompt cache kept in host
-    memory, no web UI."""
+    `threads_batch` (default: the same) for prompt processing, no web UI. `cache_ram_mib`: the
+    prompt cache kept in host memory (slots' KV saved for later requests that share a prefix);
+    0, the bench's setting, keeps none."""
+    if cache_ram_mib < 0:
+        raise ValueError(f"cache_ram_mib must be >= 0 (a bound), got {cache_ram_mib}")
     return [str(binary), "--model", str(model), "--mmproj", str(mmproj),
             "--host", "127.0.0.1", "--port", str(port),
             "--parallel", str(slots), "--cont-batching", "--ctx-size", str(slots * ctx_per_slot),
             "--threads", str(threads), "--threads-batch", str(threads_batch or threads),
-            "--cache-ram", "0", "--no-webui", "--alias", MODEL_NAME]
+            "--cache-ram", str(cache_ram_mib), "--no-webui", "--alias", MODEL_NAME]
 
 
 def data_url(image: bytes) -> str:
@@ -68,16 +73,25 @@ def data_url(image: bytes) -> str:
 
 
 def chat_body(prompt: str, images: list[bytes], max_tokens: int, *, stream: bool = True,
-              ignore_eos: bool = True, token_ids: bool = False) -> dict:
+              ignore_eos: bool = True, token_ids: bool = False, cache_prompt: bool = False) -> dict:
     """One chat completion request: the images, then the prompt, in one user message (the order
     the bench's other peers use). `token_ids`: ask for the generated token ids (llama-server lists
     them under `__verbose` with `return_tokens`; its OpenAI answer has no field for them), for
     the greedy check."""
     content = [{"type": "image_url", "image_url": {"url": data_url(b)}} for b in images]
     content.append({"type": "text", "text": prompt})
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}],
+    return messages_body([{"role": "user", "content": content}], max_tokens, stream=stream, ignore_eos=ignore_eos,
+                         token_ids=token_ids, cache_prompt=cache_prompt)
+
+
+def messages_body(messages: list[dict], max_tokens: int, *, stream: bool = True, ignore_eos: bool = True,
+                  token_ids: bool = False, cache_prompt: bool = False) -> dict:
+    """`chat_body` for a whole conversation (OpenAI messages, e.g. `client.Conversation`'s).
+    `cache_prompt`: llama-server starts from the KV of the longest prefix its slots (and, with
+    `--cache-ram`, its prompt cache) hold; the bench keeps it off."""
+    body = {"model": MODEL_NAME, "messages": messages,
             "max_tokens": max_tokens, "temperature": 0.0, "stream": stream,
-            "ignore_eos": ignore_eos, "cache_prompt": False}
+            "ignore_eos": ignore_eos, "cache_prompt": cache_prompt}
     if stream:
         body["timings_per_token"] = True
         body["stream_options"] = {"include_usage": True}
@@ -93,13 +107,20 @@ class ChatStream:
     `feed(line, now)` takes each line of the response as it arrives. A chunk's
     `timings.predicted_n` is the number of tokens generated so far; the last of its new tokens
     arrived `now`, and the others are spread evenly since the previous chunk (the first chunk's
-    all arrive `now`). Without timings (the role-only first delta), a chunk carries no token."""
+    all arrive `now`). Without timings (the role-only first delta), a chunk carries no token.
+    `first_content`: when the first chunk with content text arrived (any OpenAI-compatible
+    server's stream, timings or not); `cached_tokens` and `prompt_ms`: llama-server's
+    `timings.cache_n` and `prompt_ms`, the prompt tokens it took from its cache and the time it
+    took to prefill the others."""
 
     times: list[float] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int | None = None
     done: bool = False
+    first_content: float | None = None
+    cached_tokens: int = 0
+    prompt_ms: float | None = None
 
     def feed(self, line: bytes | str, now: float) -> None:
         if isinstance(line, bytes):
@@ -119,6 +140,8 @@ class ChatStream:
             content = (choice.get("delta") or {}).get("content")
             if content:
                 self.pieces.append(content)
+                if self.first_content is None:
+                    self.first_content = now
         timings = chunk.get("timings")
         if timings:
             new = int(timings.get("predicted_n", 0)) - len(self.times)
@@ -128,6 +151,9 @@ class ChatStream:
             elif new > 0:
                 self.times.extend([now] * new)
             self.prompt_tokens = int(timings.get("prompt_n", 0)) + int(timings.get("cache_n", 0))
+            self.cached_tokens = int(timings.get("cache_n", 0))
+            if "prompt_ms" in timings:
+                self.prompt_ms = float(timings["prompt_ms"])
         usage = chunk.get("usage")
         if usage:
             self.prompt_tokens = int(usage.get("prompt_tokens", self.prompt_tokens))
@@ -172,8 +198,9 @@ class LlamaServer:
     """One llama-server process, started with `server_command` and stopped by its PID."""
 
     def __init__(self, binary: Path, model: Path, mmproj: Path, log_file: Path, threads: int | None = None,
-                 slots: int = SLOTS, threads_batch: int | None = None):
+                 slots: int = SLOTS, threads_batch: int | None = None, cache_ram_mib: int = 0):
         self.binary, self.model, self.mmproj = Path(binary), Path(model), Path(mmproj)
+        self.cache_ram_mib = cache_ram_mib
         self.log_file = Path(log_file)
         self.threads = threads or os.cpu_count() or 1
         self.threads_batch = threads_batch or self.threads
@@ -198,7 +225,7 @@ class LlamaServer:
 
         (self.port,) = free_ports(1)
         cmd = server_command(self.binary, self.model, self.mmproj, self.port, self.threads, self.slots,
-                             threads_batch=self.threads_batch)
+                             threads_batch=self.threads_batch, cache_ram_mib=self.cache_ram_mib)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log(f"[bench] starting llama-server ({self.model.name}) on 127.0.0.1:{self.port} ...")
         with open(self.log_file, "wb") as out:
@@ -278,7 +305,13 @@ class LlamaCppSession:
             raise
 
     def request(self, item, max_tokens: int) -> Sample:
-        body = chat_body(item.prompt, [item.image], max_tokens)
+        stream = self.stream(chat_body(item.prompt, [item.image], max_tokens))
+        self.texts.append(stream.text)
+        return stream.sample()
+
+    def stream(self, body: dict) -> ChatStream:
+        """One streamed chat completion of `body`, read to its end; times in seconds since the
+        request was sent. Any OpenAI-compatible endpoint at `address` answers it."""
         t0 = time.perf_counter()
         conn, response = self._send(body)
         try:
@@ -290,8 +323,7 @@ class LlamaCppSession:
                 stream.feed(line, time.perf_counter() - t0)
         finally:
             conn.close()
-        self.texts.append(stream.text)
-        return stream.sample()
+        return stream
 
     def token_ids(self, prompt: str, images: list[bytes], max_tokens: int) -> tuple[list[int], int]:
         """Greedy token ids, exactly `max_tokens` of them (`ignore_eos`), and the prompt's length,

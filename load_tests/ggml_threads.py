@@ -79,7 +79,8 @@ def main(argv=None) -> int:
                                                 threads=t, threads_batch=pt).start()
             else:
                 servers[key] = start_server(checkpoint, "single", f"threads-{t}-{pt}", dtype=args.dtype,
-                                            decode_threads=t, prefill_threads=pt, vision_cache_bytes=0)
+                                            decode_threads=t, prefill_threads=pt, vision_cache_bytes=0,
+                                            pixel_cache_bytes=0)
 
         def open_session(server):
             return peer.LlamaCppSession(server.address) if args.llamacpp else load.EnsembleSession(server.grpc_url,

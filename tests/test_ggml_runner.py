@@ -211,6 +211,29 @@ def test_quantized_weights_load_and_generate(spec, pipeline):
             eng.shutdown()
 
 
+def test_a_prefix_restore_copies_the_entrys_cells_not_the_stream_and_computes_the_same(spec):
+    """SlotCache.restore's copy (LlamaText.copy_seq) against llama.cpp's own stream copy: the same
+    logits bit for bit over the restored prefix, for a fraction of the stream's bytes."""
+    r = GgmlRunner(spec, slots=3, max_len=1024, max_num_tokens=256, threads=1, log=lambda *_: None)
+    try:
+        llama, lib = r.llama, r.llama.lib
+        ids = (np.arange(48) * 7 % 200).astype(np.int32)
+        llama.decode([Segment.of(0, np.arange(48), ids=ids)])  # the entry: 48 tokens
+        lib.llama_memory_seq_cp(llama.mem, 0, 1, -1, -1)  # the stream copy, cut at position 32
+        lib.llama_memory_seq_rm(llama.mem, 1, 32, -1)
+        copied = llama.copy_seq(0, 2, 32)
+        assert lib.llama_memory_seq_pos_max(llama.mem, 2) == 31 and lib.llama_memory_seq_pos_min(llama.mem, 2) == 0
+        assert 0 < copied < r.cache.stream_bytes / 10  # 48 tokens' cells of 1024
+
+        def tail(seq):
+            return llama.decode([Segment.of(seq, np.arange(32, 48), ids=ids[32:], outputs="all")])[0]
+
+        assert torch.equal(tail(1), tail(2))
+        assert lib.llama_memory_seq_pos_max(llama.mem, 0) == 47  # the entry is untouched
+    finally:
+        r.close()
+
+
 def test_runs_of_ids_and_rows_cannot_share_a_call(runner):
     ids = Segment.of(0, np.zeros(1), ids=np.zeros(1, np.int32))
     rows = Segment.of(0, np.zeros((4, 1)), rows=np.zeros((1, runner.llama.n_embd_inp), np.float32))

@@ -88,6 +88,29 @@ def test_resize_honours_the_checkpoint_pixel_bounds(preprocessor, spec):
     assert all(int(g) % spec.spatial_merge_size == 0 for g in (*big[0, 1:], *small[0, 1:]))
 
 
+def test_the_pixel_cache_gives_exactly_what_decoding_gives_and_stays_in_its_bound(spec, preprocessor):
+    """A conversation's image, sent again, is not decoded again; the pixels are the same bits."""
+    from qwen3vl_triton.text.preprocess import Preprocessor
+
+    a, b = image_bytes(64, 48, 1), image_bytes(48, 64, 2)
+    expected = [preprocessor.images([img]) for img in (a, b)]
+    one = expected[0][0].nbytes + expected[0][1].nbytes
+    cached = Preprocessor(spec, max_images=4, max_input_len=2048, pixel_cache_bytes=one)  # room for one image
+    cache = cached.pixel_cache
+    for _ in range(2):
+        pv, grid = cached.images([a])
+        assert np.array_equal(pv, expected[0][0]) and np.array_equal(grid, expected[0][1])
+        pv[:] = 0  # the caller's array: never the cache's own
+    assert (cache.hits, cache.misses) == (1, 1) and cache.bytes == one
+    data_url = "data:image/png;base64," + base64.b64encode(a).decode()  # another way to send it: another key
+    assert np.array_equal(cached.images([data_url])[0], expected[0][0]) and cache.misses == 2
+    pv, grid = cached.images([b, a])  # b evicts the older entries; a, missed again, comes back
+    assert np.array_equal(pv, np.concatenate([expected[1][0], expected[0][0]]))
+    assert cache.bytes <= one and cache.misses == 4
+    assert cached("Describe.", [a]).pixel_values.tobytes() == preprocessor("Describe.", [a]).pixel_values.tobytes()
+    assert preprocessor.pixel_cache is None  # off unless asked (the preprocessing model asks: pixel_cache_bytes)
+
+
 def test_text_only_has_no_image_tokens(preprocessor, spec):
     p = preprocessor("Hello there", [])
     assert p.num_image_tokens == 0 and p.pixel_values.shape[0] == 0

@@ -64,8 +64,10 @@ def test_a_tensor_declared_twice_fails_at_render_time(tiny_checkpoint, tmp_path)
 
 def test_settings_and_checkpoint_facts_reach_the_configs(tiny_checkpoint, tmp_path, spec):
     repo = render(tiny_checkpoint, tmp_path / "repo", settings=Settings(max_output_len=100, max_images=3,
-                                                                          language_url="10.0.0.1:8001"))
+                                                                          language_url="10.0.0.1:8001",
+                                                                          pixel_cache_bytes=12345))
     assert params(load(repo, "preprocessing"))["max_images"] == "3"
+    assert params(load(repo, "preprocessing"))["pixel_cache_bytes"] == "12345"
     assert params(load(repo, "tensorrt_llm"))["max_output_len"] == "100"
     table = [o for o in load(repo, "vision_encoder").output if o.name == "prompt_embedding_table"][0]
     assert list(table.dims) == [-1, spec.hidden_size]

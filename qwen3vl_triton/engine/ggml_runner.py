@@ -258,6 +258,27 @@ class LlamaText:
         self.lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
         self.clear(src)
 
+    def copy_seq(self, src: int, dst: int, cut_position: int = -1) -> int:
+        """Sequence `dst` := the cells of sequence `src` (their K and V rows, positions included),
+        then without those from t position `cut_position` on (-1: all kept); returns the bytes
+        copied. Through llama.cpp's sequence state (`llama_state_seq_get_data_ext`, then
+        `_set_data_ext` into `dst`): only the cells `src` holds are copied. `llama_memory_seq_cp`
+        between two streams copies both streams' whole buffers (every cell of max_len, used or
+        not: 64 MiB on `small` in float32 for a prefix of a few hundred tokens). `dst` gets the
+        cells in `src`'s order from the start of its emptied stream, the layout a prefill there
+        would give them."""
+        lib = self.lib
+        size = lib.llama_state_seq_get_size_ext(self.ctx, src, 0)
+        state = np.empty(size, np.uint8)  # for this copy only (a kept buffer would hold the largest one)
+        buf = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        written = lib.llama_state_seq_get_data_ext(self.ctx, buf, size, src, 0) if size else 0
+        if not written or lib.llama_state_seq_set_data_ext(self.ctx, buf, written, dst, 0) != written:
+            self.clear(dst)
+            raise RuntimeError(f"llama.cpp could not copy sequence {src} into {dst} ({size} bytes of state)")
+        if cut_position >= 0:
+            lib.llama_memory_seq_rm(self.mem, dst, cut_position, -1)
+        return written
+
     # -- one call -------------------------------------------------------------------------------
     def _batch(self, embd: bool):
         """The llama_batch over this context's buffers (built once per kind; n_tokens per call)."""
@@ -339,9 +360,10 @@ class SlotCache:
 
     Prefix entries live in `spares` sequence ids beyond the engine's slots: a finished sequence
     is kept by keeping its id (no copy; the slot takes a free id next time), and a new sequence
-    starts from an entry with `llama_memory_seq_cp` (one stream to another: llama.cpp copies the
-    whole stream's cells at its next decode) and `llama_memory_seq_rm` from the cut position on.
-    Each entry holds a whole stream (`stream_bytes`) whatever its length."""
+    starts from an entry with `LlamaText.copy_seq`: the entry's cells only (llama.cpp's sequence
+    state, out and in; `llama_memory_seq_cp` would copy the whole stream, every cell of max_len),
+    then `llama_memory_seq_rm` from the cut position on. Each entry holds a whole stream
+    (`stream_bytes`) whatever its length."""
 
     def __init__(self, llama: LlamaText, spares: int = 0, stream_bytes: int = 0):
         self.llama = llama
@@ -378,9 +400,7 @@ class SlotCache:
     def restore(self, handle: int, slot: int, tokens: int, cut_position: int) -> None:
         dst = self.ids[slot]
         self.llama.clear(dst)
-        self.llama.lib.llama_memory_seq_cp(self.llama.mem, handle, dst, -1, -1)
-        if cut_position >= 0:
-            self.llama.lib.llama_memory_seq_rm(self.llama.mem, dst, cut_position, -1)
+        self.llama.copy_seq(handle, dst, cut_position)
 
     def drop(self, handle: int) -> None:
         self.kept.discard(handle)

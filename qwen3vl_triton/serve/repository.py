@@ -79,6 +79,10 @@ class Settings:
     max_video_pixels: int = 2**28
     # the vision encoder's cache of recent images' rows (embeddings + DeepStack), in bytes; 0: off
     vision_cache_bytes: int = 256 * 2**20
+    # preprocessing's cache of recent images' pixel values (decoded, resized, normalized), by the
+    # SHA-256 of the image as sent, in bytes per preprocessing instance; 0: off. A conversation
+    # sends its images again every turn: they are decoded once.
+    pixel_cache_bytes: int = 64 * 2**20
     # the CPU engine's prefix cache: finished sequences' KV kept for requests that start with the
     # same tokens and images (a conversation's next turn), in bytes; 0: off. The ggml runner
     # allocates it at start as whole llama.cpp sequences of max_seq_len cells.

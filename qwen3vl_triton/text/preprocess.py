@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import hashlib
 import io
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
@@ -300,11 +303,57 @@ def _open(raw: bytes, name: str, max_pixels: int) -> Image.Image | None:
         return None
 
 
+class PixelCache:
+    """The pixel values and patch grid of recent images, by the SHA-256 of the image as the request
+    gave it (file bytes, base64 or a data URL), bounded in bytes, least recently used dropped first.
+    The same bytes decode and patchify to the same pixels, so a hit is exactly what a miss
+    computes: a conversation sends its images again every turn, and they are decoded, resized
+    and normalized once. Each `Preprocessor` has its own (one processor configuration, one
+    pixel limit)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.hits = self.misses = self.bytes = 0
+        self._items: collections.OrderedDict[bytes, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(image: bytes | str) -> bytes:
+        return hashlib.sha256(image.encode() if isinstance(image, str) else image).digest()
+
+    def get(self, key: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: bytes, pixel_values: np.ndarray, grid: np.ndarray) -> None:
+        size = pixel_values.nbytes + grid.nbytes
+        if size > self.max_bytes:
+            return
+        pixel_values, grid = pixel_values.copy(), grid.copy()  # never a caller's array
+        pixel_values.flags.writeable = grid.flags.writeable = False
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = (pixel_values, grid)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (pv, g) = self._items.popitem(last=False)
+                self.bytes -= pv.nbytes + g.nbytes
+
+
 class Preprocessor:
-    """Turns (prompt text, encoded images) into a `Prompt`, with the checkpoint's own processors."""
+    """Turns (prompt text, encoded images) into a `Prompt`, with the checkpoint's own processors.
+    `pixel_cache_bytes`: the bound of its `PixelCache` (0: none; every image decoded every time)."""
 
     def __init__(self, spec: ModelSpec, max_images: int = 4, max_input_len: int | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, limits: Limits | None = None):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, limits: Limits | None = None,
+                 pixel_cache_bytes: int = 0):
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.spec = spec
@@ -312,6 +361,7 @@ class Preprocessor:
         self.limits = limits or Limits()
         self.max_input_len = max_input_len or spec.max_position_embeddings
         self.max_image_pixels = max_image_pixels
+        self.pixel_cache = PixelCache(pixel_cache_bytes) if pixel_cache_bytes else None
         self.tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
         self.image_processor = AutoImageProcessor.from_pretrained(str(spec.path))
         if self.image_processor.patch_size != spec.patch_size:
@@ -329,21 +379,31 @@ class Preprocessor:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     def images(self, images: list[bytes | str], names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Decode and patchify images -> (pixel_values, image_grid_thw)."""
+        """Decode and patchify images -> (pixel_values, image_grid_thw); images the pixel cache
+        holds are neither decoded nor patchified again."""
         names = names or [f"image[{i}]" for i in range(len(images))]
-        decoded = [decode_image(img, name, self.max_image_pixels, self.limits.image_bytes)
-                   for img, name in zip(images, names)]
+        cache = self.pixel_cache
+        keys = [cache.key(img) for img in images] if cache is not None else [None] * len(images)
+        cached = [cache.get(k) if cache is not None else None for k in keys]
+        decoded = [None if hit is not None else decode_image(img, name, self.max_image_pixels, self.limits.image_bytes)
+                   for img, name, hit in zip(images, names, cached)]
         if not decoded:
             patch_dim = 3 * self.spec.temporal_patch_size * self.spec.patch_size ** 2
             return np.zeros((0, patch_dim), np.float32), np.zeros((0, 3), np.int64)
         pixel_values, grids = [], []
-        for name, img in zip(names, decoded):
+        for name, img, hit, key in zip(names, decoded, cached, keys):
+            if hit is not None:
+                pixel_values.append(hit[0])
+                grids.append(hit[1])
+                continue
             try:
                 out = self.image_processor(images=[img], return_tensors="np")
             except ValueError as exc:  # e.g. an aspect ratio the resize rule refuses
                 raise InputError(name, str(exc)) from None
             pixel_values.append(np.asarray(out["pixel_values"], dtype=np.float32))
             grids.append(np.asarray(out["image_grid_thw"], dtype=np.int64))
+            if cache is not None:
+                cache.put(key, pixel_values[-1], grids[-1])
         return np.concatenate(pixel_values), np.concatenate(grids)
 
     def __call__(self, text: str, images: list[bytes | str], videos: Sequence[bytes | str] = ()) -> Prompt:

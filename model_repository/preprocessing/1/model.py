@@ -34,7 +34,8 @@ class TritonPythonModel:
                                                pixels=int(params["max_video_pixels"])))
         self.pre = Preprocessor(self.spec, max_images=int(params["max_images"]),
                                 max_input_len=int(params["max_input_len"]),
-                                max_image_pixels=int(params["max_image_pixels"]), limits=self.limits)
+                                max_image_pixels=int(params["max_image_pixels"]), limits=self.limits,
+                                pixel_cache_bytes=int(params["pixel_cache_bytes"]))
 
     def execute(self, requests):
         responses = []
