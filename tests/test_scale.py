@@ -2,6 +2,7 @@
 language server dies or drains, qwen3vl_disagg's qwen3vl interface, correlation ids freed by END."""
 
 import os
+import secrets
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ from client import Client, ClientError
 from qwen3vl_triton.clients.qwen3vl import Qwen3VLRequest, Qwen3VLResponse
 from qwen3vl_triton.transfer.pool import LanguagePool, conversation_key, parse_urls
 from qwen3vl_triton.transfer.sender import Disaggregated
-from tests.conftest import LONG_PROMPT, start_server
+from tests.conftest import LONG_PROMPT, LONG_TOKENS, start_server
 from tests.oracle import data_url, image_bytes
 from tests.tcp_proxy import TcpProxy
 from tests.test_server import metric, wait_for
@@ -567,3 +568,65 @@ def test_a_conversations_next_turns_move_no_rows_of_its_earlier_images(encoders,
         moved.append(skipped() - before)
         messages = [*messages, {"role": "assistant", "content": oracle.text(ids)}]
     assert moved == [0, rows_of["first"], rows_of["first"]], moved
+
+
+@pytest.mark.server
+def test_sigterm_to_a_language_server_lets_its_generations_finish_then_it_exits(tiny_checkpoint, encoder_server,
+                                                                                oracle, tmp_path):
+    """`qwen3vl-serve --topology language` (the launcher process, as a pod runs it) gets SIGTERM
+    while 3 long generations run on it: each ends whole and equal to the oracle, a new sequence is
+    refused as draining, and the launcher exits 0, its tritonserver and stubs gone."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from qwen3vl_triton.serve import cluster
+    from qwen3vl_triton.serve.server import free_ports
+    from qwen3vl_triton.transfer.sender import LanguageClient, TransferError
+
+    member = cluster.Member("language", "drain-language", *free_ports(3))
+    launch = SimpleNamespace(build_dir=str(tmp_path), admin_key=secrets.token_urlsafe(24), timeout=300,
+                             checkpoint=str(tiny_checkpoint),
+                             set=[f"max_output_len={LONG_TOKENS}", "drain_timeout_s=120"])
+    cluster.start(member, cluster.launcher_command(member, launch, []), tmp_path / "launcher.log")
+    try:
+        cluster.wait_ready(member, time.monotonic() + 300)
+        children = [p.pid for p in psutil.Process(member.pid).children(recursive=True)]
+        url = f"127.0.0.1:{member.grpc}"
+        expected = oracle.text(oracle.generate(LONG_PROMPT, [], LONG_TOKENS))
+        texts, errors = {}, []
+
+        def run(i):
+            try:
+                with Disaggregated(encoder_server.grpc_url, url) as d:
+                    enc = d.encode(LONG_PROMPT, [], 8)  # max_tokens: the encoder's check only
+                    texts[i] = "".join(d.run(enc, LONG_TOKENS))
+            except Exception as exc:  # noqa: BLE001 -- reported below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        probe = LanguageClient(url, timeout=10)
+        try:
+            assert wait_for(lambda: probe.load()[0] >= 2, 120), (probe.load(), errors, texts)  # under way
+            member.process.send_signal(signal.SIGTERM)
+            with Disaggregated(encoder_server.grpc_url, url, migration_limit=0) as d:
+                time.sleep(1.0)  # the model sees the drain within its 0.5 s housekeeping period
+                enc = d.encode("A new one.", [], 4)
+                with pytest.raises(TransferError) as refused:
+                    "".join(d.run(enc, 4))
+            # refused as draining -- or, when the generations had ended already, by a server that stopped
+            assert "draining" in str(refused.value) or member.process.poll() is not None, refused.value
+        finally:
+            probe.close()
+        for t in threads:
+            t.join(600)
+        assert not errors, errors
+        assert texts == {i: expected for i in range(3)}
+        assert member.process.wait(120) == 0
+        assert not [pid for pid in children if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if member.process.poll() is None:
+            cluster.stop_all([member])
