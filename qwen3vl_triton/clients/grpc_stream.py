@@ -129,8 +129,7 @@ class GrpcStream:
                 if error is not None:
                     raise StreamError.of(error)
                 yield result
-                final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
+                if is_final(result):
                     return
         finally:
             self.queues.pop(rid, None)
@@ -153,6 +152,12 @@ class GrpcStream:
         finally:
             if self.own:
                 self.client.close()
+
+
+def is_final(result) -> bool:
+    """Whether a streamed result is its request's final response."""
+    final = result.get_response().parameters.get("triton_final_response")
+    return final is not None and final.bool_param
 
 
 def infer_input(name: str, array: np.ndarray):

@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from qwen3vl_triton.clients.grpc_stream import GrpcStream, infer_input
+from qwen3vl_triton.clients.grpc_stream import GrpcStream, infer_input, is_final
 from qwen3vl_triton.clients.qwen3vl import ENCODE_MODEL, Qwen3VLRequest
 from qwen3vl_triton.contract import ENCODE_OUTPUTS
 from qwen3vl_triton.errors import RemoteError, StreamError, Unavailable, message_of
@@ -238,12 +238,17 @@ class LanguageClient:
         the END flag with it: the id is free at once (a new start on it is accepted) and the
         sequence ends with its generation."""
         inputs = [self._op("generate"), infer_input("from_token", np.array([[from_token]], np.int32))]
+        finished = False
         for r in self._results(self._submit(inputs, stream, sequence_id=corrid, sequence_end=end)):
             text = r.as_numpy("text_output")
-            if text is None:  # the empty final response, or received_rows before a refusal
+            if text is None:  # received_rows before a refusal (its error follows), or an empty final response
                 continue
+            finished = is_final(r)
             ids = r.as_numpy("output_ids")
             yield "".join(t.decode("utf-8") for t in text.reshape(-1)), [] if ids is None else ids.reshape(-1).tolist()
+        if not finished:  # the model ends a generation with text_output on its final response, always
+            raise StreamBroken(f"{self.model} ended sequence {corrid}'s stream without its last response (its "
+                               "model process failed?)")
 
 class ChunkSource:
     """The rows of one encoded request's table, as chunk request inputs of its transport."""
