@@ -232,7 +232,7 @@ def run_one(kind: str, job: Job, w: Worker, solo: dict, rng: random.Random) -> N
             wild = enc.__class__(**{**enc.__dict__, "mrope_delta": 2**62})
             _expect_error(lambda: d.lang.start(cid, wild, job.max_tokens), "mrope_position_deltas: must be in")
             return
-        d.lang.start(cid, enc, job.max_tokens)
+        d.lang.start(cid, enc, job.max_tokens, reuse_rows=False)  # every row to send: received_rows 0
         try:
             if bad == "op":
                 rid = d.lang.stream.submit("language", [t("op", np.array([[b"\xff\xfe"]], dtype=np.object_))],

@@ -17,8 +17,11 @@ import time
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close a connection with a RST instead of a FIN."""
     sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    if sock is not None and not writer.transport.is_closing():
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:  # closed by its peer in the meantime: nothing left to reset
+            pass
     writer.transport.abort()
 
 

@@ -175,11 +175,12 @@ class LanguageClient:
         raise TransferError(f"{self.model} answered op=load without open_sequences")
 
     def start(self, corrid: int, enc: Encoded, max_tokens: int, temperature=None, top_k=None, top_p=None,
-              seed=None, prior_ids=()) -> Held:
+              seed=None, prior_ids=(), reuse_rows: bool = True) -> Held:
         """Open the sequence; what the server holds of its table already (rows its row cache had)
         and the ranges to send. A refused start also ends it, so Triton's sequence slot is let go at
         once rather than at the idle timeout. `prior_ids`: tokens a generation of this request
-        already delivered elsewhere; they join the prompt and `max_tokens` counts the rest."""
+        already delivered elsewhere; they join the prompt and `max_tokens` counts the rest.
+        `reuse_rows` False: every row is to be sent (received_rows 0), whatever the server holds."""
         ids, _, rows, cos_sin, delta, extra = ENCODE_OUTPUTS  # `start` takes the encoder's outputs by their names
         inputs = [self._op("start"),
                   infer_input(ids, enc.input_ids.astype(np.int32)[None]),
@@ -190,7 +191,7 @@ class LanguageClient:
                   infer_input("max_tokens", np.array([[max_tokens]], np.int32))]
         if enc.extra_ids is not None:  # and the rows the server holds under them: not sent again
             inputs += [infer_input(extra, np.asarray(enc.extra_ids, np.uint64)[None]),
-                       infer_input("reuse_rows", np.array([[True]], bool))]
+                       infer_input("reuse_rows", np.array([[reuse_rows]], bool))]
         if len(prior_ids):
             inputs.append(infer_input("prior_ids", np.asarray(prior_ids, np.int32)[None]))
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
