@@ -60,7 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from load_tests import bench_routing, spread  # noqa: E402
 from load_tests.bench_load import closed_loop  # noqa: E402
-from load_tests.bench_report import Run, Sample, cpu_features, format_machine, percentile, row  # noqa: E402
+from load_tests.bench_report import Run, Sample, cpu_features, format_machine, json_safe, percentile, row  # noqa: E402
 from load_tests.workload import Case, Workload, pixel_limits  # noqa: E402
 
 REPORTS = ROOT / "load_tests" / "reports"
@@ -272,21 +272,10 @@ def report(sides: dict[str, Side], routing: dict, machine: dict, environment: di
     return data
 
 
-def _clean(obj):
-    """JSON has no NaN: null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def write(data: dict, out_dir: Path, stamp: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-cluster-{stamp}.json"
-    path.write_text(json.dumps(_clean(data), indent=1) + "\n")
+    path.write_text(json.dumps(json_safe(data), indent=1) + "\n")
     shutil.copyfile(path, out_dir / "bench-cluster-latest.json")
     return path
 

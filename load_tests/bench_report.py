@@ -363,16 +363,16 @@ def report(runs: list[Run], micro: dict, environment: dict, roofline: dict, targ
     }
 
 
-def _clean(obj):
-    """JSON has no NaN: write null."""
+def json_safe(obj):
+    """JSON has no NaN: write null (numpy scalars as Python numbers)."""
     if isinstance(obj, float):
         return obj if np.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
-        return _clean(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
@@ -417,7 +417,7 @@ def write(data: dict, out_dir: Path, stamp: str) -> dict[str, Path]:
     """bench-<stamp>.json / .png, and the same as bench-latest.json / .png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"bench-{stamp}.json", "png": out_dir / f"bench-{stamp}.png"}
-    paths["json"].write_text(json.dumps(_clean(data), indent=2) + "\n")
+    paths["json"].write_text(json.dumps(json_safe(data), indent=2) + "\n")
     plot(data, paths["png"])
     for kind in ("json", "png"):
         latest = out_dir / f"bench-latest.{kind}"
