@@ -609,7 +609,10 @@ def test_sigterm_to_a_language_server_lets_its_generations_finish_then_it_exits(
             t.start()
         probe = LanguageClient(url, timeout=10)
         try:
-            assert wait_for(lambda: probe.load()[0] >= 2, 120), (probe.load(), errors, texts)  # under way
+            # all three started (a start after SIGTERM is refused, which is the point), two under way
+            started = SimpleNamespace(address="127.0.0.1", ports=SimpleNamespace(metrics=member.metrics))
+            assert wait_for(lambda: metric(started, "qwen3vl_language_sequences_started_total", "language") >= 3
+                            and probe.load()[0] >= 2, 120), (probe.load(), errors, texts)
             member.process.send_signal(signal.SIGTERM)
             with Disaggregated(encoder_server.grpc_url, url, migration_limit=0) as d:
                 time.sleep(1.0)  # the model sees the drain within its 0.5 s housekeeping period
