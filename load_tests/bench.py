@@ -12,7 +12,12 @@ Rows (warm-up excluded, closed loop, 128 greedy output tokens per request):
 - engine: the served engine's class in this process (same runner, weights and threads), in turn
   with the served c=1 row -- its batch-1 steps are the in-process side of serving_ms_per_token;
 - llama.cpp-f32 / -bf16 / -q8_0: llama-server (`-np 8 -cb`) on GGUF files converted from the
-  same checkpoint, through its OpenAI endpoint (bench_llamacpp.py), at concurrency 1 and 8;
+  same checkpoint, through its OpenAI endpoint (bench_llamacpp.py), at concurrency 1 and 8, with
+  the KV cells and attention the served engine keeps for the same weights (f32 cells and plain
+  attention for f32, f16 with flash attention otherwise: bench_llamacpp.peer_kv);
+- llama.cpp-f32-defaults: the same f32 files with llama-server's own KV defaults (f16 cells, flash
+  attention), at concurrency 1 in turn with the others: not a target's row, what llama.cpp gives
+  out of the box;
 - disagg-shm / disagg-grpc: qwen3vl_triton.transfer.sender.Disaggregated (encode on the encoder server,
   table moved through system shared memory or gRPC payloads, generation on the language server)
   at concurrency 1 and 8.
@@ -54,6 +59,7 @@ from load_tests.bench_report import (  # noqa: E402
     ENGINE,
     LLAMACPP,
     LLAMACPP_BF16,
+    LLAMACPP_DEFAULTS,
     LLAMACPP_Q8,
     SERVED,
     SERVED_BF16,
@@ -577,12 +583,19 @@ def main(argv=None) -> int:
     # the peer decodes and prefills on the threads the served engine takes (same kernels, same threads)
     peer_prefill, peer_decode = engine_threads("ggml", os.cpu_count() or 1)
     env["llamacpp_threads"] = {"threads": peer_decode, "threads_batch": peer_prefill}
+    env["llamacpp_kv"] = {outtype: dict(zip(("cells", "flash_attention"), peer.peer_kv(outtype)))
+                          for outtype in ("f32", "bf16", "q8_0")} | {"f32-defaults": "llama-server's own"}
 
-    def start_peer(outtype: str) -> peer.LlamaServer:
+    def start_peer(outtype: str, defaults: bool = False) -> peer.LlamaServer:
+        """llama-server on the `outtype` GGUF files with the served engine's KV cells and attention
+        for that dtype (like with like), or, `defaults`, with llama-server's own (f16 cells, flash
+        attention): an informational row beside the target's."""
         binary, files = peer_files
-        log_file = ROOT / "build" / "bench" / f"llamacpp-{outtype}" / "llama-server.log"
-        return peer.LlamaServer(binary, *files[outtype], log_file, threads=peer_decode,
-                                threads_batch=peer_prefill).start(log=log)
+        kv_type, flash_attn = (None, None) if defaults else peer.peer_kv(outtype)
+        name = f"llamacpp-{outtype}" + ("-defaults" if defaults else "")
+        log_file = ROOT / "build" / "bench" / name / "llama-server.log"
+        return peer.LlamaServer(binary, *files[outtype], log_file, threads=peer_decode, threads_batch=peer_prefill,
+                                kv_type=kv_type, flash_attn=flash_attn).start(log=log)
 
     def peer_rows(sessions: dict, factories: dict):
         """The c=1 rows of `sessions` in turn, then each of `factories`' closed loops above c=1;
@@ -637,10 +650,14 @@ def main(argv=None) -> int:
 
     def single_server():
         server = start_server(small, "all", "small-all")
-        llama = engine = None
+        llama = llama_defaults = engine = None
         try:
             env["tritonserver"] = server_version(server.grpc_url)
             llama = part("llama.cpp f32 server", lambda: start_peer("f32")) if peer_files else None
+            # llama-server with its own defaults (f16 cells, flash attention), at c=1 beside the
+            # like-with-like row: what a llama.cpp user gets out of the box
+            llama_defaults = part("llama.cpp f32 server (its defaults)",
+                                  lambda: start_peer("f32", defaults=True)) if peer_files else None
             base = load.TransformersBaseline(small)
             # the served engine's class in this process, in turn with the served row: the in-process
             # side of serving_ms_per_token
@@ -651,6 +668,8 @@ def main(argv=None) -> int:
             if llama is not None:
                 sessions[LLAMACPP] = peer.LlamaCppSession(llama.address)
                 factories[LLAMACPP] = lambda: peer.LlamaCppSession(llama.address)
+            if llama_defaults is not None:
+                sessions[LLAMACPP_DEFAULTS] = peer.LlamaCppSession(llama_defaults.address)
             try:
                 for size in cfg.sizes:
                     runs.extend(turn_runs(cfg, sessions, size, {size: pool.take(size, cfg.single_requests)}))
@@ -673,8 +692,9 @@ def main(argv=None) -> int:
             if not cfg.split_servers:
                 disaggregated(server.grpc_url, server.grpc_url)
         finally:
-            if llama is not None:
-                llama.stop()
+            for peer_server in (llama, llama_defaults):
+                if peer_server is not None:
+                    peer_server.stop()
             server.stop()
 
     def variant(dtype: str, served_mode: str, peer_mode: str, outtype: str):

@@ -46,19 +46,40 @@ class PeerError(RuntimeError):
 # -- the server's command line and the request body (pure) ------------------------------------------------
 def server_command(binary: Path, model: Path, mmproj: Path, port: int, threads: int, slots: int = SLOTS,
                    ctx_per_slot: int = CTX_PER_SLOT, threads_batch: int | None = None,
-                   cache_ram_mib: int = 0) -> list[str]:
+                   cache_ram_mib: int = 0, kv_type: str | None = None,
+                   flash_attn: bool | None = None) -> list[str]:
     """llama-server's arguments: the model and its vision projector, `slots` parallel slots with
     continuous batching (the context is split evenly between them), `threads` for decode and
     `threads_batch` (default: the same) for prompt processing, no web UI. `cache_ram_mib`: the
     prompt cache kept in host memory (slots' KV saved for later requests that share a prefix);
-    0, the bench's setting, keeps none."""
+    0, the bench's setting, keeps none. `kv_type` (f32, f16, ...) and `flash_attn`: the KV cells
+    and the attention (None: llama-server's defaults, f16 cells and flash attention where the
+    backend has it)."""
     if cache_ram_mib < 0:
         raise ValueError(f"cache_ram_mib must be >= 0 (a bound), got {cache_ram_mib}")
-    return [str(binary), "--model", str(model), "--mmproj", str(mmproj),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--parallel", str(slots), "--cont-batching", "--ctx-size", str(slots * ctx_per_slot),
-            "--threads", str(threads), "--threads-batch", str(threads_batch or threads),
-            "--cache-ram", str(cache_ram_mib), "--no-webui", "--alias", MODEL_NAME]
+    cmd = [str(binary), "--model", str(model), "--mmproj", str(mmproj),
+           "--host", "127.0.0.1", "--port", str(port),
+           "--parallel", str(slots), "--cont-batching", "--ctx-size", str(slots * ctx_per_slot),
+           "--threads", str(threads), "--threads-batch", str(threads_batch or threads),
+           "--cache-ram", str(cache_ram_mib), "--no-webui", "--alias", MODEL_NAME]
+    if kv_type is not None:
+        cmd += ["--cache-type-k", kv_type, "--cache-type-v", kv_type]
+    if flash_attn is not None:
+        cmd += ["--flash-attn", "on" if flash_attn else "off"]
+    return cmd
+
+
+def peer_kv(outtype: str) -> tuple[str, bool]:
+    """llama-server's KV cells and attention for its `outtype` GGUF files: those the served engine
+    keeps for the same weights (the dtype whose GGUF type `outtype` is), so the ITL and throughput
+    ratios compare the same caches."""
+    from qwen3vl_triton.engine.ggml_runner import kv_cells
+    from qwen3vl_triton.engine.ggml_weights import GGUF_TYPES
+
+    dtype = next((d for d, t in GGUF_TYPES.items() if t == outtype), None)
+    if dtype is None:
+        raise ValueError(f"no served dtype has the GGUF type {outtype!r} ({', '.join(GGUF_TYPES.values())})")
+    return kv_cells(dtype)
 
 
 def data_url(image: bytes) -> str:
@@ -198,9 +219,11 @@ class LlamaServer:
     """One llama-server process, started with `server_command` and stopped by its PID."""
 
     def __init__(self, binary: Path, model: Path, mmproj: Path, log_file: Path, threads: int | None = None,
-                 slots: int = SLOTS, threads_batch: int | None = None, cache_ram_mib: int = 0):
+                 slots: int = SLOTS, threads_batch: int | None = None, cache_ram_mib: int = 0,
+                 kv_type: str | None = None, flash_attn: bool | None = None):
         self.binary, self.model, self.mmproj = Path(binary), Path(model), Path(mmproj)
         self.cache_ram_mib = cache_ram_mib
+        self.kv_type, self.flash_attn = kv_type, flash_attn
         self.log_file = Path(log_file)
         self.threads = threads or os.cpu_count() or 1
         self.threads_batch = threads_batch or self.threads
@@ -225,7 +248,8 @@ class LlamaServer:
 
         (self.port,) = free_ports(1)
         cmd = server_command(self.binary, self.model, self.mmproj, self.port, self.threads, self.slots,
-                             threads_batch=self.threads_batch, cache_ram_mib=self.cache_ram_mib)
+                             threads_batch=self.threads_batch, cache_ram_mib=self.cache_ram_mib,
+                             kv_type=self.kv_type, flash_attn=self.flash_attn)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log(f"[bench] starting llama-server ({self.model.name}) on 127.0.0.1:{self.port} ...")
         with open(self.log_file, "wb") as out:

@@ -19,7 +19,8 @@ SERVED = "qwen3vl"  # the single-server ensemble, float32
 SERVED_BF16 = "qwen3vl-bf16"  # the same, served with dtype=bfloat16
 SERVED_Q8 = "qwen3vl-q8_0"  # the same, served with dtype=q8_0 (the ggml runner's quantized weights)
 ENGINE = "engine"  # the served engine's class in the bench's process (same runner, dtype, threads), c=1
-LLAMACPP = "llama.cpp-f32"  # llama-server on the f32 GGUF files
+LLAMACPP = "llama.cpp-f32"  # llama-server on the f32 GGUF files, the served engine's KV cells (f32)
+LLAMACPP_DEFAULTS = "llama.cpp-f32-defaults"  # the same with llama-server's own KV (f16, flash attention), c=1
 LLAMACPP_BF16 = "llama.cpp-bf16"  # llama-server on the bf16 GGUF files
 LLAMACPP_Q8 = "llama.cpp-q8_0"  # llama-server on the q8_0 GGUF files
 

@@ -17,10 +17,11 @@ single, the ggml runner in float32; preprocessing's pixel cache, the vision enco
 cache and the engine's prefix cache on: `kv_cache_bytes`) behind its OpenAI endpoint, as
 `qwen3vl-serve --openai-port` runs it; llama.cpp is `llama-server` (bench_llamacpp: the same
 start and request code as the bench) on the f32 GGUF files of the same checkpoint, with its
-prompt cache on (`cache_prompt: true`, `--cache-ram` the same bytes as `kv_cache_bytes`) and the
-threads the served engine takes. Both are driven by one client (bench_llamacpp.LlamaCppSession:
-HTTP/1.1, server-sent events, the image as a data URL), streamed, greedy, and the time to first
-token is taken at the first streamed chunk with content text on each side. The sides take turns
+prompt cache on (`cache_prompt: true`, `--cache-ram` the same bytes as `kv_cache_bytes`), the
+threads the served engine takes and its KV cells (f32, plain attention: `bench_llamacpp.peer_kv`).
+Both are driven by one client (bench_llamacpp.LlamaCppSession: HTTP/1.1, server-sent events, the
+image as a data URL), streamed, greedy, and the time to first token is taken at the first
+streamed chunk with content text on each side. The sides take turns
 request by request (turn 1 of one, turn 1 of the other, turn 2 of one, turn 2 of the other;
 which side goes first swaps every round), so the host's load reaches both alike. Round 0 warms
 both up and is not counted. Prompt tokens reused per turn: the served engine's
@@ -307,12 +308,14 @@ def http_main(args) -> int:
 
             binary = llama_build.ensure_server()
             model, mmproj = convert.ensure_gguf(checkpoint, "f32")
+            kv_type, flash_attn = peer.peer_kv("f32")  # the float32 engine's KV cells: the same caches
             llama = peer.LlamaServer(binary, model, mmproj, build / "llama-server.log", threads=decode,
-                                     threads_batch=prefill, cache_ram_mib=max(1, args.kv_cache_bytes >> 20))
+                                     threads_batch=prefill, cache_ram_mib=max(1, args.kv_cache_bytes >> 20),
+                                     kv_type=kv_type, flash_attn=flash_attn)
             servers.append(llama)
             llama.start()
             print(f"[prefix] {peer.server_version(binary)}; threads {decode}, threads-batch {prefill}, "
-                  f"--cache-ram {llama.cache_ram_mib}", flush=True)
+                  f"--cache-ram {llama.cache_ram_mib}, KV cells {kv_type}, flash attention {flash_attn}", flush=True)
             sides.append(HttpSide(LLAMACPP, llama.address, llamacpp_body))
         rounds = run_rounds(sides, args.rounds, args.size, args.max_tokens, log=lambda m: print(m, flush=True))
     finally:

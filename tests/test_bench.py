@@ -329,6 +329,23 @@ def test_llama_server_command_serves_eight_slots_with_continuous_batching_on_loo
     cmd = server_command("/b/llama-server", "/g/m.gguf", "/g/m-mmproj.gguf", 40123, threads=1, threads_batch=3)
     assert value("--threads") == "1" and value("--threads-batch") == "3"
     assert value("--cache-ram") == "0"  # no prompt cache shared between requests
+    assert "--cache-type-k" not in cmd and "--flash-attn" not in cmd  # llama-server's own defaults
+    cmd = server_command("/b/llama-server", "/g/m.gguf", "/g/m-mmproj.gguf", 40123, threads=1, kv_type="f32",
+                         flash_attn=False)
+    assert value("--cache-type-k") == value("--cache-type-v") == "f32" and value("--flash-attn") == "off"
+
+
+def test_the_peer_keeps_the_served_engines_kv_cells_for_the_same_weights():
+    """Like with like: llama-server on f32 GGUF files gets f32 cells and plain attention, as the
+    float32 engine keeps (parity), on bf16 / q8_0 files f16 cells with flash attention."""
+    from load_tests.bench_llamacpp import peer_kv
+    from qwen3vl_triton.engine.ggml_runner import kv_cells
+
+    assert peer_kv("f32") == kv_cells("float32") == ("f32", False)
+    assert peer_kv("bf16") == kv_cells("bfloat16") == ("f16", True)
+    assert peer_kv("q8_0") == kv_cells("q8_0") == ("f16", True)
+    with pytest.raises(ValueError, match="'f64'"):
+        peer_kv("f64")
 
 
 def test_chat_body_sends_the_image_as_a_data_url_and_asks_for_exactly_max_tokens():

@@ -186,6 +186,22 @@ class Segment:
         return 0 if self.out is None else int(self.out.sum())
 
 
+def kv_cells_attention(kv_type: str) -> bool:
+    """Whether the ggml runner's attention is flash attention over KV cells of `kv_type`: not over
+    f32 cells (llama.cpp's flash attention casts them to f16 each step, llama-graph.cpp
+    build_attn_mha, which float32 parity with the oracle cannot take)."""
+    return kv_type != "f32"
+
+
+def kv_cells(dtype: str) -> tuple[str, bool]:
+    """The ggml runner's KV cells for weights in `dtype`, and whether it attends with flash
+    attention: f32 cells and plain attention for float32 serving (parity with the float32 oracle),
+    f16 cells with flash attention for bfloat16 and the quantized types. The bench gives
+    llama-server the same, so both sides keep the same caches."""
+    kv_type = "f32" if dtype == "float32" else "f16"
+    return kv_type, kv_cells_attention(kv_type)
+
+
 class LlamaText:
     """A llama.cpp model and context over a text GGUF: `decode` runs segments of one kind in one
     `llama_decode` and returns the logits asked for."""
@@ -439,7 +455,7 @@ class GgmlRunner:
         self.gguf = Path(gguf) if gguf is not None else ensure_text_gguf(spec.path, dtype, build_dir, log)
         self.threads = threads or os.cpu_count() or 1
         self.shared_threads, self.parallel_min_tokens = min(shared_threads, self.threads), parallel_min_tokens
-        self.kv_type = kv_type or ("f32" if dtype == "float32" else "f16")
+        self.kv_type = kv_type or kv_cells(dtype)[0]
         cells = -(-max_len // 256) * 256  # llama.cpp pads each sequence's cells to 256
         stream_bytes = cells * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * (4 if self.kv_type == "f32"
                                                                                            else 2)
@@ -449,7 +465,7 @@ class GgmlRunner:
             f"({stream_bytes} bytes)")
         self.llama = LlamaText(self.gguf, seqs=slots + spares, max_len=max_len, n_batch=max_num_tokens + slots,
                                threads=self.shared_threads, kv_type=self.kv_type, unified=unified,
-                               flash_attn=self.kv_type != "f32" if flash_attn is None else flash_attn)
+                               flash_attn=kv_cells_attention(self.kv_type) if flash_attn is None else flash_attn)
         if self.llama.n_vocab != spec.vocab_size or self.llama.n_embd != spec.hidden_size:
             raise RuntimeError(f"{self.gguf}: vocab {self.llama.n_vocab}, hidden {self.llama.n_embd}; the checkpoint "
                                f"has {spec.vocab_size}, {spec.hidden_size}")
