@@ -44,8 +44,12 @@ $(BIN)/.llama_cpp: $(BIN)/.installed builders/llamacpp/build.py builders/llamacp
 demo: venv
 	$(BIN)/python -m client.demo $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
 
+# Each run has its own pytest base folder, removed afterwards: pytest's default one under
+# /tmp/pytest-of-<user> is shared, and its rotation deletes the folders of another session still
+# running on the host (its servers' stubs then fail at start).
 test: venv tools perf-analyzer lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+	base=$$(mktemp -d "$${TMPDIR:-/tmp}/qwen3vl-pytest.XXXXXX"); \
+	$(BIN)/python -m pytest --basetemp="$$base" $(PYTEST_ARGS) tests; rc=$$?; rm -rf "$$base"; exit $$rc
 
 # ruff, pinned in requirements.txt, configured in pyproject.toml: 0 findings
 lint: venv
