@@ -6,6 +6,7 @@ import secrets
 import signal
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -152,6 +153,26 @@ def languages(tiny_checkpoint, tmp_path_factory):
     yield servers
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _language_servers_up(request):
+    """Every pool language server is up when a test that uses the pool starts. One that died in an
+    earlier test's load for a reason of its own -- Triton 2.51's Python backend stub has crashed
+    (SIGSEGV in a native thread, `language` answering 24 streams) a few times in many runs, taking
+    tritonserver with it; the sequences it held moved, as this module tests -- is started again on
+    its ports, as a StatefulSet restarts its pod, with a warning that names it and its log's tail."""
+    if "languages" in request.fixturenames:
+        languages = request.getfixturevalue("languages")
+        for i, server in enumerate(languages):
+            if server.process is not None and server.process.poll() is not None:
+                log = server.log_file
+                tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+                warnings.warn(f"language server {i} ({server.grpc_url}) had exited with code "
+                              f"{server.process.returncode} before {request.node.name}; started again. "
+                              f"Log tail:\n{tail}", stacklevel=2)
+                _restart(languages, i)
+    yield
 
 
 @pytest.fixture(scope="module")
