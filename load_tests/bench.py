@@ -336,7 +336,7 @@ def shm_transfer(encoder_url: str, language_url: str, item, chunk_rows_options, 
         t = timed(d, big, rows, 2_000_000, request_times)
         copy = micro.memcpy_seconds(table.nbytes)
         region_file = Path("/dev/shm") / d.shm_key.lstrip("/")
-        parts = micro.region_copy_seconds(region_file, d.table_offset, table.nbytes)
+        parts = micro.region_copy_seconds(region_file, d.transport.table_offset, table.nbytes)
         out["model_size_table"] = {"bytes": table.nbytes, "model_hidden": model_hidden, "chunk_rows": rows,
                                    "seconds": t, "gbps": table.nbytes / t / 1e9,
                                    "memcpy_gbps": table.nbytes / copy / 1e9, "ratio": copy / t,

@@ -577,3 +577,21 @@ def test_a_rate_that_is_not_positive_is_impossible():
     data["machine"]["read_gbps"] = float("nan")
     found = bench_cluster.impossible(data)
     assert "pair: tokens_per_s = 0.0" in found and "machine read_gbps = nan" in found
+
+
+@pytest.mark.server
+def test_the_shm_transfer_figure_runs_against_real_servers(encoder_server, language_server):
+    """bench.shm_transfer (the figure behind shm_vs_memcpy_ratio) end to end on the tiny servers:
+    every part of it measured, positive, on the bytes it says it moved."""
+    from load_tests.bench import shm_transfer
+    from load_tests.bench_load import Item
+    from tests.oracle import image_bytes
+
+    item = Item("Describe this image.", image_bytes(64, 64, seed=3), (64, 64))
+    out = shm_transfer(encoder_server.grpc_url, language_server.grpc_url, item, (4,), repeats=1)
+    assert out["table_rows"] > 0 and out["table_bytes"] > 0
+    assert out["chunk_rows_4"]["seconds"] > 0 and out["chunk_rows_4"]["ratio"] > 0
+    big = out["model_size_table"]
+    assert big["bytes"] == out["table_rows"] * big["model_hidden"] * 4 and big["seconds"] > 0
+    assert all(v > 0 for v in big["breakdown_ms"].values()) and {"transfer", "memcpy", "request_round_trip"} <= set(
+        big["breakdown_ms"])
