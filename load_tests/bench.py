@@ -22,8 +22,8 @@ Rows (warm-up excluded, closed loop, 128 greedy output tokens per request):
   table moved through system shared memory or gRPC payloads, generation on the language server)
   at concurrency 1 and 8.
 At concurrency 1 the rows of a phase take turns request by request. Every request sends an image
-no other request sent, and no side keeps a cache of images or prompts (the servers' encoder and
-pixel caches are off, as llama.cpp's prompt cache is). Plus the micro-benchmarks behind the targets
+no other request sent, and no side keeps a cache of images or prompts (the servers' encoder,
+pixel, prefix KV and row caches are off, as llama.cpp's prompt cache is). Plus the micro-benchmarks behind the targets
 (bench_micro.py), the roofline of the workload, a check that llama.cpp's greedy tokens equal
 transformers', and the host's CPU features beside its measured rates. A figure outside what it
 can physically be (a negative time, a ratio above its ceiling) is a failed target. Writes
@@ -69,12 +69,13 @@ from load_tests.bench_report import (  # noqa: E402
 
 TARGET_SIZE = (448, 448)  # the image size the targets are stated for
 
-# Serving settings of every server the bench starts (the repository defaults otherwise). The encoder's
-# and preprocessing's image caches are off, as llama.cpp's prompt cache is (`cache_prompt` false,
-# `--cache-ram 0`): both sides compute every request (and no request sends an image another sent:
+# Serving settings of every server the bench starts (the repository defaults otherwise). Every cache
+# is off -- the encoder's and preprocessing's image caches, the engine's prefix KV cache and the
+# language server's row cache -- as llama.cpp's prompt cache is (`cache_prompt` false, `--cache-ram
+# 0`): both sides compute every request (and no request sends an image another sent:
 # bench_load.Pool).
 SERVER_SETTINGS = dict(max_output_len=256, max_seq_len=2048, max_images=2, engine_max_batch=16, max_batch_size=16,
-                       vision_cache_bytes=0, pixel_cache_bytes=0)
+                       vision_cache_bytes=0, pixel_cache_bytes=0, kv_cache_bytes=0, language_row_cache_bytes=0)
 
 
 @dataclass
@@ -726,9 +727,9 @@ def main(argv=None) -> int:
     def split_servers():
         encoder = start_server(small, "encoder", "small-encoder")
         try:
-            # the row cache off: the shm transfer and every disaggregated request move their whole
-            # table, as the bench's figures say (every request has its own image anyway)
-            language = start_server(small, "language", "small-language", language_row_cache_bytes=0)
+            # the row cache off (SERVER_SETTINGS): the shm transfer and every disaggregated request
+            # move their whole table, as the bench's figures say
+            language = start_server(small, "language", "small-language")
             try:
                 disaggregated(encoder.grpc_url, language.grpc_url)
             finally:

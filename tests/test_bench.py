@@ -595,3 +595,16 @@ def test_the_shm_transfer_figure_runs_against_real_servers(encoder_server, langu
     assert big["bytes"] == out["table_rows"] * big["model_hidden"] * 4 and big["seconds"] > 0
     assert all(v > 0 for v in big["breakdown_ms"].values()) and {"transfer", "memcpy", "request_round_trip"} <= set(
         big["breakdown_ms"])
+
+
+def test_every_server_the_bench_starts_keeps_no_cache():
+    """Like with like: llama-server runs without its prompt cache, so every cache the served
+    stack has (every `*_cache_bytes` setting, today's and any added later) is off in the bench."""
+    import dataclasses
+
+    from load_tests.bench import SERVER_SETTINGS
+    from qwen3vl_triton.serve.repository import Settings
+
+    caches = [f.name for f in dataclasses.fields(Settings) if f.name.endswith("_cache_bytes")]
+    assert len(caches) >= 4  # vision, pixel, kv (prefix), language rows
+    assert {name: SERVER_SETTINGS.get(name) for name in caches} == dict.fromkeys(caches, 0)
