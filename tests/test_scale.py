@@ -613,6 +613,7 @@ def test_sigterm_to_a_language_server_lets_its_generations_finish_then_it_exits(
 
     import psutil
 
+    from load_tests.spread import sequences_started
     from qwen3vl_triton.serve import cluster
     from qwen3vl_triton.serve.server import free_ports
     from qwen3vl_triton.transfer.sender import LanguageClient, TransferError
@@ -643,8 +644,7 @@ def test_sigterm_to_a_language_server_lets_its_generations_finish_then_it_exits(
         probe = LanguageClient(url, timeout=10)
         try:
             # all three started (a start after SIGTERM is refused, which is the point), two under way
-            started = SimpleNamespace(address="127.0.0.1", ports=SimpleNamespace(metrics=member.metrics))
-            assert wait_for(lambda: metric(started, "qwen3vl_language_sequences_started_total", "language") >= 3
+            assert wait_for(lambda: sequences_started([member.record()])[member.name] >= 3
                             and probe.load()[0] >= 2, 120), (probe.load(), errors, texts)
             member.process.send_signal(signal.SIGTERM)
             with Disaggregated(encoder_server.grpc_url, url, migration_limit=0) as d:
